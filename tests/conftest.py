@@ -1,0 +1,19 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests import their helper modules by name
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory):
+    """A compiled tiny random model (all layer kinds), shared by tests that only read it."""
+    import v4c
+    from v4c.model.presets import tiny_config_dict
+    from v4c.model.random_weights import write_random_checkpoint
+    root = tmp_path_factory.mktemp("tiny")
+    write_random_checkpoint(tiny_config_dict(), root / "ckpt", seed=0)
+    return v4c.compile(root / "ckpt", root / "art", target="cpu")

@@ -1,0 +1,1 @@
+"""Per-architecture kernel tuning and the shared tuning cache. Not built yet (needs codegen)."""

@@ -1,0 +1,118 @@
+"""The ``v4c`` command line: compile, run, inspect, demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import V4CError
+
+
+def _compile(a) -> int:
+    from .compiler import compile as compile_model
+    compile_model(a.model, a.output, target=a.target, dtype=a.dtype, weights=a.weights, overwrite=a.force,
+                  log=lambda s: print(s, file=sys.stderr))
+    print(a.output)
+    return 0
+
+
+def _tokenizer(artifact: Path):
+    path = artifact / "tokenizer.json"
+    if not path.is_file():
+        raise V4CError(f"{artifact}: --prompt needs a tokenizer.json in the checkpoint directory at compile time; "
+                       f"use --prompt-ids instead")
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(str(path))
+
+
+def _run(a) -> int:
+    import torch
+
+    from .runtime.loader import load
+    model = load(a.artifact, device=a.device)
+    tok = None
+    if a.prompt is not None:
+        tok = _tokenizer(Path(a.artifact))
+        ids = tok.encode(a.prompt).ids
+    else:
+        try:
+            ids = [int(x) for x in a.prompt_ids.replace(",", " ").split()]
+        except ValueError:
+            raise ValueError(f"--prompt-ids must be integers separated by spaces, got {a.prompt_ids!r}") from None
+    if not ids:
+        raise ValueError("the prompt is empty")
+
+    def show(t):
+        text = tok.decode([int(t[0])]) if tok else str(int(t[0]))
+        print(text, end=("" if tok else " "), flush=True)
+
+    model.generate(torch.tensor([ids]), a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed,
+                   on_token=show)
+    print()
+    return 0
+
+
+def _inspect(a) -> int:
+    from .inspect import format_report, inspect_artifact
+    r = inspect_artifact(a.artifact)
+    print(json.dumps(r, indent=1) if a.json else format_report(r))
+    return 0
+
+
+def _demo(a) -> int:
+    from .demo import run_demo
+    run_demo(prompt_len=a.prompt_len, new_tokens=a.new_tokens, seed=a.seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    p = argparse.ArgumentParser(prog="v4c", description="Compile and run DeepSeek-V4-class models.")
+    p.add_argument("--version", action="version", version=f"v4c {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("compile", help="checkpoint (or config-only) directory -> artifact")
+    c.add_argument("model")
+    c.add_argument("-o", "--output", required=True)
+    c.add_argument("--target", default="auto", help="auto, cpu, sm80, sm86, sm89, sm90, sm100, sm120")
+    c.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"], help="activation dtype")
+    c.add_argument("--weights", default="auto", choices=["auto", "copy", "reference", "none"])
+    c.add_argument("--force", action="store_true", help="replace an existing artifact")
+    c.set_defaults(fn=_compile)
+    r = sub.add_parser("run", help="generate tokens from an artifact")
+    r.add_argument("artifact")
+    g = r.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt-ids")
+    g.add_argument("--prompt")
+    r.add_argument("--max-new-tokens", type=int, default=16)
+    r.add_argument("--temperature", type=float, default=0.0)
+    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--seed", type=int, default=None)
+    r.add_argument("--device", default=None)
+    r.set_defaults(fn=_run)
+    i = sub.add_parser("inspect", help="describe an artifact")
+    i.add_argument("artifact")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=_inspect)
+    d = sub.add_parser("demo", help="tiny random model: compile, load, generate")
+    d.add_argument("--prompt-len", type=int, default=12)
+    d.add_argument("--new-tokens", type=int, default=16)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(fn=_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (V4CError, ValueError, FileExistsError, FileNotFoundError) as e:
+        print(f"v4c {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"v4c {args.cmd}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

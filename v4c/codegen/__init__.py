@@ -1,0 +1,1 @@
+"""Triton code generation for fused ops. Not built yet: the runtime runs the ops' PyTorch references."""

@@ -1,0 +1,141 @@
+"""``v4c.compile``: checkpoint directory -> verified graph -> artifact directory.
+
+The artifact is written into a temporary sibling directory and renamed into place
+at the end, so an interrupted compile never leaves a half-written artifact.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import __version__
+from .artifact.manifest import FORMAT, FORMAT_VERSION, MANIFEST, header_sha256
+from .errors import CheckpointError, ConfigError
+from .graph.text import print_graph
+from .graph.verify import verify
+from .io.checkpoint import Checkpoint, ExpectedTensor, check_tensors
+from .io.safetensors import sha256_file
+from .model.build import build_graph
+from .model.config import V4Config
+from .targets import resolve_target
+
+COPY_LIMIT = 2 << 30  # weights up to this size are copied into the artifact by default
+
+
+def expected_tensors(graph) -> dict[str, ExpectedTensor]:
+    """What the checkpoint must hold: one tensor per graph param, float or integer."""
+    out = {}
+    for name, t in graph.params:
+        if not all(isinstance(d, int) for d in t.shape):
+            raise ConfigError(f"param {name} has a symbolic shape {t}")
+        out[name] = ExpectedTensor(tuple(t.shape), "int" if t.dtype in ("i64", "i32") else "float")
+    return out
+
+
+def _has_weights(model: Path) -> bool:
+    return model.is_file() or any(model.glob("*.safetensors")) or (model / "model.safetensors.index.json").exists()
+
+
+def _toolchain() -> dict:
+    try:
+        import triton  # noqa: F401
+        triton_version = triton.__version__
+    except Exception:  # triton is optional on CPU machines
+        triton_version = None
+    return {"v4c": __version__, "torch": torch.__version__, "triton": triton_version,
+            "python": platform.python_version()}
+
+
+def compile(model: str | os.PathLike, output: str | os.PathLike, *, target: str = "auto", dtype: str = "f32",
+            weights: str = "auto", overwrite: bool = False,
+            log: Callable[[str], None] | None = None) -> Path:
+    """Compile the checkpoint (or config-only) directory ``model`` into the artifact ``output``.
+
+    ``weights``: "copy" puts the safetensors files into the artifact, "reference" records
+    their paths and header hashes, "auto" copies up to 2 GiB. A directory with only
+    ``config.json`` gives a weight-free artifact that can be inspected but not run.
+    """
+    log = log or (lambda s: None)
+    t0 = time.perf_counter()
+    model, output = Path(model), Path(output)
+    cfg_path = model / "config.json" if model.is_dir() else model.parent / "config.json"
+    if not cfg_path.is_file():
+        raise ConfigError(f"{model}: no config.json found")
+    if weights not in ("auto", "copy", "reference", "none"):
+        raise ValueError(f"weights must be auto, copy, reference or none, got {weights!r}")
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} exists; pass overwrite=True (--force) to replace it")
+    cfg = V4Config.from_json_file(cfg_path)
+    tgt = resolve_target(target)
+    graph = verify(build_graph(cfg, dtype))
+    log(f"graph: {len(graph.nodes)} nodes, {len(graph.params)} params, {len(graph.states)} state buffers "
+        f"({time.perf_counter() - t0:.2f}s)")
+
+    ckpt = None
+    if weights != "none" and _has_weights(model):
+        ckpt = Checkpoint.open(model)
+        check_tensors(ckpt, expected_tensors(graph))
+        log(f"checkpoint: {len(ckpt.files())} file(s), {len(ckpt)} tensors match the graph")
+    files = ckpt.files() if ckpt else []
+    total = sum(f.stat().st_size for f in files)
+    mode = "none" if ckpt is None else weights if weights != "auto" else ("copy" if total <= COPY_LIMIT else "reference")
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, sort_keys=True) + "\n")
+        (tmp / "graph.v4c").write_text(print_graph(graph))
+        if model.is_dir() and (model / "tokenizer.json").is_file():  # for `v4c run --prompt`
+            shutil.copyfile(model / "tokenizer.json", tmp / "tokenizer.json")
+        wmeta: dict = {"mode": mode}
+        if mode == "copy":
+            (tmp / "weights").mkdir()
+            names = []
+            for f in files:
+                shutil.copyfile(f, tmp / "weights" / f.name)
+                names.append(f"weights/{f.name}")
+            index = model / "model.safetensors.index.json" if model.is_dir() else None
+            if index is not None and index.is_file():
+                shutil.copyfile(index, tmp / "weights" / index.name)
+            wmeta["files"] = names
+            log(f"weights: copied {total / 2**20:.1f} MiB")
+        elif mode == "reference":
+            wmeta["location"] = str(model.resolve())
+            wmeta["files"] = [{"path": str(f.resolve()), "size": f.stat().st_size, "header_sha256": header_sha256(f),
+                               "sha256": sha256_file(f)} for f in files]
+            log(f"weights: referenced {len(files)} file(s) in place ({total / 2**30:.1f} GiB)")
+        hashes = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "toolchain": _toolchain(), "target": tgt, "dtype": dtype, "config": "config.json",
+            "graph": "graph.v4c", "passes": [], "weights": wmeta, "files": hashes,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        if output.exists():  # overwrite: move the old one aside first so a failure keeps it
+            old = output.with_name(f".{output.name}.old-{os.getpid()}")
+            os.replace(output, old)
+            os.replace(tmp, output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+    log(f"artifact: {output} ({time.perf_counter() - t0:.2f}s)")
+    return output
+
+
+__all__ = ["compile", "expected_tensors", "CheckpointError"]

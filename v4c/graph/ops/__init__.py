@@ -1,0 +1,2 @@
+"""Op families of the IR. Importing this package fills ``registry.OPS``."""
+from . import attention, core, mhc, moe  # noqa: F401

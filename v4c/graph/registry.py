@@ -1,0 +1,121 @@
+"""The closed registry of IR ops.
+
+Every op declares how its output types follow from its inputs (``infer``), a
+PyTorch reference implementation (``ref``) and its cost (``cost``: FLOPs and
+bytes moved for concrete shapes and a context length).  Nothing outside this
+registry can appear in a graph.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from ..errors import GraphError
+from .types import DTYPES, Dim, TensorType
+
+
+@dataclass(frozen=True)
+class Cost:
+    flops: int
+    bytes: int
+
+    def __add__(self, o: "Cost") -> "Cost":
+        return Cost(self.flops + o.flops, self.bytes + o.bytes)
+
+
+@dataclass(frozen=True)
+class Concrete:
+    """A tensor's concrete shape and element size, as cost functions see it."""
+
+    shape: tuple[int, ...]
+    itemsize: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+
+InferFn = Callable[[Sequence[TensorType], dict], Sequence[TensorType]]
+CostFn = Callable[[Sequence[Concrete], Sequence[Concrete], dict, int], Cost]
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    infer: InferFn
+    ref: Callable[..., Any]
+    cost: CostFn
+    min_inputs: int
+    max_inputs: int
+    # (input index, output index): the output is the next version of that state input
+    state_io: tuple[tuple[int, int], ...] = ()
+    doc: str = ""
+
+
+OPS: dict[str, OpDef] = {}
+
+
+def register(name: str, *, infer: InferFn, cost: CostFn | None = None, inputs: int | tuple[int, int],
+             state_io=()):
+    """Decorator: register ``fn`` as the reference implementation of op ``name``."""
+    lo, hi = (inputs, inputs) if isinstance(inputs, int) else inputs
+
+    def deco(fn):
+        if name in OPS:
+            raise GraphError(f"op {name!r} registered twice")
+        OPS[name] = OpDef(name, infer, fn, cost or io_bytes_cost(0), lo, hi, tuple(state_io),
+                          (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "")
+        return fn
+
+    return deco
+
+
+def get_op(name: str) -> OpDef:
+    try:
+        return OPS[name]
+    except KeyError:
+        raise GraphError(f"unknown op {name!r}") from None
+
+
+# ---- helpers shared by the op definitions -------------------------------------------------
+
+def same_dim(a: Dim, b: Dim, what: str) -> Dim:
+    if a != b:
+        raise GraphError(f"{what}: {a!r} != {b!r}")
+    return a
+
+
+def expect(cond: bool, msg: str) -> None:
+    if not cond:
+        raise GraphError(msg)
+
+
+def expect_rank(t: TensorType, rank: int, what: str) -> None:
+    expect(t.rank == rank, f"{what}: expected rank {rank}, got {t}")
+
+
+def expect_float(t: TensorType, what: str) -> None:
+    expect(t.dtype in ("f32", "f16", "bf16", "f64"), f"{what}: expected a float tensor, got {t}")
+
+
+def expect_int(t: TensorType, what: str) -> None:
+    expect(t.dtype in ("i64", "i32"), f"{what}: expected an integer tensor, got {t}")
+
+
+def io_bytes_cost(flops_per_out: int) -> CostFn:
+    """Cost of an elementwise-like op: reads all inputs, writes all outputs."""
+
+    def cost(ins, outs, attrs, ctx):
+        return Cost(flops_per_out * sum(o.numel for o in outs),
+                    sum(i.nbytes for i in ins) + sum(o.nbytes for o in outs))
+
+    return cost
+
+
+def itemsize(dtype: str) -> int:
+    return DTYPES[dtype].itemsize

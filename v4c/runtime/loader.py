@@ -1,0 +1,38 @@
+"""``v4c.load``: verify an artifact's manifest, then map its weights and build a Model."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..artifact.manifest import verify_artifact
+from ..errors import ArtifactError
+from ..graph.text import parse_graph
+from ..graph.verify import verify
+from ..io.checkpoint import Checkpoint
+from .model import Model, cast_param
+
+
+def _device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load(path: str | os.PathLike, device=None, verify_weights: bool = False) -> Model:
+    """Load the artifact at ``path``; every file is checked against the manifest first."""
+    man = verify_artifact(Path(path), full_weights=verify_weights)
+    root = man.root
+    config = json.loads((root / man.data["config"]).read_text())
+    graph = verify(parse_graph((root / man.data["graph"]).read_text()))
+    dev = _device(device)
+    params = None
+    if man.has_weights:
+        ckpt = Checkpoint.open(man.weights_location())
+        missing = [n for n, _ in graph.params if n not in ckpt]
+        if missing:
+            raise ArtifactError(f"{root}: weights lack {len(missing)} graph params, e.g. {missing[:5]}")
+        params = {n: cast_param(ckpt.tensor(n), t.dtype, dev) for n, t in graph.params}
+    return Model(root, config, graph, params, dev, man.data)

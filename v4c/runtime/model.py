@@ -1,0 +1,72 @@
+"""A loaded artifact: graph + weights, ready to open sessions and generate."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+import torch
+
+from ..errors import ArtifactError
+from ..graph.ir import Graph
+from ..graph.types import DTYPES
+from .executor import Executor
+from .sampling import sample
+from .session import Session
+
+DEFAULT_MAX_CONTEXT = 16384
+
+
+class Model:
+    """What ``v4c.load`` returns."""
+
+    def __init__(self, path: Path, config: dict, graph: Graph, params: dict[str, torch.Tensor] | None,
+                 device: torch.device, manifest: dict):
+        self.path = path
+        self.config = SimpleNamespace(**config)
+        self.config_dict = config
+        self.graph = graph
+        self.device = device
+        self.manifest = manifest
+        self.params = params
+        self.executor = Executor(graph, params) if params is not None else None
+
+    @property
+    def runnable(self) -> bool:
+        return self.executor is not None
+
+    def new_session(self, batch_size: int = 1, max_context: int | None = None) -> Session:
+        if not self.runnable:
+            raise ArtifactError(f"{self.path}: weight-free artifact (compiled from a config only); it can be "
+                                f"inspected but not run")
+        if max_context is None:
+            max_context = min(self.config.max_position_embeddings, DEFAULT_MAX_CONTEXT)
+        return Session(self, batch_size, max_context)
+
+    @torch.inference_mode()
+    def generate(self, ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None, on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Append ``max_new_tokens`` sampled tokens to each row of ``ids`` [B, T]; returns [B, T + N]."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        ids = torch.as_tensor(ids)
+        if ids.dim() == 1:
+            ids = ids[None]
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        total = ids.shape[1] + max_new_tokens
+        session = self.new_session(ids.shape[0], max_context=max(total, 1))
+        out = [ids.cpu().long()]
+        logits = session.forward(ids)
+        for step in range(max_new_tokens):
+            nxt = sample(logits[:, -1], temperature, top_p, gen).cpu()
+            out.append(nxt[:, None])
+            if on_token is not None:
+                on_token(nxt)
+            if step + 1 < max_new_tokens:
+                logits = session.forward(nxt[:, None])
+        return torch.cat(out, dim=1)
+
+
+def cast_param(t: torch.Tensor, dtype: str, device: torch.device) -> torch.Tensor:
+    """The checkpoint tensor in the graph's dtype on ``device``; no copy when nothing changes."""
+    return t.to(device=device, dtype=DTYPES[dtype])

@@ -1,0 +1,92 @@
+"""A decoding session: preallocated per-sequence state and the forward call."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..graph.types import DTYPES
+
+if TYPE_CHECKING:
+    from .model import Model
+
+
+class Session:
+    """Holds the state buffers of ``batch_size`` sequences of up to ``max_context`` tokens.
+
+    ``forward(ids)`` appends ``ids`` [B, T] to every sequence (a prefill, a prefill chunk
+    or a T == 1 decode step) and returns float32 logits [B, T, vocab].  For rows of
+    different lengths pass ``lengths`` [B]: row b takes only its first ``lengths[b]``
+    tokens of this call (the rest is padding and its logits are meaningless).
+    """
+
+    def __init__(self, model: "Model", batch_size: int, max_context: int):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        limit = model.config.max_position_embeddings
+        if not 1 <= max_context <= limit:
+            raise ValueError(f"max_context {max_context} is outside 1..{limit} (the model's max_position_embeddings)")
+        self.model = model
+        self.batch_size = batch_size
+        self.max_context = max_context
+        bindings = {"B": batch_size, "L": max_context}
+        self.states = {}
+        for name, t in model.graph.states:
+            fill = -1 if t.dtype in ("i64", "i32") else 0  # -1 marks an empty ring slot
+            self.states[name] = torch.full(t.concrete(bindings), fill, dtype=DTYPES[t.dtype], device=model.device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.int64, device=model.device)
+
+    def reset(self) -> None:
+        for t in self.states.values():
+            t.fill_(-1 if not t.is_floating_point() else 0)
+        self.lengths.zero_()
+
+    def memory(self) -> dict[str, int]:
+        """Bytes of state held, by buffer kind (the part of the name after the layer)."""
+        out: dict[str, int] = {}
+        for name, t in self.states.items():
+            kind = name.split(".", 1)[1]
+            out[kind] = out.get(kind, 0) + t.numel() * t.element_size()
+        out["total"] = sum(out.values())
+        return out
+
+    def _check(self, ids: torch.Tensor, lengths) -> torch.Tensor:
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"ids must be an integer tensor [batch, tokens], got "
+                             f"{getattr(ids, 'dtype', type(ids))} {tuple(getattr(ids, 'shape', ()))}")
+        b, t = ids.shape
+        if b != self.batch_size:
+            raise ValueError(f"ids has batch {b}, the session was created for batch {self.batch_size}")
+        if t < 1:
+            raise ValueError("ids must hold at least one token")
+        if lengths is None:
+            n = torch.full((b,), t, dtype=torch.int64)
+        else:
+            n = torch.as_tensor(lengths, dtype=torch.int64).reshape(-1).cpu()
+            if n.shape[0] != b or bool((n < 0).any()) or bool((n > t).any()):
+                raise ValueError(f"lengths must hold {b} values in 0..{t}, got {n.tolist()}")
+        valid = torch.arange(t)[None, :] < n[:, None]
+        vocab = self.model.config.vocab_size
+        bad = valid & ((ids.cpu() < 0) | (ids.cpu() >= vocab))
+        if bool(bad.any()):
+            r, c = (int(x) for x in bad.nonzero()[0])
+            raise ValueError(f"token id {int(ids[r, c])} at [{r}, {c}] is outside the vocabulary 0..{vocab - 1}")
+        ends = self.lengths.cpu() + n
+        if bool((ends > self.max_context).any()):
+            row = int((ends > self.max_context).nonzero()[0])
+            raise ValueError(f"row {row} would reach {int(ends[row])} tokens, beyond this session's max_context "
+                             f"{self.max_context}")
+        return n.to(self.model.device)
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, lengths=None) -> torch.Tensor:
+        n = self._check(ids, lengths)
+        dev = self.model.device
+        ids = ids.to(dev, torch.int64)
+        steps = torch.arange(ids.shape[1], device=dev)[None, :]
+        pos = torch.where(steps < n[:, None], self.lengths[:, None] + steps, torch.full_like(steps, -1))
+        (logits,) = self.model.executor.run({"ids": ids, "pos": pos}, self.states)
+        self.lengths += n
+        return logits.float()
+
+    __call__ = forward
