@@ -85,3 +85,13 @@ def test_swiglu_clamp_path_matches(tmp_path):
     model = v4c.load(v4c.compile(tmp_path / "ckpt", tmp_path / "art", target="cpu"))
     ids = ids_for(model, 2, 24, seed=9)
     assert rel_err(model.new_session(2).forward(ids), hf_logits_nocache(hf, ids)) <= TOL
+
+
+def test_save_pretrained_checkpoint_compiles(tmp_path):
+    """transformers writes official-style names (``attn.wq_a``, per-expert ``w1``...) on save."""
+    cfg = VARIANTS["hc2"]
+    hf = make_hf_model(cfg, seed=4)
+    hf.save_pretrained(tmp_path / "saved")
+    model = v4c.load(v4c.compile(tmp_path / "saved", tmp_path / "art"))
+    ids = ids_for(model, 2, 33, seed=11)
+    assert rel_err(model.new_session(2).forward(ids), hf_logits_nocache(hf, ids)) <= TOL

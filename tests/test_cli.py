@@ -15,6 +15,9 @@ def test_inspect_text_and_json(tiny_artifact, capsys):
     r = json.loads(capsys.readouterr().out)
     assert r["layers"] == {"sliding": 1, "csa": 2, "hca": 1} and r["runnable"] is True
     assert r["params"] > 0 and r["ops"]["attention"] == 4
+    assert main(["inspect", str(tiny_artifact), "--graph"]) == 0
+    from v4c.graph import parse_graph, verify
+    assert len(verify(parse_graph(capsys.readouterr().out)).nodes) == r["nodes"]
 
 
 def test_run_prints_tokens(tiny_artifact, capsys):

@@ -56,6 +56,9 @@ def _run(a) -> int:
 def _inspect(a) -> int:
     from .inspect import format_report, inspect_artifact
     r = inspect_artifact(a.artifact)
+    if a.graph:
+        print((Path(a.artifact) / "graph.v4c").read_text(), end="")
+        return 0
     print(json.dumps(r, indent=1) if a.json else format_report(r))
     return 0
 
@@ -93,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="describe an artifact")
     i.add_argument("artifact")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--graph", action="store_true", help="print the IR text")
     i.set_defaults(fn=_inspect)
     d = sub.add_parser("demo", help="tiny random model: compile, load, generate")
     d.add_argument("--prompt-len", type=int, default=12)

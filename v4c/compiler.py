@@ -22,23 +22,14 @@ from .artifact.manifest import FORMAT, FORMAT_VERSION, MANIFEST, header_sha256
 from .errors import CheckpointError, ConfigError
 from .graph.text import print_graph
 from .graph.verify import verify
-from .io.checkpoint import Checkpoint, ExpectedTensor, check_tensors
+from .io.checkpoint import Checkpoint
+from .io.naming import plan_sources
 from .io.safetensors import sha256_file
 from .model.build import build_graph
 from .model.config import V4Config
 from .targets import resolve_target
 
 COPY_LIMIT = 2 << 30  # weights up to this size are copied into the artifact by default
-
-
-def expected_tensors(graph) -> dict[str, ExpectedTensor]:
-    """What the checkpoint must hold: one tensor per graph param, float or integer."""
-    out = {}
-    for name, t in graph.params:
-        if not all(isinstance(d, int) for d in t.shape):
-            raise ConfigError(f"param {name} has a symbolic shape {t}")
-        out[name] = ExpectedTensor(tuple(t.shape), "int" if t.dtype in ("i64", "i32") else "float")
-    return out
 
 
 def _has_weights(model: Path) -> bool:
@@ -83,7 +74,7 @@ def compile(model: str | os.PathLike, output: str | os.PathLike, *, target: str 
     ckpt = None
     if weights != "none" and _has_weights(model):
         ckpt = Checkpoint.open(model)
-        check_tensors(ckpt, expected_tensors(graph))
+        plan_sources(ckpt, dict(graph.params))
         log(f"checkpoint: {len(ckpt.files())} file(s), {len(ckpt)} tensors match the graph")
     files = ckpt.files() if ckpt else []
     total = sum(f.stat().st_size for f in files)
@@ -138,4 +129,4 @@ def compile(model: str | os.PathLike, output: str | os.PathLike, *, target: str 
     return output
 
 
-__all__ = ["compile", "expected_tensors", "CheckpointError"]
+__all__ = ["compile", "CheckpointError"]

@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 
 from ..artifact.manifest import verify_artifact
-from ..errors import ArtifactError
 from ..graph.text import parse_graph
 from ..graph.verify import verify
 from ..io.checkpoint import Checkpoint
+from ..io.naming import plan_sources
 from .model import Model, cast_param
 
 
@@ -31,8 +31,6 @@ def load(path: str | os.PathLike, device=None, verify_weights: bool = False) -> 
     params = None
     if man.has_weights:
         ckpt = Checkpoint.open(man.weights_location())
-        missing = [n for n, _ in graph.params if n not in ckpt]
-        if missing:
-            raise ArtifactError(f"{root}: weights lack {len(missing)} graph params, e.g. {missing[:5]}")
-        params = {n: cast_param(ckpt.tensor(n), t.dtype, dev) for n, t in graph.params}
+        sources = plan_sources(ckpt, dict(graph.params))
+        params = {n: cast_param(sources[n].load(ckpt), t.dtype, dev) for n, t in graph.params}
     return Model(root, config, graph, params, dev, man.data)
