@@ -14,7 +14,7 @@ def test_inspect_text_and_json(tiny_artifact, capsys):
     assert main(["inspect", str(tiny_artifact), "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["layers"] == {"sliding": 1, "csa": 2, "hca": 1} and r["runnable"] is True
-    assert r["params"] > 0 and r["ops"]["attention"] == 4
+    assert r["params"] > 0 and r["ops"]["sparse_attention"] == 4 and r["passes"] == ["fuse-moe", "fuse-attention", "fuse-projections", "fuse-mhc"]
     assert main(["inspect", str(tiny_artifact), "--graph"]) == 0
     from v4c.graph import parse_graph, verify
     assert len(verify(parse_graph(capsys.readouterr().out)).nodes) == r["nodes"]

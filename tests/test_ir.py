@@ -109,10 +109,10 @@ def test_every_op_has_reference_cost_and_doc():
 
 
 def test_linear_cost_and_attention_cost_scale_with_context():
-    lin = get_op("linear").cost([Concrete((2, 3, 8), 4), Concrete((5, 8), 4)], [Concrete((2, 3, 5), 4)], {}, 0)
+    lin = get_op("linear").cost([Concrete((2, 3, 8), "f32"), Concrete((5, 8), "f32")], [Concrete((2, 3, 5), "f32")], {}, 0)
     assert lin.flops == 2 * 6 * 5 * 8 and lin.bytes == (48 + 40 + 30) * 4
     att = get_op("attention")
-    ins = [Concrete((1, 1, 8, 64), 4)] * 7
+    ins = [Concrete((1, 1, 8, 64), "f32")] * 7
     short = att.cost(ins, ins[:1], {"kind": "hca", "window": 8, "ratio": 16}, 64)
     long = att.cost(ins, ins[:1], {"kind": "hca", "window": 8, "ratio": 16}, 6400)
     assert short.flops == 4 * 8 * (8 + 4) * 64 and long.flops == 4 * 8 * (8 + 400) * 64

@@ -12,6 +12,7 @@ from .errors import V4CError
 def _compile(a) -> int:
     from .compiler import compile as compile_model
     compile_model(a.model, a.output, target=a.target, dtype=a.dtype, weights=a.weights, overwrite=a.force,
+                  fuse=not a.no_fuse, print_after=set(a.print_after or ()), print_after_all=a.print_after_all,
                   log=lambda s: print(s, file=sys.stderr))
     print(a.output)
     return 0
@@ -81,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"], help="activation dtype")
     c.add_argument("--weights", default="auto", choices=["auto", "copy", "reference", "none"])
     c.add_argument("--force", action="store_true", help="replace an existing artifact")
+    c.add_argument("--no-fuse", action="store_true", help="keep the unfused graph (for comparison)")
+    c.add_argument("--print-after", action="append", metavar="PASS", help="print the IR after PASS (repeatable)")
+    c.add_argument("--print-after-all", action="store_true", help="print the IR after every pass")
     c.set_defaults(fn=_compile)
     r = sub.add_parser("run", help="generate tokens from an artifact")
     r.add_argument("artifact")

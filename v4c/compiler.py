@@ -27,6 +27,7 @@ from .io.naming import plan_sources
 from .io.safetensors import sha256_file
 from .model.build import build_graph
 from .model.config import V4Config
+from .passes import PassManager, default_pipeline
 from .targets import resolve_target
 
 COPY_LIMIT = 2 << 30  # weights up to this size are copied into the artifact by default
@@ -47,7 +48,8 @@ def _toolchain() -> dict:
 
 
 def compile(model: str | os.PathLike, output: str | os.PathLike, *, target: str = "auto", dtype: str = "f32",
-            weights: str = "auto", overwrite: bool = False,
+            weights: str = "auto", overwrite: bool = False, fuse: bool = True,
+            print_after: set[str] | None = None, print_after_all: bool = False,
             log: Callable[[str], None] | None = None) -> Path:
     """Compile the checkpoint (or config-only) directory ``model`` into the artifact ``output``.
 
@@ -70,6 +72,9 @@ def compile(model: str | os.PathLike, output: str | os.PathLike, *, target: str 
     graph = verify(build_graph(cfg, dtype))
     log(f"graph: {len(graph.nodes)} nodes, {len(graph.params)} params, {len(graph.states)} state buffers "
         f"({time.perf_counter() - t0:.2f}s)")
+    pm = PassManager(default_pipeline(fuse), print_after=print_after, print_after_all=print_after_all, out=log)
+    graph = pm.run(graph)
+    log(pm.report())
 
     ckpt = None
     if weights != "none" and _has_weights(model):
@@ -109,7 +114,7 @@ def compile(model: str | os.PathLike, output: str | os.PathLike, *, target: str 
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "toolchain": _toolchain(), "target": tgt, "dtype": dtype, "config": "config.json",
-            "graph": "graph.v4c", "passes": [], "weights": wmeta, "files": hashes,
+            "graph": "graph.v4c", "passes": pm.applied(), "weights": wmeta, "files": hashes,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         if output.exists():  # overwrite: move the old one aside first so a failure keeps it

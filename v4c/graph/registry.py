@@ -26,10 +26,14 @@ class Cost:
 
 @dataclass(frozen=True)
 class Concrete:
-    """A tensor's concrete shape and element size, as cost functions see it."""
+    """A tensor's concrete shape and dtype, as cost functions see it."""
 
     shape: tuple[int, ...]
-    itemsize: int
+    dtype: str
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPES[self.dtype].itemsize
 
     @property
     def numel(self) -> int:
@@ -55,13 +59,15 @@ class OpDef:
     # (input index, output index): the output is the next version of that state input
     state_io: tuple[tuple[int, int], ...] = ()
     doc: str = ""
+    launches: int = 1  # GPU kernel launches one execution takes (0 for views)
+    fused: bool = False  # produced by a fusion pass, never by the builder
 
 
 OPS: dict[str, OpDef] = {}
 
 
 def register(name: str, *, infer: InferFn, cost: CostFn | None = None, inputs: int | tuple[int, int],
-             state_io=()):
+             state_io=(), launches: int = 1, fused: bool = False):
     """Decorator: register ``fn`` as the reference implementation of op ``name``."""
     lo, hi = (inputs, inputs) if isinstance(inputs, int) else inputs
 
@@ -69,7 +75,7 @@ def register(name: str, *, infer: InferFn, cost: CostFn | None = None, inputs: i
         if name in OPS:
             raise GraphError(f"op {name!r} registered twice")
         OPS[name] = OpDef(name, infer, fn, cost or io_bytes_cost(0), lo, hi, tuple(state_io),
-                          (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "")
+                          (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "", launches, fused)
         return fn
 
     return deco

@@ -25,6 +25,7 @@ DTYPES: dict[str, torch.dtype] = {
     "i64": torch.int64,
     "i32": torch.int32,
     "bool": torch.bool,
+    "u8": torch.uint8,  # packed quantised cache rows
 }
 TORCH_TO_DTYPE = {v: k for k, v in DTYPES.items()}
 FLOAT_DTYPES = frozenset({"f32", "f16", "bf16", "f64"})

@@ -1,2 +1,5 @@
-"""Graph-to-graph passes (fusion, cache quantisation). The compile pipeline runs none yet:
-artifacts hold the unfused reference graph, the baseline every later pass is checked against."""
+"""Graph-to-graph passes: fusion of the unfused reference graph into one op per GPU kernel."""
+from .base import Pass, PassManager, PassResult, RewritePass
+from .pipeline import all_pass_names, default_pipeline
+
+__all__ = ["Pass", "PassManager", "PassResult", "RewritePass", "all_pass_names", "default_pipeline"]

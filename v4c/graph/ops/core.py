@@ -77,7 +77,7 @@ def _reshape_infer(ins, a):
     return [TensorType(shape, x.dtype)]
 
 
-@register("reshape", infer=_reshape_infer, cost=lambda i, o, a, c: Cost(0, 0), inputs=1)
+@register("reshape", infer=_reshape_infer, cost=lambda i, o, a, c: Cost(0, 0), inputs=1, launches=0)
 def reshape(x, shape):
     """View with new trailing dims (leading symbolic dims are kept)."""
     lead = sum(isinstance(d, str) for d in shape)

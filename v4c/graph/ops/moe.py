@@ -78,7 +78,8 @@ def _experts_cost(ins, outs, a, ctx):
     return Cost(2 * assignments * per_expert, touched * per_expert * w13.itemsize + 2 * x.nbytes + idx.nbytes)
 
 
-@register("moe_experts", infer=_experts_infer, cost=_experts_cost, inputs=5)
+# unfused: a gate/up grouped GEMM, the activation, a down grouped GEMM with the scatter
+@register("moe_experts", infer=_experts_infer, cost=_experts_cost, inputs=5, launches=3)
 def moe_experts(x, idx, w, w13, w2, limit):
     """Weighted sum over each token's selected experts of ``W2 swiglu_clamped(W1 x, W3 x)``."""
     shape = x.shape

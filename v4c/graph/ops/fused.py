@@ -1,0 +1,238 @@
+"""Fused ops: each is one GPU kernel's worth of work, defined once as a *recipe* over the
+unfused ops. The recipe gives the fused op its shape inference (run on types), its PyTorch
+reference (run on tensors) and its cost (the parts' FLOPs; the parts' bytes less the
+intermediates that stay on chip), so a fused op cannot drift from what it replaces.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..registry import OPS, Concrete, Cost, OpDef, expect_int, get_op, register, same_dim
+from ..types import TensorType
+
+
+class _Types:
+    """Runs a recipe on TensorTypes: shape inference."""
+
+    def __call__(self, op, *args, **attrs):
+        out = get_op(op).infer(list(args), attrs)
+        return out[0] if len(out) == 1 else tuple(out)
+
+
+class _Tensors:
+    """Runs a recipe on tensors: the reference implementation."""
+
+    def __call__(self, op, *args, **attrs):
+        return get_op(op).ref(*args, **attrs)
+
+
+class _Costs:
+    """Runs a recipe on concrete types, adding up the parts' costs."""
+
+    def __init__(self, ctx: int, inputs):
+        self.ctx, self.total, self.inner = ctx, Cost(0, 0), 0
+        self.external = {id(t) for t in inputs}
+
+    def __call__(self, op, *args, **attrs):
+        d = get_op(op)
+        outs = list(d.infer(list(args), attrs))
+        conc = lambda t: Concrete(tuple(t.shape), t.dtype)  # noqa: E731
+        self.total = self.total + d.cost([conc(a) for a in args], [conc(o) for o in outs], attrs, self.ctx)
+        # an intermediate produced here and read by the next part never goes to memory
+        self.inner += sum(conc(a).nbytes for a in args if id(a) not in self.external)
+        outs = [TensorType(o.shape, o.dtype) for o in outs]  # fresh objects: identity marks intermediates
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def _tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+def fused_op(name: str, inputs, state_io=(), launches: int = 1):
+    """Register a recipe ``fn(k, *inputs, **attrs)`` as the fused op ``name``."""
+    lo, hi = (inputs, inputs) if isinstance(inputs, int) else inputs
+
+    def deco(recipe):
+        def infer(ins, attrs):
+            return list(_tuple(recipe(_Types(), *ins, **attrs)))
+
+        def ref(*args, **attrs):
+            return recipe(_Tensors(), *args, **attrs)
+
+        def cost(ins, outs, attrs, ctx):
+            types = [TensorType(c.shape, c.dtype) for c in ins]
+            k = _Costs(ctx, types)
+            recipe(k, *types, **attrs)
+            return Cost(k.total.flops, max(k.total.bytes - 2 * k.inner, 0))
+
+        OPS[name] = OpDef(name, infer, ref, cost, lo, hi, tuple(state_io), (recipe.__doc__ or "").strip(),
+                          launches, True)
+        return recipe
+
+    return deco
+
+
+# ---- mHC ----------------------------------------------------------------------------------
+
+@fused_op("hc_pre", inputs=5)
+def hc_pre(k, x, fn, base, scale, norm_w, *, n, eps, hc_eps, iters):
+    """mHC pre-mix: RMS, mixing logits, sigmoid/softmax, Sinkhorn, collapse, then the sublayer's RMSNorm."""
+    m = k("hc_logits", x, fn, eps=eps)
+    pre, post, comb = k("hc_weights", m, base, scale, n=n, eps=hc_eps)
+    comb = k("sinkhorn", comb, iters=iters, eps=hc_eps)
+    h = k("rms_norm", k("hc_collapse", x, pre), norm_w, eps=eps)
+    return h, post, comb
+
+
+@fused_op("hc_post_pre", inputs=8)
+def hc_post_pre(k, x, y, post, comb, fn, base, scale, norm_w, *, n, eps, hc_eps, iters):
+    """mHC post-mix into the residual streams, then the next sublayer's pre-mix on the new streams."""
+    x1 = k("hc_expand_mix", x, y, post, comb)
+    return (x1, *hc_pre(k, x1, fn, base, scale, norm_w, n=n, eps=eps, hc_eps=hc_eps, iters=iters))
+
+
+@fused_op("hc_head", inputs=8)
+def hc_head(k, x, y, post, comb, fn, base, scale, norm_w, *, eps, hc_eps):
+    """Last post-mix, the head's collapse (sigmoid weights, no Sinkhorn) and the final RMSNorm."""
+    x1 = k("hc_expand_mix", x, y, post, comb)
+    pre = k("hc_head_weights", k("hc_logits", x1, fn, eps=eps), base, scale, eps=hc_eps)
+    return k("rms_norm", k("hc_collapse", x1, pre), norm_w, eps=eps)
+
+
+# ---- projections with their norm / RoPE epilogues -----------------------------------------
+
+@fused_op("linear_rms_norm", inputs=3)
+def linear_rms_norm(k, x, w, norm_w, *, eps):
+    """GEMM with the RMSNorm of its output rows in the epilogue."""
+    return k("rms_norm", k("linear", x, w), norm_w, eps=eps)
+
+
+@fused_op("q_proj", inputs=3)
+def q_proj(k, x, w, pos, *, shape, eps, rope_dim, theta, yarn=None):
+    """Query GEMM with the per-head unweighted RMSNorm and RoPE in the epilogue."""
+    q = k("rms_norm", k("reshape", k("linear", x, w), shape=shape), eps=eps)
+    return k("rope", q, pos, rope_dim=rope_dim, theta=theta, yarn=yarn)
+
+
+@fused_op("kv_proj", inputs=4)
+def kv_proj(k, x, w, norm_w, pos, *, eps, rope_dim, theta, yarn=None):
+    """KV GEMM with RMSNorm and RoPE in the epilogue."""
+    kv = k("rms_norm", k("linear", x, w), norm_w, eps=eps)
+    return k("rope", kv, pos, rope_dim=rope_dim, theta=theta, yarn=yarn)
+
+
+@fused_op("o_proj", inputs=3)
+def o_proj(k, o, wa, wb, *, shape, groups, out_shape):
+    """Grouped low-rank output projection: per-group GEMM, then the dense GEMM."""
+    z = k("grouped_linear", k("reshape", o, shape=shape), wa, groups=groups)
+    return k("linear", k("reshape", z, shape=out_shape), wb)
+
+
+# ---- compressed attention -----------------------------------------------------------------
+
+@fused_op("compressor", inputs=9, state_io=((5, 0), (6, 1), (7, 2)))
+def compressor(k, h, wkv, wgate, ape, norm_w, rows, pend_kv, pend_gate, pos, **attrs):
+    """Both compressor projections, gated per-channel pooling, RMSNorm, RoPE and the cache append."""
+    return k("compress", k("linear", h, wkv), k("linear", h, wgate), ape, norm_w, rows, pend_kv, pend_gate, pos,
+             **attrs)
+
+
+@fused_op("indexer", inputs=6)
+def indexer(k, cq, h, wq, ww, keys, pos, *, shape, rope_dim, theta, yarn=None, **attrs):
+    """Lightning indexer: query GEMM + RoPE, head weights, ReLU-weighted scores, causal mask, top-k."""
+    q = k("rope", k("reshape", k("linear", cq, wq), shape=shape), pos, rope_dim=rope_dim, theta=theta, yarn=yarn)
+    return k("indexer_topk", q, k("linear", h, ww), keys, pos, **attrs)
+
+
+@fused_op("sparse_attention", inputs=(6, 8), state_io=((2, 1), (3, 2)))
+def sparse_attention(k, q, kv, ring, ring_pos, sinks, pos, *extra, rope_dim, theta, yarn=None, **attrs):
+    """Attention over window + compressed rows with the sink, the ring append, and the output de-rotation."""
+    o = k("attention", q, kv, ring, ring_pos, sinks, pos, *extra, **attrs)
+    ring, ring_pos = k("window_append", ring, ring_pos, kv, pos)
+    return k("rope", o, pos, rope_dim=rope_dim, theta=theta, yarn=yarn, inverse=True), ring, ring_pos
+
+
+# ---- MoE ----------------------------------------------------------------------------------
+
+def _route_outputs(logits_t: TensorType, k: int, e: int):
+    shape = (*logits_t.shape[:2], k)
+    return [TensorType(shape, "i64"), TensorType(shape, "f32"), TensorType(shape, "i64"), TensorType((e + 1,), "i64")]
+
+
+def _permutation(idx: torch.Tensor, e: int):
+    """Assignments (token*k + slot) sorted by expert, and each expert's [start, end) offsets."""
+    flat = idx.reshape(-1)
+    perm = torch.sort(flat, stable=True).indices
+    offsets = torch.zeros(e + 1, dtype=torch.int64, device=idx.device)
+    offsets[1:] = torch.bincount(flat, minlength=e).cumsum(0)
+    return perm.view(idx.shape), offsets
+
+
+def _route_cost(ins, outs, a, ctx):
+    h, w = ins[0], ins[1]
+    tokens = h.numel // h.shape[-1]
+    return Cost(2 * tokens * w.numel + 12 * tokens * w.shape[0], sum(i.nbytes for i in ins) + sum(o.nbytes for o in outs))
+
+
+def _route_infer(ins, a):
+    h, w = ins[0], ins[1]
+    same_dim(h.shape[-1], w.shape[1], "moe_route_fused: hidden vs router columns")
+    k = ins[2].shape[1] if a.get("hash") else a["topk"]
+    return _route_outputs(h, k, w.shape[0])
+
+
+@register("moe_router", infer=_route_infer, cost=_route_cost, inputs=(3, 4), fused=True)
+def moe_router(h, w, table_or_bias, ids=None, *, scaling, hash=False, topk=None):
+    """Router GEMM, sqrt-softplus scores, selection (bias or hash table), renormalised weights, and the
+    assignment permutation sorted by expert with per-expert offsets (the grouped GEMM's schedule)."""
+    logits = get_op("linear").ref(h, w)
+    if hash:
+        idx, wts = get_op("moe_hash_route").ref(logits, table_or_bias, ids, scaling=scaling)
+    else:
+        idx, wts = get_op("moe_route").ref(logits, table_or_bias, topk=topk, scaling=scaling)
+    return (idx, wts, *_permutation(idx, w.shape[0]))
+
+
+def _ffn_infer(ins, a):
+    h, idx, w, perm, offsets, w13, w2 = ins[:7]
+    expect_int(perm, "moe_ffn permutation")
+    same_dim(offsets.shape[0], w13.shape[0] + 1, "moe_ffn: offsets vs experts")
+    get_op("moe_experts").infer([h, idx, w, w13, w2], a)
+    if len(ins) == 10:
+        same_dim(ins[7].shape[1], h.shape[2], "moe_ffn: shared gate columns")
+    return [h]
+
+
+def _ffn_cost(ins, outs, a, ctx):
+    h, idx, w, perm, offsets, w13, w2 = ins[:7]
+    c = get_op("moe_experts").cost([h, idx, w, w13, w2], outs, a, ctx)
+    tokens = h.numel // h.shape[-1]
+    shared = sum(s.numel for s in ins[7:])
+    return Cost(c.flops + 2 * tokens * shared, c.bytes + sum(s.nbytes for s in ins[7:]) + perm.nbytes)
+
+
+@register("moe_ffn", infer=_ffn_infer, cost=_ffn_cost, inputs=(7, 10), launches=2, fused=True)
+def moe_ffn(h, idx, w, perm, offsets, w13, w2, sg=None, su=None, sd=None, *, limit):
+    """Grouped GEMMs over the expert-sorted assignments (clamped SwiGLU fused into the first, the
+    weighted combine and scatter-add into the second) with the shared expert riding along."""
+    shape = h.shape
+    flat = h.reshape(-1, shape[-1])
+    k = idx.shape[-1]
+    order = perm.reshape(-1)
+    wflat = w.reshape(-1)
+    out = torch.zeros_like(flat)
+    starts = offsets.tolist()
+    for e in range(len(starts) - 1):
+        a, b = starts[e], starts[e + 1]
+        if a == b:
+            continue
+        rows = order[a:b]
+        tok = rows // k
+        gate, up = torch.nn.functional.linear(flat[tok], w13[e].to(flat.dtype)).chunk(2, dim=-1)
+        act = torch.nn.functional.silu(gate.clamp(max=limit)) * up.clamp(min=-limit, max=limit)
+        y = torch.nn.functional.linear(act, w2[e].to(flat.dtype)) * wflat[rows, None].to(flat.dtype)
+        out.index_add_(0, tok, y)
+    if sg is not None:
+        lin = get_op("linear").ref
+        out = out + lin(get_op("swiglu").ref(lin(flat, sg), lin(flat, su), limit=limit), sd)
+    return out.view(shape)
