@@ -12,7 +12,7 @@ from .errors import V4CError
 def _compile(a) -> int:
     from .compiler import compile as compile_model
     compile_model(a.model, a.output, target=a.target, dtype=a.dtype, weights=a.weights, overwrite=a.force,
-                  fuse=not a.no_fuse, print_after=set(a.print_after or ()), print_after_all=a.print_after_all,
+                  fuse=not a.no_fuse, kv_cache=a.kv_cache, indexer_cache=a.indexer_cache, print_after=set(a.print_after or ()), print_after_all=a.print_after_all,
                   log=lambda s: print(s, file=sys.stderr))
     print(a.output)
     return 0
@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--weights", default="auto", choices=["auto", "copy", "reference", "none"])
     c.add_argument("--force", action="store_true", help="replace an existing artifact")
     c.add_argument("--no-fuse", action="store_true", help="keep the unfused graph (for comparison)")
+    c.add_argument("--kv-cache", default="auto", choices=["auto", "fp32", "bf16", "fp8"],
+                   help="window/compressed KV rows (auto: fp8 for real V4 layouts, else the activation dtype)")
+    c.add_argument("--indexer-cache", default="auto", choices=["auto", "fp32", "bf16", "fp8", "fp4"],
+                   help="indexer keys (auto: fp4 for real V4 layouts, else the activation dtype)")
     c.add_argument("--print-after", action="append", metavar="PASS", help="print the IR after PASS (repeatable)")
     c.add_argument("--print-after-all", action="store_true", help="print the IR after every pass")
     c.set_defaults(fn=_compile)

@@ -28,6 +28,7 @@ from .io.safetensors import sha256_file
 from .model.build import build_graph
 from .model.config import V4Config
 from .passes import PassManager, default_pipeline
+from .passes.pipeline import resolve_cache_formats
 from .targets import resolve_target
 
 COPY_LIMIT = 2 << 30  # weights up to this size are copied into the artifact by default
@@ -48,7 +49,8 @@ def _toolchain() -> dict:
 
 
 def compile(model: str | os.PathLike, output: str | os.PathLike, *, target: str = "auto", dtype: str = "f32",
-            weights: str = "auto", overwrite: bool = False, fuse: bool = True,
+            weights: str = "auto", overwrite: bool = False, fuse: bool = True, kv_cache: str = "auto",
+            indexer_cache: str = "auto",
             print_after: set[str] | None = None, print_after_all: bool = False,
             log: Callable[[str], None] | None = None) -> Path:
     """Compile the checkpoint (or config-only) directory ``model`` into the artifact ``output``.
@@ -72,7 +74,8 @@ def compile(model: str | os.PathLike, output: str | os.PathLike, *, target: str 
     graph = verify(build_graph(cfg, dtype))
     log(f"graph: {len(graph.nodes)} nodes, {len(graph.params)} params, {len(graph.states)} state buffers "
         f"({time.perf_counter() - t0:.2f}s)")
-    pm = PassManager(default_pipeline(fuse), print_after=print_after, print_after_all=print_after_all, out=log)
+    kv, ix = resolve_cache_formats(cfg, dtype, kv_cache, indexer_cache)
+    pm = PassManager(default_pipeline(fuse, kv, ix), print_after=print_after, print_after_all=print_after_all, out=log)
     graph = pm.run(graph)
     log(pm.report())
 
@@ -114,7 +117,7 @@ def compile(model: str | os.PathLike, output: str | os.PathLike, *, target: str 
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "toolchain": _toolchain(), "target": tgt, "dtype": dtype, "config": "config.json",
-            "graph": "graph.v4c", "passes": pm.applied(), "weights": wmeta, "files": hashes,
+            "graph": "graph.v4c", "passes": pm.applied(), "kv_cache": kv, "indexer_cache": ix, "weights": wmeta, "files": hashes,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         if output.exists():  # overwrite: move the old one aside first so a failure keeps it

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..registry import Cost, expect, expect_int, expect_rank, register, same_dim
+from ..storage import decode, encode, round_trip, stored_width
 from ..types import TensorType
 from .core import apply_rope, rms_norm, rope_cos_sin
 
@@ -25,13 +26,14 @@ def _attn_infer(ins, a):
     q, kv, ring, ring_pos, sinks, pos = ins[:6]
     expect_rank(q, 4, "attention q")
     same_dim(q.shape[3], kv.shape[2], "attention: q head dim vs kv dim")
-    same_dim(ring.shape[2], kv.shape[2], "attention: ring dim")
+    width = stored_width(kv.shape[2], a.get("kv_format"), a.get("kv_rope_dim", 0))
+    same_dim(ring.shape[2], width, "attention: ring row width")
     same_dim(ring.shape[1], a["window"], "attention: ring rows vs window")
     same_dim(sinks.shape[0], q.shape[2], "attention: sinks vs heads")
     expect_int(pos, "attention positions")
     expect_int(ring_pos, "attention ring positions")
     if kind != "sliding":
-        same_dim(ins[6].shape[2], kv.shape[2], "attention: compressed row dim")
+        same_dim(ins[6].shape[2], width, "attention: compressed row width")
     if kind == "csa":
         expect_int(ins[7], "attention top-k indices")
     return [q]
@@ -45,14 +47,18 @@ def _attn_cost(ins, outs, a, ctx):
         keys += ctx // a["ratio"]
     elif a["kind"] == "csa":
         keys += min(ins[7].shape[2], ctx // a["ratio"])
-    return Cost(4 * b * t * h * keys * d, 2 * q.nbytes + b * keys * d * ins[1].itemsize)
+    row_bytes = ins[2].shape[2] * ins[2].itemsize  # as stored: quantised rows are read as they are
+    return Cost(4 * b * t * h * keys * d, 2 * q.nbytes + b * keys * row_bytes)
 
 
 @register("attention", infer=_attn_infer, cost=_attn_cost, inputs=(6, 8))
-def attention(q, kv, ring, ring_pos, sinks, pos, rows=None, idx=None, *, kind, window, ratio=0, scale):
+def attention(q, kv, ring, ring_pos, sinks, pos, rows=None, idx=None, *, kind, window, ratio=0, scale,
+              kv_format=None, kv_rope_dim=0):
     """Softmax with a per-head sink over the window rows plus the visible (HCA) or selected (CSA)
-    compressed rows; keys are values (K = V)."""
-    keys = torch.cat([ring, kv.to(ring.dtype)], dim=1)
+    compressed rows; keys are values (K = V); cached rows are decoded as they are loaded."""
+    d = kv.shape[2]
+    kv = round_trip(kv, kv_format, kv_rope_dim)  # this call's rows, as the cache will hold them
+    keys = torch.cat([decode(ring, kv_format, d, kv_rope_dim), kv.float()], dim=1)
     kpos = torch.cat([ring_pos, pos], dim=1)[:, None, :]
     qpos = pos[:, :, None]
     mask = (kpos >= 0) & (kpos <= qpos) & (kpos > qpos - window)
@@ -64,7 +70,7 @@ def attention(q, kv, ring, ring_pos, sinks, pos, rows=None, idx=None, *, kind, w
             sel = torch.zeros(*idx.shape[:2], n + 1, dtype=torch.bool, device=q.device)
             sel.scatter_(-1, torch.where(idx >= 0, idx, n), True)
             cmask = sel[..., :n]
-        keys = torch.cat([keys, rows.to(keys.dtype)], dim=1)
+        keys = torch.cat([keys, decode(rows, kv_format, d, kv_rope_dim)], dim=1)
         mask = torch.cat([mask, cmask.expand(mask.shape[0], -1, -1)], dim=2)
     kf = keys.float()
     scores = torch.einsum("bthd,bsd->bhts", q.float(), kf) * scale
@@ -79,7 +85,8 @@ def attention(q, kv, ring, ring_pos, sinks, pos, rows=None, idx=None, *, kind, w
 
 def _append_infer(ins, a):
     ring, ring_pos, kv, pos = ins
-    same_dim(ring.shape[2], kv.shape[2], "window_append: row dim")
+    same_dim(ring.shape[2], stored_width(kv.shape[2], a.get("kv_format"), a.get("kv_rope_dim", 0)),
+             "window_append: ring row width")
     expect_int(ring_pos, "window_append ring positions")
     return [ring, ring_pos]
 
@@ -90,13 +97,13 @@ def _valid_tokens(pos_row: torch.Tensor) -> int:
 
 @register("window_append", infer=_append_infer, inputs=4, state_io=((0, 0), (1, 1)),
           cost=lambda i, o, a, c: Cost(0, 2 * min(i[2].nbytes, i[0].nbytes)))
-def window_append(ring, ring_pos, kv, pos):
+def window_append(ring, ring_pos, kv, pos, *, kv_format=None, kv_rope_dim=0):
     """Write each token's KV row into ring slot ``pos % W`` (only the last W tokens matter)."""
     w = ring.shape[1]
     for b in range(kv.shape[0]):
         n = _valid_tokens(pos[b])
         p = pos[b, max(0, n - w):n]
-        ring[b, p % w] = kv[b, max(0, n - w):n].to(ring.dtype)
+        ring[b, p % w] = encode(kv[b, max(0, n - w):n], kv_format, kv_rope_dim, ring.dtype)
         ring_pos[b, p % w] = p
     return ring, ring_pos
 
@@ -106,8 +113,9 @@ def window_append(ring, ring_pos, kv, pos):
 def _compress_infer(ins, a):
     kv, gate, ape, norm_w, rows, pend_kv, pend_gate, pos = ins
     m, c = a["ratio"], 2 if a["overlap"] else 1
-    d = rows.shape[2]
-    same_dim(kv.shape[2], c * d, "compress: projected width vs c*d")
+    expect(isinstance(kv.shape[2], int) and kv.shape[2] % c == 0, f"compress: projected width {kv.shape[2]} vs c={c}")
+    d = kv.shape[2] // c
+    same_dim(rows.shape[2], stored_width(d, a.get("store"), a["rope_dim"]), "compress: row width vs format")
     same_dim(gate.shape[2], c * d, "compress: gate width vs c*d")
     same_dim(ape.shape[0], m, "compress: ape rows vs ratio")
     same_dim(ape.shape[1], c * d, "compress: ape width")
@@ -123,17 +131,17 @@ def _compress_cost(ins, outs, a, ctx):
     kv, rows = ins[0], ins[4]
     tokens = kv.shape[0] * kv.shape[1]
     new_rows = max(1, tokens // a["ratio"])
-    return Cost(6 * kv.numel, 2 * kv.nbytes + new_rows * rows.shape[2] * rows.itemsize)
+    return Cost(6 * kv.numel, 2 * kv.nbytes + new_rows * rows.shape[2] * rows.itemsize)  # rows as stored
 
 
 @register("compress", infer=_compress_infer, cost=_compress_cost, inputs=8, state_io=((4, 0), (5, 1), (6, 2)))
 def compress(kv, gate, ape, norm_w, rows, pend_kv, pend_gate, pos, *, ratio, overlap, eps, rope_dim, theta,
-             yarn=None):
+             yarn=None, store=None):
     """Pool every completed window of ``ratio`` tokens into one row: per-channel softmax of the gates
     (CSA: over the previous window's first half and this window's second half), RMSNorm, RoPE at the
     window start; rows go to ``rows[w]``, unfinished windows stay in the pending slots."""
     m, c = ratio, 2 if overlap else 1
-    d = rows.shape[2]
+    d = kv.shape[2] // c
     slots = c * m
     for b in range(kv.shape[0]):
         n = _valid_tokens(pos[b])
@@ -163,7 +171,7 @@ def compress(kv, gate, ape, norm_w, rows, pend_kv, pend_gate, pos, *, ratio, ove
             pooled = (pk * torch.softmax(pg, dim=1)).sum(dim=1)
             pooled = rms_norm(pooled, norm_w, eps=eps)
             cos, sin = rope_cos_sin(win * m, rope_dim, theta, yarn)
-            rows[b, w0:w1] = apply_rope(pooled, cos, sin).to(rows.dtype)
+            rows[b, w0:w1] = encode(apply_rope(pooled, cos, sin), store, rope_dim, rows.dtype)
         keep = torch.arange(max(0, n - slots), n, device=kv.device)
         at = (p0 + keep) % slots
         pend_kv[b, at] = new_kv[keep].to(pend_kv.dtype)
@@ -177,7 +185,7 @@ def _indexer_infer(ins, a):
     q, w, keys, pos = ins
     expect_rank(q, 4, "indexer_topk q")
     same_dim(q.shape[2], w.shape[2], "indexer_topk: heads vs weights")
-    same_dim(q.shape[3], keys.shape[2], "indexer_topk: head dim vs key dim")
+    same_dim(keys.shape[2], stored_width(q.shape[3], a.get("key_format")), "indexer_topk: key width vs format")
     expect(a["topk"] >= 1, "indexer_topk: topk must be >= 1")
     return [TensorType((q.shape[0], q.shape[1], a["topk"]), "i64")]
 
@@ -186,15 +194,18 @@ def _indexer_cost(ins, outs, a, ctx):
     q, w, keys, pos = ins
     b, t, h, d = q.shape
     n = ctx // a["ratio"]
-    return Cost(2 * b * t * h * d * n + 3 * b * t * h * n, q.nbytes + w.nbytes + b * n * d * keys.itemsize)
+    return Cost(2 * b * t * h * d * n + 3 * b * t * h * n, q.nbytes + w.nbytes + b * n * keys.shape[2] * keys.itemsize)
 
 
 @register("indexer_topk", infer=_indexer_infer, cost=_indexer_cost, inputs=4)
-def indexer_topk(q, w, keys, pos, *, topk, ratio, score_scale, weight_scale):
+def indexer_topk(q, w, keys, pos, *, topk, ratio, score_scale, weight_scale, key_format=None):
     """Top-k compressed rows by ``sum_h w_h * ReLU(q_h . k)`` among the rows complete at each query;
-    unused slots are -1."""
+    unused slots are -1. With MXFP4 keys the queries get the same Hadamard rotation and FP4 rounding."""
     n = keys.shape[1]
-    scores = torch.relu(torch.einsum("bthd,bsd->bths", q.float(), keys.float())) * score_scale
+    if key_format == "mxfp4":
+        q = round_trip(q, "mxfp4")
+    kf = decode(keys, key_format, q.shape[-1])
+    scores = torch.relu(torch.einsum("bthd,bsd->bths", q.float(), kf)) * score_scale
     total = (scores * (w.float() * weight_scale)[..., None]).sum(dim=2)
     visible = (pos[:, :, None] + 1) // ratio
     ent = torch.arange(n, device=q.device)

@@ -148,7 +148,8 @@ def indexer(k, cq, h, wq, ww, keys, pos, *, shape, rope_dim, theta, yarn=None, *
 def sparse_attention(k, q, kv, ring, ring_pos, sinks, pos, *extra, rope_dim, theta, yarn=None, **attrs):
     """Attention over window + compressed rows with the sink, the ring append, and the output de-rotation."""
     o = k("attention", q, kv, ring, ring_pos, sinks, pos, *extra, **attrs)
-    ring, ring_pos = k("window_append", ring, ring_pos, kv, pos)
+    fmt = {a: attrs[a] for a in ("kv_format", "kv_rope_dim") if a in attrs}
+    ring, ring_pos = k("window_append", ring, ring_pos, kv, pos, **fmt)
     return k("rope", o, pos, rope_dim=rope_dim, theta=theta, yarn=yarn, inverse=True), ring, ring_pos
 
 

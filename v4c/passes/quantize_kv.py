@@ -1,0 +1,86 @@
+"""The KV-cache storage pass: window rings and compressed rows in ``kv``, indexer keys in ``indexer``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import GraphError
+from ..graph.ir import Graph, Node
+from ..graph.registry import get_op
+from ..graph.storage import KEY_FORMATS, KV_FORMATS, PLAIN, stored_dtype, stored_width
+from ..graph.types import TensorType
+from .base import Pass, PassResult
+
+# input positions of the cache buffers each reader or writer takes
+RINGS = {"attention": 2, "sparse_attention": 2, "window_append": 0}
+ROWS = {"attention": 6, "sparse_attention": 6}
+KEYS = {"indexer_topk": 2, "indexer": 4}
+WRITERS = {"compress": 4, "compressor": 5}
+
+
+def _roots(g: Graph) -> dict[str, str]:
+    """Every state version -> the state it is a version of."""
+    root = {s: s for s, _ in g.states}
+    for n in g.nodes:
+        for i, o in get_op(n.op).state_io:
+            root[n.outputs[o]] = root[n.inputs[i]]
+    return root
+
+
+@dataclass
+class QuantizeKVCache(Pass):
+    """Cache buffers hold rows in the chosen formats; every op that reads or writes them decodes or encodes in place."""
+
+    kv: str = "fp8_ds"
+    indexer: str = "mxfp4"
+    name = "quantize-kv-cache"
+
+    def __post_init__(self):
+        if self.kv not in KV_FORMATS:
+            raise ValueError(f"kv cache format must be one of {', '.join(KV_FORMATS)}, got {self.kv!r}")
+        if self.indexer not in KEY_FORMATS:
+            raise ValueError(f"indexer cache format must be one of {', '.join(KEY_FORMATS)}, got {self.indexer!r}")
+
+    def run(self, g: Graph) -> PassResult:
+        root = _roots(g)
+        kv_roots, key_roots = set(), set()
+        rope_dims = {n.attr["rope_dim"] for n in g.nodes if "rope_dim" in n.attr}
+        if len(rope_dims) > 1:
+            raise GraphError(f"{self.name}: layers disagree on the RoPE width {sorted(rope_dims)}")
+        kv_rope = rope_dims.pop() if rope_dims else 0
+        for n in g.nodes:
+            if n.op in RINGS:
+                kv_roots.add(root[n.inputs[RINGS[n.op]]])
+            if n.op in ROWS and len(n.inputs) > ROWS[n.op]:
+                kv_roots.add(root[n.inputs[ROWS[n.op]]])
+            if n.op in KEYS:
+                key_roots.add(root[n.inputs[KEYS[n.op]]])
+        new_states, fmt_of = [], {}
+        for s, t in g.states:
+            fmt = self.kv if s in kv_roots else self.indexer if s in key_roots else None
+            if fmt is None or (fmt in PLAIN and fmt == t.dtype):
+                new_states.append((s, t))
+                continue
+            d = t.shape[-1]
+            if fmt == "fp8_ds" and (not kv_rope or (d - kv_rope) % 8):
+                raise GraphError(f"state {s}: fp8_ds needs RoPE dims and 8-aligned nope dims (d={d}, rope={kv_rope})")
+            fmt_of[s] = fmt
+            new_states.append((s, TensorType((*t.shape[:-1], stored_width(d, fmt, kv_rope)), stored_dtype(fmt, t.dtype))))
+        if not fmt_of:
+            return PassResult(g, False)
+        types = dict(g.inputs) | dict(g.params) | dict(new_states)
+        nodes = []
+        for n in g.nodes:
+            attrs = n.attr
+            ring = RINGS.get(n.op)
+            if ring is not None and root[n.inputs[ring]] in fmt_of:
+                attrs |= {"kv_format": self.kv, "kv_rope_dim": kv_rope if self.kv == "fp8_ds" else 0}
+            if n.op in KEYS and root[n.inputs[KEYS[n.op]]] in fmt_of:
+                attrs |= {"key_format": self.indexer}
+            if n.op in WRITERS and root[n.inputs[WRITERS[n.op]]] in fmt_of:
+                attrs |= {"store": fmt_of[root[n.inputs[WRITERS[n.op]]]]}
+            node = Node.make(n.op, n.inputs, n.outputs, (), attrs)
+            out = get_op(n.op).infer([types[v] for v in n.inputs], node.attr)
+            types.update(zip(n.outputs, out))
+            nodes.append(Node(n.op, n.inputs, n.outputs, tuple(out), node.attrs))
+        meta = dict(g.meta) | {"kv_cache": self.kv, "indexer_cache": self.indexer}
+        return PassResult(g.replace(states=tuple(new_states), nodes=tuple(nodes), meta=tuple(sorted(meta.items()))), True)
