@@ -56,7 +56,7 @@ def _run(a) -> int:
 
 def _inspect(a) -> int:
     from .inspect import format_report, inspect_artifact
-    r = inspect_artifact(a.artifact)
+    r = inspect_artifact(a.artifact, context=a.context, batch=a.batch)
     if a.graph:
         print((Path(a.artifact) / "graph.v4c").read_text(), end="")
         return 0
@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("artifact")
     i.add_argument("--json", action="store_true")
     i.add_argument("--graph", action="store_true", help="print the IR text")
+    i.add_argument("--context", type=int, default=None, help="context length for the costs (default: the model's max)")
+    i.add_argument("--batch", type=int, default=1, help="sequences per decode step for the costs")
     i.set_defaults(fn=_inspect)
     d = sub.add_parser("demo", help="tiny random model: compile, load, generate")
     d.add_argument("--prompt-len", type=int, default=12)

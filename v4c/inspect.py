@@ -6,20 +6,30 @@ from collections import Counter
 from pathlib import Path
 
 from .artifact.manifest import verify_artifact
+from .graph.analysis import cache_footprint, decode_step_kernels
 from .graph.text import parse_graph
+from .model.baselines import v32_bytes_per_token
 from .model.config import V4Config
 
 KIND_SHORT = {"sliding_attention": "sliding", "compressed_sparse_attention": "csa",
               "heavily_compressed_attention": "hca"}
 
 
-def inspect_artifact(path: str | Path) -> dict:
+def inspect_artifact(path: str | Path, context: int | None = None, batch: int = 1) -> dict:
+    """What is in the artifact and what one decode step costs at ``context`` tokens
+    (default: the model's maximum context)."""
     man = verify_artifact(Path(path))
     cfg = V4Config.from_dict(json.loads((man.root / man.data["config"]).read_text()))
     graph = parse_graph((man.root / man.data["graph"]).read_text())
     total = sum(t.numel() for _, t in graph.params)
     embed = sum(t.numel() for n, t in graph.params if n == "model.embed_tokens.weight")
     schedule = [KIND_SHORT[k] for k in cfg.layer_types]
+    context = context or cfg.max_position_embeddings
+    if context < 1:
+        raise ValueError(f"--context must be >= 1, got {context}")
+    kernels = decode_step_kernels(graph, context, batch)
+    cache = cache_footprint(graph, context)
+    v32 = v32_bytes_per_token("fp8")
     return {
         "path": str(man.root),
         "format_version": man.data["format_version"],
@@ -29,6 +39,18 @@ def inspect_artifact(path: str | Path) -> dict:
         "weights_mode": man.weights_mode,
         "runnable": man.has_weights,
         "passes": man.data["passes"],
+        "kv_cache_format": man.data.get("kv_cache"),
+        "indexer_cache_format": man.data.get("indexer_cache"),
+        "context": context,
+        "batch": batch,
+        "kernels": [{"name": k.name, "op": k.op, "flops": k.flops, "bytes": k.bytes, "launches": k.launches}
+                    for k in kernels],
+        "launches_per_decode_step": sum(k.launches for k in kernels),
+        "flops_per_token": sum(k.flops for k in kernels) // batch,
+        "bytes_per_decode_step": sum(k.bytes for k in kernels),
+        "kv_cache": {"bytes_per_token": cache.bytes_per_token, "total_bytes": cache.total_bytes,
+                     "fixed_bytes": cache.fixed_bytes, "v32_bytes_per_token": v32,
+                     "ratio_to_v32": cache.bytes_per_token / v32},
         "config": cfg.to_dict(),
         "schedule": schedule,
         "layers": dict(Counter(schedule)),
@@ -43,7 +65,7 @@ def inspect_artifact(path: str | Path) -> dict:
 
 
 def format_report(r: dict) -> str:
-    c = r["config"]
+    c, kv = r["config"], r["kv_cache"]
     lines = [
         f"artifact   {r['path']}",
         f"format     v{r['format_version']}   target {r['target']}   dtype {r['dtype']}   "
@@ -58,5 +80,22 @@ def format_report(r: dict) -> str:
         f"{r['param_bytes'] / 2**30:.2f} GiB as compiled",
         f"graph      {r['nodes']} nodes, {r['states']} state buffers, passes: {', '.join(r['passes']) or 'none'}",
         "ops        " + ", ".join(f"{k} x{v}" for k, v in r["ops"].items()),
+        f"cache      kv {r['kv_cache_format']}, indexer {r['indexer_cache_format']}: "
+        f"{kv['bytes_per_token']:.1f} B/token ({kv['ratio_to_v32']:.1%} of V3.2's {kv['v32_bytes_per_token']} B/token), "
+        f"{kv['total_bytes'] / 2**30:.3f} GiB per sequence at {r['context']} tokens "
+        f"({kv['fixed_bytes'] / 2**20:.2f} MiB fixed)",
+        f"decode     {r['launches_per_decode_step']} launches, {r['flops_per_token'] / 1e9:.3f} GFLOP/token, "
+        f"{r['bytes_per_decode_step'] / 1e9:.3f} GB moved per step (batch {r['batch']}, context {r['context']})",
+        "",
+        f"{'op':<18}{'count':>6}{'launches':>10}{'GFLOP':>12}{'GB':>12}",
     ]
+    agg: dict[str, list] = {}
+    for k in r["kernels"]:
+        a = agg.setdefault(k["op"], [0, 0, 0, 0])
+        a[0] += 1
+        a[1] += k["launches"]
+        a[2] += k["flops"]
+        a[3] += k["bytes"]
+    for op, (n, la, fl, by) in sorted(agg.items(), key=lambda x: -x[1][2]):
+        lines.append(f"{op:<18}{n:>6}{la:>10}{fl / 1e9:>12.4f}{by / 1e9:>12.4f}")
     return "\n".join(lines)

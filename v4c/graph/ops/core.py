@@ -69,12 +69,14 @@ def rms_norm(x, w=None, eps=1e-6):
 def _reshape_infer(ins, a):
     x = ins[0]
     shape = tuple(a["shape"])
-    lead = [d for d in shape if isinstance(d, str)]
-    expect(tuple(lead) == tuple(x.shape[:len(lead)]) and all(isinstance(d, int) for d in shape[len(lead):]),
-           f"reshape {x} -> {list(shape)}: symbolic dims must be the input's leading dims, in order")
-    expect(math.prod(x.shape[len(lead):]) == math.prod(shape[len(lead):]),
-           f"reshape {x} -> {list(shape)}: element count differs")
-    return [TensorType(shape, x.dtype)]
+    lead = sum(isinstance(d, str) for d in shape)
+    ok = all(isinstance(d, str) for d in shape[:lead]) and all(isinstance(d, int) for d in shape[lead:])
+    # the symbolic dims stand for the input's leading dims (which cost functions see as ints)
+    ok = ok and all(s == d or isinstance(d, int) for s, d in zip(shape[:lead], x.shape[:lead]))
+    expect(ok and x.rank >= lead, f"reshape {x} -> {list(shape)}: symbolic dims must be the input's leading dims, "
+                                  f"in order")
+    expect(math.prod(x.shape[lead:]) == math.prod(shape[lead:]), f"reshape {x} -> {list(shape)}: element count differs")
+    return [TensorType((*x.shape[:lead], *shape[lead:]), x.dtype)]
 
 
 @register("reshape", infer=_reshape_infer, cost=lambda i, o, a, c: Cost(0, 0), inputs=1, launches=0)

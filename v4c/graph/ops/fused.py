@@ -169,10 +169,17 @@ def _permutation(idx: torch.Tensor, e: int):
     return perm.view(idx.shape), offsets
 
 
+def _part(op, ins, out_shapes, attrs, ctx):
+    return get_op(op).cost(ins, [Concrete(sh, dt) for sh, dt in out_shapes], attrs, ctx)
+
+
 def _route_cost(ins, outs, a, ctx):
     h, w = ins[0], ins[1]
-    tokens = h.numel // h.shape[-1]
-    return Cost(2 * tokens * w.numel + 12 * tokens * w.shape[0], sum(i.nbytes for i in ins) + sum(o.nbytes for o in outs))
+    logits = Concrete((*h.shape[:-1], w.shape[0]), "f32")
+    route_ins = [logits, *ins[2:]] if a.get("hash") else [logits, ins[2]]
+    route = get_op("moe_hash_route" if a.get("hash") else "moe_route").cost(route_ins, outs[:2], a, ctx)
+    flops = _part("linear", [h, w], [(logits.shape, "f32")], {}, ctx).flops + route.flops
+    return Cost(flops, sum(i.nbytes for i in ins) + sum(o.nbytes for o in outs))
 
 
 def _route_infer(ins, a):
@@ -207,9 +214,16 @@ def _ffn_infer(ins, a):
 def _ffn_cost(ins, outs, a, ctx):
     h, idx, w, perm, offsets, w13, w2 = ins[:7]
     c = get_op("moe_experts").cost([h, idx, w, w13, w2], outs, a, ctx)
-    tokens = h.numel // h.shape[-1]
-    shared = sum(s.numel for s in ins[7:])
-    return Cost(c.flops + 2 * tokens * shared, c.bytes + sum(s.nbytes for s in ins[7:]) + perm.nbytes)
+    flops, extra = c.flops, 0
+    if len(ins) == 10:  # the shared expert: two GEMMs, the activation, one GEMM, the sum
+        sg, su, sd = ins[7:]
+        mid = ((*h.shape[:-1], sg.shape[0]), h.dtype)
+        flops += 2 * _part("linear", [h, sg], [mid], {}, ctx).flops
+        flops += _part("swiglu", [Concrete(*mid)] * 2, [mid], a, ctx).flops
+        flops += _part("linear", [Concrete(*mid), sd], [(h.shape, h.dtype)], {}, ctx).flops
+        flops += _part("add", [h, h], [(h.shape, h.dtype)], {}, ctx).flops
+        extra = sg.nbytes + su.nbytes + sd.nbytes
+    return Cost(flops, c.bytes + extra + perm.nbytes)
 
 
 @register("moe_ffn", infer=_ffn_infer, cost=_ffn_cost, inputs=(7, 10), launches=2, fused=True)
