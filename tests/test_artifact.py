@@ -20,7 +20,8 @@ def ckpt(tmp_path):
 def test_manifest_records_every_file(tiny_artifact):
     man = json.loads((tiny_artifact / "manifest.json").read_text())
     assert man["format"] == "v4c-artifact" and man["format_version"] == 1
-    assert set(man["files"]) == {"config.json", "graph.v4c", "weights/model.safetensors"}
+    kernel_files = {m["file"] for m in man["kernels"]["modules"].values()}
+    assert set(man["files"]) == {"config.json", "graph.v4c", "weights/model.safetensors"} | kernel_files
     assert man["toolchain"]["torch"] == torch.__version__ and man["target"] == "cpu"
     assert man["weights"]["mode"] == "copy"
 

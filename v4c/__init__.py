@@ -9,7 +9,8 @@ def compile(model, output, **options):
 
 
 def load(path, device=None, **options):
-    """Load a compiled artifact; returns a ``v4c.runtime.Model``."""
+    """Load a compiled artifact; returns a ``v4c.runtime.Model`` (options: backend="triton"|"torch",
+    verify_weights=True)."""
     from .runtime.loader import load as _load
     return _load(path, device=device, **options)
 

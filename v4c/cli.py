@@ -31,7 +31,7 @@ def _run(a) -> int:
     import torch
 
     from .runtime.loader import load
-    model = load(a.artifact, device=a.device)
+    model = load(a.artifact, device=a.device, backend=a.backend)
     tok = None
     if a.prompt is not None:
         tok = _tokenizer(Path(a.artifact))
@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--top-p", type=float, default=1.0)
     r.add_argument("--seed", type=int, default=None)
     r.add_argument("--device", default=None)
+    r.add_argument("--backend", default=None, choices=["torch", "triton"],
+                   help="kernels: triton (default on CUDA; interpreted on CPU) or the PyTorch references")
     r.set_defaults(fn=_run)
     i = sub.add_parser("inspect", help="describe an artifact")
     i.add_argument("artifact")

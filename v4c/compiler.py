@@ -19,6 +19,7 @@ import torch
 
 from . import __version__
 from .artifact.manifest import FORMAT, FORMAT_VERSION, MANIFEST, header_sha256
+from .codegen.emit import emit
 from .errors import CheckpointError, ConfigError
 from .graph.text import print_graph
 from .graph.verify import verify
@@ -93,6 +94,12 @@ def compile(model: str | os.PathLike, output: str | os.PathLike, *, target: str 
     try:
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, sort_keys=True) + "\n")
         (tmp / "graph.v4c").write_text(print_graph(graph))
+        kernels = emit(graph, tgt)
+        for name, src in kernels.modules.values():
+            (tmp / name).parent.mkdir(exist_ok=True)
+            (tmp / name).write_text(src)
+        log(f"kernels: {len(kernels.modules)} Triton module(s) for {len(kernels.ops)} op kinds"
+            + (f"; on PyTorch references: {', '.join(kernels.fallback)}" if kernels.fallback else ""))
         if model.is_dir() and (model / "tokenizer.json").is_file():  # for `v4c run --prompt`
             shutil.copyfile(model / "tokenizer.json", tmp / "tokenizer.json")
         wmeta: dict = {"mode": mode}
@@ -117,7 +124,8 @@ def compile(model: str | os.PathLike, output: str | os.PathLike, *, target: str 
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "toolchain": _toolchain(), "target": tgt, "dtype": dtype, "config": "config.json",
-            "graph": "graph.v4c", "passes": pm.applied(), "kv_cache": kv, "indexer_cache": ix, "weights": wmeta, "files": hashes,
+            "graph": "graph.v4c", "passes": pm.applied(), "kv_cache": kv, "indexer_cache": ix, "weights": wmeta,
+            "kernels": kernels.manifest_entry(), "files": hashes,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         if output.exists():  # overwrite: move the old one aside first so a failure keeps it

@@ -12,13 +12,15 @@ from ..graph.registry import get_op
 class Executor:
     """A graph bound to its weights; ``run`` executes one forward call, updating states in place."""
 
-    def __init__(self, graph: Graph, params: Mapping[str, torch.Tensor]):
+    def __init__(self, graph: Graph, params: Mapping[str, torch.Tensor], impls: Mapping | None = None):
+        """``impls`` (op -> callable) replaces ops' references, e.g. with the artifact's kernels."""
         self.graph = graph
         self.params = dict(params)
         self.plan = []
+        impls = impls or {}
         for node in graph.nodes:
             op = get_op(node.op)
-            self.plan.append((op.ref, node.inputs, node.outputs, node.attr, op.state_io, node.op))
+            self.plan.append((impls.get(node.op, op.ref), node.inputs, node.outputs, node.attr, op.state_io, node.op))
 
     def run(self, inputs: Mapping[str, torch.Tensor], states: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         env = {**self.params, **states, **inputs}

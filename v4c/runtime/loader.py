@@ -12,6 +12,7 @@ from ..graph.text import parse_graph
 from ..graph.verify import verify
 from ..io.checkpoint import Checkpoint
 from ..io.naming import plan_sources
+from .kernels import load_kernels
 from .model import Model, cast_param
 
 
@@ -21,8 +22,18 @@ def _device(device) -> torch.device:
     return torch.device(device)
 
 
-def load(path: str | os.PathLike, device=None, verify_weights: bool = False) -> Model:
-    """Load the artifact at ``path``; every file is checked against the manifest first."""
+BACKENDS = ("torch", "triton")
+
+
+def load(path: str | os.PathLike, device=None, verify_weights: bool = False, backend: str | None = None) -> Model:
+    """Load the artifact at ``path``; every file is checked against the manifest first.
+
+    ``backend``: "triton" runs the artifact's kernels (natively on CUDA, through Triton's
+    interpreter on CPU), "torch" the ops' PyTorch references. Default: triton on CUDA,
+    torch on CPU.
+    """
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     man = verify_artifact(Path(path), full_weights=verify_weights)
     root = man.root
     config = json.loads((root / man.data["config"]).read_text())
@@ -33,4 +44,7 @@ def load(path: str | os.PathLike, device=None, verify_weights: bool = False) -> 
         ckpt = Checkpoint.open(man.weights_location())
         sources = plan_sources(ckpt, dict(graph.params))
         params = {n: cast_param(sources[n].load(ckpt), t.dtype, dev) for n, t in graph.params}
-    return Model(root, config, graph, params, dev, man.data)
+    kernels = man.data.get("kernels", {})
+    backend = backend or ("triton" if dev.type == "cuda" and kernels.get("ops") else "torch")
+    impls = load_kernels(root, kernels, dev.type) if backend == "triton" else {}
+    return Model(root, config, graph, params, dev, man.data, impls=impls, backend=backend)

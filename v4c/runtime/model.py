@@ -21,7 +21,7 @@ class Model:
     """What ``v4c.load`` returns."""
 
     def __init__(self, path: Path, config: dict, graph: Graph, params: dict[str, torch.Tensor] | None,
-                 device: torch.device, manifest: dict):
+                 device: torch.device, manifest: dict, impls: dict | None = None, backend: str = "torch"):
         self.path = path
         self.config = SimpleNamespace(**config)
         self.config_dict = config
@@ -29,7 +29,8 @@ class Model:
         self.device = device
         self.manifest = manifest
         self.params = params
-        self.executor = Executor(graph, params) if params is not None else None
+        self.backend = backend
+        self.executor = Executor(graph, params, impls) if params is not None else None
 
     @property
     def runnable(self) -> bool:

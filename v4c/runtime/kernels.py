@@ -1,0 +1,39 @@
+"""Imports an artifact's kernel modules, each only after its bytes match the manifest."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+from typing import Callable
+
+from ..errors import ArtifactError
+
+
+def _import_verified(path: Path, digest: str, name: str):
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != digest:  # checked again right before executing it
+        raise ArtifactError(f"{path}: kernel source does not match its manifest hash; refusing to import it")
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def load_kernels(root: Path, entry: dict, device_type: str) -> dict[str, Callable]:
+    """IR op -> callable with the op reference's signature, running the artifact's Triton kernel."""
+    if device_type == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"  # read when the modules' @triton.jit run, i.e. at import
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        raise ArtifactError("backend 'triton' needs the triton package (pip install triton)") from None
+    modules = {}
+    for fam, m in entry.get("modules", {}).items():
+        modules[fam] = _import_verified(root / m["file"], m["sha256"], f"v4c_kernels_{fam}_{m['sha256'][:12]}")
+    impls = {}
+    for op, spec in entry.get("ops", {}).items():
+        launcher = modules[spec["module"]].KERNELS[op]
+        meta = dict(spec["meta"])
+        impls[op] = (lambda f, mt: (lambda *args, **attrs: f(*args, meta=mt, **attrs)))(launcher, meta)
+    return impls
