@@ -73,3 +73,15 @@ def test_backend_choice_is_checked(art):
 def test_kernel_table_covers_the_templates():
     table = kernel_table()
     assert all(isinstance(v, str) for v in table.values())
+
+
+def test_rendered_modules_are_self_contained():
+    """What goes into an artifact imports torch and triton only: the prelude is inlined."""
+    import ast
+
+    from v4c.codegen.emit import FAMILIES, render
+    for fam in FAMILIES:
+        tree = ast.parse(render(fam, "sm90"))
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {(n.module or "").split(".")[0] or "." for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert imported <= {"math", "os", "torch", "triton", "functools", "__future__"}, (fam, imported)

@@ -49,9 +49,24 @@ class Emitted:
                 "ops": dict(sorted(self.ops.items())), "fallback": sorted(self.fallback)}
 
 
+INLINE = "# v4c: inline prelude"
+
+
+def _inline_prelude(body: str) -> str:
+    """Replace the template's ``from .prelude import ...`` line with the prelude itself."""
+    prelude = resources.files("v4c.codegen.templates").joinpath("prelude.py").read_text()
+    lines = [ln for ln in body.splitlines(keepends=True)]
+    at = [i for i, ln in enumerate(lines) if ln.rstrip().endswith(INLINE)]
+    if len(at) > 1 or any(".prelude" in ln and i not in at for i, ln in enumerate(lines) if "import" in ln):
+        raise ValueError("a template may import the prelude once, on a line marked '# v4c: inline prelude'")
+    if at:
+        lines[at[0]] = f"# ---- v4c prelude (inlined) ----\n{prelude}\n# ---- end of prelude ----\n"
+    return "".join(lines)
+
+
 def render(family: str, target: str) -> str:
     """A template's source with a provenance header; this text is what the artifact runs."""
-    body = resources.files("v4c.codegen.templates").joinpath(f"{family}.py").read_text()
+    body = _inline_prelude(resources.files("v4c.codegen.templates").joinpath(f"{family}.py").read_text())
     header = (f"# v4c kernel module '{family}' for target {target}, rendered by v4c {__version__}.\n"
               f"# Loaded by the runtime only after its SHA-256 matches the artifact manifest.\n")
     return header + body

@@ -1,0 +1,339 @@
+"""Attention-family Triton kernels (interpreted on the CPU) against the IR ops' references:
+``sparse_attention`` (window ring + HCA / CSA compressed rows, sink, de-rotation, ring append),
+the unfused ``attention`` / ``window_append``, and the lightning ``indexer``.
+
+Shapes are the tiny model's: 8 heads x 64 (RoPE 16), window 8, CSA ratio 4, HCA ratio 16, indexer
+16 heads x 32, q_lora 128, hidden 256.  Batch row 0 has a long prefix (position 37: a full ring,
+wrapped, not a multiple of the window), batch row 1 a context shorter than the window (position 5)
+and, in prefill, two padding tokens; in decode (T=1) row 1 is a padding token for the compressed
+kinds.
+
+Tolerances (max abs error, outputs are O(1)): fp32 1e-5; fp16 5e-3 (a few fp16 ulps: q, keys and
+probabilities enter the dots as fp16); bf16 3e-2.  Ring buffers and positions must match exactly
+(fp8_ds rows byte for byte), indexer index sets exactly (compared sorted; 16 heads avoid ties).
+"""
+import itertools
+
+import pytest
+import torch
+
+from v4c.codegen.templates import attention as A
+from v4c.graph import get_op, quant, storage
+from v4c.graph.ops.core import apply_rope, rope_cos_sin
+
+H, D, ROPE, W = 8, 64, 16, 8
+YARN = [16.0, 64, 32.0, 1.0]
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+_SDT = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+_TDT = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "u8": torch.uint8}
+
+
+def _positions(B, T, p0, pad_decode):
+    pos = torch.full((B, T), -1, dtype=torch.int64)
+    for b in range(B):
+        n = T if b == 0 or T == 1 else max(T - 2, 0)
+        pos[b, :n] = torch.arange(p0[b], p0[b] + n)
+    if T == 1 and pad_decode:
+        pos[1, 0] = -1
+    return pos
+
+
+def attn_case(kind, T, dtype=torch.float32, fmt=None, *, p0=(37, 5), ratio=None, nc=None, topk=4, seed=0,
+              heads=H, d=D, rope=ROPE, w=W):
+    """Inputs and attrs of one sparse_attention call after a prefix already in the caches."""
+    g = torch.Generator().manual_seed(seed)
+    H, D, ROPE, W = heads, d, rope, w
+    B = len(p0)
+    ratio = ratio or {"sliding": 0, "hca": 16, "csa": 4}[kind]
+    pos = _positions(B, T, p0, pad_decode=kind != "sliding")
+    q = torch.randn(B, T, H, D, generator=g).to(dtype)
+    kv = torch.randn(B, T, D, generator=g).to(dtype)
+    sd = _TDT[storage.stored_dtype(fmt, _SDT[dtype])]
+    width = storage.stored_width(D, fmt, ROPE)
+    ring = torch.zeros(B, W, width, dtype=sd)
+    ring_pos = torch.full((B, W), -1, dtype=torch.int64)
+    for b in range(B):  # the ring as earlier calls left it: the last W positions, slot p % W
+        ps = torch.arange(max(0, p0[b] - W), p0[b])
+        ring[b, ps % W] = storage.encode(torch.randn(len(ps), D, generator=g), fmt, ROPE, sd)
+        ring_pos[b, ps % W] = ps
+    sinks = torch.randn(H, generator=g)
+    args = [q, kv, ring, ring_pos, sinks, pos]
+    if kind != "sliding":
+        nc = nc or (max(p0) + T) // ratio + 2  # some rows past every query's horizon
+        args.append(storage.encode(torch.randn(B, nc, D, generator=g), fmt, ROPE, sd))
+    if kind == "csa":  # what the indexer hands over: distinct visible rows, -1 padded
+        idx = torch.full((B, T, topk), -1, dtype=torch.int64)
+        for b, t in itertools.product(range(B), range(T)):
+            if pos[b, t] >= 0:
+                pick = torch.randperm(int(pos[b, t] + 1) // ratio, generator=g)[:topk]
+                idx[b, t, :len(pick)] = pick
+        args.append(idx)
+    attrs = dict(kind=kind, window=W, scale=D ** -0.5)
+    if kind != "sliding":
+        attrs["ratio"] = ratio
+    if fmt:
+        attrs.update(kv_format=fmt, kv_rope_dim=ROPE)
+    return args, attrs
+
+
+def _fused_attrs(kind, attrs, rope=ROPE, yarn=YARN):
+    yarn = None if kind == "sliding" else yarn
+    return dict(attrs, rope_dim=rope, theta=10000.0 if kind == "sliding" else 160000.0, yarn=yarn)
+
+
+def _clone(args):
+    return [a.clone() for a in args]
+
+
+def run_sparse(args, attrs, meta=None):
+    want = get_op("sparse_attention").ref(*_clone(args), **attrs)
+    got = A.sparse_attention(*_clone(args), **attrs, meta=meta)
+    return got, want
+
+
+def check_sparse(got, want, dtype):
+    (o, ring, ring_pos), (o_ref, ring_ref, ring_pos_ref) = got, want
+    assert o.dtype == o_ref.dtype and o.shape == o_ref.shape
+    err = (o.float() - o_ref.float()).abs().max().item()
+    assert err <= TOL[dtype], f"output max abs error {err:.3g} > {TOL[dtype]}"
+    assert torch.equal(ring_pos, ring_pos_ref)
+    assert torch.equal(ring, ring_ref), "window ring differs"
+
+
+# ---- sparse_attention ---------------------------------------------------------------------------
+
+CONFIGS = [(torch.float32, None), (torch.float16, None), (torch.float32, "fp8_ds"), (torch.float16, "fp8_ds")]
+
+
+@pytest.mark.parametrize("T", [1, 6])
+@pytest.mark.parametrize("kind", ["sliding", "hca", "csa"])
+@pytest.mark.parametrize("dtype,fmt", CONFIGS, ids=["f32", "f16", "f32-fp8ds", "f16-fp8ds"])
+def test_sparse_attention(kind, T, dtype, fmt):
+    args, attrs = attn_case(kind, T, dtype, fmt)
+    attrs = _fused_attrs(kind, attrs)
+    got, want = run_sparse(args, attrs)
+    check_sparse(got, want, dtype)
+    pos = args[5]
+    assert (got[0][pos < 0] == 0).all(), "padding queries must give zeros"
+
+
+@pytest.mark.parametrize("kind,dtype,fmt", [("hca", torch.float32, "bf16"), ("csa", torch.float32, "f16"),
+                                            ("sliding", torch.bfloat16, None), ("csa", torch.bfloat16, "fp8_ds")])
+def test_sparse_attention_other_storage(kind, dtype, fmt):
+    """Plain 16-bit caches (this call's rows are rounded to them first) and bf16 activations."""
+    for T in (1, 6):
+        args, attrs = attn_case(kind, T, dtype, fmt, seed=T)
+        got, want = run_sparse(args, _fused_attrs(kind, attrs))
+        check_sparse(got, want, dtype)
+
+
+def test_sparse_attention_long_decode_and_prefill():
+    """Decode and prefill over many compressed rows (several key tiles per split) and a prefill
+    longer than the window (the ring is only visible to the first W tokens)."""
+    meta = {"BLOCK_N": 16, "SPLIT_K": 4, "BLOCK_T": 2}
+    for kind, T, fmt in [("hca", 1, None), ("csa", 1, "fp8_ds"), ("hca", 13, "fp8_ds"), ("sliding", 13, None)]:
+        args, attrs = attn_case(kind, T, torch.float32, fmt, p0=(163, 70), ratio=4, topk=40, seed=3)
+        got, want = run_sparse(args, _fused_attrs(kind, attrs), meta)
+        check_sparse(got, want, torch.float32)
+
+
+def test_sparse_attention_meta_candidates_agree():
+    sample = [
+        {"BLOCK_T": 1, "BLOCK_H": 16, "BLOCK_N": 16, "SPLIT_K": 1, "BLOCK_R": 8, "num_warps": 4, "num_stages": 1},
+        {"BLOCK_T": 2, "BLOCK_H": 32, "BLOCK_N": 32, "SPLIT_K": 2, "BLOCK_R": 16, "num_warps": 8, "num_stages": 2},
+        {"BLOCK_T": 8, "BLOCK_H": 16, "BLOCK_N": 64, "SPLIT_K": 8, "BLOCK_R": 32, "num_warps": 4, "num_stages": 3},
+    ]
+    for meta in sample:
+        assert A.constraints("sparse_attention", meta, [(1, 1, H, D)]) is None
+    for kind, T in [("hca", 1), ("csa", 1), ("hca", 6), ("csa", 6)]:
+        args, attrs = attn_case(kind, T, torch.float32, "fp8_ds", p0=(90, 5), ratio=4, topk=12, seed=7)
+        attrs = _fused_attrs(kind, attrs)
+        outs = []
+        for meta in sample:
+            got, want = run_sparse(args, attrs, meta)
+            check_sparse(got, want, torch.float32)
+            outs.append(got[0])
+        for o in outs[1:]:
+            assert (o - outs[0]).abs().max().item() <= 1e-6
+
+
+def test_sparse_attention_sees_the_quantised_new_rows():
+    """This call's rows must be attended as the fp8_ds cache will hold them: attending the raw rows
+    instead changes the output by far more than the tolerance."""
+    args, attrs = attn_case("sliding", 6, torch.float32, "fp8_ds")
+    attrs = _fused_attrs("sliding", attrs)
+    got, want = run_sparse(args, attrs)
+    raw = dict(attrs, kv_format=None, kv_rope_dim=0)
+    ring_plain = storage.decode(args[2], "fp8_ds", D, ROPE)
+    o_raw = get_op("sparse_attention").ref(args[0], args[1], ring_plain, args[3].clone(), *args[4:], **raw)[0]
+    assert (got[0] - want[0]).abs().max() <= TOL[torch.float32]
+    assert (o_raw - want[0]).abs().max() > 100 * TOL[torch.float32]
+
+
+@pytest.mark.parametrize("kind,fmt", [("csa", "fp8_ds"), ("hca", None)])
+def test_attention_unfused(kind, fmt):
+    for T in (1, 6):
+        args, attrs = attn_case(kind, T, torch.float16, fmt)
+        ring0 = args[2].clone()
+        want = get_op("attention").ref(*_clone(args), **attrs)
+        got = A.attention(*args, **attrs, meta={"SPLIT_K": 2})
+        assert (got.float() - want.float()).abs().max() <= TOL[torch.float16]
+        assert torch.equal(args[2], ring0), "the unfused attention must not touch the ring"
+
+
+@pytest.mark.parametrize("fmt,dtype", [(None, torch.float16), ("fp8_ds", torch.float32), ("bf16", torch.float32)])
+def test_window_append(fmt, dtype):
+    for T, p0 in [(1, (37, 5)), (6, (37, 5)), (13, (3, 20))]:  # 13 > W: only the last W valid tokens land
+        args, attrs = attn_case("sliding", T, dtype, fmt, p0=p0)
+        ring, ring_pos, kv, pos = args[2], args[3], args[1], args[5]
+        fa = {k: v for k, v in attrs.items() if k in ("kv_format", "kv_rope_dim")}
+        want = get_op("window_append").ref(ring.clone(), ring_pos.clone(), kv, pos, **fa)
+        got = A.window_append(ring.clone(), ring_pos.clone(), kv, pos, **fa, meta={"BLOCK_R": 8})
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_fp8_row_quantiser_is_byte_exact():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 20, D, generator=g) * torch.exp(torch.randn(6, 20, 1, generator=g) * 4)
+    x[0, 0] = 0.0  # all-zero row: scale 1
+    x[0, 1, :16] = torch.tensor([31.4, -31.7, 15.9, 0.0, -0.0, 1e-3, 448.0, 447.9, 1.0, 1.75, -1.8125, 2.2e-3,
+                                 3e-9, -7e-10, 100.0, 0.5])  # e4m3 rounding across binades, subnormal codes
+    x[0, 2] = 1e-30  # tiny block: clamped scale exponent
+    lay = A._KVLayout(D, "fp8_ds", ROPE)
+    for xs in (x, x.to(torch.float16)):
+        got = A._quantize_kv(xs, lay, quant.kv_row_bytes(D, ROPE), 16, 4)
+        assert torch.equal(got, quant.quantize_kv_rows(xs, ROPE))
+
+
+# ---- indexer ------------------------------------------------------------------------------------
+
+HI, DI, QL, HID = 16, 32, 128, 256
+
+
+def index_case(T, dtype=torch.float32, fmt=None, *, p0=(37, 5), nc=20, topk=4, seed=0, hi=HI, di=DI, ql=QL, hid=HID,
+               rope=16, yarn=YARN):
+    g = torch.Generator().manual_seed(seed)
+    HI, DI, QL, HID = hi, di, ql, hid
+    B = len(p0)
+    pos = _positions(B, T, p0, pad_decode=True)
+    cq = torch.randn(B, T, QL, generator=g).to(dtype)
+    h = torch.randn(B, T, HID, generator=g).to(dtype)
+    wq = torch.randn(HI * DI, QL, generator=g) * QL ** -0.5
+    ww = torch.randn(HI, HID, generator=g) * HID ** -0.5
+    kdt = _TDT[storage.stored_dtype(fmt, _SDT[dtype])]
+    keys = storage.encode(torch.randn(B, nc, DI, generator=g), fmt, 0, kdt)
+    attrs = dict(shape=["B", "T", HI, DI], rope_dim=rope, theta=160000.0, yarn=yarn, topk=topk, ratio=4,
+                 score_scale=DI ** -0.5, weight_scale=HI ** -0.5)
+    if fmt:
+        attrs["key_format"] = fmt
+    return [cq, h, wq, ww, keys, pos], attrs
+
+
+def check_index(args, attrs, meta=None):
+    want = get_op("indexer").ref(*args, **attrs)
+    got = A.indexer(*args, **attrs, meta=meta)
+    assert got.dtype == torch.int64 and got.shape == want.shape
+    assert torch.equal(got.sort(-1).values, want.sort(-1).values), f"index sets differ:\n{got}\n{want}"
+    return got
+
+
+@pytest.mark.parametrize("T", [1, 6])
+@pytest.mark.parametrize("dtype,fmt", [(torch.float32, None), (torch.float16, None), (torch.float32, "fp8"),
+                                       (torch.float16, "fp8"), (torch.float32, "mxfp4"), (torch.float16, "mxfp4"),
+                                       (torch.bfloat16, "mxfp4")],
+                         ids=["f32", "f16", "f32-fp8", "f16-fp8", "f32-mxfp4", "f16-mxfp4", "bf16-mxfp4"])
+def test_indexer(T, dtype, fmt):
+    args, attrs = index_case(T, dtype, fmt)
+    got = check_index(args, attrs)
+    pos = args[5]
+    assert (got[pos < 0] == -1).all()
+    if T > 1:
+        assert (got[1, 0] >= 0).sum() == 1  # position 5 sees one compressed row: fewer than top-k
+
+
+def test_indexer_long_context_and_meta_candidates():
+    """Many visible rows (several top-k tiles, tiles that cannot enter skipped, decode splits)."""
+    sample = [
+        {"BLOCK_M": 16, "BLOCK_K": 32, "BLOCK_T": 1, "BLOCK_H": 16, "BLOCK_S": 16, "TOPK_TILE": 1, "TOPK_SPLIT": 1},
+        {"BLOCK_M": 32, "BLOCK_K": 64, "BLOCK_T": 2, "BLOCK_H": 32, "BLOCK_S": 32, "TOPK_TILE": 2, "TOPK_SPLIT": 4},
+        {"BLOCK_M": 64, "BLOCK_K": 128, "BLOCK_T": 8, "BLOCK_H": 16, "BLOCK_S": 64, "TOPK_TILE": 4,
+         "TOPK_SPLIT": 8, "num_warps": 8},
+    ]
+    for T, fmt, topk in [(1, "mxfp4", 8), (5, "fp8", 16), (1, None, 5)]:
+        args, attrs = index_case(T, torch.float32, fmt, p0=(301, 150), nc=80, topk=topk, seed=11)
+        outs = [check_index(args, attrs, meta) for meta in sample]
+        assert all(torch.equal(o.sort(-1).values, outs[0].sort(-1).values) for o in outs)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 7])
+def test_indexer_chunks_the_score_scratch(monkeypatch, rows):
+    """Calls whose [B, T, capacity] score scratch would be too big run in (batch, token) chunks."""
+    args, attrs = index_case(6, torch.float32, "fp8", nc=20, seed=2)
+    monkeypatch.setattr(A, "SCORE_SCRATCH_BYTES", 8 * 20 * rows)
+    check_index(args, attrs)
+
+
+def test_indexer_queries_match_the_fp4_round_trip():
+    """The q GEMM epilogue (RoPE, Hadamard, e2m1 round trip) against the reference's steps."""
+    for dtype in (torch.float32, torch.float16):
+        args, attrs = index_case(6, dtype, "mxfp4")
+        cq, wq, pos = args[0], args[2], args[5]
+        lin = get_op("reshape").ref(get_op("linear").ref(cq, wq), shape=attrs["shape"])
+        want = storage.round_trip(get_op("rope").ref(lin, pos, rope_dim=16, theta=160000.0, yarn=YARN), "mxfp4")
+        q2 = torch.empty(cq.shape[0] * cq.shape[1], HI * DI, dtype=dtype)
+        meta = dict(A.DEFAULT_META["indexer"])
+        inv = A._rope_inv_freq(16, 160000.0, YARN, "cpu")
+        A._index_proj(cq.reshape(-1, QL), wq, q2, pos.reshape(-1), inv, head=DI, rope_dim=16, mxfp4=True,
+                      dot_f32=dtype == torch.float32, meta=meta, block_n=DI)
+        got = q2.view_as(want)
+        assert (got.float() - want.float()).abs().max() <= 1e-6
+        assert (got.float() != 0).float().mean() > 0.5  # not trivially zero
+
+
+def test_rope_table_matches_reference():
+    pos = torch.tensor([[0, 7, 12345]])
+    cos, sin = rope_cos_sin(pos, 16, 160000.0, YARN)
+    x = torch.randn(1, 3, 16)
+    inv = A._rope_inv_freq(16, 160000.0, YARN, "cpu")
+    ang = pos[0].float()[:, None] * inv
+    assert torch.allclose(apply_rope(x, ang.cos()[None], ang.sin()[None]), apply_rope(x, cos, sin))
+
+
+# ---- the real model's sizes --------------------------------------------------------------------
+
+def test_real_model_sizes():
+    """V4-Flash dims (fewer heads and shorter contexts): head dim 512 with 64 RoPE dims in 584-byte
+    fp8_ds rows, window 128; indexer 64 heads x 128, MXFP4 keys, top-512 of 600+ visible rows."""
+    yarn = [16.0, 65536, 32.0, 1.0]
+    for kind, T in [("csa", 1), ("hca", 5), ("sliding", 3)]:
+        args, attrs = attn_case(kind, T, torch.float16, "fp8_ds", p0=(700, 130), ratio=None if kind == "sliding" else 4,
+                                topk=96, heads=16, d=512, rope=64, w=128)
+        assert args[2].shape[2] == 584
+        got, want = run_sparse(args, _fused_attrs(kind, attrs, rope=64, yarn=yarn))
+        check_sparse(got, want, torch.float16)
+    args, attrs = index_case(1, torch.float16, "mxfp4", p0=(2500, 1000), nc=700, topk=512, hi=64, di=128, ql=256,
+                             hid=256, rope=64, yarn=yarn)
+    got = check_index(args, attrs)
+    assert (got[0, 0] >= 0).all()
+
+
+# ---- constraints ----------------------------------------------------------------------------------
+
+def test_constraints():
+    real_q = (1, 1, 64, 512)
+    assert A.constraints("sparse_attention", {}, [real_q]) is None
+    assert "power of two" in A.constraints("sparse_attention", {"BLOCK_N": 24}, [real_q])
+    assert "tl.dot" in A.constraints("sparse_attention", {"BLOCK_N": 8}, [real_q])
+    assert "registers" in A.constraints("sparse_attention", {"BLOCK_T": 8, "BLOCK_H": 64}, [real_q])
+    assert "shared memory" in A.constraints("sparse_attention", {"BLOCK_N": 128, "num_stages": 3}, [real_q])
+    real = {"inputs": [(1, 1, 1024)], "attrs": {"shape": ["B", "T", 64, 128], "key_format": "mxfp4"}}
+    assert A.constraints("indexer", {}, real) is None
+    assert "power of two" in A.constraints("indexer", {}, {"attrs": {"shape": ["B", "T", 4, 48]}})
+    assert "16 query rows" in A.constraints("indexer", {"BLOCK_T": 1, "BLOCK_H": 8}, real)
+    assert A.constraints("window_append", {}, []) is None
+    for op in A.KERNELS:
+        assert set(A.DEFAULT_META[op]) == set(A.META[op])
+        assert all(A.DEFAULT_META[op][k] in A.META[op][k] for k in A.META[op])
+    with pytest.raises(ValueError, match="cannot run"):
+        args, attrs = attn_case("sliding", 1)
+        A.sparse_attention(*args, **_fused_attrs("sliding", attrs), meta={"BLOCK_N": 8})

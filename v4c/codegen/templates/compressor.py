@@ -1,0 +1,542 @@
+"""Compressor kernels (CSA / HCA): projections, gated pooling into cache rows, pending-slot update.
+
+IR ops:
+  ``compressor`` (fused): h [B,T,D], wkv [c*d,D], wgate [c*d,D], ape [m,c*d], norm_w [d], rows [B,Nc,row],
+      pend_kv [B,c*m,c*d], pend_gate [B,c*m,c*d], pos [B,T]; rows and the pending buffers are updated in place.
+  ``compress`` (unfused): the same with the projections kv [B,T,c*d] and gate [B,T,c*d] already computed.
+
+Three launches per call, in stream order:
+  1. ``_proj_kernel`` (compressor only): one GEMM over the logically concatenated weights [wkv; wgate]
+     (each N block lies in one half, so the weights are never copied); the result is rounded to the
+     activation dtype (what ``linear`` returns), and the gate half gets ``ape[pos % m]`` added in fp32.
+     Output: fp32 scratch ``proj [B, T, 2*c*d]`` (kv half, then gate half).
+  2. ``_pool_kernel``: one program per (row b, i-th window closing in this call).  The window's c*m
+     slots (CSA: the previous window's channels [0,d) and this window's channels [d,2d)) come from the
+     pending buffers (positions before p0, slot = position % (c*m)) or from this call's tokens; an
+     online per-channel softmax over the slots (BLOCK_S at a time), the weighted sum, RMSNorm over the
+     d channels (BLOCK_D >= d: one pass; BLOCK_D < d: a first pass for the sum of squares, then a
+     second pass that recomputes each channel block), RoPE on the last rope_dim dims at position w*m,
+     and the encode into the row format:
+        plain (None / "f32" / "bf16" / "f16"): cast to the rows dtype;
+        "fp8_ds": e4m3 nope values with one UE8M0 power-of-two scale per block of gcd(64, d-rope) values,
+                  bf16 RoPE values (little-endian), the scale bytes, zero padding to a multiple of 8;
+        "fp8":    e4m3 codes with one float32 power-of-two scale for the row (indexer keys);
+        "mxfp4":  orthonormal Walsh-Hadamard rotation (butterflies in the reference's order), then e2m1
+                  nibbles (round to nearest, ties to even code) with a UE8M0 scale per 32 values.
+     All encoders run in Triton.  The e4m3 and bf16 roundings are done with integer arithmetic on the fp32
+     bits (nearest-even, bit-identical to torch's casts): Triton's interpreter truncates fp32->bf16 and
+     mis-rounds some fp32->float8e4nv casts, and this way the interpreter and GPUs agree.
+  3. ``_pending_kernel``: the last min(n, c*m) tokens of each row go to pending slots (p0+j) % (c*m).
+     It must run after the pooling kernel, which reads the slots it overwrites.
+
+Each program finds its row's extent (first position p0 and valid-token count n) itself by a binary
+search over ``pos`` (valid tokens come first), so nothing is read back to the host.  Host glue: the
+RoPE inverse-frequency table (rope_dim/2 constants of the attributes, computed once per attribute set
+exactly as the reference computes them), scratch allocation and grids.
+"""
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .prelude import _rope_inv_freq  # v4c: inline prelude
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+_STORE_CODES = {None: 0, "f32": 0, "bf16": 0, "f16": 0, "fp8_ds": 1, "fp8": 2, "mxfp4": 3}
+_PLAIN_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+_E4M3_MAX = 448.0
+_SMEM_BYTES = 200 * 1024     # usable shared memory per block on the targets we tune for (H100/H200: 227 KiB)
+_POOL_PER_THREAD = 32        # BLOCK_S * BLOCK_D / threads: a few live fp32 tiles of this size fit in registers
+
+
+# ------------------------------------------------------------------------------------------- jit helpers
+
+@triton.jit
+def _row_extent(pos_row, T, NSTEPS):
+    """(first position, number of valid tokens) of one row: valid tokens (pos >= 0) form a prefix."""
+    p0 = tl.load(pos_row)
+    lo = tl.full([], 0, tl.int32)
+    hi = lo + T
+    for _ in range(NSTEPS):
+        mid = (lo + hi) // 2
+        v = tl.load(pos_row + mid, mask=mid < T, other=-1)
+        live = lo < hi
+        lo = tl.where(live & (v >= 0), mid + 1, lo)
+        hi = tl.where(live & (v < 0), mid, hi)
+    return p0, lo
+
+
+@triton.jit
+def _exp2i(e):
+    """float32 2**e for int32 e in [-127, 127], built from the bit pattern (2**-127 is subnormal)."""
+    bits = tl.where(e >= -126, (e + 127) << 23, 1 << 22)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _pow2_exponent(amax, QE: tl.constexpr, QMANT: tl.constexpr):
+    """Smallest e with qmax * 2**e >= amax (qmax = (1 + QMANT/2**23) * 2**QE), clamped to [-127, 127];
+    0 where amax == 0.  Exact integer arithmetic on the float32 bits."""
+    bits = amax.to(tl.int32, bitcast=True)
+    ex = (bits >> 23) & 0xFF
+    man = bits & 0x7FFFFF
+    e = ex - 127 - QE + (man > QMANT).to(tl.int32)
+    e = tl.where(ex == 0, -127, e)           # subnormal amax: below 2**-127 * qmax
+    e = tl.minimum(tl.maximum(e, -127), 127)
+    return tl.where(amax == 0, 0, e)
+
+
+@triton.jit
+def _bf16_bits(x):
+    """int32 holding the bf16 bit pattern of fp32 ``x``, round-to-nearest-even (finite inputs).  Integer
+    arithmetic, so the interpreter (whose fp32->bf16 cast truncates) and GPUs give the same bits."""
+    bits = x.to(tl.int32, bitcast=True)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF
+
+
+@triton.jit
+def _cast_rne(x, DT: tl.constexpr):
+    """``x.to(DT)`` rounding to nearest-even also for bf16 in the interpreter."""
+    if DT == tl.bfloat16:
+        return _bf16_bits(x.to(tl.float32)).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DT)
+
+
+@triton.jit
+def _e4m3_bytes(y):
+    """fp32 values already divided by their scale -> uint8 e4m3fn codes: saturate to +-448, round to
+    nearest-even, keep the sign (as torch's cast does).  Integer arithmetic on the fp32 bits: the
+    interpreter's float8 cast mis-rounds some negative values."""
+    y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+    bits = y.to(tl.int32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    ab = bits & 0x7FFFFFFF
+    ex = ab >> 23
+    # |y| >= 2**-6 (e4m3 normals): round the mantissa to 3 bits; a carry moves into the exponent
+    r = ab + 0x7FFFF + ((ab >> 20) & 1)
+    normal = (((r >> 23) - 120) << 3) | ((r >> 20) & 7)
+    # |y| < 2**-6: multiples of 2**-9 (code k = k * 2**-9; k = 8 is the smallest normal)
+    sh = tl.minimum(tl.maximum(141 - ex, 1), 31)
+    man = (ab & 0x7FFFFF) | 0x800000
+    sub = (man + (1 << (sh - 1)) - 1 + ((man >> sh) & 1)) >> sh
+    code = tl.where(ex >= 121, normal, tl.where(ex > 0, sub, 0))
+    return (code | sign).to(tl.uint8)
+
+
+@triton.jit
+def _pool_block(kv_ptr, gate_ptr, s_kb, s_kt, s_gb, s_gt,
+                pk_ptr, pg_ptr, s_pkb, s_pks, s_pgb, s_pgs,
+                ape_ptr, s_ape, b, w, p0, c0,
+                M: tl.constexpr, C: tl.constexpr, D: tl.constexpr, ADD_APE: tl.constexpr,
+                BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Softmax-gated pooled values of window ``w`` for channels [c0, c0+BLOCK_D) (fp32; 0 past d)."""
+    SLOTS: tl.constexpr = C * M
+    ch = c0 + tl.arange(0, BLOCK_D)
+    chm = ch < D
+    run_max = tl.full([BLOCK_D], float("-inf"), tl.float32)
+    run_sum = tl.zeros([BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for s0 in range(0, SLOTS, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        q = (w - (C - 1)) * M + s                    # absolute position of the slot's token
+        col = (s // M) * D                           # CSA: previous window -> [0,d), this window -> [d,2d)
+        cols = col[:, None] + ch[None, :]
+        live = s < SLOTS
+        old = live & (q >= 0) & (q < p0)             # before this call: from the pending slots
+        new = live & (q >= p0)                       # this call's token q - p0
+        slot = tl.where(old, q, 0) % SLOTS
+        tok = tl.where(new, q - p0, 0)
+        m_old = old[:, None] & chm[None, :]
+        m_new = new[:, None] & chm[None, :]
+        kv = tl.load(pk_ptr + b * s_pkb + slot[:, None] * s_pks + cols, mask=m_old, other=0.0).to(tl.float32)
+        kv += tl.load(kv_ptr + b * s_kb + tok[:, None] * s_kt + cols, mask=m_new, other=0.0).to(tl.float32)
+        g_old = tl.load(pg_ptr + b * s_pgb + slot[:, None] * s_pgs + cols, mask=m_old, other=0.0).to(tl.float32)
+        g_new = tl.load(gate_ptr + b * s_gb + tok[:, None] * s_gt + cols, mask=m_new, other=0.0).to(tl.float32)
+        if ADD_APE:
+            g_new += tl.load(ape_ptr + (tl.where(new, q, 0) % M)[:, None] * s_ape + cols, mask=m_new,
+                             other=0.0).to(tl.float32)
+        g = tl.where(m_old, g_old, tl.where(m_new, g_new, float("-inf")))
+        new_max = tl.maximum(run_max, tl.max(g, axis=0))
+        safe = tl.where(new_max == float("-inf"), 0.0, new_max)
+        alpha = tl.exp(run_max - safe)
+        p = tl.exp(g - safe[None, :])
+        run_sum = run_sum * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p * kv, axis=0)
+        run_max = new_max
+    return tl.where(chm, acc / tl.where(chm, run_sum, 1.0), 0.0)
+
+
+@triton.jit
+def _emit_block(x, rstd, c0, wpos, norm_ptr, inv_ptr, row_ptr, had_scale,
+                D: tl.constexpr, ROPE: tl.constexpr, STORE: tl.constexpr, QB: tl.constexpr,
+                ROW_BYTES: tl.constexpr, LOG_D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """RMSNorm weight, RoPE at ``wpos`` and the encode of channels [c0, c0+BLOCK_D) into one row."""
+    NOPE: tl.constexpr = D - ROPE
+    ch = c0 + tl.arange(0, BLOCK_D)
+    chm = ch < D
+    nw = tl.load(norm_ptr + ch, mask=chm, other=0.0).to(tl.float32)
+    y = nw * (x * rstd)
+    if ROPE > 0:  # interleaved pairs (2i, 2i+1) of the last ROPE dims; NOPE and c0 are even
+        ye, yo = tl.split(tl.reshape(y, [BLOCK_D // 2, 2]))
+        che = c0 + 2 * tl.arange(0, BLOCK_D // 2)
+        is_rope = (che >= NOPE) & (che < D)
+        inv = tl.load(inv_ptr + tl.where(is_rope, (che - NOPE) // 2, 0), mask=is_rope, other=0.0)
+        ang = wpos.to(tl.float32) * inv
+        cs = tl.cos(ang)
+        sn = tl.sin(ang)
+        re = ye * cs - yo * sn
+        ro = yo * cs + ye * sn
+        y = tl.reshape(tl.join(tl.where(is_rope, re, ye), tl.where(is_rope, ro, yo)), [BLOCK_D])
+    if STORE == 0:
+        tl.store(row_ptr + ch, _cast_rne(y, row_ptr.dtype.element_ty), mask=chm)
+    elif STORE == 1:  # fp8_ds: [NOPE e4m3][2*ROPE bf16 bytes][NOPE/QB UE8M0][zero pad]
+        NG: tl.constexpr = BLOCK_D // QB
+        is_nope = ch < NOPE
+        y2 = tl.reshape(tl.where(is_nope, y, 0.0), [NG, QB])
+        e = _pow2_exponent(tl.max(tl.abs(y2), axis=1), 8, 0x600000)      # 448 = 1.75 * 2**8
+        codes = _e4m3_bytes(y2 * _exp2i(-e)[:, None])
+        tl.store(row_ptr + ch, tl.reshape(codes, [BLOCK_D]), mask=is_nope)
+        grp = c0 // QB + tl.arange(0, NG)
+        tl.store(row_ptr + NOPE + 2 * ROPE + grp, (e + 127).to(tl.uint8), mask=grp * QB < NOPE)
+        if ROPE > 0:
+            rb = _bf16_bits(y)
+            is_rope = (ch >= NOPE) & chm
+            at = row_ptr + NOPE + 2 * tl.where(is_rope, ch - NOPE, 0)
+            tl.store(at, (rb & 0xFF).to(tl.uint8), mask=is_rope)
+            tl.store(at + 1, (rb >> 8).to(tl.uint8), mask=is_rope)
+        PAD0: tl.constexpr = NOPE + 2 * ROPE + NOPE // QB
+        pad = PAD0 + tl.arange(0, 8)
+        tl.store(row_ptr + pad, tl.zeros([8], tl.uint8), mask=(pad < ROW_BYTES) & (c0 == 0))
+    elif STORE == 2:  # fp8 index keys: [D e4m3][float32 power-of-two scale, little-endian]
+        e = _pow2_exponent(tl.max(tl.abs(tl.where(chm, y, 0.0)), axis=0), 8, 0x600000)
+        tl.store(row_ptr + ch, _e4m3_bytes(y * _exp2i(-e)), mask=chm)
+        sbits = _exp2i(e).to(tl.int32, bitcast=True)
+        k = tl.arange(0, 4)
+        tl.store(row_ptr + D + k, ((sbits >> (8 * k)) & 0xFF).to(tl.uint8))
+    else:  # mxfp4 index keys: Hadamard, then [D/2 bytes of e2m1 pairs][D/32 UE8M0]; BLOCK_D == D here
+        for k in tl.static_range(LOG_D):
+            H: tl.constexpr = 1 << k
+            y3 = tl.permute(tl.reshape(y, [BLOCK_D // (2 * H), 2, H]), [0, 2, 1])
+            a, bb = tl.split(y3)
+            y = tl.reshape(tl.permute(tl.join(a + bb, a - bb), [0, 2, 1]), [BLOCK_D])
+        y = y * had_scale
+        y2 = tl.reshape(y, [BLOCK_D // 32, 32])
+        e = _pow2_exponent(tl.max(tl.abs(y2), axis=1), 2, 0x400000)      # 6 = 1.5 * 2**2
+        z = y2 * _exp2i(-e)[:, None]
+        a = tl.abs(z)
+        code = ((a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32)
+                + (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32)
+                + (a > 5.0).to(tl.int32))
+        nib = code | ((z.to(tl.int32, bitcast=True) < 0).to(tl.int32) << 3)
+        lo, hi = tl.split(tl.reshape(nib, [BLOCK_D // 2, 2]))
+        tl.store(row_ptr + tl.arange(0, BLOCK_D // 2), (lo | (hi << 4)).to(tl.uint8))
+        tl.store(row_ptr + BLOCK_D // 2 + tl.arange(0, BLOCK_D // 32), (e + 127).to(tl.uint8))
+
+
+# ------------------------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _proj_kernel(h_ptr, wkv_ptr, wg_ptr, ape_ptr, pos_ptr, out_ptr,
+                 M_ROWS, K, CD, NBH, RATIO,
+                 s_hm, s_hk, s_wn, s_wk, s_ape, s_om,
+                 UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[:, half*CD + n] = round_act(h @ w_half.T) (+ ape[pos % m] on the gate half), fp32."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    is_gate = pid_n >= NBH
+    if is_gate:
+        w_ptr = wg_ptr
+    else:
+        w_ptr = wkv_ptr
+    act = h_ptr.dtype.element_ty
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = (pid_n - is_gate.to(tl.int32) * NBH) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    mm = rm < M_ROWS
+    mn = rn < CD
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        mk = kk < K
+        a = tl.load(h_ptr + rm[:, None] * s_hm + kk[None, :] * s_hk, mask=mm[:, None] & mk[None, :], other=0.0)
+        bt = tl.load(w_ptr + rn[None, :] * s_wn + kk[:, None] * s_wk, mask=mk[:, None] & mn[None, :], other=0.0)
+        if bt.dtype != act:  # the reference multiplies by the weights cast to the activation dtype
+            bt = _cast_rne(bt, act)
+        if UPCAST:
+            a = a.to(tl.float32)
+            bt = bt.to(tl.float32)
+        acc = tl.dot(a, bt, acc, input_precision=DOT_PRECISION)
+    y = _cast_rne(acc, act).to(tl.float32)  # ``linear`` returns the activation dtype
+    if is_gate:
+        p = tl.load(pos_ptr + rm, mask=mm, other=0)
+        arow = tl.where(p >= 0, p, 0) % RATIO
+        y += tl.load(ape_ptr + arow[:, None] * s_ape + rn[None, :], mask=mm[:, None] & mn[None, :], other=0.0)
+    col = is_gate.to(tl.int32) * CD + rn
+    tl.store(out_ptr + rm[:, None] * s_om + col[None, :], y, mask=mm[:, None] & mn[None, :])
+
+
+@triton.jit
+def _pool_kernel(kv_ptr, gate_ptr, s_kb, s_kt, s_gb, s_gt,
+                 pk_ptr, pg_ptr, s_pkb, s_pks, s_pgb, s_pgs,
+                 ape_ptr, s_ape, pos_ptr, s_posb, T, NSTEPS,
+                 norm_ptr, inv_ptr, rows_ptr, s_rb, s_rw, NC, eps, had_scale,
+                 M: tl.constexpr, C: tl.constexpr, D: tl.constexpr, ROPE: tl.constexpr,
+                 STORE: tl.constexpr, QB: tl.constexpr, ROW_BYTES: tl.constexpr, LOG_D: tl.constexpr,
+                 ADD_APE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program per (row b, i-th window closing in this call): pool, normalise, rotate, encode."""
+    b = tl.program_id(0)
+    p0, n = _row_extent(pos_ptr + b * s_posb, T, NSTEPS)
+    w = tl.where(n > 0, p0, 0) // M + tl.program_id(1)
+    if (n > 0) & (w < (p0 + n) // M) & (w < NC):
+        row_ptr = rows_ptr + b * s_rb + w * s_rw
+        wpos = w * M
+        if BLOCK_D >= D:
+            x = _pool_block(kv_ptr, gate_ptr, s_kb, s_kt, s_gb, s_gt, pk_ptr, pg_ptr, s_pkb, s_pks, s_pgb, s_pgs,
+                            ape_ptr, s_ape, b, w, p0, 0, M, C, D, ADD_APE, BLOCK_S, BLOCK_D)
+            rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+            _emit_block(x, rstd, 0, wpos, norm_ptr, inv_ptr, row_ptr, had_scale,
+                        D, ROPE, STORE, QB, ROW_BYTES, LOG_D, BLOCK_D)
+        else:  # two passes: the sum of squares over all channel blocks, then recompute and emit each block
+            ss = tl.zeros([BLOCK_D], tl.float32)
+            for c0 in range(0, D, BLOCK_D):
+                x = _pool_block(kv_ptr, gate_ptr, s_kb, s_kt, s_gb, s_gt, pk_ptr, pg_ptr, s_pkb, s_pks, s_pgb,
+                                s_pgs, ape_ptr, s_ape, b, w, p0, c0, M, C, D, ADD_APE, BLOCK_S, BLOCK_D)
+                ss += x * x
+            rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / D + eps)
+            for c0 in range(0, D, BLOCK_D):
+                x = _pool_block(kv_ptr, gate_ptr, s_kb, s_kt, s_gb, s_gt, pk_ptr, pg_ptr, s_pkb, s_pks, s_pgb,
+                                s_pgs, ape_ptr, s_ape, b, w, p0, c0, M, C, D, ADD_APE, BLOCK_S, BLOCK_D)
+                _emit_block(x, rstd, c0, wpos, norm_ptr, inv_ptr, row_ptr, had_scale,
+                            D, ROPE, STORE, QB, ROW_BYTES, LOG_D, BLOCK_D)
+
+
+@triton.jit
+def _pending_kernel(kv_ptr, gate_ptr, s_kb, s_kt, s_gb, s_gt,
+                    pk_ptr, pg_ptr, s_pkb, s_pks, s_pgb, s_pgs,
+                    ape_ptr, s_ape, pos_ptr, s_posb, T, NSTEPS, CD,
+                    M: tl.constexpr, SLOTS: tl.constexpr, ADD_APE: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (b, i, channel block): token j = n - SLOTS + i (if >= 0) goes to slot (p0 + j) % SLOTS."""
+    b = tl.program_id(0)
+    p0, n = _row_extent(pos_ptr + b * s_posb, T, NSTEPS)
+    j = n - SLOTS + tl.program_id(1)
+    if (n > 0) & (j >= 0):
+        ch = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cm = ch < CD
+        kv = tl.load(kv_ptr + b * s_kb + j * s_kt + ch, mask=cm, other=0.0).to(tl.float32)
+        g = tl.load(gate_ptr + b * s_gb + j * s_gt + ch, mask=cm, other=0.0).to(tl.float32)
+        if ADD_APE:
+            g += tl.load(ape_ptr + ((p0 + j) % M) * s_ape + ch, mask=cm, other=0.0).to(tl.float32)
+        slot = (p0 + j) % SLOTS
+        tl.store(pk_ptr + b * s_pkb + slot * s_pks + ch, _cast_rne(kv, pk_ptr.dtype.element_ty), mask=cm)
+        tl.store(pg_ptr + b * s_pgb + slot * s_pgs + ch, _cast_rne(g, pg_ptr.dtype.element_ty), mask=cm)
+
+
+# ------------------------------------------------------------------------------------------- host side
+
+def _next_pow2(x):
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _kv_block(d, rope_dim):
+    return math.gcd(64, d - rope_dim)
+
+
+def _row_bytes(d, store, rope_dim):
+    if store == "fp8_ds":
+        n = d - rope_dim
+        return (n + 2 * rope_dim + n // _kv_block(d, rope_dim) + 7) // 8 * 8
+    if store == "fp8":
+        return d + 4
+    if store == "mxfp4":
+        return d // 2 + d // 32
+    return d
+
+
+def _format_problem(d, store, rope_dim):
+    """Why rows of width ``d`` cannot be encoded as ``store`` by these kernels, or None."""
+    if store not in _STORE_CODES:
+        return f"unknown row format {store!r}"
+    if rope_dim % 2 or rope_dim > d:
+        return f"rope_dim={rope_dim} must be even and at most d={d}"
+    if (d - rope_dim) % 2:
+        return f"d - rope_dim = {d - rope_dim} must be even (RoPE pairs are read two channels at a time)"
+    if store == "mxfp4" and (d & (d - 1) or d < 32):
+        return f"mxfp4 rows need a power-of-two d >= 32 (Hadamard, 32-value scale blocks), got {d}"
+    return None
+
+
+def _pool_block_d(meta, d):
+    return min(int(meta["BLOCK_D"]), _next_pow2(d))
+
+
+def _check(problem):
+    if problem:
+        raise ValueError(f"compressor kernel: {problem}")
+
+
+def _launch_pool_and_update(kv, gate, add_ape, ape, norm_w, rows, pend_kv, pend_gate, pos, *,
+                            ratio, overlap, eps, rope_dim, theta, yarn, store, meta):
+    B, T = pos.shape
+    m, c = int(ratio), 2 if overlap else 1
+    cd = kv.shape[2]
+    d = cd // c
+    slots = c * m
+    _check(_format_problem(d, store, rope_dim))
+    want = _row_bytes(d, store, rope_dim)
+    if rows.shape[2] != want:
+        raise ValueError(f"compressor kernel: rows width {rows.shape[2]} != {want} for format {store!r}")
+    bd = _pool_block_d(meta, d)
+    _check(_pool_problem(meta, d, store, rope_dim, bd))
+    if pos.stride(1) != 1:
+        pos = pos.contiguous()
+    for t in (kv, gate, pend_kv, pend_gate, rows, ape):
+        if t.stride(-1) != 1:
+            raise ValueError("compressor kernel: tensors need a unit stride in their last dim")
+    nsteps = max(1, T.bit_length())
+    inv = _rope_inv_freq(rope_dim, theta, yarn, kv.device)
+    code = _STORE_CODES[store]
+    n_win = (T + m - 1) // m          # at most this many windows close in one call
+    common = (kv, gate, kv.stride(0), kv.stride(1), gate.stride(0), gate.stride(1),
+              pend_kv, pend_gate, pend_kv.stride(0), pend_kv.stride(1), pend_gate.stride(0), pend_gate.stride(1),
+              ape, ape.stride(0), pos, pos.stride(0), T, nsteps)
+    if n_win > 0 and rows.shape[1] > 0:
+        _pool_kernel[(B, n_win)](
+            *common, norm_w, inv, rows, rows.stride(0), rows.stride(1), rows.shape[1], float(eps),
+            float(d) ** -0.5,
+            M=m, C=c, D=d, ROPE=rope_dim, STORE=code, QB=_kv_block(d, rope_dim) if code == 1 else 1,
+            ROW_BYTES=rows.shape[2], LOG_D=max(0, d.bit_length() - 1), ADD_APE=add_ape,
+            BLOCK_S=int(meta["BLOCK_S"]), BLOCK_D=bd, num_warps=int(meta["POOL_WARPS"]))
+    bc = int(meta["BLOCK_C"])
+    _pending_kernel[(B, slots, triton.cdiv(cd, bc))](
+        *common, cd, M=m, SLOTS=slots, ADD_APE=add_ape, BLOCK_C=bc, num_warps=int(meta["UPD_WARPS"]))
+
+
+def _merge(op, meta):
+    return {**DEFAULT_META[op], **(meta or {})}
+
+
+def compressor(h, wkv, wgate, ape, norm_w, rows, pend_kv, pend_gate, pos, *, ratio, overlap, eps, rope_dim, theta,
+               yarn=None, store=None, meta=None):
+    """Fused compressor: projections GEMM, pooling into ``rows``, pending-slot update (all in place)."""
+    meta = _merge("compressor", meta)
+    B, T, K = h.shape
+    cd = wkv.shape[0]
+    if T == 0 or B == 0:
+        return rows, pend_kv, pend_gate
+    h2 = h.reshape(B * T, K)
+    if wgate.stride() != wkv.stride():
+        wkv, wgate = wkv.contiguous(), wgate.contiguous()
+    pos = pos.contiguous()
+    ape = ape.contiguous()
+    proj = torch.empty(B, T, 2 * cd, dtype=torch.float32, device=h.device)
+    bm, bn, bk = int(meta["BLOCK_M"]), int(meta["BLOCK_N"]), int(meta["BLOCK_K"])
+    nbh = triton.cdiv(cd, bn)
+    upcast = INTERPRET and h.dtype != torch.float32
+    prec = "ieee" if (INTERPRET or h.dtype != torch.float32) else meta["DOT_PRECISION"]
+    _proj_kernel[(triton.cdiv(B * T, bm), 2 * nbh)](
+        h2, wkv, wgate, ape, pos, proj, B * T, K, cd, nbh, int(ratio),
+        h2.stride(0), h2.stride(1), wkv.stride(0), wkv.stride(1), ape.stride(0), proj.stride(1),
+        UPCAST=upcast, DOT_PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=int(meta["GEMM_WARPS"]), num_stages=int(meta["GEMM_STAGES"]))
+    _launch_pool_and_update(proj[..., :cd], proj[..., cd:], False, ape, norm_w, rows, pend_kv, pend_gate, pos,
+                            ratio=ratio, overlap=overlap, eps=eps, rope_dim=rope_dim, theta=theta, yarn=yarn,
+                            store=store, meta=meta)
+    return rows, pend_kv, pend_gate
+
+
+def compress(kv, gate, ape, norm_w, rows, pend_kv, pend_gate, pos, *, ratio, overlap, eps, rope_dim, theta,
+             yarn=None, store=None, meta=None):
+    """Unfused compress (projections given): ``ape`` is added to the gates inside the pooling/update kernels."""
+    meta = _merge("compress", meta)
+    if kv.shape[0] == 0 or kv.shape[1] == 0:
+        return rows, pend_kv, pend_gate
+    _launch_pool_and_update(kv, gate, True, ape.contiguous(), norm_w, rows, pend_kv, pend_gate, pos.contiguous(),
+                            ratio=ratio, overlap=overlap, eps=eps, rope_dim=rope_dim, theta=theta, yarn=yarn,
+                            store=store, meta=meta)
+    return rows, pend_kv, pend_gate
+
+
+KERNELS = {"compressor": compressor, "compress": compress}
+
+_POOL_META = {"BLOCK_S": (2, 4, 8, 16), "BLOCK_D": (32, 64, 128, 256, 512), "POOL_WARPS": (1, 2, 4, 8),
+              "BLOCK_C": (128, 256, 512, 1024), "UPD_WARPS": (1, 2, 4)}
+META = {
+    "compressor": {"BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (32, 64, 128), "BLOCK_K": (32, 64, 128),
+                   "GEMM_WARPS": (4, 8), "GEMM_STAGES": (2, 3, 4), "DOT_PRECISION": ("ieee", "tf32x3"),
+                   **_POOL_META},
+    "compress": dict(_POOL_META),
+}
+_POOL_DEFAULT = {"BLOCK_S": 8, "BLOCK_D": 512, "POOL_WARPS": 4, "BLOCK_C": 512, "UPD_WARPS": 4}
+DEFAULT_META = {
+    "compressor": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GEMM_WARPS": 4, "GEMM_STAGES": 3,
+                   "DOT_PRECISION": "ieee", **_POOL_DEFAULT},
+    "compress": dict(_POOL_DEFAULT),
+}
+
+
+def _pool_problem(meta, d, store, rope_dim, bd):
+    for name in ("BLOCK_S", "BLOCK_D", "BLOCK_C"):
+        v = int(meta[name])
+        if v < 1 or v & (v - 1):
+            return f"{name}={v} must be a power of two"
+    if bd < 2:
+        return f"BLOCK_D={bd} must be at least 2 (RoPE pairs)"
+    if store in ("fp8", "mxfp4") and bd < d:
+        return f"BLOCK_D={meta['BLOCK_D']} < d={d}: {store} rows need the whole row in one block (row scale / Hadamard)"
+    if store == "fp8_ds" and bd % _kv_block(d, rope_dim):
+        return f"BLOCK_D={bd} must be a multiple of the fp8_ds scale block {_kv_block(d, rope_dim)}"
+    per_thread = int(meta["BLOCK_S"]) * bd // (32 * int(meta["POOL_WARPS"]))
+    if per_thread > _POOL_PER_THREAD:
+        return (f"pool tile BLOCK_S*BLOCK_D = {meta['BLOCK_S']}*{bd} puts {per_thread} fp32 values per thread in each "
+                f"of several live tiles (> {_POOL_PER_THREAD}: register spills)")
+    return None
+
+
+def _guess_format(d, width):
+    """(store, candidate rope dims) that explain a row width, for callers that give no attributes."""
+    if width == d:
+        return None, [0]
+    if width == d + 4:
+        return "fp8", [0]
+    if d >= 32 and d & (d - 1) == 0 and width == d // 2 + d // 32:
+        return "mxfp4", [0]
+    return "fp8_ds", [r for r in range(0, d + 1, 2) if _row_bytes(d, "fp8_ds", r) == width] or [0]
+
+
+def constraints(op, meta, shapes, attrs=None):
+    """Why ``meta`` cannot run ``op`` on ``shapes`` (input shapes in op order), or None.  ``attrs`` (the op's
+    attributes) is optional; without it the row format is inferred from the rows' width."""
+    if op not in META:
+        return f"compressor: no kernel for {op}"
+    meta = _merge(op, meta)
+    attrs = attrs or {}
+    shapes = [tuple(s) for s in shapes]
+    if op == "compressor":
+        _, _, k = shapes[0]
+        cd = shapes[1][0]
+        d, width = shapes[4][0], shapes[5][2]
+        for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+            v = int(meta[name])
+            if v < 16 or v & (v - 1):
+                return f"{name}={v}: tl.dot needs a power of two >= 16"
+        if meta["DOT_PRECISION"] not in ("ieee", "tf32x3", "tf32"):
+            return f"DOT_PRECISION={meta['DOT_PRECISION']!r} unknown"
+        smem = int(meta["GEMM_STAGES"]) * (int(meta["BLOCK_M"]) + int(meta["BLOCK_N"])) * int(meta["BLOCK_K"]) * 4
+        if smem > _SMEM_BYTES:
+            return f"GEMM operands need ~{smem // 1024} KiB of shared memory over {meta['GEMM_STAGES']} stages"
+    else:
+        d, width = shapes[3][0], shapes[4][2]
+    store, ropes = _guess_format(d, width)
+    store = attrs.get("store", store)
+    if "rope_dim" in attrs:
+        ropes = [int(attrs["rope_dim"])]
+    for r in ropes:
+        why = _format_problem(d, store, r) or _pool_problem(meta, d, store, r, _pool_block_d(meta, d))
+        if why:
+            return why
+    return None

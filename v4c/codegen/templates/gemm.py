@@ -1,0 +1,308 @@
+"""Dense projections: one tiled GEMM kernel ``out = x @ w.T`` with constexpr epilogues.
+
+Ops: ``linear``, ``linear_rms_norm``, ``q_proj``, ``kv_proj`` and ``o_proj`` (two launches of the
+same kernel: the block-diagonal grouped GEMM, then the dense one).
+
+Epilogue switches of ``_gemm_kernel`` (applied to the fp32 accumulator tile, in this order):
+  * ``NORM``: RMSNorm of every row of the tile. The tile's N extent *is* the norm group
+    (``BLOCK_N`` == the head width for ``q_proj``, == the row width for ``kv_proj`` and
+    ``linear_rms_norm``), so the sum of squares is a plain row reduction in registers.
+  * ``NORM_WEIGHT``: multiply by the norm weight (fp32, one per column).
+  * ``ROPE_DIM`` > 0: interleaved RoPE on the last ``ROPE_DIM`` columns of the tile at each
+    row's position (padding positions < 0 use position 0, as the reference does).
+Between the stages the tile is rounded to the activation dtype, as the unfused reference
+stores its intermediates in that dtype (a no-op for fp32).
+
+A third launch-grid axis runs independent groups (block-diagonal weights): group ``g``
+reads columns ``[g*K, (g+1)*K)`` of ``x``, rows ``[g*N, (g+1)*N)`` of ``w`` and writes
+columns ``[g*N, (g+1)*N)`` of ``out``; plain GEMMs have one group.
+
+Self-contained (torch + triton only): a rendered copy runs from inside compiled artifacts.
+"""
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .prelude import _check, _interpreting, _rope_inv_freq  # v4c: inline prelude
+
+# ---- the kernel ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _cos_sin(angle):
+    """cos and sin of fp32 angles >= 0, reduced to [-pi, pi] first (two-constant Cody-Waite with
+    fma), so fast hardware sin/cos stay accurate at long-context positions."""
+    turns = tl.floor(angle * 0.15915494309189535 + 0.5)
+    r = tl.fma(turns, -6.2831854820251465, angle)  # 2*pi rounded to fp32 ...
+    r = tl.fma(turns, 1.7484555314695172e-07, r)  # ... and what that rounding dropped
+    return tl.cos(r), tl.sin(r)
+
+
+@triton.jit
+def _gemm_kernel(
+    x_ptr, w_ptr, out_ptr, norm_w_ptr, pos_ptr, inv_freq_ptr,
+    M, N, K,                                   # per group: out[M, N] = x[M, K] @ w[N, K].T
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
+    eps,
+    NORM: tl.constexpr, NORM_WEIGHT: tl.constexpr, ROPE_DIM: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # tile order: GROUP_M row tiles share each column sweep, so w tiles are reused from L2
+    pid = tl.program_id(0)
+    grp = tl.program_id(1)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_sweep = GROUP_M * tiles_n
+    first_m = (pid // per_sweep) * GROUP_M
+    sweep_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_sweep) % sweep_m
+    pid_n = (pid % per_sweep) // sweep_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    rows = offs_m.to(tl.int64)
+    cols = (grp * N + offs_n).to(tl.int64)  # output / weight-row index across groups
+
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + (grp * K + offs_k)[None, :] * stride_xk
+    w_ptrs = w_ptr + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BLOCK_K, BLOCK_N] view of w.T
+    act_dtype = x_ptr.dtype.element_ty
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(act_dtype)  # ref: w.to(x.dtype)
+        if UPCAST:  # the interpreter's bf16 dot is wrong: multiply exact fp32 copies instead
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    if NORM or ROPE_DIM > 0:
+        acc = acc.to(act_dtype).to(tl.float32)  # the reference's GEMM output, in the activation dtype
+    if NORM:  # the tile is exactly one norm group: RMS over its columns
+        mean_sq = tl.sum(acc * acc, axis=1) / BLOCK_N
+        acc = acc * tl.rsqrt(mean_sq + eps)[:, None]
+        if NORM_WEIGHT:
+            acc = acc * tl.load(norm_w_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc = acc.to(act_dtype).to(tl.float32)
+    if ROPE_DIM > 0:
+        # interleaved pairs (2i, 2i+1) of the tile; pairs before the RoPE tail get frequency 0,
+        # i.e. cos 1 and sin 0, which leaves them exactly unchanged
+        HALF: tl.constexpr = BLOCK_N // 2
+        x_even, x_odd = tl.split(tl.reshape(acc, (BLOCK_M, HALF, 2)))
+        pair = tl.arange(0, HALF) - (BLOCK_N - ROPE_DIM) // 2
+        inv_freq = tl.load(inv_freq_ptr + pair, mask=pair >= 0, other=0.0)
+        pos = tl.load(pos_ptr + rows, mask=mask_m, other=0)
+        pos = tl.maximum(pos, 0).to(tl.float32)
+        cos, sin = _cos_sin(pos[:, None] * inv_freq[None, :])
+        y_even = x_even * cos - x_odd * sin
+        y_odd = x_odd * cos + x_even * sin
+        acc = tl.reshape(tl.join(y_even, y_odd), (BLOCK_M, BLOCK_N))
+
+    out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+# ---- host side ----------------------------------------------------------------------------
+
+_GEMM_META = {"BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (32, 64, 128, 256), "BLOCK_K": (32, 64, 128),
+              "GROUP_M": (1, 8), "num_warps": (4, 8), "num_stages": (2, 3, 4)}
+# epilogue ops: BLOCK_N must be the norm group's width; None (the default) means "that width"
+_NORM_META = {"BLOCK_M": (16, 32, 64), "BLOCK_N": (64, 128, 256, 512, 1024), "BLOCK_K": (32, 64, 128),
+              "GROUP_M": (1, 8), "num_warps": (4, 8), "num_stages": (2, 3, 4)}
+_NORM_DEFAULT = {"BLOCK_M": 16, "BLOCK_N": None, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+
+META = {
+    "linear": dict(_GEMM_META),
+    "linear_rms_norm": dict(_NORM_META),
+    "q_proj": dict(_NORM_META),
+    "kv_proj": dict(_NORM_META),
+    # o_proj: BLOCK_*_A tile the grouped GEMM (its N is the rank per group), BLOCK_N/K the dense one
+    "o_proj": {**_GEMM_META, "BLOCK_N_A": (32, 64, 128, 256), "BLOCK_K_A": (32, 64, 128)},
+}
+DEFAULT_META = {
+    "linear": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
+    "linear_rms_norm": dict(_NORM_DEFAULT),
+    "q_proj": dict(_NORM_DEFAULT),
+    "kv_proj": dict(_NORM_DEFAULT),
+    "o_proj": {"BLOCK_M": 64, "BLOCK_N_A": 64, "BLOCK_K_A": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8,
+               "num_warps": 4, "num_stages": 3},
+}
+
+SMEM_BYTES = 227 * 1024  # per-block shared memory on H100/H200
+MAX_ACC_REGS = 128  # fp32 accumulator values per thread before spills get likely
+
+
+def _pow2(v) -> bool:
+    return isinstance(v, int) and v > 0 and (v & (v - 1)) == 0
+
+
+def _tile_reason(bm, bn, bk, warps, stages, elem_bytes, what="") -> str | None:
+    for name, v, lo in (("BLOCK_M", bm, 16), ("BLOCK_N", bn, 16), ("BLOCK_K", bk, 16)):
+        if not _pow2(v) or v < lo:
+            return f"{what}{name}={v} must be a power of two >= {lo} (tl.arange / tl.dot)"
+    smem = stages * (bm + bn) * bk * elem_bytes
+    if smem > SMEM_BYTES:
+        return (f"{what}{stages} stages of {bm}x{bk} + {bn}x{bk} tiles need {smem // 1024} KiB of shared memory "
+                f"(> {SMEM_BYTES // 1024} KiB)")
+    regs = bm * bn // (32 * warps)
+    if regs > MAX_ACC_REGS:
+        return (f"{what}a {bm}x{bn} fp32 accumulator is {regs} registers per thread with {warps} warps "
+                f"(> {MAX_ACC_REGS})")
+    return None
+
+
+_BYTES = {"f32": 4, "float32": 4, "torch.float32": 4, "bf16": 2, "bfloat16": 2, "torch.bfloat16": 2,
+          "f16": 2, "float16": 2, "torch.float16": 2}
+
+
+def constraints(op, meta, shapes):
+    """Why ``meta`` cannot run ``op`` on ``shapes``, or None.
+
+    ``shapes``: the op's input shapes in the reference's argument order, optionally followed by
+    its output shapes; or a dict {"inputs": [...], "outputs": [...], "attrs": {...}, "dtype": ...}.
+    ``q_proj`` needs its output shape [B,T,H,Dh] (or attrs["shape"]) to know the head width.
+    Symbolic (non-int) dims are allowed where they do not matter (the token dims)."""
+    if isinstance(shapes, dict):
+        ins, outs = list(shapes.get("inputs", [])), list(shapes.get("outputs", []))
+        attrs, dtype = shapes.get("attrs", {}), shapes.get("dtype")
+    else:
+        n_in = {"linear": 2, "linear_rms_norm": 3, "q_proj": 3, "kv_proj": 4, "o_proj": 3}[op]
+        ins, outs, attrs, dtype = list(shapes[:n_in]), list(shapes[n_in:]), {}, None
+    eb = _BYTES.get(str(dtype), 2)  # production activations are 16-bit
+    m = dict(DEFAULT_META[op], **meta)
+    bm, bk, warps, stages = m["BLOCK_M"], m["BLOCK_K"], m["num_warps"], m["num_stages"]
+    if not (isinstance(m["GROUP_M"], int) and m["GROUP_M"] >= 1):
+        return f"GROUP_M={m['GROUP_M']} must be a positive int"
+
+    if op == "o_proj":
+        why = _tile_reason(bm, m["BLOCK_N_A"], m["BLOCK_K_A"], warps, stages, eb, "grouped GEMM: ")
+        return why or _tile_reason(bm, m["BLOCK_N"], bk, warps, stages, eb, "dense GEMM: ")
+    if op == "linear":
+        return _tile_reason(bm, m["BLOCK_N"], bk, warps, stages, eb)
+
+    n = ins[1][0] if len(ins) > 1 else None  # weight rows
+    group = n  # linear_rms_norm, kv_proj: the norm covers the whole row
+    if op == "q_proj":
+        head = attrs.get("shape", [None])[-1] if attrs.get("shape") else (outs[0][-1] if outs else None)
+        group = head if isinstance(head, int) else None
+    if isinstance(group, int) and not _pow2(group):
+        return f"norm group width {group} is not a power of two (the tile must cover exactly one group)"
+    if group is None:  # q_proj without its head width: only a chosen BLOCK_N can be checked
+        bn = m["BLOCK_N"]
+        if bn is not None and isinstance(n, int) and n % bn:
+            return f"BLOCK_N={bn} must divide N={n}"
+        return None if bn is None else _tile_reason(bm, bn, bk, warps, stages, eb)
+    bn = m["BLOCK_N"] if m["BLOCK_N"] is not None else group
+    if bn != group:
+        return f"BLOCK_N={bn} must equal the norm group width {group} (the RMSNorm epilogue reduces one tile's row)"
+    rope = attrs.get("rope_dim")
+    if op in ("q_proj", "kv_proj") and isinstance(rope, int) and not (rope % 2 == 0 and 0 < rope <= bn):
+        return f"rope_dim={rope} must be even and within the {bn}-wide tile"
+    return _tile_reason(bm, bn, bk, warps, stages, eb)
+
+
+
+
+
+def _launch(x2, w, out2, *, groups=1, meta, block_n, block_k, norm=False, norm_w=None, pos=None, inv_freq=None,
+            rope_dim=0, eps=0.0):
+    """out2[M, groups*N] = per-group x2[M, groups*K] @ w[groups*N, K].T, with the chosen epilogue."""
+    m_rows = x2.shape[0]
+    k = x2.shape[1] // groups
+    n = w.shape[0] // groups
+    if m_rows == 0:
+        return out2
+    bm = meta["BLOCK_M"]
+    grid = (triton.cdiv(m_rows, bm) * triton.cdiv(n, block_n), groups)
+    dummy = out2  # pointer arguments an epilogue does not read
+    _gemm_kernel[grid](
+        x2, w, out2,
+        norm_w if norm_w is not None else dummy, pos if pos is not None else dummy,
+        inv_freq if inv_freq is not None else dummy,
+        m_rows, n, k,
+        x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), out2.stride(0), out2.stride(1),
+        float(eps),
+        NORM=norm, NORM_WEIGHT=norm_w is not None, ROPE_DIM=rope_dim,
+        UPCAST=_interpreting() and x2.dtype != torch.float32,
+        PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",  # fp32 models get true fp32 products
+        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=meta["GROUP_M"],
+        num_warps=meta["num_warps"], num_stages=meta["num_stages"],
+    )
+    return out2
+
+
+def _rows(x):
+    return x.reshape(-1, x.shape[-1])
+
+
+def linear(x, w, *, meta=None):
+    meta = dict(DEFAULT_META["linear"], **(meta or {}))
+    _check("linear", meta, constraints("linear", meta, [tuple(x.shape), tuple(w.shape)]))
+    x2 = _rows(x)
+    out = torch.empty((*x.shape[:-1], w.shape[0]), dtype=x.dtype, device=x.device)
+    _launch(x2, w, _rows(out), meta=meta, block_n=meta["BLOCK_N"], block_k=meta["BLOCK_K"])
+    return out
+
+
+def _norm_meta(op, meta, shapes):
+    meta = dict(DEFAULT_META[op], **(meta or {}))
+    _check(op, meta, constraints(op, meta, shapes))
+    return meta
+
+
+def linear_rms_norm(x, w, norm_w, *, eps, meta=None):
+    n = w.shape[0]
+    meta = _norm_meta("linear_rms_norm", meta, [tuple(x.shape), tuple(w.shape), tuple(norm_w.shape)])
+    out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    _launch(_rows(x), w, _rows(out), meta=meta, block_n=n, block_k=meta["BLOCK_K"], norm=True, norm_w=norm_w,
+            eps=eps)
+    return out
+
+
+def q_proj(x, w, pos, *, shape, eps, rope_dim, theta, yarn=None, meta=None):
+    heads, head_dim = shape[-2], shape[-1]
+    meta = _norm_meta("q_proj", meta, {"inputs": [tuple(x.shape), tuple(w.shape), tuple(pos.shape)],
+                                       "attrs": {"shape": list(shape), "rope_dim": rope_dim}})
+    out = torch.empty((*x.shape[:-1], heads, head_dim), dtype=x.dtype, device=x.device)
+    _launch(_rows(x), w, out.view(-1, heads * head_dim), meta=meta, block_n=head_dim, block_k=meta["BLOCK_K"],
+            norm=True, pos=pos.reshape(-1), inv_freq=_rope_inv_freq(rope_dim, theta, yarn, x.device),
+            rope_dim=rope_dim, eps=eps)
+    return out
+
+
+def kv_proj(x, w, norm_w, pos, *, eps, rope_dim, theta, yarn=None, meta=None):
+    n = w.shape[0]
+    meta = _norm_meta("kv_proj", meta, {"inputs": [tuple(x.shape), tuple(w.shape), tuple(norm_w.shape),
+                                                   tuple(pos.shape)], "attrs": {"rope_dim": rope_dim}})
+    out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    _launch(_rows(x), w, _rows(out), meta=meta, block_n=n, block_k=meta["BLOCK_K"], norm=True, norm_w=norm_w,
+            pos=pos.reshape(-1), inv_freq=_rope_inv_freq(rope_dim, theta, yarn, x.device), rope_dim=rope_dim,
+            eps=eps)
+    return out
+
+
+def o_proj(o, wa, wb, *, shape, groups, out_shape, meta=None):
+    meta = dict(DEFAULT_META["o_proj"], **(meta or {}))
+    _check("o_proj", meta, constraints("o_proj", meta, [tuple(o.shape), tuple(wa.shape), tuple(wb.shape)]))
+    n_lead = sum(isinstance(d, str) for d in shape)
+    x2 = o.reshape(-1, math.prod(o.shape[n_lead:]))  # [M, G*K]: groups side by side
+    rank = wa.shape[0] // groups
+    z = torch.empty((x2.shape[0], groups * rank), dtype=o.dtype, device=o.device)  # [M, G*R] == out_shape rows
+    _launch(x2, wa, z, groups=groups, meta=meta, block_n=meta["BLOCK_N_A"], block_k=meta["BLOCK_K_A"])
+    out = torch.empty((*o.shape[:n_lead], wb.shape[0]), dtype=o.dtype, device=o.device)
+    _launch(z, wb, _rows(out), meta=meta, block_n=meta["BLOCK_N"], block_k=meta["BLOCK_K"])
+    return out
+
+
+KERNELS = {"linear": linear, "linear_rms_norm": linear_rms_norm, "q_proj": q_proj, "kv_proj": kv_proj,
+           "o_proj": o_proj}
