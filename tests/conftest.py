@@ -6,6 +6,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests import their helper modules by name
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "V4C_CACHE_DIR" not in os.environ:  # tests never read or write the user's tuning cache
+    import tempfile
+    os.environ["V4C_CACHE_DIR"] = tempfile.mkdtemp(prefix="v4c-test-cache-")
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,10 @@
 """v4c: a compiler and runtime for DeepSeek-V4-class language models."""
 __version__ = "0.1.0"
 
+from .settings import configure_triton as _configure_triton
+
+_configure_triton()
+
 
 def compile(model, output, **options):
     """Compile a checkpoint (or config-only) directory into an artifact; see ``v4c.compiler.compile``."""

@@ -64,6 +64,70 @@ def _inspect(a) -> int:
     return 0
 
 
+def _tune(a) -> int:
+    from .autotune.store import TuningStore
+    from .autotune.tune import plan, tune
+    store = TuningStore(a.cache)
+    if a.dry_run:
+        rows = plan(a.artifact, a.strategy, a.budget, store)
+        print(f"{'kernel':<18}{'bucket':<16}{'candidates':>11}{'to try':>8}  {'cached':<16}{'est. GPU s':>10}")
+        for r in rows:
+            print(f"{r.op:<18}{r.bucket:<16}{r.candidates:>11}{r.to_try:>8}  {r.covered or '-':<16}{r.est_seconds:>10.1f}")
+        todo = [r for r in rows if r.covered != "exact"]
+        print(f"{len(rows)} kernel problems, {len(rows) - len(todo)} already tuned here; "
+              f"about {sum(r.est_seconds for r in todo) / 60:.1f} GPU minutes for the rest ({a.strategy})")
+        return 0
+    chosen = tune(a.artifact, a.strategy, a.budget, store, seed=a.seed, force=a.force,
+                  log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(f"tuned {len(chosen)} kernel ops; records in {store.path}")
+    return 0
+
+
+def _cache(a) -> int:
+    from .autotune import sharing
+    from .autotune.store import TuningStore
+    store = TuningStore(a.cache)
+
+    def report(r):
+        print(f"{r.added} added, {r.updated} updated, {r.kept} kept, {len(r.rejected)} rejected, "
+              f"{len(r.conflicts)} conflicts" + ("" if r.ok else f" (not done: {r.error})"))
+        for idx, why in r.rejected[:20]:
+            print(f"  rejected {idx}: {why}")
+        for c in r.conflicts[:20]:
+            print(f"  conflict: {c}")
+        return 0 if r.ok else 1
+
+    if a.cache_cmd == "export":
+        n = sharing.export_bundle(store, a.output)
+        print(f"{n} records -> {a.output}")
+        return 0
+    if a.cache_cmd == "import":
+        return report(sharing.import_bundle(store, a.bundle))
+    if a.cache_cmd == "merge":
+        return report(sharing.merge_stores(store, *[TuningStore(p) for p in a.sources]))
+    if a.cache_cmd == "push":
+        r = sharing.push(store, a.redis)
+        print(r)
+        return 0 if r.ok else 1
+    if a.cache_cmd == "pull":
+        return report(sharing.pull(store, a.redis))
+    if a.cache_cmd == "coverage":
+        from .inspect import inspect_artifact
+        r = inspect_artifact(a.artifact)
+        seen = {}
+        for k in r["kernels"]:
+            seen.setdefault(k["op"], k["config_source"])
+        for op, src in sorted(seen.items()):
+            flag = "  <- runs on defaults" if src == "default" else ""
+            print(f"{op:<20}{src}{flag}")
+        n_def = sum(v == "default" for v in seen.values())
+        print(f"{len(seen)} ops: {n_def} on defaults, {sum(v == 'cost-model' for v in seen.values())} on the cost model, "
+              f"{sum(v not in ('default', 'cost-model', 'reference') for v in seen.values())} from tuning records")
+        return 0
+    print(f"{len(store)} records in {store.path}")
+    return 0
+
+
 def _demo(a) -> int:
     from .demo import run_demo
     run_demo(prompt_len=a.prompt_len, new_tokens=a.new_tokens, seed=a.seed)
@@ -110,6 +174,30 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--context", type=int, default=None, help="context length for the costs (default: the model's max)")
     i.add_argument("--batch", type=int, default=1, help="sequences per decode step for the costs")
     i.set_defaults(fn=_inspect)
+    t = sub.add_parser("tune", help="measure kernel configs for an artifact and keep them in the tuning cache")
+    t.add_argument("artifact")
+    t.add_argument("--strategy", default="tpe", choices=["exhaustive", "random", "tpe"])
+    t.add_argument("--budget", type=int, default=None, help="candidates measured per kernel")
+    t.add_argument("--dry-run", action="store_true", help="print the plan and the estimated GPU time")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--force", action="store_true", help="re-measure kernels already tuned here")
+    t.add_argument("--cache", default=None, help="tuning store (default: $V4C_CACHE_DIR/tuning.sqlite)")
+    t.set_defaults(fn=_tune)
+    cc = sub.add_parser("cache", help="the tuning cache: export, import, merge, push, pull, coverage")
+    cc.add_argument("--cache", default=None, help="tuning store (default: $V4C_CACHE_DIR/tuning.sqlite)")
+    csub = cc.add_subparsers(dest="cache_cmd")
+    ce = csub.add_parser("export", help="write the records as a reviewable JSON bundle")
+    ce.add_argument("-o", "--output", required=True)
+    ci = csub.add_parser("import", help="validate a bundle and merge it in")
+    ci.add_argument("bundle")
+    cm = csub.add_parser("merge", help="merge other stores in (the best measurement per key wins)")
+    cm.add_argument("sources", nargs="+")
+    for name in ("push", "pull"):
+        cp = csub.add_parser(name, help=f"{name} records to/from a team Redis server")
+        cp.add_argument("--redis", required=True, metavar="URL")
+    cv = csub.add_parser("coverage", help="which kernels of an artifact run on defaults")
+    cv.add_argument("artifact")
+    cc.set_defaults(fn=_cache)
     d = sub.add_parser("demo", help="tiny random model: compile, load, generate")
     d.add_argument("--prompt-len", type=int, default=12)
     d.add_argument("--new-tokens", type=int, default=16)

@@ -19,6 +19,8 @@ import torch
 
 from . import __version__
 from .artifact.manifest import FORMAT, FORMAT_VERSION, MANIFEST, header_sha256
+from .autotune.choose import choose_configs
+from .autotune.store import TuningStore
 from .codegen.emit import emit
 from .errors import CheckpointError, ConfigError
 from .graph.text import print_graph
@@ -51,11 +53,13 @@ def _toolchain() -> dict:
 
 def compile(model: str | os.PathLike, output: str | os.PathLike, *, target: str = "auto", dtype: str = "f32",
             weights: str = "auto", overwrite: bool = False, fuse: bool = True, kv_cache: str = "auto",
-            indexer_cache: str = "auto",
+            indexer_cache: str = "auto", tuning_cache=None,
             print_after: set[str] | None = None, print_after_all: bool = False,
             log: Callable[[str], None] | None = None) -> Path:
     """Compile the checkpoint (or config-only) directory ``model`` into the artifact ``output``.
 
+    Kernel meta-parameters come from the tuning cache (``tuning_cache``: a store path, None for
+    ``$V4C_CACHE_DIR``, False for none), else the cost model for GPU targets, else defaults.
     ``weights``: "copy" puts the safetensors files into the artifact, "reference" records
     their paths and header hashes, "auto" copies up to 2 GiB. A directory with only
     ``config.json`` gives a weight-free artifact that can be inspected but not run.
@@ -95,6 +99,7 @@ def compile(model: str | os.PathLike, output: str | os.PathLike, *, target: str 
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, sort_keys=True) + "\n")
         (tmp / "graph.v4c").write_text(print_graph(graph))
         kernels = emit(graph, tgt)
+        choose_configs(graph, kernels, tgt, TuningStore(tuning_cache) if tuning_cache is not False else None)
         for name, src in kernels.modules.values():
             (tmp / name).parent.mkdir(exist_ok=True)
             (tmp / name).write_text(src)

@@ -28,6 +28,7 @@ def inspect_artifact(path: str | Path, context: int | None = None, batch: int = 
     if context < 1:
         raise ValueError(f"--context must be >= 1, got {context}")
     kernels = decode_step_kernels(graph, context, batch)
+    kops = man.data.get("kernels", {}).get("ops", {})
     cache = cache_footprint(graph, context)
     v32 = v32_bytes_per_token("fp8")
     return {
@@ -43,7 +44,9 @@ def inspect_artifact(path: str | Path, context: int | None = None, batch: int = 
         "indexer_cache_format": man.data.get("indexer_cache"),
         "context": context,
         "batch": batch,
-        "kernels": [{"name": k.name, "op": k.op, "flops": k.flops, "bytes": k.bytes, "launches": k.launches}
+        "kernels": [{"name": k.name, "op": k.op, "flops": k.flops, "bytes": k.bytes, "launches": k.launches,
+                     "config_source": kops.get(k.op, {}).get("config_source", "reference"),
+                     "meta": kops.get(k.op, {}).get("meta")}
                     for k in kernels],
         "launches_per_decode_step": sum(k.launches for k in kernels),
         "flops_per_token": sum(k.flops for k in kernels) // batch,

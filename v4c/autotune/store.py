@@ -37,6 +37,7 @@ from pathlib import Path
 
 from v4c.errors import V4CError
 
+from ..settings import cache_dir
 from .records import (KEY_FIELDS, RecordError, TuningRecord, _hardware, _toolchain,
                       arch_family, bucket_distance, key_json, make_key, method_quality,
                       parse_bucket, parse_version)
@@ -54,7 +55,7 @@ class StoreError(V4CError):
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("V4C_CACHE_DIR") or os.path.expanduser("~/.cache/v4c"))
+    return cache_dir()
 
 
 def default_store_path() -> Path:

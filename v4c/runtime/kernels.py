@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import ArtifactError
+from ..settings import check_triton_mode
 
 
 def _import_verified(path: Path, digest: str, name: str):
@@ -20,17 +21,27 @@ def _import_verified(path: Path, digest: str, name: str):
     return mod
 
 
-def load_kernels(root: Path, entry: dict, device_type: str) -> dict[str, Callable]:
-    """IR op -> callable with the op reference's signature, running the artifact's Triton kernel."""
+def load_modules(root: Path, entry: dict, device_type: str) -> dict:
+    """Template family -> the artifact's rendered kernel module, imported after its hash check."""
     if device_type == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"  # read when the modules' @triton.jit run, i.e. at import
     try:
         import triton  # noqa: F401
     except ImportError:
         raise ArtifactError("backend 'triton' needs the triton package (pip install triton)") from None
+    try:
+        check_triton_mode(device_type)
+    except RuntimeError as e:
+        raise ArtifactError(str(e)) from None
     modules = {}
     for fam, m in entry.get("modules", {}).items():
         modules[fam] = _import_verified(root / m["file"], m["sha256"], f"v4c_kernels_{fam}_{m['sha256'][:12]}")
+    return modules
+
+
+def load_kernels(root: Path, entry: dict, device_type: str) -> dict[str, Callable]:
+    """IR op -> callable with the op reference's signature, running the artifact's Triton kernel."""
+    modules = load_modules(root, entry, device_type)
     impls = {}
     for op, spec in entry.get("ops", {}).items():
         launcher = modules[spec["module"]].KERNELS[op]

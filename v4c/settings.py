@@ -1,0 +1,40 @@
+"""Every environment knob v4c reads, in one place.
+
+V4C_CACHE_DIR     where the tuning store lives (default ~/.cache/v4c)
+TRITON_INTERPRET  on a machine without CUDA, v4c switches Triton's interpreter on when it is
+                  imported, because Triton reads this once, when triton itself is imported.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    return Path(os.path.expanduser(os.environ.get("V4C_CACHE_DIR") or "~/.cache/v4c"))
+
+
+def configure_triton() -> None:
+    """Use Triton's interpreter where no CUDA device exists (unless the user said otherwise)."""
+    if "TRITON_INTERPRET" in os.environ or "triton" in sys.modules:
+        return
+    import torch
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_triton_mode(device_type: str) -> None:
+    """Kernels run on the CPU only through the interpreter, which must have been on when triton
+    was first imported; say so clearly instead of failing inside a kernel."""
+    if device_type != "cpu":
+        return
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    if not isinstance(getattr(tl, "cdiv", None), InterpretedFunction):
+        raise RuntimeError("Triton kernels on the CPU need its interpreter, but triton was imported before "
+                           "TRITON_INTERPRET=1 was set: set it in the environment (or import v4c before triton)")
