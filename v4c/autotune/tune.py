@@ -27,6 +27,7 @@ from ..artifact.manifest import MANIFEST, verify_artifact
 from ..graph.registry import get_op
 from ..graph.text import parse_graph
 from ..runtime.kernels import load_modules
+from .agree import agree
 from .choose import source_hash
 from .costmodel import predict
 from .inputs import node_inputs
@@ -119,7 +120,11 @@ def _close(got, want) -> bool:
 
 def tune(path, strategy: str = "tpe", budget: int | None = None, store: TuningStore | None = None,
          seed: int = 0, log: Callable[[str], None] = print, force: bool = False) -> dict:
-    """Tune every kernel op of the artifact at ``path``; returns op -> (meta, tier)."""
+    """Tune every kernel op of the artifact at ``path``; returns op -> (meta, tier).
+    Under torch.distributed only rank 0 measures; every rank returns rank 0's choices."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return {op: tuple(v) for op, v in agree({}).items()}
     man, graph = _setup(path)
     target = man.data["target"]
     on_gpu = torch.cuda.is_available() and target != "cpu"
@@ -198,6 +203,7 @@ def tune(path, strategy: str = "tpe", budget: int | None = None, store: TuningSt
         store.put(rec)  # stored as soon as the kernel is done: an interrupt keeps it
         chosen.setdefault(p.op, (dict(meta), "exact"))
     _write_manifest(man, chosen)
+    agree({op: list(v) for op, v in chosen.items()})  # the other ranks wait for these
     return chosen
 
 

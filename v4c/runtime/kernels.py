@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from ..autotune.agree import agree
 from ..errors import ArtifactError
 from ..settings import check_triton_mode
 
@@ -42,9 +43,12 @@ def load_modules(root: Path, entry: dict, device_type: str) -> dict:
 def load_kernels(root: Path, entry: dict, device_type: str) -> dict[str, Callable]:
     """IR op -> callable with the op reference's signature, running the artifact's Triton kernel."""
     modules = load_modules(root, entry, device_type)
+    # under torch.distributed every rank takes rank 0's configs, so no two ranks run different kernels
+    metas = agree({op: spec["meta"] for op, spec in entry.get("ops", {}).items()},
+                  "cuda" if device_type == "cuda" else "cpu")
     impls = {}
     for op, spec in entry.get("ops", {}).items():
         launcher = modules[spec["module"]].KERNELS[op]
-        meta = dict(spec["meta"])
+        meta = dict(metas[op])
         impls[op] = (lambda f, mt: (lambda *args, **attrs: f(*args, meta=mt, **attrs)))(launcher, meta)
     return impls
