@@ -111,3 +111,26 @@ def test_tuning_a_gpu_target_without_a_gpu_is_a_clear_error(tuned, tmp_path, cap
     gpu = v4c.compile(ck, tmp_path / "sm90", target="sm90", tuning_cache=tmp_path / "e.sqlite")
     assert main(["tune", str(gpu), "--cache", str(tmp_path / "e.sqlite")]) == 2
     assert "needs that GPU" in capsys.readouterr().err
+
+
+def test_candidates_in_a_child_process_survive_a_crash(tuned):
+    """The worker process that measures candidates can die; the candidate in flight is recorded
+    and the next one gets a fresh worker."""
+    from v4c.autotune.problems import problems
+    from v4c.autotune.tune import CPU_CONTEXT, _setup
+    from v4c.autotune.worker import Worker
+    root, ck, art, db = tuned
+    man, graph = _setup(art)
+    p = next(q for q in problems(graph, {"linear"}, context=CPU_CONTEXT))
+    meta = man.data["kernels"]["ops"]["linear"]["meta"]
+    w = Worker(art, p.op, p.signature, p.context, p.tokens, env={"TRITON_INTERPRET": "1"})
+    try:
+        assert w.measure(meta)["status"] == "ok"
+        w.proc.kill()
+        w.proc.wait()
+        assert w.measure(meta)["status"] == "ok"  # restarted
+    finally:
+        w.close()
+    broken = Worker(root / "no-such-artifact", p.op, p.signature, p.context, p.tokens)  # dies at once
+    died = broken.measure(meta)
+    assert died["seconds"] is None and "worker process died" in died["detail"]

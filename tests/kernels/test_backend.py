@@ -85,3 +85,17 @@ def test_rendered_modules_are_self_contained():
         imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         imported |= {(n.module or "").split(".")[0] or "." for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         assert imported <= {"math", "os", "torch", "triton", "functools", "__future__"}, (fam, imported)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_decode_matches_eager(art):
+    _, path = art
+    ids = torch.randint(0, 1024, (2, 12), generator=torch.Generator().manual_seed(0)).cuda()
+    outs = []
+    for graphs in (True, False):
+        model = v4c.load(path, device="cuda", backend="triton", cuda_graphs=graphs)
+        s = model.new_session(2)
+        s.forward(ids[:, :8])
+        outs.append(torch.cat([s.forward(ids[:, i:i + 1]) for i in range(8, 12)], 1))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-5)

@@ -5,8 +5,9 @@ On CUDA each candidate is checked against the op's reference before its time cou
 timed with CUDA events (median of repeats after warm-up, L2 flushed). Without a GPU the same
 loop runs under Triton's interpreter on a small space, so the whole mechanism is exercised;
 those timings mean nothing and are recorded as such (method "interpreter").
-Candidates run in this process: a crash that kills the process (rather than raising) ends
-the run, but every kernel finished before it is already stored (tuning is resumable).
+On a GPU, candidates run in a child process (``worker.py``): a config that kills the
+process is recorded and the search goes on. Every kernel's record is stored as soon as it is
+done, so an interrupted run resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from .records import TuningRecord
 from .search import search
 from .space import candidates
 from .store import TuningStore
+from .worker import Worker
 
 CPU_CONTEXT = 64  # interpreter runs use a short context: they exercise the loop, not the speed
 
@@ -118,10 +120,31 @@ def _close(got, want) -> bool:
     return True
 
 
+def measure_candidate(launcher, args, want, meta: dict, attrs: dict, on_gpu: bool) -> dict:
+    """Run one candidate: its output must match the reference before its time counts."""
+    out = {"seconds": None, "status": "ok", "detail": ""}
+    try:
+        got = launcher(*[a.clone() for a in args], meta=meta, **attrs)
+        if not _close(got, want):
+            out.update(status="wrong_result", detail="differs from the op's reference")
+        elif on_gpu:
+            fresh = [a.clone() for a in args]
+            out["seconds"], out["spread"] = _measure_cuda(lambda: launcher(*fresh, meta=meta, **attrs))
+        else:  # the interpreter: one run, timed only to exercise the loop
+            t0 = time.perf_counter()
+            launcher(*[a.clone() for a in args], meta=meta, **attrs)
+            out["seconds"] = time.perf_counter() - t0
+    except Exception as e:  # recorded, not fatal
+        kind = "out_of_resources" if "OutOfResources" in type(e).__name__ else "compile_error"
+        out.update(status=kind, detail=f"{type(e).__name__}: {e}"[:500])
+    return out
+
+
 def tune(path, strategy: str = "tpe", budget: int | None = None, store: TuningStore | None = None,
-         seed: int = 0, log: Callable[[str], None] = print, force: bool = False) -> dict:
+         seed: int = 0, log: Callable[[str], None] = print, force: bool = False, isolate: bool | None = None) -> dict:
     """Tune every kernel op of the artifact at ``path``; returns op -> (meta, tier).
-    Under torch.distributed only rank 0 measures; every rank returns rank 0's choices."""
+    Under torch.distributed only rank 0 measures; every rank returns rank 0's choices.
+    ``isolate`` (default: on with a GPU) measures candidates in a child process."""
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return {op: tuple(v) for op, v in agree({}).items()}
@@ -161,25 +184,14 @@ def tune(path, strategy: str = "tpe", budget: int | None = None, store: TuningSt
         args = node_inputs(graph, p.node, bind, p.context, device)
         want = get_op(p.op).ref(*[a.clone() for a in args], **p.node.attr)
         timings, best = [], [None]
+        worker = Worker(man.root, p.op, p.signature, p.context, p.tokens) if (
+            on_gpu if isolate is None else isolate) else None
 
         def objective(meta):
             launcher = runnable[fam].KERNELS[p.op]
-            entry = {"config": dict(meta), "seconds": None, "status": "ok", "detail": ""}
-            try:
-                got = launcher(*[a.clone() for a in args], meta=meta, **p.node.attr)
-                if not _close(got, want):
-                    entry.update(status="wrong_result", detail="differs from the op's reference")
-                elif on_gpu:
-                    fresh = [a.clone() for a in args]
-                    entry["seconds"], entry["spread"] = _measure_cuda(lambda: launcher(*fresh, meta=meta,
-                                                                                         **p.node.attr))
-                else:
-                    t0 = time.perf_counter()
-                    launcher(*[a.clone() for a in args], meta=meta, **p.node.attr)
-                    entry["seconds"] = time.perf_counter() - t0
-            except Exception as e:  # recorded, not fatal
-                kind = "out_of_resources" if "OutOfResources" in type(e).__name__ else "compile_error"
-                entry.update(status=kind, detail=f"{type(e).__name__}: {e}"[:500])
+            entry = {"config": dict(meta)}
+            entry.update(worker.measure(meta) if worker is not None else
+                         measure_candidate(launcher, args, want, meta, p.node.attr, on_gpu))
             timings.append({k: v for k, v in entry.items() if k != "spread"})
             if entry["seconds"] is not None and (best[0] is None or entry["seconds"] < best[0][0]):
                 best[0] = (entry["seconds"], meta, entry.get("spread", 0.0))
@@ -187,7 +199,11 @@ def tune(path, strategy: str = "tpe", budget: int | None = None, store: TuningSt
             return entry["seconds"]
 
         n = budget or _default_budget(len(cands), target)
-        search(strategy if len(cands) > n else "exhaustive", cands, objective, budget=n, seed=seed)
+        try:
+            search(strategy if len(cands) > n else "exhaustive", cands, objective, budget=n, seed=seed)
+        finally:
+            if worker is not None:
+                worker.close()
         if best[0] is None:
             why = next((t["detail"] for t in timings if t["detail"]), "")
             log(f"[{i}/{len(todo)}] {p.op}: no candidate ran correctly ({why[:160]}); keeping the default")

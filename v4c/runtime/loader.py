@@ -25,7 +25,8 @@ def _device(device) -> torch.device:
 BACKENDS = ("torch", "triton")
 
 
-def load(path: str | os.PathLike, device=None, verify_weights: bool = False, backend: str | None = None) -> Model:
+def load(path: str | os.PathLike, device=None, verify_weights: bool = False, backend: str | None = None,
+         cuda_graphs: bool = True) -> Model:
     """Load the artifact at ``path``; every file is checked against the manifest first.
 
     ``backend``: "triton" runs the artifact's kernels (natively on CUDA, through Triton's
@@ -47,4 +48,4 @@ def load(path: str | os.PathLike, device=None, verify_weights: bool = False, bac
     kernels = man.data.get("kernels", {})
     backend = backend or ("triton" if dev.type == "cuda" and kernels.get("ops") else "torch")
     impls = load_kernels(root, kernels, dev.type) if backend == "triton" else {}
-    return Model(root, config, graph, params, dev, man.data, impls=impls, backend=backend)
+    return Model(root, config, graph, params, dev, man.data, impls=impls, backend=backend, cuda_graphs=cuda_graphs)

@@ -21,7 +21,8 @@ class Model:
     """What ``v4c.load`` returns."""
 
     def __init__(self, path: Path, config: dict, graph: Graph, params: dict[str, torch.Tensor] | None,
-                 device: torch.device, manifest: dict, impls: dict | None = None, backend: str = "torch"):
+                 device: torch.device, manifest: dict, impls: dict | None = None, backend: str = "torch",
+                 cuda_graphs: bool = True):
         self.path = path
         self.config = SimpleNamespace(**config)
         self.config_dict = config
@@ -30,6 +31,7 @@ class Model:
         self.manifest = manifest
         self.params = params
         self.backend = backend
+        self.cuda_graphs = cuda_graphs  # decode steps on CUDA are captured once and replayed
         self.executor = Executor(graph, params, impls) if params is not None else None
 
     @property

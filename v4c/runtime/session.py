@@ -35,6 +35,10 @@ class Session:
             fill = -1 if t.dtype in ("i64", "i32") else 0  # -1 marks an empty ring slot
             self.states[name] = torch.full(t.concrete(bindings), fill, dtype=DTYPES[t.dtype], device=model.device)
         self.lengths = torch.zeros(batch_size, dtype=torch.int64, device=model.device)
+        self._graph = None
+        if model.device.type == "cuda" and model.backend == "triton" and model.cuda_graphs:
+            from .cuda_graphs import DecodeGraph
+            self._graph = DecodeGraph(model.executor, self.states, batch_size, model.device)
 
     def reset(self) -> None:
         for t in self.states.values():
@@ -85,7 +89,10 @@ class Session:
         ids = ids.to(dev, torch.int64)
         steps = torch.arange(ids.shape[1], device=dev)[None, :]
         pos = torch.where(steps < n[:, None], self.lengths[:, None] + steps, torch.full_like(steps, -1))
-        (logits,) = self.model.executor.run({"ids": ids, "pos": pos}, self.states)
+        if self._graph is not None and ids.shape[1] == 1 and lengths is None:
+            logits = self._graph.run(ids, pos)  # a captured CUDA graph, replayed
+        else:
+            (logits,) = self.model.executor.run({"ids": ids, "pos": pos}, self.states)
         self.lengths += n
         return logits.float()
 
