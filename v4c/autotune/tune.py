@@ -88,7 +88,27 @@ def _default_budget(n: int, target: str) -> int:
     return min(n, 4) if target == "cpu" else max(8, min(64, n // 4))
 
 
-def _measure_cuda(fn, reps=20, warmup=5):
+def _as_cuda_graph(fn):
+    """``fn`` captured into a CUDA graph (decode shapes are launch-bound: time them as the runtime
+    runs them), or None when it cannot be captured."""
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        return g.replay
+    except Exception:
+        return None
+
+
+def _measure_cuda(fn, reps=20, warmup=5, graph=False):
+    """Median seconds and relative spread; ``graph``: replay a CUDA-graph capture of ``fn``."""
+    if graph:
+        fn = _as_cuda_graph(fn) or fn
     flush = torch.empty(1 << 27, dtype=torch.uint8, device="cuda")
     for _ in range(warmup):
         fn()
@@ -129,7 +149,8 @@ def measure_candidate(launcher, args, want, meta: dict, attrs: dict, on_gpu: boo
             out.update(status="wrong_result", detail="differs from the op's reference")
         elif on_gpu:
             fresh = [a.clone() for a in args]
-            out["seconds"], out["spread"] = _measure_cuda(lambda: launcher(*fresh, meta=meta, **attrs))
+            decode = args[0].dim() >= 2 and args[0].shape[1] == 1  # [B, T=1, ...]: a decode step
+            out["seconds"], out["spread"] = _measure_cuda(lambda: launcher(*fresh, meta=meta, **attrs), graph=decode)
         else:  # the interpreter: one run, timed only to exercise the loop
             t0 = time.perf_counter()
             launcher(*[a.clone() for a in args], meta=meta, **attrs)
@@ -209,7 +230,7 @@ def tune(path, strategy: str = "tpe", budget: int | None = None, store: TuningSt
             log(f"[{i}/{len(todo)}] {p.op}: no candidate ran correctly ({why[:160]}); keeping the default")
             continue
         secs, meta, spread = best[0]
-        method = ({"kind": "cuda_events", "reps": 20, "warmup": 5, "l2_flush": True, "cuda_graph": False}
+        method = ({"kind": "cuda_events", "reps": 20, "warmup": 5, "l2_flush": True, "cuda_graph": p.tokens == 1}
                   if on_gpu else {"kind": "interpreter", "meaningless": True})
         rec = TuningRecord(kernel=p.op, source_hash=sh, signature=p.signature, bucket=p.bucket, dtypes=p.dtypes,
                            quant=p.quant, hardware=hw, toolchain={k: tc[k] for k in ("triton", "torch", "cuda")},
