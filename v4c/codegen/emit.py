@@ -15,7 +15,7 @@ from importlib import resources
 from .. import __version__
 from ..graph.ir import Graph
 
-FAMILIES = ("gemm", "mhc", "moe", "attention", "compressor")
+FAMILIES = ("gemm", "mhc", "moe", "attention", "indexer", "compressor")
 
 
 def _template(family: str):

@@ -1,4 +1,5 @@
-"""Host-side helpers every kernel family shares. A template imports them with the line
+"""Helpers the kernel families share: host code, and the small ``@triton.jit`` helpers and limits
+that more than one family needs. A template imports them with the line
 ``from .prelude import ...  # v4c: inline prelude``; when the template is rendered into an
 artifact, ``v4c.codegen.emit`` replaces that line with this file's body, so the rendered
 module stays self-contained (torch + triton only)."""
@@ -6,6 +7,8 @@ import math
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 
 def _interpreting() -> bool:
@@ -44,3 +47,81 @@ def _rope_inv_freq(rope_dim: int, theta: float, yarn, device) -> torch.Tensor:
             inv = inv / factor * ramp + inv * (1 - ramp)
         _INV_FREQ[key] = inv.to(device)
     return _INV_FREQ[key]
+
+
+# ---- shared by the attention and indexer families ------------------------------------------
+
+SMEM_BYTES = 200 * 1024  # under the ~227 KiB a Hopper block may use, with room for the compiler
+MAX_ACC_REGS = 128  # fp32 accumulator values per thread before spills get likely
+
+
+@triton.jit
+def _pow2(e):
+    """fp32 ``2**e`` for int32 ``e`` in [-127, 127], built from the bits (2**-127 is subnormal)."""
+    biased = e + 127
+    bits = tl.where(biased > 0, biased << 23, 1 << 22)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _ue8m0_exponent(amax, THRESH: tl.constexpr, QEXP: tl.constexpr):
+    """Smallest ``e`` with ``2**e >= amax / qmax`` (``qmax = (1 + THRESH/2**23) * 2**QEXP``: 448 is
+    (0x600000, 8), 6 is (0x400000, 2)), 0 for amax == 0, clamped to UE8M0's [-127, 127]."""
+    bits = amax.to(tl.int32, bitcast=True)
+    biased = (bits >> 23) & 0xFF
+    e = biased - 127 - QEXP + ((bits & 0x7FFFFF) > THRESH).to(tl.int32)
+    e = tl.where(biased == 0, tl.where(amax == 0.0, 0, -127), e)
+    return tl.minimum(tl.maximum(e, -127), 127)
+
+
+@triton.jit
+def _rne_bf16(x):
+    """fp32 values rounded to the nearest bf16 (ties to even), still as fp32."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _round_to(x, dt: tl.constexpr):
+    """fp32 ``x`` rounded to dtype ``dt`` (nearest even) and back to fp32."""
+    if dt == tl.bfloat16:
+        y = _rne_bf16(x)
+    elif dt == tl.float32:
+        y = x
+    else:
+        y = x.to(dt).to(tl.float32)
+    return y
+
+@triton.jit
+def _cos_sin(angle):
+    """cos and sin of fp32 angles >= 0, reduced to [-pi, pi] first (two-constant Cody-Waite with
+    fma), so fast hardware sin/cos stay accurate at long-context positions."""
+    turns = tl.floor(angle * 0.15915494309189535 + 0.5)
+    r = tl.fma(turns, -6.2831854820251465, angle)
+    r = tl.fma(turns, 1.7484555314695172e-07, r)
+    return tl.cos(r), tl.sin(r)
+
+
+@triton.jit
+def _mm(a, b, DOT_F32: tl.constexpr):
+    if DOT_F32:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        c = tl.dot(a, b)
+    return c
+
+def _pow2_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0 and (v & (v - 1)) == 0
+
+
+def _np2(v: int) -> int:
+    return triton.next_power_of_2(max(int(v), 1))
+
+def _dot_f32(dtype) -> bool:
+    """fp32 (ieee) dots for fp32 models, and for bf16 under the interpreter (its bf16 dot is wrong)."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and _interpreting())
+
+
+def _last_contiguous(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
