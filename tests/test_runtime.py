@@ -96,4 +96,32 @@ def test_memory_report(model):
     s = model.new_session(2, max_context=256)
     mem = s.memory()
     assert mem["total"] == sum(t.numel() * t.element_size() for t in s.states.values())
-    assert mem["win"] == 4 * 2 * model.config.sliding_window * model.config.head_dim * 4  # 4 layers, fp32
+    # 4 layers of fp32 rings [W, head_dim] and int64 positions [W], 2 sequences
+    assert mem["window"] == 4 * 2 * model.config.sliding_window * (model.config.head_dim * 4 + 8)
+
+
+@pytest.mark.parametrize("context", [1, 255, 256, 257, 1000])
+def test_memory_plan_equals_inspect(model, tiny_artifact, context):
+    """States are allocated once, in whole 256-token blocks, exactly as `v4c inspect` predicts."""
+    from v4c.inspect import inspect_artifact
+    s = model.new_session(3, max_context=context)
+    assert s.allocated_tokens == -(-context // 256) * 256
+    kv = inspect_artifact(tiny_artifact, context=context)["kv_cache"]
+    mem = s.memory()
+    assert {k: mem[k] for k in kv["by_kind"]} == {k: 3 * v for k, v in kv["by_kind"].items()}
+    assert mem["total"] == 3 * kv["total_bytes"] and all(v > 0 for v in kv["by_kind"].values())
+    assert kv["allocated_tokens"] == s.allocated_tokens
+    rows = [t for n, t in s.states.items() if n.endswith("comp.rows")]
+    assert rows and all(t.shape[1] in (s.allocated_tokens // 4, s.allocated_tokens // 16) for t in rows)
+
+
+def test_buffers_never_move_or_grow(model):
+    s = model.new_session(1, max_context=300)
+    ptrs = {n: t.data_ptr() for n, t in s.states.items()}
+    before = s.memory()
+    s.forward(torch.zeros(1, 290, dtype=torch.long))
+    for _ in range(10):
+        s.forward(torch.zeros(1, 1, dtype=torch.long))
+    assert s.memory() == before and {n: t.data_ptr() for n, t in s.states.items()} == ptrs
+    with pytest.raises(ValueError, match="beyond this session's max_context 300"):
+        s.forward(torch.zeros(1, 1, dtype=torch.long))

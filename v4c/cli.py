@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -12,7 +13,8 @@ from .errors import V4CError
 def _compile(a) -> int:
     from .compiler import compile as compile_model
     compile_model(a.model, a.output, target=a.target, dtype=a.dtype, weights=a.weights, overwrite=a.force,
-                  fuse=not a.no_fuse, kv_cache=a.kv_cache, indexer_cache=a.indexer_cache, print_after=set(a.print_after or ()), print_after_all=a.print_after_all,
+                  fuse=not a.no_fuse, kv_cache=a.kv_cache, indexer_cache=a.indexer_cache,
+                  world_size=a.world_size, parallel=a.parallel, print_after=set(a.print_after or ()), print_after_all=a.print_after_all,
                   log=lambda s: print(s, file=sys.stderr))
     print(a.output)
     return 0
@@ -31,7 +33,15 @@ def _run(a) -> int:
     import torch
 
     from .runtime.loader import load
-    model = load(a.artifact, device=a.device, backend=a.backend)
+    rank = 0
+    if a.world_size != 1 or "WORLD_SIZE" in os.environ:  # multi-GPU: torchrun's ranks, or start them
+        from .runtime.distributed import launch, load_distributed
+        if "WORLD_SIZE" not in os.environ:
+            return launch(a.world_size, _run_argv(a))
+        model = load_distributed(a.artifact, device=a.device, backend=a.backend)
+        rank = model.rank
+    else:
+        model = load(a.artifact, device=a.device, backend=a.backend)
     tok = None
     if a.prompt is not None:
         tok = _tokenizer(Path(a.artifact))
@@ -45,22 +55,45 @@ def _run(a) -> int:
         raise ValueError("the prompt is empty")
 
     def show(t):
+        if rank != 0:  # every rank has the same tokens; one prints them
+            return
         text = tok.decode([int(t[0])]) if tok else str(int(t[0]))
         print(text, end=("" if tok else " "), flush=True)
 
     model.generate(torch.tensor([ids]), a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed,
                    on_token=show)
-    print()
+    if rank == 0:
+        print()
     return 0
+
+
+def _run_argv(a) -> list[str]:
+    """``v4c run`` arguments that each rank started by ``--world-size`` gets."""
+    argv = ["run", a.artifact, "--max-new-tokens", str(a.max_new_tokens), "--temperature", str(a.temperature),
+            "--top-p", str(a.top_p), "--world-size", str(a.world_size)]
+    argv += ["--prompt", a.prompt] if a.prompt is not None else ["--prompt-ids", a.prompt_ids]
+    for flag, v in (("--seed", a.seed), ("--device", a.device), ("--backend", a.backend)):
+        if v is not None:
+            argv += [flag, str(v)]
+    return argv
 
 
 def _inspect(a) -> int:
     from .inspect import format_report, inspect_artifact
-    r = inspect_artifact(a.artifact, context=a.context, batch=a.batch)
+    r = inspect_artifact(a.artifact, context=a.context, batch=a.batch,
+                         **({"gpu_sizes": tuple(a.gpu_memory)} if a.gpu_memory else {}))
     if a.graph:
         print((Path(a.artifact) / "graph.v4c").read_text(), end="")
         return 0
     print(json.dumps(r, indent=1) if a.json else format_report(r))
+    return 0
+
+
+def _report(a) -> int:
+    from .report import write_report
+    files = write_report(a.model, a.output, target=a.target, batch=a.batch, context=a.context, dtype=a.dtype,
+                         log=lambda s: print(s, file=sys.stderr))
+    print("\n".join(str(f) for f in files.values()))
     return 0
 
 
@@ -151,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="window/compressed KV rows (auto: fp8 for real V4 layouts, else the activation dtype)")
     c.add_argument("--indexer-cache", default="auto", choices=["auto", "fp32", "bf16", "fp8", "fp4"],
                    help="indexer keys (auto: fp4 for real V4 layouts, else the activation dtype)")
+    c.add_argument("--world-size", type=int, default=1, help="ranks (GPUs) to shard the model over")
+    c.add_argument("--parallel", default=None, metavar="ep=N,attn=dp|tp",
+                   help="experts split over N ranks (N = world size, or 1); attention data- or tensor-parallel "
+                        "(default ep=WORLD,attn=dp)")
     c.add_argument("--print-after", action="append", metavar="PASS", help="print the IR after PASS (repeatable)")
     c.add_argument("--print-after-all", action="store_true", help="print the IR after every pass")
     c.set_defaults(fn=_compile)
@@ -164,8 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--top-p", type=float, default=1.0)
     r.add_argument("--seed", type=int, default=None)
     r.add_argument("--device", default=None)
-    r.add_argument("--backend", default=None, choices=["torch", "triton"],
+    r.add_argument("--backend", default=None, choices=["torch", "triton", "reference"],
                    help="kernels: triton (default on CUDA; interpreted on CPU) or the PyTorch references")
+    r.add_argument("--world-size", type=int, default=1,
+                   help="run a sharded artifact on N ranks (starts torchrun; under torchrun, join its ranks)")
     r.set_defaults(fn=_run)
     i = sub.add_parser("inspect", help="describe an artifact")
     i.add_argument("artifact")
@@ -173,7 +212,19 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--graph", action="store_true", help="print the IR text")
     i.add_argument("--context", type=int, default=None, help="context length for the costs (default: the model's max)")
     i.add_argument("--batch", type=int, default=1, help="sequences per decode step for the costs")
+    i.add_argument("--gpu-memory", type=float, nargs="+", default=None, metavar="GB",
+                   help="card sizes for weights.per_gpu (default: 80 141 192)")
     i.set_defaults(fn=_inspect)
+    rp = sub.add_parser("report", help="plots and an HTML page: KV cache and decode FLOPs against context, kernels")
+    rp.add_argument("model", help="an artifact, or a checkpoint/config directory (compiled weight-free)")
+    rp.add_argument("-o", "--output", required=True, help="directory for the PNGs, report.html and series.json")
+    rp.add_argument("--target", default=None, help="device for the kernel table's roofline: sm80 ... sm120, a product "
+                    "(h200-sxm) or cpu (default: the artifact's target; sm90 for a model directory)")
+    rp.add_argument("--batch", type=int, default=1, help="sequences per decode step in the kernel table")
+    rp.add_argument("--context", type=int, default=None, help="context of the kernel table (default: the model's max)")
+    rp.add_argument("--dtype", default="bf16", choices=["f32", "bf16", "f16"],
+                    help="activation dtype when compiling a model directory")
+    rp.set_defaults(fn=_report)
     t = sub.add_parser("tune", help="measure kernel configs for an artifact and keep them in the tuning cache")
     t.add_argument("artifact")
     t.add_argument("--strategy", default="tpe", choices=["exhaustive", "random", "tpe"])
@@ -198,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     cv = csub.add_parser("coverage", help="which kernels of an artifact run on defaults")
     cv.add_argument("artifact")
     cc.set_defaults(fn=_cache)
+    from .onnx.cli import add_onnx_commands
+    add_onnx_commands(sub)
     d = sub.add_parser("demo", help="tiny random model: compile, load, generate")
     d.add_argument("--prompt-len", type=int, default=12)
     d.add_argument("--new-tokens", type=int, default=16)

@@ -30,8 +30,10 @@ from .io.naming import plan_sources
 from .io.safetensors import sha256_file
 from .model.build import build_graph
 from .model.config import V4Config
+from .model.weight_quant import quantized_graph
 from .passes import PassManager, default_pipeline
 from .passes.pipeline import resolve_cache_formats
+from .passes.shard import parallel_manifest, shard_all
 from .targets import resolve_target
 
 COPY_LIMIT = 2 << 30  # weights up to this size are copied into the artifact by default
@@ -53,7 +55,7 @@ def _toolchain() -> dict:
 
 def compile(model: str | os.PathLike, output: str | os.PathLike, *, target: str = "auto", dtype: str = "f32",
             weights: str = "auto", overwrite: bool = False, fuse: bool = True, kv_cache: str = "auto",
-            indexer_cache: str = "auto", tuning_cache=None,
+            indexer_cache: str = "auto", tuning_cache=None, world_size: int = 1, parallel: str | None = None,
             print_after: set[str] | None = None, print_after_all: bool = False,
             log: Callable[[str], None] | None = None) -> Path:
     """Compile the checkpoint (or config-only) directory ``model`` into the artifact ``output``.
@@ -76,13 +78,16 @@ def compile(model: str | os.PathLike, output: str | os.PathLike, *, target: str 
         raise FileExistsError(f"{output} exists; pass overwrite=True (--force) to replace it")
     cfg = V4Config.from_json_file(cfg_path)
     tgt = resolve_target(target)
-    graph = verify(build_graph(cfg, dtype))
+    # quantised weights (FP8 / MXFP4 in the checkpoint, or in the config's release layout) stay quantised
+    graph = verify(quantized_graph(build_graph(cfg, dtype), cfg_path,
+                                   model if weights != "none" and _has_weights(model) else None))
     log(f"graph: {len(graph.nodes)} nodes, {len(graph.params)} params, {len(graph.states)} state buffers "
         f"({time.perf_counter() - t0:.2f}s)")
     kv, ix = resolve_cache_formats(cfg, dtype, kv_cache, indexer_cache)
     pm = PassManager(default_pipeline(fuse, kv, ix), print_after=print_after, print_after_all=print_after_all, out=log)
     graph = pm.run(graph)
     log(pm.report())
+    par, rank_graphs = shard_all(graph, world_size, parallel) if world_size != 1 else (None, [])  # multi-GPU
 
     ckpt = None
     if weights != "none" and _has_weights(model):
@@ -98,6 +103,11 @@ def compile(model: str | os.PathLike, output: str | os.PathLike, *, target: str 
     try:
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, sort_keys=True) + "\n")
         (tmp / "graph.v4c").write_text(print_graph(graph))
+        if rank_graphs:
+            (tmp / "ranks").mkdir()
+            for r, rg in enumerate(rank_graphs):
+                (tmp / "ranks" / f"rank{r}.v4c").write_text(print_graph(rg))
+            log(f"sharded for {world_size} ranks ({par.spec()})")
         kernels = emit(graph, tgt)
         choose_configs(graph, kernels, tgt, TuningStore(tuning_cache) if tuning_cache is not False else None)
         for name, src in kernels.modules.values():
@@ -132,6 +142,8 @@ def compile(model: str | os.PathLike, output: str | os.PathLike, *, target: str 
             "graph": "graph.v4c", "passes": pm.applied(), "kv_cache": kv, "indexer_cache": ix, "weights": wmeta,
             "kernels": kernels.manifest_entry(), "files": hashes,
         }
+        if rank_graphs:
+            manifest["parallel"] = parallel_manifest(par, rank_graphs)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         if output.exists():  # overwrite: move the old one aside first so a failure keeps it
             old = output.with_name(f".{output.name}.old-{os.getpid()}")

@@ -1,6 +1,10 @@
 """Every environment knob v4c reads, in one place.
 
 V4C_CACHE_DIR     where the tuning store lives (default ~/.cache/v4c)
+V4C_DIST_TIMEOUT  seconds a torch.distributed collective (and forming the process group) may wait
+                  for a peer before it is an error (default 300)
+V4C_NUM_THREADS   CPU threads for the torch backend (default: one per physical core, torch's own
+                  choice; set it when other work shares the machine)
 TRITON_INTERPRET  on a machine without CUDA, v4c switches Triton's interpreter on when it is
                   imported, because Triton reads this once, when triton itself is imported.
 """
@@ -13,6 +17,25 @@ from pathlib import Path
 
 def cache_dir() -> Path:
     return Path(os.path.expanduser(os.environ.get("V4C_CACHE_DIR") or "~/.cache/v4c"))
+
+
+def dist_timeout() -> float:
+    return float(os.environ.get("V4C_DIST_TIMEOUT") or 300)
+
+
+def configure_threads() -> None:
+    """Apply V4C_NUM_THREADS, if set, to torch's intra-op pool (the CPU backend's GEMMs and reductions)."""
+    n = os.environ.get("V4C_NUM_THREADS")
+    if not n:
+        return
+    try:
+        threads = int(n)
+    except ValueError:
+        raise ValueError(f"V4C_NUM_THREADS must be a positive integer, got {n!r}") from None
+    if threads < 1:
+        raise ValueError(f"V4C_NUM_THREADS must be a positive integer, got {n!r}")
+    import torch
+    torch.set_num_threads(threads)
 
 
 def configure_triton() -> None:

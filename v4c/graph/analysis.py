@@ -35,12 +35,43 @@ def decode_step_kernels(g: Graph, context: int, batch: int = 1) -> list[KernelCo
     return out
 
 
+BLOCK_TOKENS = 256  # context is allocated in blocks of this many tokens, as serving stacks page their caches
+
+# what each state buffer holds, from its name (``l3.comp.rows`` -> "compressed_rows")
+STATE_KINDS = ("window", "compressed_rows", "indexer_keys", "compressor_state")
+
+
+def state_kind(name: str) -> str:
+    """The memory kind of a state buffer: window ring (+ positions), compressed KV rows, indexer keys,
+    or compressor state (the pending, not yet pooled, projections of the attention and indexer
+    compressors)."""
+    part = name.split(".", 1)[1]
+    if part.startswith("win"):
+        return "window"
+    if part == "comp.rows":
+        return "compressed_rows"
+    if part == "index.rows":
+        return "indexer_keys"
+    if ".pend_" in part:
+        return "compressor_state"
+    raise ValueError(f"state buffer {name!r} has no known memory kind")
+
+
+def planned_context(context: int, block: int = BLOCK_TOKENS) -> int:
+    """Tokens allocated for a ``context``-token sequence: whole blocks."""
+    if context < 1:
+        raise ValueError(f"context must be >= 1, got {context}")
+    return -(-context // block) * block
+
+
 @dataclass(frozen=True)
 class CacheFootprint:
     bytes_per_token: float  # growth per token of one sequence, as context -> infinity
-    total_bytes: int  # one sequence at the given context, fixed buffers included
+    total_bytes: int  # one sequence at the given context (allocated in whole blocks), fixed buffers included
     fixed_bytes: int  # window rings, compressor slots, ring positions
     by_state: dict
+    by_kind: dict  # STATE_KINDS -> bytes, one sequence
+    allocated_tokens: int  # the context rounded up to whole blocks
 
 
 def _grows_with_context(shape) -> int | None:
@@ -53,17 +84,22 @@ def _grows_with_context(shape) -> int | None:
     return None
 
 
-def cache_footprint(g: Graph, context: int) -> CacheFootprint:
+def cache_footprint(g: Graph, context: int, block: int = BLOCK_TOKENS) -> CacheFootprint:
+    """State bytes of one sequence whose session allows ``context`` tokens; what ``Session.memory()``
+    reports for a session of that ``max_context`` (per sequence)."""
     per_token, total, fixed, by_state = 0.0, 0, 0, {}
-    bind = {"B": 1, "L": max(context, 1)}
+    by_kind = dict.fromkeys(STATE_KINDS, 0)
+    alloc = planned_context(max(context, 1), block)
+    bind = {"B": 1, "L": alloc}
     for name, t in g.states:
         size = t.nbytes(bind)
         total += size
         by_state[name] = size
+        by_kind[state_kind(name)] += size
         m = _grows_with_context(t.shape)
         if m is None:
             fixed += size
         else:
             row = math.prod(eval_dim(d, bind) for d in t.shape if not (isinstance(d, str) and d.startswith("L")))
             per_token += row * DTYPES[t.dtype].itemsize / m
-    return CacheFootprint(per_token, total, fixed, by_state)
+    return CacheFootprint(per_token, total, fixed, by_state, by_kind, alloc)

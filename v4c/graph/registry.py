@@ -32,8 +32,9 @@ class Concrete:
     dtype: str
 
     @property
-    def itemsize(self) -> int:
-        return DTYPES[self.dtype].itemsize
+    def itemsize(self) -> float:
+        # mxfp4 weights hold two values per byte
+        return DTYPES[self.dtype].itemsize / 2 if self.dtype == "mxfp4" else DTYPES[self.dtype].itemsize
 
     @property
     def numel(self) -> int:
@@ -41,7 +42,7 @@ class Concrete:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * self.itemsize
+        return int(self.numel * self.itemsize)
 
 
 InferFn = Callable[[Sequence[TensorType], dict], Sequence[TensorType]]

@@ -26,10 +26,17 @@ DTYPES: dict[str, torch.dtype] = {
     "i32": torch.int32,
     "bool": torch.bool,
     "u8": torch.uint8,  # packed quantised cache rows
+    # quantised weights (v4c/graph/weight_formats.py): the type's shape is the logical [..., N, K]; the data
+    # is stored as below and the UE8M0 scales are the param ``<name>_scale_inv`` (verify.py checks it)
+    "f8e4m3": torch.float8_e4m3fn,  # FP8 with one scale per 128x128 block
+    "mxfp4": torch.int8,            # e2m1 packed two per byte along K, one scale per 1x32 block
+    "e8m0": torch.float8_e8m0fnu,   # the scales: a biased power-of-two exponent per byte
 }
 TORCH_TO_DTYPE = {v: k for k, v in DTYPES.items()}
 FLOAT_DTYPES = frozenset({"f32", "f16", "bf16", "f64"})
 INT_DTYPES = frozenset({"i64", "i32"})
+QUANT_DTYPES = frozenset({"f8e4m3", "mxfp4"})
+_PACK = {"mxfp4": 2}  # logical values per stored element
 
 _DIM_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?:/([1-9][0-9]*))?$")
 
@@ -88,7 +95,8 @@ class TensorType:
         return math.prod(self.concrete(bindings or {}))
 
     def nbytes(self, bindings: Mapping[str, int] | None = None) -> int:
-        return self.numel(bindings) * DTYPES[self.dtype].itemsize
+        """Bytes as stored (a quantised weight's data only; its scales are a param of their own)."""
+        return self.numel(bindings) * DTYPES[self.dtype].itemsize // _PACK.get(self.dtype, 1)
 
     def with_shape(self, shape) -> "TensorType":
         return TensorType(tuple(shape), self.dtype)

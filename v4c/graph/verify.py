@@ -5,6 +5,9 @@ from ..errors import GraphError
 from . import ops as _ops  # noqa: F401  (fills the registry)
 from .ir import Graph
 from .registry import get_op
+from .types import QUANT_DTYPES
+from .weight_formats import FORMATS
+from .weights import scale_name
 
 
 def verify(g: Graph) -> Graph:
@@ -15,6 +18,7 @@ def verify(g: Graph) -> Graph:
             if n in types:
                 raise GraphError(f"{kind} %{n} is defined twice")
             types[n] = t
+    _check_quantized_params(g)
     version = {s: s for s, _ in g.states}  # state root -> its current version
     root_of = {s: s for s, _ in g.states}  # value -> state root it is a version of
     dead: dict[str, int] = {}  # superseded state versions -> index of the node that updated them
@@ -59,3 +63,29 @@ def verify(g: Graph) -> Graph:
         raise GraphError(f"state_out must map each updated state to its final version: expected {final}, "
                          f"got {dict(g.state_outputs)}")
     return g
+
+
+def _check_quantized_params(g: Graph) -> None:
+    """Every quantised weight has its e8m0 scale param of the shape its format implies, and every scale a weight."""
+    params = dict(g.params)
+    owners = {}
+    for n, t in g.params:
+        if t.dtype not in QUANT_DTYPES:
+            continue
+        f = FORMATS[t.dtype]
+        if not all(isinstance(d, int) for d in t.shape):
+            raise GraphError(f"param %{n} : {t}: a quantised weight needs concrete dims")
+        try:
+            f.check_shape(t.shape, f"param %{n}")
+        except ValueError as e:
+            raise GraphError(str(e)) from None
+        s = scale_name(n)
+        want = f"e8m0[{','.join(str(d) for d in f.scale_shape(t.shape))}]"
+        if s not in params:
+            raise GraphError(f"param %{n} : {t} has no scale param %{s} (expected {want})")
+        if str(params[s]) != want:
+            raise GraphError(f"param %{n} : {t}: its scale %{s} is {params[s]}, expected {want}")
+        owners[s] = n
+    for n, t in g.params:
+        if t.dtype == "e8m0" and n not in owners:
+            raise GraphError(f"param %{n} : {t} is a scale without a quantised weight")

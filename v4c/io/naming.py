@@ -23,11 +23,16 @@ from .checkpoint import Checkpoint, ExpectedTensor, check_tensors
 IGNORED_PREFIXES = ("mtp.", "model.mtp.")  # the MTP block: not part of the serving graph
 
 _RULES = [(re.compile(p), r) for p, r in (
+    # an official block scale ``X.scale`` is transformers' ``X.weight_scale_inv`` (the mHC ``hc_*_scale``
+    # params have no dot before ``scale``, and the HF ``attn_hc.scale`` does not follow a linear's name)
+    (r"^(.*\.(?:wq_a|wq_b|wkv|wgate|wo_a|wo_b|w1|w2|w3|weights_proj|gate|head|embed))\.scale$",
+     r"\1.weight_scale_inv"),
+    (r"^(head|embed)\.scale$", r"\1.weight_scale_inv"),
     (r"\.attn\.", ".self_attn."),                                       # official module names
     (r"\.ffn\.", ".mlp."),
     (r"\.indexer\.compressor\.", ".compressor.indexer."),
-    (r"^embed\.weight$", "embed_tokens.weight"),
-    (r"^head\.weight$", "lm_head.weight"),
+    (r"^embed\.weight(_scale_inv)?$", r"embed_tokens.weight\1"),
+    (r"^head\.weight(_scale_inv)?$", r"lm_head.weight\1"),
     (r"^hc_head_(fn|base|scale)$", r"hc_head.hc_\1"),
     (r"\.attn_norm\.", ".input_layernorm."),
     (r"\.ffn_norm\.", ".post_attention_layernorm."),
@@ -49,7 +54,12 @@ _RULES = [(re.compile(p), r) for p, r in (
     (r"\.shared_experts\.w2\.", ".shared_experts.down_proj."),
     (r"\.shared_experts\.w3\.", ".shared_experts.up_proj."),
 )]
-_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(w1|w2|w3)\.weight$")
+_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(w1|w2|w3|gate_proj|down_proj|up_proj)"
+                     r"\.(weight|weight_scale_inv)$")
+_EXPERT_ROLE = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}  # per-expert HF names
+_STACKED = {"experts.gate_up_proj": ("gate_up", ""), "experts.down_proj": ("down", ""),
+            "experts.gate_up_proj_scale_inv": ("gate_up", "_scale_inv"),
+            "experts.down_proj_scale_inv": ("down", "_scale_inv")}
 
 
 def graph_name(name: str) -> str | None:
@@ -59,7 +69,7 @@ def graph_name(name: str) -> str | None:
     bare = name[len("model."):] if name.startswith("model.") else name
     for pat, rep in _RULES:
         bare = pat.sub(rep, bare)
-    return bare if bare == "lm_head.weight" else f"model.{bare}"
+    return bare if bare.startswith("lm_head.") else f"model.{bare}"
 
 
 @dataclass(frozen=True)
@@ -77,9 +87,13 @@ class Source:
         return torch.stack([ckpt.tensor(n) for n in self.names])
 
 
-def plan_sources(ckpt: Checkpoint, params: dict) -> dict[str, Source]:
-    """Match every graph param (name -> TensorType) with checkpoint tensors, checking names, shapes
-    and dtypes; raises WeightMismatchError listing every problem in the checkpoint's own names."""
+def _expected_kind(dtype: str) -> str:
+    """What checkpoint dtypes a graph param of ``dtype`` accepts: quantised data and scales exactly their own."""
+    return {"f8e4m3": "F8_E4M3", "mxfp4": "I8", "e8m0": "F8_E8M0", "i64": "int", "i32": "int"}.get(dtype, "float")
+
+
+def _by_graph_name(ckpt: Checkpoint):
+    """(graph name -> checkpoint name, stacked expert prefix -> {(expert, w1|w2|w3, suffix): checkpoint name})."""
     direct: dict[str, str] = {}
     experts: dict[str, dict] = defaultdict(dict)
     for n in ckpt.names():
@@ -88,33 +102,82 @@ def plan_sources(ckpt: Checkpoint, params: dict) -> dict[str, Source]:
             continue
         m = _EXPERT.match(g)
         if m:
-            experts[m.group(1)][(int(m.group(2)), m.group(3))] = n
+            role = _EXPERT_ROLE.get(m.group(3), m.group(3))
+            experts[m.group(1)][(int(m.group(2)), role, m.group(4))] = n
         else:
             direct.setdefault(g, n)
+    return direct, experts
+
+
+def checkpoint_dtypes(ckpt: Checkpoint) -> dict[str, str]:
+    """Graph param name -> safetensors dtype of the checkpoint tensor(s) it is read from; stacked expert
+    params take the dtype of their per-expert tensors."""
+    direct, experts = _by_graph_name(ckpt)
+    out = {g: ckpt.info(n).dtype for g, n in direct.items()}
+    for prefix, have in experts.items():
+        for (_, role, suffix), n in sorted(have.items()):
+            stacked = f"{prefix}.{'down_proj' if role == 'w2' else 'gate_up_proj'}"
+            out.setdefault(stacked + ("_scale_inv" if suffix == "weight_scale_inv" else ""), ckpt.info(n).dtype)
+    return out
+
+
+def _missing_scale_name(name: str, direct: dict[str, str]) -> str | None:
+    """A missing scale is reported in its weight's naming: ``X.scale`` beside an official ``X.weight``,
+    else ``X.weight_scale_inv``."""
+    weight = name[:-len("_scale_inv")] if name.endswith("_scale_inv") else None
+    wk = direct.get(weight) if weight else None
+    if wk is None or not wk.endswith(".weight"):
+        return None
+    return wk[:-len(".weight")] + ".scale" if graph_name(wk) != wk else wk + "_scale_inv"
+
+
+def plan_sources(ckpt: Checkpoint, params: dict) -> dict[str, Source]:
+    """Match every graph param (name -> TensorType) with checkpoint tensors, checking names, shapes
+    and dtypes; raises WeightMismatchError listing every problem in the checkpoint's own names.
+
+    A quantised weight's data must have its exact dtype and stored shape, and so must its scale
+    (``X.scale`` / ``X.weight_scale_inv``, a param of its own), so a missing or mis-shaped scale is
+    reported by name like any other tensor."""
+    from ..graph.weight_formats import FORMATS
+
+    direct, experts = _by_graph_name(ckpt)
     expected: dict[str, ExpectedTensor] = {}
     sources: dict[str, Source] = {}
     for name, t in params.items():
-        kind = "int" if t.dtype in ("i64", "i32") else "float"
-        prefix = name.rsplit(".", 1)[0]
-        if name in direct or not (name.endswith(("experts.gate_up_proj", "experts.down_proj")) and experts[prefix]):
-            ck = direct.get(name, name)
-            expected[ck] = ExpectedTensor(tuple(t.shape), kind)
+        kind = _expected_kind(t.dtype)
+        shape = FORMATS[t.dtype].storage_shape(t.shape) if t.dtype in FORMATS else tuple(t.shape)
+        prefix = name.rsplit(".", 1)[0]  # model.layers.N.mlp.experts for the stacked expert params
+        leaf = "experts." + name.rsplit(".", 1)[-1]
+        if name in direct or leaf not in _STACKED or not experts[prefix]:
+            ck = direct.get(name) or _missing_scale_name(name, direct) or name
+            expected[ck] = ExpectedTensor(tuple(shape), kind)
             sources[name] = Source("tensor", (ck,))
             continue
         have = experts[prefix]
+        how, suffix = _STACKED[leaf]
         sample = next(iter(have.values()))
         base = sample[: sample.rindex(".experts.") + len(".experts.")]
-        e, rows, cols = t.shape
-        if name.endswith("gate_up_proj"):  # [E, 2I, D] from w1 [I, D] and w3 [I, D]
+        official = ".w1." in sample or ".w2." in sample or ".w3." in sample
+        role_name = {"w1": "w1", "w2": "w2", "w3": "w3"} if official else \
+            {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+        ck_suffix = "weight" + suffix
+        if suffix and official and sample.endswith(".scale"):
+            ck_suffix = "scale"  # the official spelling of a block scale
+        key = "weight_scale_inv" if suffix else "weight"
+
+        def ck_name(i, role):
+            return have.get((i, role, key), f"{base}{i}.{role_name[role]}.{ck_suffix}")
+
+        e, rows, cols = shape
+        if how == "gate_up":  # [E, 2I, D] from w1 [I, D] and w3 [I, D]
             pairs = []
             for i in range(e):
-                w1 = have.get((i, "w1"), f"{base}{i}.w1.weight")
-                w3 = have.get((i, "w3"), f"{base}{i}.w3.weight")
+                w1, w3 = ck_name(i, "w1"), ck_name(i, "w3")
                 expected[w1] = expected[w3] = ExpectedTensor((rows // 2, cols), kind)
                 pairs.append((w1, w3))
             sources[name] = Source("gate_up", tuple(pairs))
         else:  # [E, D, I] from w2 [D, I]
-            names = tuple(have.get((i, "w2"), f"{base}{i}.w2.weight") for i in range(e))
+            names = tuple(ck_name(i, "w2") for i in range(e))
             for n in names:
                 expected[n] = ExpectedTensor((rows, cols), kind)
             sources[name] = Source("down", names)

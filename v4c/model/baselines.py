@@ -7,8 +7,9 @@ indexer key (128 dims); production stores the row in FlashMLA's FP8 layout (512 
 from __future__ import annotations
 
 V32_LAYERS = 61
-ROW_BYTES = {"fp8": 656, "bf16": 1152}
-KEY_BYTES = {"fp8": 132, "bf16": 256}
+# fp32: the unquantised layout, the baseline for models whose own cache is kept in fp32
+ROW_BYTES = {"fp8": 656, "bf16": 1152, "fp32": 2304}
+KEY_BYTES = {"fp8": 132, "bf16": 256, "fp32": 512}
 
 
 def v32_bytes_per_token(kv: str = "fp8", layers: int = V32_LAYERS) -> int:

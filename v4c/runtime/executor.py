@@ -7,6 +7,7 @@ import torch
 
 from ..graph.ir import Graph
 from ..graph.registry import get_op
+from ..graph.weights import bind_quantized
 
 
 class Executor:
@@ -15,7 +16,7 @@ class Executor:
     def __init__(self, graph: Graph, params: Mapping[str, torch.Tensor], impls: Mapping | None = None):
         """``impls`` (op -> callable) replaces ops' references, e.g. with the artifact's kernels."""
         self.graph = graph
-        self.params = dict(params)
+        self.params = bind_quantized(dict(graph.params), params)  # quantised weights joined with their scales
         self.plan = []
         impls = impls or {}
         for node in graph.nodes:

@@ -11,9 +11,11 @@ from ..artifact.manifest import verify_artifact
 from ..graph.text import parse_graph
 from ..graph.verify import verify
 from ..io.checkpoint import Checkpoint
+from ..settings import configure_threads
 from ..io.naming import plan_sources
 from .kernels import load_kernels
 from .model import Model, cast_param
+from .torch_ops import IMPLS as TORCH_IMPLS
 
 
 def _device(device) -> torch.device:
@@ -22,7 +24,7 @@ def _device(device) -> torch.device:
     return torch.device(device)
 
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton", "reference")
 
 
 def load(path: str | os.PathLike, device=None, verify_weights: bool = False, backend: str | None = None,
@@ -30,8 +32,9 @@ def load(path: str | os.PathLike, device=None, verify_weights: bool = False, bac
     """Load the artifact at ``path``; every file is checked against the manifest first.
 
     ``backend``: "triton" runs the artifact's kernels (natively on CUDA, through Triton's
-    interpreter on CPU), "torch" the ops' PyTorch references. Default: triton on CUDA,
-    torch on CPU.
+    interpreter on CPU); "torch" the fast PyTorch implementations (``runtime/torch_ops``) where
+    an op has one and its reference elsewhere; "reference" the ops' references only (the
+    definition, for debugging). Default: triton on CUDA, torch on CPU.
     """
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -40,6 +43,8 @@ def load(path: str | os.PathLike, device=None, verify_weights: bool = False, bac
     config = json.loads((root / man.data["config"]).read_text())
     graph = verify(parse_graph((root / man.data["graph"]).read_text()))
     dev = _device(device)
+    if dev.type == "cpu":
+        configure_threads()
     params = None
     if man.has_weights:
         ckpt = Checkpoint.open(man.weights_location())
@@ -47,5 +52,6 @@ def load(path: str | os.PathLike, device=None, verify_weights: bool = False, bac
         params = {n: cast_param(sources[n].load(ckpt), t.dtype, dev) for n, t in graph.params}
     kernels = man.data.get("kernels", {})
     backend = backend or ("triton" if dev.type == "cuda" and kernels.get("ops") else "torch")
-    impls = load_kernels(root, kernels, dev.type) if backend == "triton" else {}
+    impls = {"triton": lambda: load_kernels(root, kernels, dev.type), "torch": lambda: dict(TORCH_IMPLS),
+             "reference": dict}[backend]()
     return Model(root, config, graph, params, dev, man.data, impls=impls, backend=backend, cuda_graphs=cuda_graphs)

@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..graph.analysis import STATE_KINDS, planned_context, state_kind
 from ..graph.types import DTYPES
 
 if TYPE_CHECKING:
@@ -29,7 +30,10 @@ class Session:
         self.model = model
         self.batch_size = batch_size
         self.max_context = max_context
-        bindings = {"B": batch_size, "L": max_context}
+        # every buffer is allocated here, once, for max_context rounded up to whole 256-token blocks;
+        # nothing grows later: a call that would pass max_context is refused
+        self.allocated_tokens = planned_context(max_context)
+        bindings = {"B": batch_size, "L": self.allocated_tokens}
         self.states = {}
         for name, t in model.graph.states:
             fill = -1 if t.dtype in ("i64", "i32") else 0  # -1 marks an empty ring slot
@@ -46,11 +50,12 @@ class Session:
         self.lengths.zero_()
 
     def memory(self) -> dict[str, int]:
-        """Bytes of state held, by buffer kind (the part of the name after the layer)."""
-        out: dict[str, int] = {}
+        """Bytes of state held by the whole batch, by kind (window, compressed_rows, indexer_keys,
+        compressor_state) and in total; per sequence it equals ``v4c inspect --json --context
+        max_context``'s ``kv_cache.by_kind``."""
+        out = dict.fromkeys(STATE_KINDS, 0)
         for name, t in self.states.items():
-            kind = name.split(".", 1)[1]
-            out[kind] = out.get(kind, 0) + t.numel() * t.element_size()
+            out[state_kind(name)] += t.numel() * t.element_size()
         out["total"] = sum(out.values())
         return out
 

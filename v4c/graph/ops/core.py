@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ..registry import (Cost, expect, expect_float, expect_int, expect_rank, io_bytes_cost, register,
                         same_dim)
+from .. import weights
 from ..types import TensorType
 
 
@@ -43,8 +44,8 @@ def _linear_cost(ins, outs, a, ctx):
 
 @register("linear", infer=_linear_infer, cost=_linear_cost, inputs=2)
 def linear(x, w):
-    """``x @ w.T`` (weights stored [out, in], as in the checkpoint)."""
-    return F.linear(x, w.to(x.dtype))
+    """``x @ w.T`` (weights stored [out, in], as in the checkpoint; quantised ones as in ``weights.linear``)."""
+    return weights.linear(x, w)
 
 
 def _rms_infer(ins, a):
@@ -122,8 +123,7 @@ def _grouped_cost(ins, outs, a, ctx):
 @register("grouped_linear", infer=_grouped_infer, cost=_grouped_cost, inputs=2)
 def grouped_linear(x, w, groups):
     """Block-diagonal projection: group g of ``x`` times rows [g*R, (g+1)*R) of ``w``."""
-    wg = w.to(x.dtype).view(groups, -1, w.shape[1])
-    return torch.einsum("btgk,grk->btgr", x, wg)
+    return weights.grouped_linear(x, w, groups)
 
 
 # ---- RoPE -------------------------------------------------------------------------------

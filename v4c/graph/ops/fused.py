@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..registry import OPS, Concrete, Cost, OpDef, expect_int, get_op, register, same_dim
+from .. import weights
 from ..types import TensorType
 
 
@@ -48,6 +49,9 @@ def _tuple(x):
     return x if isinstance(x, tuple) else (x,)
 
 
+RECIPES: dict = {}  # fused op name -> its recipe, for analyses that split a fused cost by part
+
+
 def fused_op(name: str, inputs, state_io=(), launches: int = 1):
     """Register a recipe ``fn(k, *inputs, **attrs)`` as the fused op ``name``."""
     lo, hi = (inputs, inputs) if isinstance(inputs, int) else inputs
@@ -67,6 +71,7 @@ def fused_op(name: str, inputs, state_io=(), launches: int = 1):
 
         OPS[name] = OpDef(name, infer, ref, cost, lo, hi, tuple(state_io), (recipe.__doc__ or "").strip(),
                           launches, True)
+        RECIPES[name] = recipe
         return recipe
 
     return deco
@@ -243,9 +248,9 @@ def moe_ffn(h, idx, w, perm, offsets, w13, w2, sg=None, su=None, sd=None, *, lim
             continue
         rows = order[a:b]
         tok = rows // k
-        gate, up = torch.nn.functional.linear(flat[tok], w13[e].to(flat.dtype)).chunk(2, dim=-1)
+        gate, up = weights.linear(flat[tok], w13[e]).chunk(2, dim=-1)
         act = torch.nn.functional.silu(gate.clamp(max=limit)) * up.clamp(min=-limit, max=limit)
-        y = torch.nn.functional.linear(act, w2[e].to(flat.dtype)) * wflat[rows, None].to(flat.dtype)
+        y = weights.linear(act, w2[e]) * wflat[rows, None].to(flat.dtype)
         out.index_add_(0, tok, y)
     if sg is not None:
         lin = get_op("linear").ref

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import Cost, expect, expect_int, expect_rank, register, same_dim
+from .. import weights
 from ..types import TensorType
 
 
@@ -75,7 +76,7 @@ def _experts_cost(ins, outs, a, ctx):
     e = w13.shape[0]
     per_expert = w13.numel // e + w2.numel // e
     touched = min(e, assignments)  # experts whose weights are read at least once
-    return Cost(2 * assignments * per_expert, touched * per_expert * w13.itemsize + 2 * x.nbytes + idx.nbytes)
+    return Cost(2 * assignments * per_expert, int(touched * per_expert * w13.itemsize) + 2 * x.nbytes + idx.nbytes)
 
 
 # unfused: a gate/up grouped GEMM, the activation, a down grouped GEMM with the scatter
@@ -89,8 +90,8 @@ def moe_experts(x, idx, w, w13, w2, limit):
     out = torch.zeros_like(flat)
     for e in torch.unique(idx).tolist():
         tok, slot = torch.where(idx == e)
-        gate, up = F.linear(flat[tok], w13[e].to(flat.dtype)).chunk(2, dim=-1)
+        gate, up = weights.linear(flat[tok], w13[e]).chunk(2, dim=-1)
         h = F.silu(gate.clamp(max=limit)) * up.clamp(min=-limit, max=limit)
-        y = F.linear(h, w2[e].to(flat.dtype)) * w[tok, slot, None].to(flat.dtype)
+        y = weights.linear(h, w2[e]) * w[tok, slot, None].to(flat.dtype)
         out.index_add_(0, tok, y)
     return out.view(shape)

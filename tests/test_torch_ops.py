@@ -1,0 +1,133 @@
+"""The torch backend's fast ops (v4c/runtime/torch_ops) against the ops' references.
+
+End to end: the same artifact loaded with backend "torch" and "reference" gives the same logits
+through ragged prefills, decode steps and prefill chunks, for every tiny variant and for the
+production cache formats. Block-wise attention/indexer are forced into many small blocks so
+their block boundaries are exercised on tiny shapes.
+"""
+import pytest
+import torch
+
+import v4c
+from hf_reference import VARIANTS
+from v4c.graph.ops.attention import indexer_topk as ref_indexer_topk
+from v4c.model.random_weights import write_random_checkpoint
+from v4c.runtime.torch_ops import attention as fast_attention
+from v4c.runtime.torch_ops import rope as fast_rope
+from v4c.graph.ops.core import rope as ref_rope
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(fast_attention, "_BLOCK_ELEMS", 1 << 10)
+
+
+def _compile(tmp_path, variant, **opts):
+    ck = write_random_checkpoint(dict(VARIANTS[variant]), tmp_path / "ck", seed=3)
+    return v4c.compile(ck, tmp_path / "art", target="cpu", **opts)
+
+
+def _drive(model, vocab, seed=0):
+    """A ragged prefill, decode steps, then a prefill chunk; the logits of every call."""
+    g = torch.Generator().manual_seed(seed)
+    s = model.new_session(2, max_context=128)
+    outs = [s.forward(torch.randint(0, vocab, (2, 45), generator=g), lengths=[45, 29])]
+    for _ in range(6):
+        outs.append(s.forward(torch.randint(0, vocab, (2, 1), generator=g)))
+    outs.append(s.forward(torch.randint(0, vocab, (2, 11), generator=g)))
+    return outs, [45 + 6 + 11, 29 + 6 + 11]
+
+
+# fp32 caches: only summation order differs (~1e-6). Rounded caches (bf16 / fp8 / fp4) can flip one
+# rounding step of a cached value when the input differs in its last fp32 bit, hence the looser bound.
+@pytest.mark.parametrize("variant,opts,tol", [
+    ("tiny", {}, 1e-4),
+    ("hc2", {}, 1e-4),
+    ("pro_like", {}, 1e-4),
+    ("tiny", {"kv_cache": "fp8", "indexer_cache": "fp4"}, 1e-3),
+    ("pro_like", {"kv_cache": "bf16", "indexer_cache": "fp8"}, 1e-3),
+])
+def test_torch_backend_equals_references(tmp_path, variant, opts, tol):
+    art = _compile(tmp_path, variant, **opts)
+    fast = v4c.load(art, backend="torch")
+    ref = v4c.load(art, backend="reference")
+    assert fast.executor.plan[0][0] is not None
+    vocab = fast.config.vocab_size
+    a, _ = _drive(fast, vocab)
+    b, _ = _drive(ref, vocab)
+    for i, (x, y) in enumerate(zip(a, b)):
+        if i == 0:  # the padding of row 1 has meaningless logits
+            x, y = torch.cat([x[0], x[1, :29]]), torch.cat([y[0], y[1, :29]])
+        err = float((x - y).abs().max() / y.abs().max())
+        assert err < tol, f"call {i}: relative error {err:.2e}"
+        print(f"call {i}: {err:.1e}")
+
+
+def test_torch_backend_is_the_default_on_cpu_and_uses_fast_ops(tiny_artifact):
+    m = v4c.load(tiny_artifact)
+    assert m.backend == "torch"
+    used = {f for f, *_ in m.executor.plan}
+    assert fast_attention.sparse_attention in used and fast_attention.indexer in used
+    assert not any(f is fast_attention.sparse_attention for f, *_ in v4c.load(tiny_artifact, backend="reference")
+                   .executor.plan)
+
+
+def test_rope_tables_are_bit_identical_to_the_reference():
+    x = torch.randn(3, 50, 4, 32)
+    pos = torch.randint(-1, 9000, (3, 50))  # beyond the first table: it must grow
+    for yarn in (None, (16.0, 64, 32.0, 1.0)):
+        for inverse in (False, True):
+            assert torch.equal(fast_rope.rope(x, pos, 16, 10000.0, yarn, inverse),
+                               ref_rope(x, pos, rope_dim=16, theta=10000.0, yarn=yarn, inverse=inverse))
+
+
+@pytest.mark.parametrize("fmt", [None, "fp8", "mxfp4"])
+def test_indexer_selects_the_reference_rows(fmt):
+    from v4c.graph.storage import encode
+    g = torch.Generator().manual_seed(1)
+    b, t, h, d, ratio, topk = 2, 40, 8, 32, 4, 5
+    keys = encode(torch.randn(b, 30, d, generator=g), fmt, dtype=torch.float32)
+    q = torch.randn(b, t, h, d, generator=g)
+    w = torch.randn(b, t, h, generator=g)
+    pos = torch.arange(t)[None].repeat(b, 1) + torch.tensor([[0], [60]])
+    pos[0, 35:] = -1  # padding
+    kw = dict(topk=topk, ratio=ratio, score_scale=d ** -0.5, weight_scale=h ** -0.5, key_format=fmt)
+    got = fast_attention.indexer_topk(q, w, keys, pos, **kw)
+    want = ref_indexer_topk(q, w, keys, pos, **kw)
+    assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+    assert (got[0, 35:] == -1).all() and (got[0, :3] == -1).all()  # nothing visible before 4 tokens
+
+
+def test_thread_setting(tiny_artifact, monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("V4C_NUM_THREADS", "1")
+        v4c.load(tiny_artifact)
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("V4C_NUM_THREADS", "two")
+        with pytest.raises(ValueError, match="V4C_NUM_THREADS must be a positive integer"):
+            v4c.load(tiny_artifact)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("experts", [None, (2, 5)])
+def test_moe_ffn_equals_reference(experts):
+    """Whole routing, and a rank's share under expert parallelism (other ranks' assignments sort last)."""
+    from v4c.graph.ops.collective import ep_select
+    from v4c.graph.ops.fused import moe_ffn as ref_moe_ffn
+    from v4c.graph.ops.fused import moe_router
+    from v4c.runtime.torch_ops.moe import moe_ffn
+    g = torch.Generator().manual_seed(2)
+    e, d, i, k = 8, 32, 16, 3
+    h = torch.randn(2, 9, d, generator=g)
+    router = torch.randn(e, d, generator=g)
+    w13, w2 = torch.randn(e, 2 * i, d, generator=g) * 0.3, torch.randn(e, d, i, generator=g) * 0.3
+    shared = [torch.randn(i, d, generator=g), torch.randn(i, d, generator=g), torch.randn(d, i, generator=g)]
+    idx, w, perm, offsets = moe_router(h, router, torch.zeros(e), topk=k, scaling=1.5)
+    if experts is not None:
+        idx, w, perm, offsets = ep_select(idx, w, experts=experts)
+        w13, w2 = w13[experts[0]:experts[1]], w2[experts[0]:experts[1]]
+    args = (h, idx, w, perm, offsets, w13, w2, *shared)
+    want = ref_moe_ffn(*args, limit=2.0)
+    assert torch.allclose(moe_ffn(*args, limit=2.0), want, rtol=1e-5, atol=1e-5)

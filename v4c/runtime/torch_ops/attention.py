@@ -1,0 +1,127 @@
+"""Hybrid attention and the lightning indexer, computed block by block over the queries.
+
+The references build one dense score matrix over the whole window ring, every token of the
+call and every compressed row (T x T in a prefill). Here a block of queries only meets the
+keys it can see: the ring, the call's tokens from ``W - 1`` before the block to its end, and
+its own compressed rows (CSA: the indexer's top-k, gathered; HCA: those complete before the
+block's last query). Work and memory grow linearly with T except for the indexer scan, which
+is quadratic by design (every query scores every visible compressed key).
+"""
+from __future__ import annotations
+
+import torch
+
+from ...graph.ops.attention import window_append
+from ...graph.ops.core import linear, reshape
+from ...graph.storage import decode, round_trip
+from .rope import rope
+
+_BLOCK_ELEMS = 1 << 22  # fp32 elements per score block (16 MiB): keeps blocks in the last-level cache's reach
+
+
+def _blocks(t: int, per_query: int):
+    size = max(16, min(t, _BLOCK_ELEMS // max(per_query, 1)))
+    return [(a, min(t, a + size)) for a in range(0, t, size)]
+
+
+def attend(q, kv, ring, ring_pos, sinks, pos, rows=None, idx=None, *, kind, window, ratio=0, scale,
+           kv_format=None, kv_rope_dim=0):
+    """The ``attention`` op (same signature and result as its reference)."""
+    b, t, h, d = q.shape
+    keys_now = round_trip(kv, kv_format, kv_rope_dim).float()  # as the cache will hold them
+    ring_keys = decode(ring, kv_format, d, kv_rope_dim)
+    qs = q.float() * scale
+    sink = sinks.float().view(1, h, 1, 1)
+    last = int(pos.max())
+    crow = None
+    if kind == "hca":  # only rows complete before the call's last query can be visible
+        nvis = max(0, (last + 1) // ratio)
+        crow = decode(rows[:, :nvis], kv_format, d, kv_rope_dim)
+        cidx = torch.arange(nvis, device=q.device)
+    out = torch.empty(b, t, h, d, dtype=torch.float32, device=q.device)
+    per_query = h * (2 * window + (idx.shape[2] if kind == "csa" else 0) + (crow.shape[1] if crow is not None else 0))
+    for t0, t1 in _blocks(t, per_query + h * 64):
+        k0 = max(0, t0 - window + 1)
+        keys = torch.cat([ring_keys, keys_now[:, k0:t1]], dim=1)
+        kpos = torch.cat([ring_pos, pos[:, k0:t1]], dim=1)[:, None, :]
+        qpos = pos[:, t0:t1, None]
+        qb = qs[:, t0:t1]
+        visible = (kpos >= 0) & (kpos <= qpos) & (kpos > qpos - window)
+        s = torch.einsum("bthd,bsd->bhts", qb, keys).masked_fill_(~visible[:, None], float("-inf"))
+        parts = [s]
+        if kind == "hca" and crow.shape[1]:
+            cs = torch.einsum("bthd,bsd->bhts", qb, crow)
+            cvis = (cidx + 1) * ratio <= qpos + 1
+            parts.append(cs.masked_fill_(~cvis[:, None], float("-inf")))
+        elif kind == "csa":
+            sel = idx[:, t0:t1]
+            nvis = max(0, (int(pos[:, t0:t1].max()) + 1) // ratio)
+            if nvis <= sel.shape[2]:
+                # no more rows are visible than top-k picks: every visible row is selected, so the
+                # block reads them once, densely, instead of gathering a copy per query
+                g = decode(rows[:, :nvis], kv_format, d, kv_rope_dim)  # [B, n, D]
+                chosen = torch.zeros(b, t1 - t0, nvis + 1, dtype=torch.bool, device=q.device)
+                chosen.scatter_(-1, torch.where(sel >= 0, sel, nvis), True)
+                cs = torch.einsum("bthd,bsd->bhts", qb, g).masked_fill_(~chosen[:, None, :, :nvis], float("-inf"))
+            else:
+                bi = torch.arange(b, device=q.device)[:, None, None]
+                g = decode(rows[bi, sel.clamp_min(0)], kv_format, d, kv_rope_dim)  # [B, tb, K, D]
+                cs = torch.einsum("bthd,btkd->bhtk", qb, g).masked_fill_((sel < 0)[:, None], float("-inf"))
+            parts.append(cs)
+        # softmax over all parts and the sink, without concatenating the scores
+        m = sink.expand(b, h, t1 - t0, 1)
+        for p in parts:
+            m = torch.maximum(m, p.amax(-1, keepdim=True))
+        denom = torch.exp(sink - m)
+        for p in parts:
+            p.sub_(m).exp_()
+            denom = denom + p.sum(-1, keepdim=True)
+        o = torch.einsum("bhts,bsd->bthd", parts[0], keys)
+        if kind == "hca" and len(parts) > 1:
+            o += torch.einsum("bhts,bsd->bthd", parts[1], crow)
+        elif kind == "csa":
+            o += torch.einsum("bhtk,btkd->bthd" if g.dim() == 4 else "bhts,bsd->bthd", parts[1], g)
+        out[:, t0:t1] = o / denom.permute(0, 2, 1, 3)
+    return out.to(q.dtype)
+
+
+def sparse_attention(q, kv, ring, ring_pos, sinks, pos, *extra, rope_dim, theta, yarn=None, **attrs):
+    """The fused op: attention, the ring append, the output de-rotation."""
+    o = attend(q, kv, ring, ring_pos, sinks, pos, *extra, **attrs)
+    fmt = {a: attrs[a] for a in ("kv_format", "kv_rope_dim") if a in attrs}
+    ring, ring_pos = window_append(ring, ring_pos, kv, pos, **fmt)
+    return rope(o, pos, rope_dim, theta, yarn, inverse=True), ring, ring_pos
+
+
+def indexer_topk(q, w, keys, pos, *, topk, ratio, score_scale, weight_scale, key_format=None):
+    """The ``indexer_topk`` op: the same selected rows as the reference (as a set: the order of the
+    indices within a row may differ)."""
+    b, t, h, d = q.shape
+    out = torch.full((b, t, topk), -1, dtype=torch.int64, device=q.device)
+    nmax = max(0, (int(pos.max()) + 1) // ratio)
+    if nmax == 0:
+        return out
+    if key_format == "mxfp4":
+        q = round_trip(q, "mxfp4")
+    kf = decode(keys[:, :nmax], key_format, d).transpose(1, 2)  # [B, D, n]
+    wf = w.float() * (weight_scale * score_scale)  # relu(s) * a * w * b == relu(s) * (w * a * b)
+    visible = (pos + 1).clamp_min(0) // ratio  # rows complete at each query
+    for t0, t1 in _blocks(t, h * nmax):
+        tb = t1 - t0
+        n = int(visible[:, t0:t1].max())
+        if n == 0:
+            continue
+        s = torch.matmul(q[:, t0:t1].float().reshape(b, tb * h, d), kf[..., :n]).relu_()
+        total = torch.bmm(wf[:, t0:t1].reshape(b * tb, 1, h), s.view(b * tb, h, n)).view(b, tb, n)
+        vis = visible[:, t0:t1, None]
+        total.masked_fill_(torch.arange(n, device=q.device) >= vis, float("-inf"))
+        k = min(topk, n)
+        top = total.topk(k, dim=-1).indices
+        out[:, t0:t1, :k] = torch.where(top >= vis, -1, top)
+    return out
+
+
+def indexer(cq, h, wq, ww, keys, pos, *, shape, rope_dim, theta, yarn=None, **attrs):
+    """The fused op: query GEMM + RoPE, head weights, scores, top-k."""
+    q = rope(reshape(linear(cq, wq), shape), pos, rope_dim, theta, yarn)
+    return indexer_topk(q, linear(h, ww), keys, pos, **attrs)

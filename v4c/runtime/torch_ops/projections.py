@@ -1,0 +1,13 @@
+"""Projections whose RoPE epilogue reads the cached cos/sin tables."""
+from __future__ import annotations
+
+from ...graph.ops.core import linear, reshape, rms_norm
+from .rope import rope
+
+
+def q_proj(x, w, pos, *, shape, eps, rope_dim, theta, yarn=None):
+    return rope(rms_norm(reshape(linear(x, w), shape), eps=eps), pos, rope_dim, theta, yarn)
+
+
+def kv_proj(x, w, norm_w, pos, *, eps, rope_dim, theta, yarn=None):
+    return rope(rms_norm(linear(x, w), norm_w, eps=eps), pos, rope_dim, theta, yarn)
