@@ -50,6 +50,8 @@ def main(art: str, out: str) -> None:
         (out_dir / f"rank{rank}.err").write_text(f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
         sys.stdout.flush()
         os._exit(1)  # at once: a peer that already left must not make the process group abort the exit
+    sys.stdout.flush()
+    os._exit(0)  # likewise on success: tearing down a gloo group whose peer has gone can abort (SIGABRT)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,8 @@ def _run(a) -> int:
                    on_token=show)
     if rank == 0:
         print()
+    if hasattr(model, "close"):
+        model.close()
     return 0
 
 

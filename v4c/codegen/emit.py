@@ -2,8 +2,9 @@
 
 Each template family (``templates/<family>.py``) becomes one module file named by its
 content hash; the manifest lists every module with its SHA-256 and, per IR op, the
-module that implements it and the meta-parameters chosen for it. Ops with no kernel
-are listed as running on their PyTorch reference.
+module that implements it and the meta-parameters chosen for it, plus, for ops with calls on
+quantised weights, the ``qgemm`` variant that runs those (or "reference": see ``quantized.py``).
+Ops with no kernel are listed as running on their PyTorch reference.
 """
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from importlib import resources
 
 from .. import __version__
 from ..graph.ir import Graph
+from .quantized import quantized_variants
 
-FAMILIES = ("gemm", "mhc", "moe", "attention", "indexer", "compressor")
+FAMILIES = ("gemm", "mhc", "moe", "attention", "indexer", "compressor", "qgemm")
 
 
 def _template(family: str):
@@ -88,4 +90,14 @@ def emit(graph: Graph, target: str, configs: dict[str, dict] | None = None) -> E
         meta = dict(_template(fam).DEFAULT_META[op])
         meta.update((configs or {}).get(op, {}))
         out.ops[op] = {"module": fam, "meta": meta}
+    # calls on quantised weights: the qgemm launcher, or the op's reference (ops without a kernel run
+    # their reference for every call already)
+    for op, variant in quantized_variants(graph).items():
+        if op not in out.ops:
+            continue
+        fam = variant["module"]
+        if fam is not None and fam not in out.modules:
+            src = render(fam, target)
+            out.modules[fam] = (f"kernels/{fam}-{hashlib.sha256(src.encode()).hexdigest()[:12]}.py", src)
+        out.ops[op]["quantized"] = variant
     return out

@@ -161,6 +161,14 @@ class DistributedModel:
         """As ``Model.generate``; every rank returns the same tokens (rank 0's prompt)."""
         return Model.generate(self, ids, max_new_tokens, temperature, top_p, seed, on_token)
 
+    def close(self) -> None:
+        """Leave the process group together: a barrier, then its teardown (a rank that exits while a
+        peer still holds the group can make gloo abort that peer's exit)."""
+        dist = _dist()
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
 
 class DistributedSession:
     """``Session`` over ranks. attn=dp: rank r keeps the state of its contiguous share of the rows and the

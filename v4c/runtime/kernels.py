@@ -9,6 +9,7 @@ from typing import Callable
 
 from ..autotune.agree import agree
 from ..errors import ArtifactError
+from ..graph.registry import get_op
 from ..settings import check_triton_mode
 
 
@@ -41,14 +42,34 @@ def load_modules(root: Path, entry: dict, device_type: str) -> dict:
 
 
 def load_kernels(root: Path, entry: dict, device_type: str) -> dict[str, Callable]:
-    """IR op -> callable with the op reference's signature, running the artifact's Triton kernel."""
+    """IR op -> callable with the op reference's signature, running the artifact's Triton kernel
+    (its ``qgemm`` variant, or its reference where the manifest says so, for calls on quantised weights)."""
     modules = load_modules(root, entry, device_type)
+    ops = entry.get("ops", {})
+    quant = {op: spec["quantized"] for op, spec in ops.items() if spec.get("quantized")}
     # under torch.distributed every rank takes rank 0's configs, so no two ranks run different kernels
-    metas = agree({op: spec["meta"] for op, spec in entry.get("ops", {}).items()},
+    metas = agree({**{op: spec["meta"] for op, spec in ops.items()},
+                   **{f"{op}:quantized": q["meta"] for op, q in quant.items() if q.get("module")}},
                   "cuda" if device_type == "cuda" else "cpu")
     impls = {}
-    for op, spec in entry.get("ops", {}).items():
-        launcher = modules[spec["module"]].KERNELS[op]
-        meta = dict(metas[op])
-        impls[op] = (lambda f, mt: (lambda *args, **attrs: f(*args, meta=mt, **attrs)))(launcher, meta)
+    for op, spec in ops.items():
+        impls[op] = _bind(modules[spec["module"]].KERNELS[op], metas[op])
+        if op in quant:  # calls on quantised weights: the qgemm launcher, or the op's reference
+            q = quant[op]
+            qf = _bind(modules[q["module"]].QUANTIZED[op][0], metas[f"{op}:quantized"]) if q.get("module") \
+                else get_op(op).ref
+            impls[op] = _by_weights(impls[op], qf)
     return impls
+
+
+def _bind(launcher: Callable, meta: dict) -> Callable:
+    meta = dict(meta)
+    return lambda *args, **attrs: launcher(*args, meta=meta, **attrs)
+
+
+def _by_weights(plain: Callable, quantized: Callable) -> Callable:
+    """One op kind, two kinds of call: those passing a quantised weight (anything with ``fmt``,
+    i.e. a ``QuantizedWeight``) go to ``quantized``, the others to ``plain``."""
+    def call(*args, **attrs):
+        return (quantized if any(hasattr(a, "fmt") for a in args) else plain)(*args, **attrs)
+    return call

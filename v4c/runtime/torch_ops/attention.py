@@ -19,69 +19,86 @@ from .rope import rope
 _BLOCK_ELEMS = 1 << 22  # fp32 elements per score block (16 MiB): keeps blocks in the last-level cache's reach
 
 
-def _blocks(t: int, per_query: int):
-    size = max(16, min(t, _BLOCK_ELEMS // max(per_query, 1)))
+def _blocks(t: int, per_query: int, most: int | None = None):
+    size = max(16, min(t, _BLOCK_ELEMS // max(per_query, 1), most or t))
     return [(a, min(t, a + size)) for a in range(0, t, size)]
+
+
+def _scores(qb: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``q [B, t, H, D]`` against keys shared by the block ``[B, S, D]`` -> ``[B, t, H, S]`` (one GEMM:
+    the queries' natural layout, no transposed copies)."""
+    b, t, h, d = qb.shape
+    return torch.bmm(qb.reshape(b, t * h, d), keys.transpose(1, 2)).view(b, t, h, -1)
+
+
+def _weighted(p: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    b, t, h, s = p.shape
+    return torch.bmm(p.view(b, t * h, s), keys).view(b, t, h, -1)
 
 
 def attend(q, kv, ring, ring_pos, sinks, pos, rows=None, idx=None, *, kind, window, ratio=0, scale,
            kv_format=None, kv_rope_dim=0):
-    """The ``attention`` op (same signature and result as its reference)."""
+    """The ``attention`` op (same signature and result as its reference). Scores are laid out
+    [B, t, H, S] so every product is a plain batched GEMM on the tensors as they are stored."""
     b, t, h, d = q.shape
     keys_now = round_trip(kv, kv_format, kv_rope_dim).float()  # as the cache will hold them
     ring_keys = decode(ring, kv_format, d, kv_rope_dim)
     qs = q.float() * scale
-    sink = sinks.float().view(1, h, 1, 1)
-    last = int(pos.max())
+    sink = sinks.float().view(1, 1, h, 1)
+    neg = float("-inf")
     crow = None
     if kind == "hca":  # only rows complete before the call's last query can be visible
-        nvis = max(0, (last + 1) // ratio)
+        nvis = max(0, (int(pos.max()) + 1) // ratio)
         crow = decode(rows[:, :nvis], kv_format, d, kv_rope_dim)
         cidx = torch.arange(nvis, device=q.device)
     out = torch.empty(b, t, h, d, dtype=torch.float32, device=q.device)
     per_query = h * (2 * window + (idx.shape[2] if kind == "csa" else 0) + (crow.shape[1] if crow is not None else 0))
-    for t0, t1 in _blocks(t, per_query + h * 64):
+    ring_live = bool((ring_pos >= 0).any())
+    # blocks of about a window: a block's keys span W + block tokens, of which each query sees W
+    for t0, t1 in _blocks(t, per_query + h * 64, most=max(window, 64)):
         k0 = max(0, t0 - window + 1)
-        keys = torch.cat([ring_keys, keys_now[:, k0:t1]], dim=1)
-        kpos = torch.cat([ring_pos, pos[:, k0:t1]], dim=1)[:, None, :]
+        if ring_live and t0 < window - 1:  # only a call's first W - 1 tokens can see the ring
+            keys = torch.cat([ring_keys, keys_now[:, k0:t1]], dim=1)
+            kpos = torch.cat([ring_pos, pos[:, k0:t1]], dim=1)[:, None, :]
+        else:
+            keys, kpos = keys_now[:, k0:t1], pos[:, None, k0:t1]
         qpos = pos[:, t0:t1, None]
         qb = qs[:, t0:t1]
-        visible = (kpos >= 0) & (kpos <= qpos) & (kpos > qpos - window)
-        s = torch.einsum("bthd,bsd->bhts", qb, keys).masked_fill_(~visible[:, None], float("-inf"))
-        parts = [s]
+        hidden = (kpos < 0) | (kpos > qpos) | (kpos <= qpos - window)  # [B, t, S]
+        parts = [(_scores(qb, keys).masked_fill_(hidden[:, :, None], neg), keys)]
         if kind == "hca" and crow.shape[1]:
-            cs = torch.einsum("bthd,bsd->bhts", qb, crow)
             cvis = (cidx + 1) * ratio <= qpos + 1
-            parts.append(cs.masked_fill_(~cvis[:, None], float("-inf")))
-        elif kind == "csa":
+            parts.append((_scores(qb, crow).masked_fill_(~cvis[:, :, None], neg), crow))
+        elif kind == "csa" and (nvis := max(0, (int(pos[:, t0:t1].max()) + 1) // ratio)) > 0:
             sel = idx[:, t0:t1]
-            nvis = max(0, (int(pos[:, t0:t1].max()) + 1) // ratio)
             if nvis <= sel.shape[2]:
                 # no more rows are visible than top-k picks: every visible row is selected, so the
                 # block reads them once, densely, instead of gathering a copy per query
                 g = decode(rows[:, :nvis], kv_format, d, kv_rope_dim)  # [B, n, D]
                 chosen = torch.zeros(b, t1 - t0, nvis + 1, dtype=torch.bool, device=q.device)
                 chosen.scatter_(-1, torch.where(sel >= 0, sel, nvis), True)
-                cs = torch.einsum("bthd,bsd->bhts", qb, g).masked_fill_(~chosen[:, None, :, :nvis], float("-inf"))
-            else:
+                parts.append((_scores(qb, g).masked_fill_(~chosen[:, :, None, :nvis], neg), g))
+            else:  # each query's own top-k rows, gathered: [B * t, K, D]
+                tb, k = t1 - t0, sel.shape[2]
                 bi = torch.arange(b, device=q.device)[:, None, None]
-                g = decode(rows[bi, sel.clamp_min(0)], kv_format, d, kv_rope_dim)  # [B, tb, K, D]
-                cs = torch.einsum("bthd,btkd->bhtk", qb, g).masked_fill_((sel < 0)[:, None], float("-inf"))
-            parts.append(cs)
+                g = decode(rows[bi, sel.clamp_min(0)], kv_format, d, kv_rope_dim).view(b * tb, k, d)
+                cs = torch.bmm(qb.reshape(b * tb, h, d), g.transpose(1, 2)).view(b, tb, h, k)
+                parts.append((cs.masked_fill_((sel < 0)[:, :, None], neg), g))
         # softmax over all parts and the sink, without concatenating the scores
-        m = sink.expand(b, h, t1 - t0, 1)
-        for p in parts:
+        m = sink.expand(b, t1 - t0, h, 1)
+        for p, _ in parts:
             m = torch.maximum(m, p.amax(-1, keepdim=True))
         denom = torch.exp(sink - m)
-        for p in parts:
+        o = None
+        for p, vals in parts:
             p.sub_(m).exp_()
             denom = denom + p.sum(-1, keepdim=True)
-        o = torch.einsum("bhts,bsd->bthd", parts[0], keys)
-        if kind == "hca" and len(parts) > 1:
-            o += torch.einsum("bhts,bsd->bthd", parts[1], crow)
-        elif kind == "csa":
-            o += torch.einsum("bhtk,btkd->bthd" if g.dim() == 4 else "bhts,bsd->bthd", parts[1], g)
-        out[:, t0:t1] = o / denom.permute(0, 2, 1, 3)
+            if vals.shape[0] == b:
+                y = _weighted(p, vals)
+            else:  # gathered rows: one small GEMM per query
+                y = torch.bmm(p.reshape(-1, h, p.shape[-1]), vals).view(b, t1 - t0, h, d)
+            o = y if o is None else o.add_(y)
+        out[:, t0:t1] = o.div_(denom)
     return out.to(q.dtype)
 
 

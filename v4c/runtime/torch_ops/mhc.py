@@ -1,14 +1,23 @@
-"""mHC pre/post mixes with the Sinkhorn iterations done in place.
+"""mHC pre/post mixes: each pass over the n residual streams done once, Sinkhorn in place.
 
-A decode step runs ~2 mixes per layer, each ~60 tiny tensor ops; allocation-free in-place
-updates keep their per-op overhead down. Same arithmetic as the references, step for step.
+The references are written for clarity: the streams ``x [B, T, n, D]`` are converted, squared,
+normalised, broadcast-multiplied and summed in separate full-size passes, and the post-mix is a
+batched 4x4 matmul per token, which CPU BLAS runs poorly. Here the streams are converted to
+fp32 once per mix, the RMS scale is applied to the n*D -> (n+2)*n product instead of to its
+input (the map is linear), and the collapse and post-mix are n or n*n fused multiply-adds over
+[B, T, D] slices. Same arithmetic as the references up to summation order.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ...graph.ops.core import rms_norm
 from ...graph.ops.mhc import hc_collapse, hc_expand_mix, hc_head_weights, hc_logits, hc_weights
+
+# below this many tokens per call (decode steps) per-op overhead, not memory passes, dominates:
+# the references' fewer, larger ops win there
+_STREAMED_MIN_TOKENS = 64
 
 
 def sinkhorn_(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
@@ -19,18 +28,63 @@ def sinkhorn_(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     return comb
 
 
-def hc_pre(x, fn, base, scale, norm_w, *, n, eps, hc_eps, iters):
-    pre, post, comb = hc_weights(hc_logits(x, fn, eps=eps), base, scale, n=n, eps=hc_eps)
+def _logits(xf: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
+    """``hc_logits`` on the fp32 streams: rms(x) scales the product, not the input."""
+    flat = xf.flatten(2)
+    inv_rms = torch.rsqrt(torch.linalg.vector_norm(flat, dim=-1, keepdim=True).square_().div_(flat.shape[-1]).add_(eps))
+    return F.linear(flat, fn.float()).mul_(inv_rms)
+
+
+def _collapse(xf: torch.Tensor, pre: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``sum_j pre_j * X_j`` as n fused multiply-adds."""
+    out = xf[:, :, 0] * pre[:, :, 0:1]
+    for j in range(1, xf.shape[2]):
+        out.addcmul_(xf[:, :, j], pre[:, :, j:j + 1])
+    return out.to(dtype)
+
+
+def _expand_mix(x: torch.Tensor, y: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """``X'_k = post_k * y + sum_j comb[j, k] * X_j`` in x's dtype, as the reference computes it."""
+    dt = x.dtype
+    post, comb = post.to(dt), comb.to(dt)
+    out = torch.empty_like(x)
+    for k in range(x.shape[2]):
+        o = torch.mul(y, post[:, :, k:k + 1], out=out[:, :, k])
+        for j in range(x.shape[2]):
+            o.addcmul_(x[:, :, j], comb[:, :, j, k:k + 1])
+    return out
+
+
+def _streamed(x: torch.Tensor) -> bool:
+    return x.shape[0] * x.shape[1] >= _STREAMED_MIN_TOKENS
+
+
+def _pre(x, fn, base, scale, norm_w, n, eps, hc_eps, iters):
+    if not _streamed(x):
+        pre, post, comb = hc_weights(hc_logits(x, fn, eps=eps), base, scale, n=n, eps=hc_eps)
+        comb = sinkhorn_(comb.contiguous(), iters, hc_eps)
+        return rms_norm(hc_collapse(x, pre), norm_w, eps=eps), post, comb
+    xf = x.float()
+    pre, post, comb = hc_weights(_logits(xf, fn, eps), base, scale, n=n, eps=hc_eps)
     comb = sinkhorn_(comb.contiguous(), iters, hc_eps)
-    return rms_norm(hc_collapse(x, pre), norm_w, eps=eps), post, comb
+    return rms_norm(_collapse(xf, pre, x.dtype), norm_w, eps=eps), post, comb
+
+
+def hc_pre(x, fn, base, scale, norm_w, *, n, eps, hc_eps, iters):
+    return _pre(x, fn, base, scale, norm_w, n, eps, hc_eps, iters)
 
 
 def hc_post_pre(x, y, post, comb, fn, base, scale, norm_w, *, n, eps, hc_eps, iters):
-    x1 = hc_expand_mix(x, y, post, comb)
-    return (x1, *hc_pre(x1, fn, base, scale, norm_w, n=n, eps=eps, hc_eps=hc_eps, iters=iters))
+    x1 = (_expand_mix if _streamed(x) else hc_expand_mix)(x, y, post, comb)
+    return (x1, *_pre(x1, fn, base, scale, norm_w, n, eps, hc_eps, iters))
 
 
 def hc_head(x, y, post, comb, fn, base, scale, norm_w, *, eps, hc_eps):
-    x1 = hc_expand_mix(x, y, post, comb)
-    pre = hc_head_weights(hc_logits(x1, fn, eps=eps), base, scale, eps=hc_eps)
-    return rms_norm(hc_collapse(x1, pre), norm_w, eps=eps)
+    if not _streamed(x):
+        x1 = hc_expand_mix(x, y, post, comb)
+        pre = hc_head_weights(hc_logits(x1, fn, eps=eps), base, scale, eps=hc_eps)
+        return rms_norm(hc_collapse(x1, pre), norm_w, eps=eps)
+    x1 = _expand_mix(x, y, post, comb)
+    xf = x1.float()
+    pre = hc_head_weights(_logits(xf, fn, eps), base, scale, eps=hc_eps)
+    return rms_norm(_collapse(xf, pre, x1.dtype), norm_w, eps=eps)

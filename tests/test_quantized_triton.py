@@ -1,0 +1,134 @@
+"""The quantised-weight kernels (templates/qgemm.py) wired into compile and run: an official-format checkpoint
+(FP8 128x128 projections and shared experts, MXFP4 routed experts) compiled for the CPU target runs its
+quantised calls on the artifact's qgemm module under backend "triton" (Triton's interpreter here), its
+unquantised calls on the other kernels, and gives the logits of backend "torch" (the PyTorch ops, which
+dequantise tile by tile). Ops that get quantised weights but have no quantised kernel (the CSA indexer's
+FP8 ``q_b_proj``) run those calls on their reference, and the manifest says so."""
+import hashlib
+import json
+import shutil
+
+import pytest
+import torch
+
+import v4c
+from official_writer import write_official_checkpoint
+from v4c.codegen.templates import qgemm
+from v4c.errors import ArtifactError
+from v4c.graph.text import parse_graph
+from v4c.inspect import inspect_artifact
+from v4c.model.build import build_graph
+from v4c.model.config import V4Config
+from v4c.model.presets import tiny_config_dict
+from v4c.model.random_weights import random_params
+from v4c.runtime import kernels as K
+
+pytest.importorskip("triton")
+
+QUANTISED_OPS = {"linear_rms_norm": "fp8_linear_rms_norm", "q_proj": "fp8_q_proj", "kv_proj": "fp8_kv_proj",
+                 "o_proj": "fp8_o_proj", "moe_ffn": "moe_ffn_fp4"}
+IDS = torch.randint(0, 1024, (1, 9), generator=torch.Generator().manual_seed(0))
+
+
+def _config():
+    """Two layers: a sliding-window layer with a hash-routed MoE, a CSA layer (indexer) with a routed MoE."""
+    return dict(tiny_config_dict(), num_hidden_layers=2, layer_types=["sliding_attention",
+                                                                      "compressed_sparse_attention"],
+                mlp_layer_types=["hash_moe", "moe"])
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qtriton")
+    cfg = _config()
+    v4 = V4Config.from_dict(cfg)
+    ck, _ = write_official_checkpoint(random_params(build_graph(v4, "f32"), v4, seed=5), cfg, root / "ck")
+    return v4c.compile(ck, root / "a.v4c", target="cpu", tuning_cache=False)
+
+
+def _manifest(art):
+    return json.loads((art / "manifest.json").read_text())
+
+
+def test_manifest_lists_the_qgemm_module_and_each_ops_quantised_variant(art):
+    man = _manifest(art)
+    mod = man["kernels"]["modules"]["qgemm"]
+    src = (art / mod["file"]).read_bytes()
+    assert mod["sha256"] == hashlib.sha256(src).hexdigest() == man["files"][mod["file"]]
+    assert b"def moe_ffn_fp4(" in src and b"# ---- v4c prelude (inlined) ----" in src
+    ops = man["kernels"]["ops"]
+    for op, kernel in QUANTISED_OPS.items():
+        assert ops[op]["module"] != "qgemm"  # unquantised calls keep the op's own kernel
+        assert ops[op]["quantized"] == {"module": "qgemm", "kernel": kernel, "meta": qgemm.DEFAULT_META[kernel],
+                                        "config_source": "default"}, op
+    assert ops["indexer"]["quantized"] == {"module": None, "config_source": "reference",
+                                           "reason": "no quantised kernel for indexer"}
+    # the LM head is a bf16 `linear`: the op kind has no quantised calls, so no variant
+    assert "quantized" not in ops["linear"]
+    kinds = {k["op"]: k["quantized"] for k in inspect_artifact(art, context=64)["kernels"]}
+    assert kinds["q_proj"] == "default" and kinds["indexer"] == "reference" and kinds["linear"] is None
+
+
+def test_triton_runs_quantised_calls_on_qgemm_and_matches_torch(art, monkeypatch):
+    calls = {}
+
+    def spy(plain, quantized):  # count which way each call of an op with a quantised variant went
+        def call(*args, **attrs):
+            q = any(hasattr(a, "fmt") for a in args)
+            calls[q] = calls.get(q, 0) + 1
+            return (quantized if q else plain)(*args, **attrs)
+        return call
+
+    launched = []
+    real_bind = K._bind
+    monkeypatch.setattr(K, "_by_weights", spy)
+    monkeypatch.setattr(K, "_bind", lambda f, meta: (launched.append(f.__name__), real_bind(f, meta))[1])
+    tri = v4c.load(art, device="cpu", backend="triton")
+    assert {f"_q_{op}" for op in QUANTISED_OPS} <= set(launched)  # the qgemm module's launchers were bound
+    ref = v4c.load(art, device="cpu", backend="torch")
+    st, sr = tri.new_session(), ref.new_session()
+    got, want = [st.forward(IDS)], [sr.forward(IDS)]
+    nxt = want[0][:, -1:].argmax(-1)
+    got.append(st.forward(nxt))  # a decode step: one-row GEMMs
+    want.append(sr.forward(nxt))
+    graph = parse_graph((art / "graph.v4c").read_text())
+    n_quant_nodes = sum(n.op in QUANTISED_OPS or n.op == "indexer" for n in graph.nodes)
+    assert calls[True] == 2 * n_quant_nodes  # every such node, both steps, took the quantised path
+    for g, w in zip(got, want):
+        err = ((g - w).abs().max() / w.abs().max()).item()
+        # measured 3.3e-7 (prefill) and 3.1e-7 (decode): FP8/FP4 products are exact in fp32, so only the
+        # order of fp32 sums differs. A flipped e4m3 rounding of an activation (up to 1/16 relative) shows as
+        # a far larger gap: this random model turns one into percents (at 40 tokens a last-bit difference in
+        # the torch backend's sparse attention flips one: 11% against the reference, which triton matches
+        # to 3e-7), so the prompt is kept short enough to stay clear of such near-ties.
+        assert err < 1e-5, err
+
+
+def test_a_tampered_qgemm_module_is_refused(art, tmp_path):
+    a = shutil.copytree(art, tmp_path / "a")
+    man = _manifest(a)
+    rel = man["kernels"]["modules"]["qgemm"]["file"]
+    with open(a / rel, "a") as f:
+        f.write("\nimport os  # injected\n")
+    with pytest.raises(ArtifactError, match=f"{rel}: content differs from the manifest"):
+        v4c.load(a, device="cpu", backend="triton")
+    # with the file list forged too, the kernel loader's own check still refuses to import it
+    man["files"][rel] = hashlib.sha256((a / rel).read_bytes()).hexdigest()
+    (a / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(ArtifactError, match="kernel source does not match its manifest hash; refusing"):
+        v4c.load(a, device="cpu", backend="triton")
+
+
+def test_quantised_arguments_the_kernel_does_not_take_run_on_the_reference(tmp_path):
+    """FP8 shared experts with unquantised routed experts: moe_ffn's qgemm launcher takes MXFP4 experts only,
+    so the whole op kind's quantised calls are listed (and run) as reference, with the reason."""
+    cfg = _config()
+    v4 = V4Config.from_dict(cfg)
+    ck, _ = write_official_checkpoint(random_params(build_graph(v4, "f32"), v4, seed=5), cfg, tmp_path / "ck",
+                                      quantize_experts=False)
+    ops = _manifest(v4c.compile(ck, tmp_path / "a.v4c", target="cpu", tuning_cache=False))["kernels"]["ops"]
+    q = ops["moe_ffn"]["quantized"]
+    assert q["module"] is None and q["config_source"] == "reference"
+    assert q["reason"].endswith("input 5 (%model.layers.0.mlp.experts.gate_up_proj) is unquantised, "
+                                "the quantised kernel takes mxfp4")
+    assert ops["q_proj"]["quantized"]["module"] == "qgemm"
