@@ -53,25 +53,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .prelude import MAX_ACC_REGS, SMEM_BYTES, _check, _cos_sin, _dot_f32, _last_contiguous, _mm, _np2, _pow2, _pow2_int, _rne_bf16, _rope_inv_freq, _round_to, _ue8m0_exponent  # v4c: inline prelude
+from .prelude import MAX_ACC_REGS, SMEM_BYTES, _check, _cos_sin, _dot_f32, _e4m3_byte, _last_contiguous, _mm, _np2, _pow2, _pow2_int, _rne_bf16, _rope_inv_freq, _round_to, _ue8m0_exponent  # v4c: inline prelude
 
 NEG_BIG = tl.constexpr(-1.0e30)  # running max before any key: finite, so exp(m_old - m_new) is never nan
 
 
 # ---- shared helpers ------------------------------------------------------------------------
-
-@triton.jit
-def _e4m3_byte(y):
-    """e4m3fn byte of fp32 ``y`` (|y| <= 448 after the clamp), round to nearest even, built by hand."""
-    y = tl.minimum(tl.maximum(y, -448.0), 448.0)
-    a = tl.abs(y)
-    e = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)  # binade; -6 = subnormal range
-    t = a * _pow2(3 - e)  # exact: the value in units of the e4m3 step, in [0, 16)
-    r = ((t + 12582912.0) - 12582912.0).to(tl.int32)  # 1.5 * 2**23: fp32 addition rounds to an integer, ties even
-    code = tl.where(r >= 16, (e + 8) << 3, tl.where(r >= 8, ((e + 7) << 3) | (r - 8), r))
-    sign = (y.to(tl.int32, bitcast=True) < 0).to(tl.int32) << 7
-    return (code | sign).to(tl.uint8)
-
 
 @triton.jit
 def _load_kv_rows(base, rows, ok, stride, cols, D,

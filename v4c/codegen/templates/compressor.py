@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .prelude import _rope_inv_freq  # v4c: inline prelude
+from .prelude import _e4m3_byte, _rope_inv_freq  # v4c: inline prelude
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -104,27 +104,6 @@ def _cast_rne(x, DT: tl.constexpr):
         return _bf16_bits(x.to(tl.float32)).to(tl.int16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(DT)
-
-
-@triton.jit
-def _e4m3_bytes(y):
-    """fp32 values already divided by their scale -> uint8 e4m3fn codes: saturate to +-448, round to
-    nearest-even, keep the sign (as torch's cast does).  Integer arithmetic on the fp32 bits: the
-    interpreter's float8 cast mis-rounds some negative values."""
-    y = tl.minimum(tl.maximum(y, -448.0), 448.0)
-    bits = y.to(tl.int32, bitcast=True)
-    sign = (bits >> 24) & 0x80
-    ab = bits & 0x7FFFFFFF
-    ex = ab >> 23
-    # |y| >= 2**-6 (e4m3 normals): round the mantissa to 3 bits; a carry moves into the exponent
-    r = ab + 0x7FFFF + ((ab >> 20) & 1)
-    normal = (((r >> 23) - 120) << 3) | ((r >> 20) & 7)
-    # |y| < 2**-6: multiples of 2**-9 (code k = k * 2**-9; k = 8 is the smallest normal)
-    sh = tl.minimum(tl.maximum(141 - ex, 1), 31)
-    man = (ab & 0x7FFFFF) | 0x800000
-    sub = (man + (1 << (sh - 1)) - 1 + ((man >> sh) & 1)) >> sh
-    code = tl.where(ex >= 121, normal, tl.where(ex > 0, sub, 0))
-    return (code | sign).to(tl.uint8)
 
 
 @triton.jit
@@ -198,7 +177,7 @@ def _emit_block(x, rstd, c0, wpos, norm_ptr, inv_ptr, row_ptr, had_scale,
         is_nope = ch < NOPE
         y2 = tl.reshape(tl.where(is_nope, y, 0.0), [NG, QB])
         e = _pow2_exponent(tl.max(tl.abs(y2), axis=1), 8, 0x600000)      # 448 = 1.75 * 2**8
-        codes = _e4m3_bytes(y2 * _exp2i(-e)[:, None])
+        codes = _e4m3_byte(y2 * _exp2i(-e)[:, None])
         tl.store(row_ptr + ch, tl.reshape(codes, [BLOCK_D]), mask=is_nope)
         grp = c0 // QB + tl.arange(0, NG)
         tl.store(row_ptr + NOPE + 2 * ROPE + grp, (e + 127).to(tl.uint8), mask=grp * QB < NOPE)
@@ -213,7 +192,7 @@ def _emit_block(x, rstd, c0, wpos, norm_ptr, inv_ptr, row_ptr, had_scale,
         tl.store(row_ptr + pad, tl.zeros([8], tl.uint8), mask=(pad < ROW_BYTES) & (c0 == 0))
     elif STORE == 2:  # fp8 index keys: [D e4m3][float32 power-of-two scale, little-endian]
         e = _pow2_exponent(tl.max(tl.abs(tl.where(chm, y, 0.0)), axis=0), 8, 0x600000)
-        tl.store(row_ptr + ch, _e4m3_bytes(y * _exp2i(-e)), mask=chm)
+        tl.store(row_ptr + ch, _e4m3_byte(y * _exp2i(-e)), mask=chm)
         sbits = _exp2i(e).to(tl.int32, bitcast=True)
         k = tl.arange(0, 4)
         tl.store(row_ptr + D + k, ((sbits >> (8 * k)) & 0xFF).to(tl.uint8))

@@ -64,6 +64,19 @@ def _pow2(e):
 
 
 @triton.jit
+def _e4m3_byte(y):
+    """e4m3fn byte of fp32 ``y`` (saturated to +-448), nearest even, built from the bits: the interpreter's
+    fp32 -> float8e4nv cast loses the carry when rounding crosses a power of two (31.5 -> 16)."""
+    y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+    a = tl.abs(y)
+    e = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)  # binade; -6 covers subnormals
+    t = a * _pow2(3 - e)  # exact: |y| in units of the binade's e4m3 step, in [0, 16)
+    r = ((t + 12582912.0) - 12582912.0).to(tl.int32)  # adding 1.5 * 2**23 rounds to an integer, ties even
+    code = tl.where(r >= 16, (e + 8) << 3, tl.where(r >= 8, ((e + 7) << 3) | (r - 8), r))
+    return (code | ((y.to(tl.int32, bitcast=True) < 0).to(tl.int32) << 7)).to(tl.uint8)
+
+
+@triton.jit
 def _ue8m0_exponent(amax, THRESH: tl.constexpr, QEXP: tl.constexpr):
     """Smallest ``e`` with ``2**e >= amax / qmax`` (``qmax = (1 + THRESH/2**23) * 2**QEXP``: 448 is
     (0x600000, 8), 6 is (0x400000, 2)), 0 for amax == 0, clamped to UE8M0's [-127, 127]."""

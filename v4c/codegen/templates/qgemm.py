@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .prelude import _check, _cos_sin, _interpreting, _pow2, _rope_inv_freq, _round_to, _ue8m0_exponent  # v4c: inline prelude
+from .prelude import _check, _cos_sin, _e4m3_byte, _interpreting, _pow2, _rope_inv_freq, _round_to, _ue8m0_exponent  # v4c: inline prelude
 
 QBLOCK = 128  # FP8 weight blocks (128x128) and activation blocks (1x128)
 FP4_BLOCK = 32  # MXFP4 scale block along K
@@ -46,19 +46,6 @@ E4M3_THRESH, E4M3_QEXP = 0x600000, 8  # 448 = 1.75 * 2**8, for _ue8m0_exponent
 
 
 # ---- shared jit helpers -------------------------------------------------------------------------
-
-@triton.jit
-def _e4m3_byte(y):
-    """e4m3fn byte of fp32 ``y`` (saturated to +-448), nearest even, built from the bits: the interpreter's
-    fp32 -> float8e4nv cast loses the carry when rounding crosses a power of two (31.5 -> 16)."""
-    y = tl.minimum(tl.maximum(y, -448.0), 448.0)
-    a = tl.abs(y)
-    e = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)  # binade; -6 covers subnormals
-    t = a * _pow2(3 - e)  # exact: |y| in units of the binade's e4m3 step, in [0, 16)
-    r = ((t + 12582912.0) - 12582912.0).to(tl.int32)  # adding 1.5 * 2**23 rounds to an integer, ties even
-    code = tl.where(r >= 16, (e + 8) << 3, tl.where(r >= 8, ((e + 7) << 3) | (r - 8), r))
-    return (code | ((y.to(tl.int32, bitcast=True) < 0).to(tl.int32) << 7)).to(tl.uint8)
-
 
 @triton.jit
 def _quant_e4m3(x, amax):
