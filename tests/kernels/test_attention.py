@@ -16,6 +16,7 @@ import itertools
 
 import pytest
 import torch
+from kernel_cases import SDT, TDT, positions
 
 from v4c.codegen.templates import attention as A
 from v4c.graph import get_op, quant, storage
@@ -24,18 +25,6 @@ from v4c.graph.ops.core import apply_rope, rope_cos_sin
 H, D, ROPE, W = 8, 64, 16, 8
 YARN = [16.0, 64, 32.0, 1.0]
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
-_SDT = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
-_TDT = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "u8": torch.uint8}
-
-
-def _positions(B, T, p0, pad_decode):
-    pos = torch.full((B, T), -1, dtype=torch.int64)
-    for b in range(B):
-        n = T if b == 0 or T == 1 else max(T - 2, 0)
-        pos[b, :n] = torch.arange(p0[b], p0[b] + n)
-    if T == 1 and pad_decode:
-        pos[1, 0] = -1
-    return pos
 
 
 def attn_case(kind, T, dtype=torch.float32, fmt=None, *, p0=(37, 5), ratio=None, nc=None, topk=4, seed=0,
@@ -45,10 +34,10 @@ def attn_case(kind, T, dtype=torch.float32, fmt=None, *, p0=(37, 5), ratio=None,
     H, D, ROPE, W = heads, d, rope, w
     B = len(p0)
     ratio = ratio or {"sliding": 0, "hca": 16, "csa": 4}[kind]
-    pos = _positions(B, T, p0, pad_decode=kind != "sliding")
+    pos = positions(B, T, p0, pad_decode=kind != "sliding")
     q = torch.randn(B, T, H, D, generator=g).to(dtype)
     kv = torch.randn(B, T, D, generator=g).to(dtype)
-    sd = _TDT[storage.stored_dtype(fmt, _SDT[dtype])]
+    sd = TDT[storage.stored_dtype(fmt, SDT[dtype])]
     width = storage.stored_width(D, fmt, ROPE)
     ring = torch.zeros(B, W, width, dtype=sd)
     ring_pos = torch.full((B, W), -1, dtype=torch.int64)

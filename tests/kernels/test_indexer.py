@@ -8,23 +8,12 @@ Index sets must match exactly (compared sorted; 16 heads avoid ties).
 """
 import pytest
 import torch
+from kernel_cases import SDT, TDT, positions
 
 from v4c.codegen.templates import indexer as I
 from v4c.graph import get_op, storage
 
 YARN = [16.0, 64, 32.0, 1.0]
-_SDT = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
-_TDT = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "u8": torch.uint8}
-
-
-def _positions(B, T, p0, pad_decode):
-    pos = torch.full((B, T), -1, dtype=torch.int64)
-    for b in range(B):
-        n = T if b == 0 or T == 1 else max(T - 2, 0)
-        pos[b, :n] = torch.arange(p0[b], p0[b] + n)
-    if T == 1 and pad_decode:
-        pos[1, 0] = -1
-    return pos
 
 
 # ---- indexer ------------------------------------------------------------------------------------
@@ -37,12 +26,12 @@ def index_case(T, dtype=torch.float32, fmt=None, *, p0=(37, 5), nc=20, topk=4, s
     g = torch.Generator().manual_seed(seed)
     HI, DI, QL, HID = hi, di, ql, hid
     B = len(p0)
-    pos = _positions(B, T, p0, pad_decode=True)
+    pos = positions(B, T, p0, pad_decode=True)
     cq = torch.randn(B, T, QL, generator=g).to(dtype)
     h = torch.randn(B, T, HID, generator=g).to(dtype)
     wq = torch.randn(HI * DI, QL, generator=g) * QL ** -0.5
     ww = torch.randn(HI, HID, generator=g) * HID ** -0.5
-    kdt = _TDT[storage.stored_dtype(fmt, _SDT[dtype])]
+    kdt = TDT[storage.stored_dtype(fmt, SDT[dtype])]
     keys = storage.encode(torch.randn(B, nc, DI, generator=g), fmt, 0, kdt)
     attrs = dict(shape=["B", "T", HI, DI], rope_dim=rope, theta=160000.0, yarn=yarn, topk=topk, ratio=4,
                  score_scale=DI ** -0.5, weight_scale=HI ** -0.5)

@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .prelude import MAX_ACC_REGS, SMEM_BYTES, _check, _cos_sin, _dot_f32, _e4m3_byte, _last_contiguous, _mm, _np2, _pow2, _pow2_int, _rne_bf16, _rope_inv_freq, _round_to, _ue8m0_exponent  # v4c: inline prelude
+from .prelude import MAX_ACC_REGS, SMEM_BYTES, _check, _constraint_args, _cos_sin, _dot_f32, _e4m3_byte, _last_contiguous, _mm, _np2, _pow2, _pow2_int, _rne_bf16, _rope_inv_freq, _round_to, _ue8m0_exponent  # v4c: inline prelude
 
 NEG_BIG = tl.constexpr(-1.0e30)  # running max before any key: finite, so exp(m_old - m_new) is never nan
 
@@ -349,21 +349,10 @@ def constraints(op, meta, shapes):
     """Why ``meta`` cannot run ``op`` on ``shapes``, or None.  ``shapes``: the op's input shapes in
     the reference's argument order, or a dict {"inputs": [...], "attrs": {...}, "dtype": ...};
     symbolic (non-int) dims are allowed where they do not matter."""
-    if op not in META:
-        return f"attention: no kernel for {op}"
-    attrs, dtype = {}, None
-    if isinstance(shapes, dict):
-        attrs, dtype = shapes.get("attrs", {}) or {}, shapes.get("dtype")
-        shapes = list(shapes.get("inputs", []))
-    shapes = list(shapes or [])
-    m = {**DEFAULT_META[op], **(meta or {})}
-    for name, v in m.items():
-        if name in ("num_warps", "num_stages"):
-            if not (isinstance(v, int) and v >= 1):
-                return f"{name}={v} must be a positive int"
-        elif not _pow2_int(v):
-            return f"{name}={v} must be a power of two"
-    eb = 4 if str(dtype) in ("f32", "float32", "torch.float32") else 2
+    parsed = _constraint_args("attention", op, meta, shapes, META, DEFAULT_META)
+    if isinstance(parsed, str):
+        return parsed
+    m, shapes, attrs, eb = parsed
     if op == "window_append":
         return None
     warps, stages = m["num_warps"], m["num_stages"]

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .prelude import MAX_ACC_REGS, SMEM_BYTES, _check, _cos_sin, _dot_f32, _last_contiguous, _mm, _np2, _pow2, _pow2_int, _rope_inv_freq, _round_to, _ue8m0_exponent  # v4c: inline prelude
+from .prelude import MAX_ACC_REGS, SMEM_BYTES, _check, _constraint_args, _cos_sin, _dot_f32, _last_contiguous, _mm, _np2, _pow2, _pow2_int, _rope_inv_freq, _round_to, _ue8m0_exponent  # v4c: inline prelude
 
 INT64_MIN = tl.constexpr(-9223372036854775808)  # packed key of "no entry"
 NEG_INF_KEY = tl.constexpr(-2139095041)  # sortable int32 key of an fp32 -inf score (a masked entry)
@@ -226,21 +226,10 @@ def constraints(op, meta, shapes):
     """Why ``meta`` cannot run ``op`` on ``shapes``, or None.  ``shapes``: the op's input shapes in
     the reference's argument order, or a dict {"inputs": [...], "attrs": {...}, "dtype": ...};
     symbolic (non-int) dims are allowed where they do not matter."""
-    if op not in META:
-        return f"indexer: no kernel for {op}"
-    attrs, dtype = {}, None
-    if isinstance(shapes, dict):
-        attrs, dtype = shapes.get("attrs", {}) or {}, shapes.get("dtype")
-        shapes = list(shapes.get("inputs", []))
-    shapes = list(shapes or [])
-    m = {**DEFAULT_META[op], **(meta or {})}
-    for name, v in m.items():
-        if name in ("num_warps", "num_stages"):
-            if not (isinstance(v, int) and v >= 1):
-                return f"{name}={v} must be a positive int"
-        elif not _pow2_int(v):
-            return f"{name}={v} must be a power of two"
-    eb = 4 if str(dtype) in ("f32", "float32", "torch.float32") else 2
+    parsed = _constraint_args("indexer", op, meta, shapes, META, DEFAULT_META)
+    if isinstance(parsed, str):
+        return parsed
+    m, shapes, attrs, eb = parsed
     warps, stages = m["num_warps"], m["num_stages"]
     for name in ("BLOCK_M", "BLOCK_K", "BLOCK_S"):
         if m[name] < 16:

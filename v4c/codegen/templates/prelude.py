@@ -124,6 +124,26 @@ def _mm(a, b, DOT_F32: tl.constexpr):
         c = tl.dot(a, b)
     return c
 
+def _constraint_args(family: str, op: str, meta, shapes, metas: dict, defaults: dict):
+    """The common start of a family's ``constraints``: a reason string, or (meta merged over the
+    defaults, input shapes, attrs, element bytes of the activation dtype). ``shapes``: the op's
+    input shapes, or a dict {"inputs": [...], "attrs": {...}, "dtype": ...}."""
+    if op not in metas:
+        return f"{family}: no kernel for {op}"
+    attrs, dtype = {}, None
+    if isinstance(shapes, dict):
+        attrs, dtype = shapes.get("attrs", {}) or {}, shapes.get("dtype")
+        shapes = shapes.get("inputs", [])
+    m = {**defaults[op], **(meta or {})}
+    for name, v in m.items():
+        if name in ("num_warps", "num_stages"):
+            if not (isinstance(v, int) and v >= 1):
+                return f"{name}={v} must be a positive int"
+        elif not _pow2_int(v):
+            return f"{name}={v} must be a power of two"
+    return m, list(shapes or []), attrs, 4 if str(dtype) in ("f32", "float32", "torch.float32") else 2
+
+
 def _pow2_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v > 0 and (v & (v - 1)) == 0
 
