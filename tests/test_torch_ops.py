@@ -157,3 +157,41 @@ def test_mhc_mixes_equal_references(tokens, dtype):
     got = mhc.hc_head(x, y, post, comb, fn[:n], base[:n], scale[:1], norm_w, eps=1e-6, hc_eps=1e-6)
     want = ref_head(x, y, post, comb, fn[:n], base[:n], scale[:1], norm_w, eps=1e-6, hc_eps=1e-6)
     assert torch.allclose(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("ratio,overlap", [(4, True), (8, False)])
+def test_compressor_decode_steps_equal_reference(ratio, overlap):
+    """Step by step through several windows (some steps close one, one carries a padding row)."""
+    from v4c.graph.registry import get_op
+    from v4c.runtime.torch_ops.compressor import compressor
+    g = torch.Generator().manual_seed(5)
+    b, hid, d, c = 2, 32, 16, 2 if overlap else 1
+    wkv, wgate = torch.randn(c * d, hid, generator=g), torch.randn(c * d, hid, generator=g)
+    ape, norm_w = torch.randn(ratio, c * d, generator=g), torch.rand(d, generator=g) + 0.5
+    states = [torch.zeros(b, 40, d), torch.zeros(b, c * ratio, c * d), torch.zeros(b, c * ratio, c * d)]
+    fast_states = [t.clone() for t in states]
+    attrs = dict(ratio=ratio, overlap=overlap, eps=1e-6, rope_dim=8, theta=10000.0)
+    ref = get_op("compressor").ref
+    start = torch.tensor([3, 0])
+    for step in range(3 * ratio):
+        pos = (start + step)[:, None].clone()
+        if step == 5:
+            pos[1, 0] = -1  # a padding row: falls back to the reference path
+        h = torch.randn(b, 1, hid, generator=g)
+        want = ref(h, wkv, wgate, ape, norm_w, *states, pos, **attrs)
+        got = compressor(h, wkv, wgate, ape, norm_w, *fast_states, pos, **attrs)
+        for x, y in zip(got, want):
+            assert torch.equal(x, y), f"step {step}"
+        if step == 5:
+            start[1] -= 1  # row 1 did not advance
+
+
+def test_sinkhorn_one_matrix_path_equals_reference():
+    from v4c.graph.ops.mhc import sinkhorn
+    from v4c.runtime.torch_ops.mhc import sinkhorn_
+    for seed in range(5):
+        c = torch.rand(1, 1, 4, 4, generator=torch.Generator().manual_seed(seed)) + 1e-3
+        want = sinkhorn(c.clone(), iters=20, eps=1e-6)
+        got = sinkhorn_(c.clone(), 20, 1e-6)  # one matrix: the Python-float path
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-7)
+        assert torch.allclose(sinkhorn_(c.repeat(2, 1, 1, 1), 20, 1e-6), want.repeat(2, 1, 1, 1), rtol=1e-6, atol=1e-7)

@@ -6,7 +6,7 @@ reference on random inputs.
 """
 from __future__ import annotations
 
-from . import attention, mhc, moe, projections, rope
+from . import attention, compressor, mhc, moe, projections, rope
 
 IMPLS = {
     "attention": attention.attend,
@@ -16,6 +16,7 @@ IMPLS = {
     "hc_pre": mhc.hc_pre,
     "hc_post_pre": mhc.hc_post_pre,
     "hc_head": mhc.hc_head,
+    "compressor": compressor.compressor,
     "moe_ffn": moe.moe_ffn,
     "q_proj": projections.q_proj,
     "kv_proj": projections.kv_proj,
