@@ -62,7 +62,6 @@ def test_torch_backend_equals_references(tmp_path, variant, opts, tol):
             x, y = torch.cat([x[0], x[1, :29]]), torch.cat([y[0], y[1, :29]])
         err = float((x - y).abs().max() / y.abs().max())
         assert err < tol, f"call {i}: relative error {err:.2e}"
-        print(f"call {i}: {err:.1e}")
 
 
 def test_torch_backend_is_the_default_on_cpu_and_uses_fast_ops(tiny_artifact):
