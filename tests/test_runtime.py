@@ -125,3 +125,11 @@ def test_buffers_never_move_or_grow(model):
     assert s.memory() == before and {n: t.data_ptr() for n, t in s.states.items()} == ptrs
     with pytest.raises(ValueError, match="beyond this session's max_context 300"):
         s.forward(torch.zeros(1, 1, dtype=torch.long))
+
+
+def test_inspect_text_shows_the_memory_plan(tiny_artifact):
+    from v4c.inspect import format_report, inspect_artifact
+    r = inspect_artifact(tiny_artifact, context=300)
+    line = next(ln for ln in format_report(r).splitlines() if ln.startswith("memory"))
+    assert "512 tokens in 256-token blocks" in line
+    assert f"compressed rows {r['kv_cache']['by_kind']['compressed_rows'] / 2**20:.2f} MiB" in line

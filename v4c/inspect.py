@@ -101,6 +101,8 @@ def format_report(r: dict) -> str:
         f"{kv['bytes_per_token']:.1f} B/token ({kv['ratio_to_v32']:.1%} of V3.2's {kv['v32_bytes_per_token']} B/token), "
         f"{kv['total_bytes'] / 2**30:.3f} GiB per sequence at {r['context']} tokens "
         f"({kv['fixed_bytes'] / 2**20:.2f} MiB fixed)",
+        f"memory     per sequence, {kv['allocated_tokens']} tokens in 256-token blocks: " + ", ".join(
+            f"{k.replace('_', ' ')} {v / 2**20:.2f} MiB" for k, v in kv["by_kind"].items()),
         f"decode     {r['launches_per_decode_step']} launches, {r['flops_per_token'] / 1e9:.3f} GFLOP/token, "
         f"{r['bytes_per_decode_step'] / 1e9:.3f} GB moved per step (batch {r['batch']}, context {r['context']})",
         "",
