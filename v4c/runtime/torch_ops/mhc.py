@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ...graph.ops.core import rms_norm
 from ...graph.ops.mhc import hc_collapse, hc_expand_mix, hc_head_weights, hc_logits, hc_weights
+from ...graph.registry import get_op
 
 # below this many tokens per call (decode steps) per-op overhead, not memory passes, dominates:
 # the references' fewer, larger ops win there
@@ -76,7 +77,7 @@ def _streamed(x: torch.Tensor) -> bool:
     return x.shape[0] * x.shape[1] >= _STREAMED_MIN_TOKENS
 
 
-def _pre(x, fn, base, scale, norm_w, n, eps, hc_eps, iters):
+def hc_pre(x, fn, base, scale, norm_w, *, n, eps, hc_eps, iters):
     if not _streamed(x):
         pre, post, comb = hc_weights(hc_logits(x, fn, eps=eps), base, scale, n=n, eps=hc_eps)
         comb = sinkhorn_(comb.contiguous(), iters, hc_eps)
@@ -87,20 +88,14 @@ def _pre(x, fn, base, scale, norm_w, n, eps, hc_eps, iters):
     return rms_norm(_collapse(xf, pre, x.dtype), norm_w, eps=eps), post, comb
 
 
-def hc_pre(x, fn, base, scale, norm_w, *, n, eps, hc_eps, iters):
-    return _pre(x, fn, base, scale, norm_w, n, eps, hc_eps, iters)
-
-
 def hc_post_pre(x, y, post, comb, fn, base, scale, norm_w, *, n, eps, hc_eps, iters):
     x1 = (_expand_mix if _streamed(x) else hc_expand_mix)(x, y, post, comb)
-    return (x1, *_pre(x1, fn, base, scale, norm_w, n, eps, hc_eps, iters))
+    return (x1, *hc_pre(x1, fn, base, scale, norm_w, n=n, eps=eps, hc_eps=hc_eps, iters=iters))
 
 
 def hc_head(x, y, post, comb, fn, base, scale, norm_w, *, eps, hc_eps):
-    if not _streamed(x):
-        x1 = hc_expand_mix(x, y, post, comb)
-        pre = hc_head_weights(hc_logits(x1, fn, eps=eps), base, scale, eps=hc_eps)
-        return rms_norm(hc_collapse(x1, pre), norm_w, eps=eps)
+    if not _streamed(x):  # no Sinkhorn here: the reference's few ops are the fast path
+        return get_op("hc_head").ref(x, y, post, comb, fn, base, scale, norm_w, eps=eps, hc_eps=hc_eps)
     x1 = _expand_mix(x, y, post, comb)
     xf = x1.float()
     pre = hc_head_weights(_logits(xf, fn, eps), base, scale, eps=hc_eps)

@@ -20,17 +20,17 @@ def moe_ffn(h, idx, w, perm, offsets, w13, w2, sg=None, su=None, sd=None, *, lim
     shape = h.shape
     flat = h.reshape(-1, shape[-1])
     k = idx.shape[-1]
-    starts = offsets.tolist()
-    order = perm.reshape(-1)[starts[0]:starts[-1]]  # assignments past the last offset are not ours (EP)
+    bounds = offsets.tolist()
+    order = perm.reshape(-1)[bounds[0]:bounds[-1]]  # assignments past the last offset are not ours (EP)
+    bounds = [x - bounds[0] for x in bounds]  # each expert's rows of `order`
     tok = order // k
     xs = flat.index_select(0, tok)  # the assignments' tokens, grouped by expert
     ys = torch.empty_like(xs)
-    for e in range(len(starts) - 1):
-        a, b = starts[e], starts[e + 1]
+    for e, (a, b) in enumerate(zip(bounds, bounds[1:])):
         if a == b:
             continue
-        gate, up = linear(xs[a - starts[0]:b - starts[0]], w13[e]).chunk(2, dim=-1)
-        ys[a - starts[0]:b - starts[0]] = linear(_swiglu_(gate, up, limit), w2[e])
+        gate, up = linear(xs[a:b], w13[e]).chunk(2, dim=-1)
+        ys[a:b] = linear(_swiglu_(gate, up, limit), w2[e])
     ys.mul_(w.reshape(-1).index_select(0, order)[:, None].to(ys.dtype))
     if sg is not None:
         out = linear(_swiglu_(linear(flat, sg), linear(flat, su), limit), sd)
