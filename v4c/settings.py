@@ -3,6 +3,8 @@
 V4C_CACHE_DIR     where the tuning store lives (default ~/.cache/v4c)
 V4C_DIST_TIMEOUT  seconds a torch.distributed collective (and forming the process group) may wait
                   for a peer before it is an error (default 300)
+V4C_NATIVE        0 turns off the torch backend's small C helpers (decode-size mHC mixes), which are
+                  otherwise compiled on first use with the machine's C compiler
 V4C_NUM_THREADS   CPU threads for the torch backend (default: one per physical core, torch's own
                   choice; set it when other work shares the machine)
 TRITON_INTERPRET  on a machine without CUDA, v4c switches Triton's interpreter on when it is
@@ -21,6 +23,10 @@ def cache_dir() -> Path:
 
 def dist_timeout() -> float:
     return float(os.environ.get("V4C_DIST_TIMEOUT") or 300)
+
+
+def native_enabled() -> bool:
+    return os.environ.get("V4C_NATIVE", "1") != "0"
 
 
 def configure_threads() -> None:

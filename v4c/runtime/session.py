@@ -7,6 +7,7 @@ import torch
 
 from ..graph.analysis import STATE_KINDS, planned_context, state_kind
 from ..graph.types import DTYPES
+from .torch_ops.blas import few_row_gemms
 
 if TYPE_CHECKING:
     from .model import Model
@@ -96,6 +97,9 @@ class Session:
         pos = torch.where(steps < n[:, None], self.lengths[:, None] + steps, torch.full_like(steps, -1))
         if self._graph is not None and ids.shape[1] == 1 and lengths is None:
             logits = self._graph.run(ids, pos)  # a captured CUDA graph, replayed
+        elif dev.type == "cpu" and self.model.backend == "torch":
+            with few_row_gemms(ids.numel()):  # decode steps: the GEMV kernel that streams weights fastest
+                (logits,) = self.model.executor.run({"ids": ids, "pos": pos}, self.states)
         else:
             (logits,) = self.model.executor.run({"ids": ids, "pos": pos}, self.states)
         self.lengths += n

@@ -6,7 +6,7 @@ reference on random inputs.
 """
 from __future__ import annotations
 
-from . import attention, compressor, mhc, moe, projections, rope
+from . import attention, compressor, linear_norm, mhc, moe, projections, rope, router
 
 IMPLS = {
     "attention": attention.attend,
@@ -18,6 +18,8 @@ IMPLS = {
     "hc_head": mhc.hc_head,
     "compressor": compressor.compressor,
     "moe_ffn": moe.moe_ffn,
+    "moe_router": router.moe_router,
+    "linear_rms_norm": linear_norm.linear_rms_norm,
     "q_proj": projections.q_proj,
     "kv_proj": projections.kv_proj,
     "rope": rope.rope,

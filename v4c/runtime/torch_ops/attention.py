@@ -5,7 +5,8 @@ call and every compressed row (T x T in a prefill). Here a block of queries only
 keys it can see: the ring, the call's tokens from ``W - 1`` before the block to its end, and
 its own compressed rows (CSA: the indexer's top-k, gathered; HCA: those complete before the
 block's last query). Work and memory grow linearly with T except for the indexer scan, which
-is quadratic by design (every query scores every visible compressed key).
+is quadratic by design (every query scores every visible compressed key). Calls of at most
+``attention_decode.TOKENS`` tokens (decode steps) take that module's one-shot paths instead.
 """
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import torch
 from ...graph.ops.attention import window_append
 from ...graph.ops.core import linear, reshape
 from ...graph.storage import decode, round_trip
-from .rope import rope
+from . import attention_decode as few
+from .positions import bounds
+from .rope import rope_
 
 _BLOCK_ELEMS = 1 << 22  # fp32 elements per score block (16 MiB): keeps blocks in the last-level cache's reach
 
@@ -41,6 +44,9 @@ def attend(q, kv, ring, ring_pos, sinks, pos, rows=None, idx=None, *, kind, wind
     """The ``attention`` op (same signature and result as its reference). Scores are laid out
     [B, t, H, S] so every product is a plain batched GEMM on the tensors as they are stored."""
     b, t, h, d = q.shape
+    if b * t <= few.TOKENS:
+        return few.attend(q, kv, ring, ring_pos, sinks, pos, rows, idx, kind=kind, window=window, ratio=ratio,
+                          scale=scale, kv_format=kv_format, kv_rope_dim=kv_rope_dim, hi=bounds(pos)[1])
     keys_now = round_trip(kv, kv_format, kv_rope_dim).float()  # as the cache will hold them
     ring_keys = decode(ring, kv_format, d, kv_rope_dim)
     qs = q.float() * scale
@@ -106,14 +112,21 @@ def sparse_attention(q, kv, ring, ring_pos, sinks, pos, *extra, rope_dim, theta,
     """The fused op: attention, the ring append, the output de-rotation."""
     o = attend(q, kv, ring, ring_pos, sinks, pos, *extra, **attrs)
     fmt = {a: attrs[a] for a in ("kv_format", "kv_rope_dim") if a in attrs}
-    ring, ring_pos = window_append(ring, ring_pos, kv, pos, **fmt)
-    return rope(o, pos, rope_dim, theta, yarn, inverse=True), ring, ring_pos
+    t = pos.shape[1]
+    if pos.shape[0] * t <= few.TOKENS and t <= ring.shape[1] and bounds(pos)[0] >= 0:  # no padding
+        ring, ring_pos = few.window_append(ring, ring_pos, kv, pos, **fmt)
+    else:
+        ring, ring_pos = window_append(ring, ring_pos, kv, pos, **fmt)
+    return rope_(o, pos, rope_dim, theta, yarn, inverse=True), ring, ring_pos  # o is this call's own
 
 
 def indexer_topk(q, w, keys, pos, *, topk, ratio, score_scale, weight_scale, key_format=None):
     """The ``indexer_topk`` op: the same selected rows as the reference (as a set: the order of the
     indices within a row may differ)."""
     b, t, h, d = q.shape
+    if b * t <= few.TOKENS:
+        return few.indexer_topk(q, w, keys, pos, topk=topk, ratio=ratio, score_scale=score_scale,
+                                weight_scale=weight_scale, key_format=key_format, hi=bounds(pos)[1])
     out = torch.full((b, t, topk), -1, dtype=torch.int64, device=q.device)
     nmax = max(0, (int(pos.max()) + 1) // ratio)
     if nmax == 0:
@@ -140,5 +153,5 @@ def indexer_topk(q, w, keys, pos, *, topk, ratio, score_scale, weight_scale, key
 
 def indexer(cq, h, wq, ww, keys, pos, *, shape, rope_dim, theta, yarn=None, **attrs):
     """The fused op: query GEMM + RoPE, head weights, scores, top-k."""
-    q = rope(reshape(linear(cq, wq), shape), pos, rope_dim, theta, yarn)
+    q = rope_(reshape(linear(cq, wq), shape), pos, rope_dim, theta, yarn)  # the product is this call's own
     return indexer_topk(q, linear(h, ww), keys, pos, **attrs)

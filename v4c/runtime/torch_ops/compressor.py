@@ -1,24 +1,59 @@
-"""The compressor's decode step without the pooling machinery when no window closes.
+"""The compressor's decode step (one token per row) without the prefill pooling machinery.
 
-A decode token only lands in its pending slot unless it completes a window (every ``ratio``
-tokens); the reference walks each row through the general prefill path either way. Calls that
-close a window, carry padding or hold more than one token take the reference.
+A decode token lands in its pending slot; every ``ratio`` tokens it also completes a window. The
+reference walks each row through the general path either way. Here the token is written first
+(fp32 pending slots hold exactly what the reference pools), so a closing window's tokens are all
+in the pending ring: the closing rows are pooled together, in token order, from one gather.
+Calls with padding, several tokens per row, or a CSA window with no predecessor yet (its first
+half is masked) take the reference.
 """
 from __future__ import annotations
 
 import torch
 
 from ...graph.ops.attention import compress
-from ...graph.ops.core import linear
+from ...graph.ops.core import apply_rope, linear, rms_norm, rope_cos_sin
+from ...graph.storage import encode
+from .positions import values
 
 
-def compressor(h, wkv, wgate, ape, norm_w, rows, pend_kv, pend_gate, pos, *, ratio, overlap, **attrs):
+def compressor(h, wkv, wgate, ape, norm_w, rows, pend_kv, pend_gate, pos, *, ratio, overlap, eps, rope_dim, theta,
+               yarn=None, store=None):
     kv, gate = linear(h, wkv), linear(h, wgate)
-    p = pos[:, 0]
-    if pos.shape[1] != 1 or bool(((p < 0) | ((p + 1) % ratio == 0)).any()):
-        return compress(kv, gate, ape, norm_w, rows, pend_kv, pend_gate, pos, ratio=ratio, overlap=overlap, **attrs)
-    slot = p % pend_kv.shape[1]  # the pending ring holds the last (1 + overlap) windows
-    b = torch.arange(p.shape[0], device=p.device)
-    pend_kv[b, slot] = kv[:, 0].float().to(pend_kv.dtype)
-    pend_gate[b, slot] = (gate[:, 0].float() + ape.float()[p % ratio]).to(pend_gate.dtype)
+    vals = values(pos) if pos.shape[1] == 1 else None  # the call's positions on the host, read once per call
+    slots = pend_kv.shape[1]  # the pending ring holds the last (1 + overlap) windows
+    closing = [i for i, v in enumerate(vals or ()) if (v + 1) % ratio == 0]
+    if (vals is None or min(vals) < 0 or pend_kv.dtype != torch.float32 or pend_gate.dtype != torch.float32
+            or any(vals[i] + 1 < slots for i in closing)):
+        return compress(kv, gate, ape, norm_w, rows, pend_kv, pend_gate, pos, ratio=ratio, overlap=overlap, eps=eps,
+                        rope_dim=rope_dim, theta=theta, yarn=yarn, store=store)
+    new_gate = gate[:, 0].float() + ape.float()[pos[:, 0] % ratio]
+    if vals == vals[:1] * len(vals):  # every row at the same position: one slot, a slice
+        pend_kv[:, vals[0] % slots] = kv[:, 0]
+        pend_gate[:, vals[0] % slots] = new_gate
+    else:
+        b = torch.arange(len(vals), device=pos.device)
+        slot = pos[:, 0] % slots
+        pend_kv[b, slot] = kv[:, 0].float()
+        pend_gate[b, slot] = new_gate
+    if closing:
+        _close(closing, [vals[i] for i in closing], rows, pend_kv, pend_gate, norm_w, ratio=ratio, overlap=overlap,
+               eps=eps, rope_dim=rope_dim, theta=theta, yarn=yarn, store=store)
     return rows, pend_kv, pend_gate
+
+
+def _close(which, last, rows, pend_kv, pend_gate, norm_w, *, ratio, overlap, eps, rope_dim, theta, yarn, store):
+    """Pool the windows that rows ``which`` complete with their tokens at positions ``last``."""
+    slots, d = pend_kv.shape[1], norm_w.shape[0]
+    dev = pend_kv.device
+    # the row's last `slots` tokens, oldest first: the previous window (CSA), then this one
+    order = torch.tensor([[(p + 1 + j) % slots for j in range(slots)] for p in last], device=dev)
+    sel = torch.tensor(which, device=dev)[:, None]
+    seq_kv, seq_gate = pend_kv[sel, order], pend_gate[sel, order]
+    if overlap:  # first half of the channels from the previous window, second half from this one
+        seq_kv = torch.cat([seq_kv[:, :ratio, :d], seq_kv[:, ratio:, d:]], dim=1)
+        seq_gate = torch.cat([seq_gate[:, :ratio, :d], seq_gate[:, ratio:, d:]], dim=1)
+    pooled = rms_norm((seq_kv * torch.softmax(seq_gate, dim=1)).sum(dim=1), norm_w, eps=eps)
+    win = torch.tensor([p // ratio for p in last], device=dev)
+    cos, sin = rope_cos_sin(win * ratio, rope_dim, theta, yarn)
+    rows[sel[:, 0], win] = encode(apply_rope(pooled, cos, sin), store, rope_dim, rows.dtype)

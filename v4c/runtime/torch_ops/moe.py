@@ -3,22 +3,42 @@ GEMMs on a contiguous slice, one weighted scatter-add back.
 
 The reference gathers and scatters per expert; here the permutation from ``moe_router`` is used
 as the schedule it is meant to be, so a prefill pays two data movements, not two per expert.
+
+A decode step (a few tokens) is bound by per-call overhead and by streaming the weights of the
+experts hit, not by FLOPs: its path visits only those experts, runs the shared expert as one more
+group of rows through the same GEMM lists and activation, multiplies by cached transposed views
+(``torch.mm``, no per-call view ops) and takes few-row products on ATen's GEMV (see ``blas``).
 """
 from __future__ import annotations
+
+from bisect import bisect_right
 
 import torch
 import torch.nn.functional as F
 
 from ...graph.weights import linear
+from .blas import FEW_ROWS
+from .weight_views import rows_concat_t, transposed
+
+DECODE_ROWS = 16  # up to this many tokens a call takes the decode path
+_HALF = (torch.bfloat16, torch.float16)
 
 
 def _swiglu_(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
     return F.silu(gate.clamp_(max=limit), inplace=True).mul_(up.clamp_(min=-limit, max=limit))
 
 
+def _plain(dtype, *weights) -> bool:
+    """Plain tensors of the activations' dtype (a QuantizedWeight has no ``dtype``: it takes the general path)."""
+    return all(getattr(w, "dtype", None) == dtype for w in weights)
+
+
 def moe_ffn(h, idx, w, perm, offsets, w13, w2, sg=None, su=None, sd=None, *, limit):
     shape = h.shape
     flat = h.reshape(-1, shape[-1])
+    shared = (sg, su, sd) if sg is not None else ()
+    if flat.shape[0] <= DECODE_ROWS and _plain(flat.dtype, w13, w2, *shared):
+        return _decode(flat, idx, w, perm, offsets, w13, w2, shared, limit).view_as(h)
     k = idx.shape[-1]
     bounds = offsets.tolist()
     order = perm.reshape(-1)[bounds[0]:bounds[-1]]  # assignments past the last offset are not ours (EP)
@@ -38,3 +58,70 @@ def moe_ffn(h, idx, w, perm, offsets, w13, w2, sg=None, su=None, sd=None, *, lim
         out = torch.zeros_like(flat)
     out.index_add_(0, tok, ys)
     return out.view(shape)
+
+
+def _products(pairs: list, dtype: torch.dtype) -> list:
+    """``x @ wt`` for each pair; with oneDNN on, half-precision products of at most FEW_ROWS rows run
+    on ATen's GEMV, the larger ones stay on oneDNN (``blas``'s rule, switched once per list)."""
+    if dtype not in _HALF or not torch._C._get_mkldnn_enabled():
+        return [torch.mm(x, wt) for x, wt in pairs]
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        out = [torch.mm(x, wt) if x.shape[0] <= FEW_ROWS else None for x, wt in pairs]
+    finally:
+        torch._C._set_mkldnn_enabled(True)
+    return [torch.mm(x, wt) if y is None else y for (x, wt), y in zip(pairs, out)]
+
+
+def _decode(flat, idx, w, perm, offsets, w13, w2, shared, limit):
+    """Few tokens: only the experts hit, one activation over all their rows (and the shared expert's)."""
+    t, dtype = flat.shape[0], flat.dtype
+    bounds = offsets.tolist()  # the one host read: the schedule
+    if bounds != sorted(bounds):  # (the bisection below needs them sorted; a C-speed check)
+        raise ValueError(f"moe_ffn: expert offsets must be non-decreasing, got {bounds}")
+    experts, counts, p, hi = [], [], bounds[0], bounds[-1]
+    while p < hi:  # the experts hit, found by bisection: as many steps as experts hit, not as experts
+        e = bisect_right(bounds, p) - 1
+        experts.append(e)
+        counts.append(bounds[e + 1] - p)
+        p = bounds[e + 1]
+    order = perm.reshape(-1)[bounds[0]:hi]  # assignments past the last offset are not ours (EP)
+    if t == 1:  # every assignment is the one token's: no gather
+        xs = [flat if c == 1 else flat.expand(c, -1) for c in counts]
+    else:
+        tok = order // idx.shape[-1]
+        xs = flat.index_select(0, tok).split_with_sizes(counts)
+    up_t, down_t = transposed(w13), transposed(w2)
+    pairs = [(x, up_t[e]) for x, e in zip(xs, experts)]
+    out = None
+    if shared:
+        sg, su, sd = shared
+        gate_up_t = rows_concat_t(sg, su)
+        if 2 * sg.shape[0] == w13.shape[1] and gate_up_t is not None:
+            pairs.append((flat, gate_up_t))  # the shared expert: one more group of rows
+            counts.append(t)
+        else:  # another width, or no fused copy: on its own
+            if gate_up_t is None:
+                gate, up = _products([(flat, transposed(sg)), (flat, transposed(su))], dtype)
+            else:
+                gate, up = _products([(flat, gate_up_t)], dtype)[0].chunk(2, dim=-1)
+            (out,) = _products([(_swiglu_(gate, up, limit), transposed(sd))], dtype)
+    if not pairs:
+        return torch.zeros_like(flat) if out is None else out
+    parts = _products(pairs, dtype)
+    gate, up = (torch.cat(parts) if len(parts) > 1 else parts[0]).chunk(2, dim=-1)
+    acts = _swiglu_(gate, up, limit).split_with_sizes(counts)
+    pairs = [(a, down_t[e]) for a, e in zip(acts, experts)]
+    if len(acts) > len(experts):
+        pairs.append((acts[-1], transposed(shared[2])))
+    ys = _products(pairs, dtype)
+    if len(acts) > len(experts):
+        out = ys.pop()
+    if not experts:
+        return out
+    routed = torch.cat(ys) if len(ys) > 1 else ys[0]
+    if t == 1:  # the weighted sum over the assignments is one [1, n] x [n, D] product
+        wrow = w.reshape(1, -1).index_select(1, order).to(dtype)
+        return torch.mm(wrow, routed) if out is None else torch.addmm(out, wrow, routed)
+    routed.mul_(w.reshape(-1, 1).index_select(0, order).to(dtype))
+    return (torch.zeros_like(flat) if out is None else out).index_add_(0, tok, routed)

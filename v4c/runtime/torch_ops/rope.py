@@ -1,31 +1,68 @@
-"""RoPE with cos/sin looked up in per-(dims, theta, YaRN) tables instead of recomputed per call.
+"""RoPE with the rotations looked up in per-(dims, theta, YaRN) tables instead of recomputed per call.
 
-The tables hold exactly what ``rope_cos_sin`` computes (same fp32 products, same cos/sin), so a
-lookup is bit-identical to the reference; they grow by doubling, so a session's positions cost
-one build each.
+The tables hold ``cos + i sin`` of exactly what ``rope_cos_sin`` computes, and a complex product
+rounds each of its two products and their sum once, as the reference's real arithmetic does, so
+a lookup is bit-identical to the reference. Tables grow by doubling (one build per session's
+positions); the rows a call's positions pick are kept for the next op of the same call, which
+reads the same ``pos`` tensor (a decode step rotates q, kv and outputs with them many times).
 """
 from __future__ import annotations
 
 import torch
 
-from ...graph.ops.core import apply_rope, rope_cos_sin
+from ...graph.ops.core import rope_cos_sin
+from .positions import bounds, version
 
 _TABLES: dict = {}
+_PICKED: dict = {}  # table key -> (pos, its version, rotations, conjugates or None)
+
+
+def _table(key, need: int, device) -> torch.Tensor:
+    table = _TABLES.get(key)
+    if table is None or table.shape[0] < need:
+        size = max(need, 2 * table.shape[0] if table is not None else 4096)
+        cos, sin = rope_cos_sin(torch.arange(size, device=device), key[0], key[1], key[2])
+        table = _TABLES[key] = torch.complex(cos, sin)
+    return table
+
+
+def rotations(pos: torch.Tensor, rope_dim: int, theta: float, yarn, inverse: bool = False) -> torch.Tensor:
+    """``cos + i sin`` (``inverse``: ``cos - i sin``) at each position, ``[*pos.shape, rope_dim // 2]``."""
+    key = (rope_dim, float(theta), tuple(yarn) if yarn else None, pos.device)
+    hit = _PICKED.get(key)
+    if hit is None or hit[0] is not pos or hit[1] != version(pos):
+        table = _table(key, bounds(pos)[1] + 1, pos.device)
+        hit = _PICKED[key] = [pos, version(pos), table[pos.clamp_min(0)], None]
+    if not inverse:
+        return hit[2]
+    if hit[3] is None:
+        hit[3] = hit[2].conj().resolve_conj()
+    return hit[3]
 
 
 def cos_sin(pos: torch.Tensor, rope_dim: int, theta: float, yarn) -> tuple[torch.Tensor, torch.Tensor]:
-    key = (rope_dim, float(theta), tuple(yarn) if yarn else None, pos.device)
-    need = int(pos.max()) + 1 if pos.numel() else 1
-    table = _TABLES.get(key)
-    if table is None or table[0].shape[0] < need:
-        size = max(need, 2 * table[0].shape[0] if table is not None else 4096)
-        table = rope_cos_sin(torch.arange(size, device=pos.device), rope_dim, theta, yarn)
-        _TABLES[key] = table
-    p = pos.clamp_min(0)
-    return table[0][p], table[1][p]
+    rot = rotations(pos, rope_dim, theta, yarn)
+    return rot.real, rot.imag
+
+
+def rope_(x: torch.Tensor, pos: torch.Tensor, rope_dim: int, theta: float, yarn=None,
+          inverse: bool = False) -> torch.Tensor:
+    """RoPE in place on ``x`` (a tensor the caller owns): interleaved pairs of the last ``rope_dim``
+    dims as complex numbers, times the rotation."""
+    rot = rotations(pos, rope_dim, theta, yarn, inverse)
+    if x.dim() == 4:
+        rot = rot.unsqueeze(-2)
+    tail = x[..., -rope_dim:]
+    work = tail.float()  # half types: a copy; fp32: the slice itself, rotated where it lies
+    if x.shape[-1] % 2 or not x.is_contiguous():  # a complex view needs even strides and offset
+        work = work.contiguous()
+    torch.view_as_complex(work.view(*work.shape[:-1], rope_dim // 2, 2)).mul_(rot)
+    if work is not tail:
+        tail.copy_(work)
+    return x
 
 
 def rope(x: torch.Tensor, pos: torch.Tensor, rope_dim: int, theta: float, yarn=None,
          inverse: bool = False) -> torch.Tensor:
-    cos, sin = cos_sin(pos, rope_dim, theta, yarn)
-    return apply_rope(x, cos, -sin if inverse else sin)
+    """The ``rope`` op, on a copy of ``x``."""
+    return rope_(x.clone(memory_format=torch.contiguous_format), pos, rope_dim, theta, yarn, inverse)

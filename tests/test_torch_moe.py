@@ -1,0 +1,191 @@
+"""The torch backend's MoE ops (router, expert FFN) and linear_rms_norm against their references at decode sizes.
+
+The router does the reference's arithmetic in fewer calls, so its outputs are compared exactly
+(both sides run under the same GEMM kernel choice). The FFN's decode path sums in another order
+(the shared expert first, one product for the weighted sum), so in bf16 it is held to be at
+least as close to an fp32 evaluation as the reference itself is; in fp32 it equals it to 1e-5.
+"""
+import gc
+import weakref
+
+import pytest
+import torch
+
+from v4c.graph.ops.collective import ep_select
+from v4c.graph.ops.fused import moe_ffn as ref_ffn
+from v4c.graph.ops.fused import moe_router as ref_router
+from v4c.graph.weight_formats import quantize_fp8_block
+from v4c.graph.weights import QuantizedWeight
+from v4c.runtime.torch_ops import IMPLS
+from v4c.runtime.torch_ops import moe as fast_moe
+from v4c.runtime.torch_ops import weight_views
+from v4c.runtime.torch_ops.blas import few_row_gemms
+from v4c.runtime.torch_ops.router import moe_router
+
+E, D, I, K = 16, 64, 32, 4
+SHAPES = [(1, 1), (8, 1), (2, 3)]  # B=1 and B=8 decode steps, a short chunk
+
+
+def _weights(g, dtype, shared_width=I):
+    w13 = torch.randn(E, 2 * I, D, generator=g) * 0.3
+    w2 = torch.randn(E, D, I, generator=g) * 0.3
+    shared = [torch.randn(shared_width, D, generator=g) * 0.3, torch.randn(shared_width, D, generator=g) * 0.3,
+              torch.randn(D, shared_width, generator=g) * 0.3]
+    return w13.to(dtype), w2.to(dtype), [s.to(dtype) for s in shared]
+
+
+def _check(got, want, args):
+    if want.dtype == torch.float32:
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+        return
+    up = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+    truth = ref_ffn(*up, limit=2.0)
+    scale = truth.abs().max()
+    err_got, err_want = [float((x.float() - truth).abs().max() / scale) for x in (got, want)]
+    assert err_got <= err_want + 2 ** -8, f"bf16 error {err_got:.2e} vs the reference's {err_want:.2e}"
+
+
+def test_router_is_registered():
+    assert IMPLS["moe_router"] is moe_router
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("hashed", [False, True])
+def test_moe_router_equals_reference(dtype, shape, hashed):
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(*shape, D, generator=g).to(dtype)
+    w = torch.randn(E, D, generator=g).to(dtype)
+    if hashed:
+        table = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(50)]).int()
+        ids = torch.randint(0, 50, shape, generator=g)
+        ids[-1, -1] = -1  # a padding row's id
+        args, attrs = (h, w, table, ids), {"hash": True, "scaling": 1.5}
+    else:
+        args, attrs = (h, w, torch.randn(E, generator=g) * 0.5), {"topk": K, "scaling": 1.5}
+    with few_row_gemms(h.shape[0] * h.shape[1]):  # both sides on the same GEMM kernel
+        want, got = ref_router(*args, **attrs), moe_router(*args, **attrs)
+    for name, x, y in zip(("experts", "weights", "permutation", "offsets"), got, want):
+        assert x.dtype == y.dtype and torch.equal(x, y), name
+
+
+def test_moe_router_quantised_weight_equals_reference():
+    g = torch.Generator().manual_seed(6)
+    h = torch.randn(8, 1, 128, generator=g)
+    w = QuantizedWeight("f8e4m3", *quantize_fp8_block(torch.randn(E, 128, generator=g)))
+    bias = torch.randn(E, generator=g)
+    for x, y in zip(moe_router(h, w, bias, topk=K, scaling=2.0), ref_router(h, w, bias, topk=K, scaling=2.0)):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("case", ["shared", "no_shared", "wide_shared", "ep", "ep_idle", "no_budget"])
+def test_moe_ffn_decode_path_equals_reference(monkeypatch, dtype, shape, case):
+    """The decode path for every shape of the shared expert and expert-parallel share of the routing
+    (``ep_idle``: a rank none of the tokens routes to; ``no_budget``: shared gate/up not concatenated)."""
+    g = torch.Generator().manual_seed(2)
+    w13, w2, shared = _weights(g, dtype, 2 * I if case == "wide_shared" else I)
+    h = torch.randn(*shape, D, generator=g).to(dtype)
+    bias = torch.zeros(E)
+    bias[12:] = -100.0  # experts 12.. are never picked: the rank owning them idles
+    idx, w, perm, offsets = ref_router(h, torch.randn(E, D, generator=g).to(dtype), bias, topk=K, scaling=1.5)
+    if case in ("ep", "ep_idle"):
+        lo, hi = (2, 9) if case == "ep" else (12, E)
+        idx, w, perm, offsets = ep_select(idx, w, experts=(lo, hi))
+        w13, w2 = w13[lo:hi], w2[lo:hi]
+    if case == "no_shared":
+        shared = []
+    if case == "no_budget":
+        monkeypatch.setattr(weight_views, "CONCAT_BUDGET", 0)
+        monkeypatch.setattr(weight_views, "_concats", weight_views.PerWeight())
+    args = (h, idx, w, perm, offsets, w13, w2, *shared)
+    want = ref_ffn(*args, limit=2.0)
+    for _ in range(2):  # the second call reuses the cached expert views and [gate; up]
+        with few_row_gemms(shape[0] * shape[1]):
+            got = fast_moe.moe_ffn(*args, limit=2.0)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        _check(got, want, args)
+
+
+def test_moe_ffn_decode_repeated_expert_and_idle_rank():
+    """A hash table row may name an expert twice (two rows for one expert from one token), and a
+    rank can hold no assignment at all (then only the shared expert, or zeros)."""
+    g = torch.Generator().manual_seed(3)
+    w13, w2, shared = _weights(g, torch.float32)
+    h = torch.randn(1, 1, D, generator=g)
+    table = torch.tensor([[3, 7, 3, 1]], dtype=torch.int32)
+    idx, w, perm, offsets = ref_router(h, torch.randn(E, D, generator=g), table, torch.zeros(1, 1, dtype=torch.long),
+                                       hash=True, scaling=1.5)
+    args = (h, idx, w, perm, offsets, w13, w2, *shared)
+    assert torch.allclose(fast_moe.moe_ffn(*args, limit=2.0), ref_ffn(*args, limit=2.0), rtol=1e-5, atol=1e-5)
+    idx, w, perm, offsets = ep_select(idx, w, experts=(8, 12))
+    assert int(offsets[-1]) == 0
+    for sh in (shared, []):
+        args = (h, idx, w, perm, offsets, w13[8:12], w2[8:12], *sh)
+        assert torch.allclose(fast_moe.moe_ffn(*args, limit=2.0), ref_ffn(*args, limit=2.0), rtol=1e-5, atol=1e-5)
+
+
+def test_moe_ffn_decode_rejects_unsorted_offsets():
+    g = torch.Generator().manual_seed(7)
+    w13, w2, shared = _weights(g, torch.float32)
+    h = torch.randn(1, 1, D, generator=g)
+    idx, w, perm, offsets = ref_router(h, torch.randn(E, D, generator=g), torch.zeros(E), topk=K, scaling=1.5)
+    offsets = offsets.clone()
+    offsets[3] = 50
+    with pytest.raises(ValueError, match="moe_ffn: expert offsets must be non-decreasing"):
+        fast_moe.moe_ffn(h, idx, w, perm, offsets, w13, w2, *shared, limit=2.0)
+
+
+def test_moe_ffn_quantised_experts_take_the_general_path():
+    g = torch.Generator().manual_seed(4)
+    w13, w2, shared = _weights(g, torch.float32)
+    q13 = [quantize_fp8_block(w13[e]) for e in range(E)]
+    q2 = [quantize_fp8_block(w2[e]) for e in range(E)]
+    w13q = QuantizedWeight("f8e4m3", torch.stack([d for d, _ in q13]), torch.stack([s for _, s in q13]))
+    w2q = QuantizedWeight("f8e4m3", torch.stack([d for d, _ in q2]), torch.stack([s for _, s in q2]))
+    h = torch.randn(1, 1, D, generator=g)
+    routing = ref_router(h, torch.randn(E, D, generator=g), torch.zeros(E), topk=K, scaling=1.5)
+    args = (h, *routing, w13q, w2q, *shared)
+    want = ref_ffn(*args, limit=2.0)
+    assert torch.allclose(fast_moe.moe_ffn(*args, limit=2.0), want, rtol=1e-5, atol=1e-5)
+    # the quantised product differs from the plain one: the weights really went through weights.linear
+    assert not torch.allclose(ref_ffn(h, *routing, w13, w2, *shared, limit=2.0), want, rtol=1e-4, atol=1e-4)
+
+
+def test_weight_views_are_made_once_and_die_with_their_weight():
+    gc.collect()
+    before = weight_views._concat_bytes[0]
+    w, a, b = torch.randn(4, 3, 2), torch.randn(3, 2), torch.randn(5, 2)
+    views = weight_views.transposed(w)
+    assert weight_views.transposed(w) is views and all(torch.equal(v, w[e].T) for e, v in enumerate(views))
+    assert torch.equal(weight_views.transposed(a), a.T)
+    both = weight_views.rows_concat_t(a, b)
+    assert weight_views.rows_concat_t(a, b) is both and torch.equal(both, torch.cat((a, b)).T)
+    assert weight_views.rows_concat_t(a, torch.randn(5, 2)) is None  # `a` is already paired with `b`
+    assert weight_views._concat_bytes[0] == before + both.nbytes
+    with pytest.raises(ValueError, match="expected a 2-D or stacked 3-D weight"):
+        weight_views.transposed(torch.zeros(2, 2, 2, 2))
+    refs = [weakref.ref(x) for x in (w, a)]
+    del w, a, views, both
+    gc.collect()
+    assert all(r() is None for r in refs)
+    assert weight_views._concat_bytes[0] == before  # the copy's bytes went back to the budget
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 8, 37])
+def test_linear_rms_norm_equals_reference_bitwise(dtype, rows):
+    """Not MoE, but the other per-layer op of a decode step this file's module set covers."""
+    from v4c.graph.registry import get_op
+    from v4c.runtime.torch_ops.linear_norm import linear_rms_norm
+    assert IMPLS["linear_rms_norm"] is linear_rms_norm
+    ref = get_op("linear_rms_norm").ref
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(rows, 1, 96, generator=g).to(dtype)
+    w, nw = torch.randn(40, 96, generator=g).to(dtype), torch.rand(40, generator=g).to(dtype)
+    with few_row_gemms(rows):
+        assert torch.equal(linear_rms_norm(x, w, nw, eps=1e-6), ref(x, w, nw, eps=1e-6))
+    data, scale = quantize_fp8_block(torch.randn(40, 96, generator=g))
+    qw = QuantizedWeight("f8e4m3", data, scale)  # through weights.linear, as the reference
+    assert torch.equal(linear_rms_norm(x, qw, nw, eps=1e-6), ref(x, qw, nw, eps=1e-6))

@@ -1,0 +1,189 @@
+"""A few decode-size ops in C, built on first use with the machine's C compiler and called
+through ctypes.
+
+Why C: a batch-1 decode step is dispatch-bound, and some ops (the mHC mixes with their 20-round
+Sinkhorn on a 4x4 matrix) are hundreds of tiny PyTorch calls for a few KFLOP. The source ships
+with the package; it is compiled into a private temporary directory of this process (never
+loaded from a shared cache), portable flags only (no -march=native). Without a compiler, or with
+V4C_NATIVE=0, ``library()`` is None and the callers keep their PyTorch paths: same results,
+slower decode.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from ....settings import native_enabled
+
+_SOURCES = ("mhc.c",)
+_state: dict = {}
+
+
+def _build() -> ctypes.CDLL | None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        _state["why"] = "no C compiler found (cc, gcc or clang)"
+        return None
+    here = Path(__file__).parent
+    out = Path(tempfile.mkdtemp(prefix="v4c-native-")) / "libv4c_native.so"
+    cmd = [cc, "-O3", "-std=c99", "-shared", "-fPIC", "-o", str(out), *(str(here / s) for s in _SOURCES), "-lm"]
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
+        lib = ctypes.CDLL(str(out))
+    except (OSError, subprocess.SubprocessError) as e:
+        err = getattr(e, "stderr", "") or str(e)
+        _state["why"] = f"building the C helpers failed: {err.strip()[:500]}"
+        return None
+    p, i, lg, fl = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
+    lib.v4c_hc_mix.argtypes = [i, i, i, i, i, i, p, p, p, p, p, p, p, p, fl, fl, i, p, p, p, p, p]
+    lib.v4c_hc_expand.argtypes = [lg, lg, i, i, i, p, p, p, p, p, p, p]
+    lib.v4c_hc_finish.argtypes = [lg, lg, i, i, i, i, i, p, p, p, p, p, fl, fl, i, p, p, p, p]
+    for f in (lib.v4c_hc_mix, lib.v4c_hc_expand, lib.v4c_hc_finish):
+        f.restype = i
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled helpers, or None (``why()`` says why)."""
+    if "lib" not in _state:
+        if not native_enabled():
+            _state["why"] = "disabled by V4C_NATIVE=0"
+            _state["lib"] = None
+        else:
+            _state["lib"] = _build()
+    return _state["lib"]
+
+
+def why() -> str | None:
+    """Why ``library()`` is None (None when it is not)."""
+    library()
+    return _state.get("why")
+
+
+_DT = {torch.float32: 0, torch.bfloat16: 1}
+_local = threading.local()  # ctypes drops the GIL during a call: one scratch buffer per thread
+_CHUNK = 256  # prefill rows per round (expand, GEMM, finish): a round's streams stay in cache
+_pool: list = []
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _work(size: int) -> torch.Tensor:
+    work = getattr(_local, "work", None)
+    if work is None or work.numel() < size:
+        work = _local.work = torch.empty(size, dtype=torch.float32)
+    return work
+
+
+def _chunk_buffer(size: int) -> torch.Tensor:
+    """Kept across calls: a fresh multi-MB buffer costs its page faults again on every call."""
+    buf = getattr(_local, "chunk", None)
+    if buf is None or buf.numel() < size:
+        buf = _local.chunk = torch.empty(size, dtype=torch.float32)
+    return buf[:size]
+
+
+def _check(rc: int, n: int) -> None:
+    if rc != 0:
+        raise ValueError(f"hc_mix: {n} streams is more than the C helpers support (1..8)")
+
+
+def hc_mix_supported(x: torch.Tensor, y: torch.Tensor | None, norm_w: torch.Tensor | None) -> bool:
+    """Whether the C mixes take these operands: CPU, contiguous, fp32 or bf16 streams (``y`` the same
+    dtype), at most 8 streams."""
+    if library() is None or x.device.type != "cpu" or x.dtype not in _DT or x.shape[2] > 8:
+        return False
+    if y is not None and (y.dtype != x.dtype or y.device.type != "cpu" or not y.is_contiguous()):
+        return False
+    return x.is_contiguous() and (norm_w is None or (norm_w.device.type == "cpu" and norm_w.is_contiguous()))
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    # a plain Python check: at decode every avoided dispatch (even a no-op .float()) is ~1 us
+    return t if t.dtype is torch.float32 and t.is_contiguous() else t.float().contiguous()
+
+
+def _operands(fn, base, scale, norm_w):
+    if norm_w is not None and norm_w.dtype not in _DT:
+        norm_w = norm_w.float()
+    return _f32(fn), _f32(base), _f32(scale), norm_w
+
+
+def _outputs(x, head):
+    b, t, n, d = x.shape
+    h = torch.empty(b, t, d, dtype=x.dtype)
+    if head:
+        return h, None, None
+    return h, torch.empty(b, t, n, dtype=torch.float32), torch.empty(b, t, n, n, dtype=torch.float32)
+
+
+def hc_mix(x, y, post, comb, fn, base, scale, norm_w, *, eps, hc_eps, iters=0, head=False):
+    """Decode sizes: the mHC post-mix (when ``y`` is given) and pre-mix (or the head's collapse) of
+    every token row of ``x [B, T, n, D]``, one C call. Returns (x1 or None, h, post, comb); post and
+    comb are None for the head."""
+    b, t, n, d = x.shape
+    fn, base, scale, norm_w = _operands(fn, base, scale, norm_w)
+    mix = y is not None
+    x1 = torch.empty_like(x) if mix else None
+    h, post_out, comb_out = _outputs(x, head)
+    if mix:
+        post, comb = _f32(post), _f32(comb)
+    _check(library().v4c_hc_mix(
+        b * t, n, d, (1 if mix else 0) | (2 if head else 0), _DT[x.dtype], _DT[norm_w.dtype] if norm_w is not None else 0,
+        _ptr(x), _ptr(y), _ptr(post) if mix else None, _ptr(comb) if mix else None,
+        _ptr(fn), _ptr(base), _ptr(scale), _ptr(norm_w), eps, hc_eps, iters,
+        _ptr(x1), _ptr(h), _ptr(post_out), _ptr(comb_out), _ptr(_work((2 * n + 2) * d))), n)
+    return x1, h, post_out, comb_out
+
+
+def _parallel(r0: int, r1: int, call) -> None:
+    """``call(a, b)`` over [r0, r1) split across torch's thread count (the C code runs without the GIL)."""
+    k = max(1, min(torch.get_num_threads(), (r1 - r0) // 16))
+    cuts = [r0 + (r1 - r0) * i // k for i in range(k + 1)]
+    if k == 1:
+        call(r0, r1)
+        return
+    if not _pool:
+        from concurrent.futures import ThreadPoolExecutor
+        _pool.append(ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="v4c-native"))
+    for f in [_pool[0].submit(call, a, c) for a, c in zip(cuts, cuts[1:])]:
+        f.result()
+
+
+def hc_mix_rows(x, y, post, comb, fn, base, scale, norm_w, *, eps, hc_eps, iters=0, head=False):
+    """``hc_mix`` for prefill sizes: per chunk of rows, the post-mix in C, the logits as one fp32
+    GEMM, then the weights, Sinkhorn, collapse and norm in C; chunks split across threads."""
+    b, t, n, d = x.shape
+    rows, nd = b * t, n * d
+    fn, base, scale, norm_w = _operands(fn, base, scale, norm_w)
+    lib, xdt, wdt = library(), _DT[x.dtype], _DT[norm_w.dtype] if norm_w is not None else 0
+    mix = y is not None
+    x1 = torch.empty_like(x) if mix else x
+    h, post_out, comb_out = _outputs(x, head)
+    if mix:
+        post, comb = _f32(post), _f32(comb)
+    mode = 2 if head else 0
+    flat = x1.view(rows, nd)
+    # bf16 streams: the post-mix also leaves its rows in fp32 for the logits GEMM (no conversion pass)
+    xf = _chunk_buffer(min(rows, _CHUNK) * nd).view(-1, nd) if mix and xdt else None
+    for c0 in range(0, rows, _CHUNK):
+        c1 = min(rows, c0 + _CHUNK)
+        if mix:
+            _parallel(c0, c1, lambda a, e: _check(lib.v4c_hc_expand(
+                a, e, n, d, xdt, _ptr(x), _ptr(y), _ptr(post), _ptr(comb), _ptr(x1),
+                _ptr(xf[a - c0]) if xf is not None else None, _ptr(_work((2 * n + 1) * d))), n))
+        rows_f32 = xf[:c1 - c0] if xf is not None else flat[c0:c1].float()
+        logits = torch.nn.functional.linear(rows_f32, fn)
+        _parallel(c0, c1, lambda a, e: _check(lib.v4c_hc_finish(
+            a, e, n, d, mode, xdt, wdt, _ptr(x1), _ptr(logits[a - c0]), _ptr(base), _ptr(scale), _ptr(norm_w), eps,
+            hc_eps, iters, _ptr(h), _ptr(post_out), _ptr(comb_out), _ptr(_work((n + 1) * d))), n))
+    return (x1 if mix else None), h, post_out, comb_out
