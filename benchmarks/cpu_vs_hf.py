@@ -92,14 +92,29 @@ def _worker(a) -> dict:
             out["prefill_seconds"] = time.perf_counter() - t0
             step = ids(a.batch, 1)
             fwd(step)  # the first step after a prefill (lazy per-shape work) is not timed
+            rss0, faults0 = _rss_mib(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             for _ in range(a.steps):
                 fwd(step)
             dt = time.perf_counter() - t0
+            # memory the decode loop newly touches: page faults and resident growth over its steps
+            out["page_faults_per_step"] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / a.steps
+            out["rss_growth_mib"] = _rss_mib() - rss0
             out["seconds_per_step"] = dt / a.steps
             out["tokens_per_s"] = a.batch * a.steps / dt
     out["peak_rss_mib"] = _peak_rss_mib()
     return out
+
+
+def _rss_mib() -> float:
+    """This process's resident set now (VmRSS)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
 
 
 def _peak_rss_mib() -> float:
@@ -245,7 +260,8 @@ def main():
               f"  ratio {r['speedup']:5.2f}x   peak RSS {r['v4c']['peak_rss_mib']:.0f} / {r['hf']['peak_rss_mib']:.0f} MiB")
     for r in result["decode"]:
         print(f"decode B={r['batch']}:     v4c {r['v4c']['tokens_per_s']:8.1f} tok/s  HF {r['hf']['tokens_per_s']:8.1f} tok/s"
-              f"  ratio {r['speedup']:5.2f}x   peak RSS {r['v4c']['peak_rss_mib']:.0f} / {r['hf']['peak_rss_mib']:.0f} MiB")
+              f"  ratio {r['speedup']:5.2f}x   peak RSS {r['v4c']['peak_rss_mib']:.0f} / {r['hf']['peak_rss_mib']:.0f} MiB"
+              f"   page faults/step {r['v4c']['page_faults_per_step']:.1f} / {r['hf']['page_faults_per_step']:.1f}")
     for r in result["context"]:
         scan = r["inspect_flops_by_term"]["indexer_scan"]
         print(f"context {r['context']:6d}: prefill {r['prefill_seconds']:7.2f} s, decode "

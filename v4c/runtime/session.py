@@ -40,6 +40,7 @@ class Session:
             fill = -1 if t.dtype in ("i64", "i32") else 0  # -1 marks an empty ring slot
             self.states[name] = torch.full(t.concrete(bindings), fill, dtype=DTYPES[t.dtype], device=model.device)
         self.lengths = torch.zeros(batch_size, dtype=torch.int64, device=model.device)
+        self._longest = 0  # max(lengths), kept on the host
         self._graph = None
         if model.device.type == "cuda" and model.backend == "triton" and model.cuda_graphs:
             from .cuda_graphs import DecodeGraph
@@ -49,6 +50,7 @@ class Session:
         for t in self.states.values():
             t.fill_(-1 if not t.is_floating_point() else 0)
         self.lengths.zero_()
+        self._longest = 0
 
     def memory(self) -> dict[str, int]:
         """Bytes of state held by the whole batch, by kind (window, compressed_rows, indexer_keys,
@@ -60,7 +62,8 @@ class Session:
         out["total"] = sum(out.values())
         return out
 
-    def _check(self, ids: torch.Tensor, lengths) -> torch.Tensor:
+    def _check(self, ids: torch.Tensor, lengths) -> torch.Tensor | None:
+        """Each row's token count for this call, or None when every row takes all of ``ids``."""
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"ids must be an integer tensor [batch, tokens], got "
                              f"{getattr(ids, 'dtype', type(ids))} {tuple(getattr(ids, 'shape', ()))}")
@@ -69,6 +72,8 @@ class Session:
             raise ValueError(f"ids has batch {b}, the session was created for batch {self.batch_size}")
         if t < 1:
             raise ValueError("ids must hold at least one token")
+        if lengths is None and self._fits(ids, t):
+            return None  # every row takes all t tokens, all in the vocabulary, within max_context
         if lengths is None:
             n = torch.full((b,), t, dtype=torch.int64)
         else:
@@ -86,15 +91,26 @@ class Session:
             row = int((ends > self.max_context).nonzero()[0])
             raise ValueError(f"row {row} would reach {int(ends[row])} tokens, beyond this session's max_context "
                              f"{self.max_context}")
+        self._next_longest = int(ends.max())
         return n.to(self.model.device)
+
+    def _fits(self, ids: torch.Tensor, t: int) -> bool:
+        """The common call (no ``lengths``) checked in a few host reads: a decode step is ~100 ops in
+        all, so the general checks' two dozen small ones would be a measurable share of it."""
+        lo, hi = (int(v) for v in torch.aminmax(ids))
+        return lo >= 0 and hi < self.model.config.vocab_size and self._longest + t <= self.max_context
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, lengths=None) -> torch.Tensor:
         n = self._check(ids, lengths)
         dev = self.model.device
         ids = ids.to(dev, torch.int64)
-        steps = torch.arange(ids.shape[1], device=dev)[None, :]
-        pos = torch.where(steps < n[:, None], self.lengths[:, None] + steps, torch.full_like(steps, -1))
+        t = ids.shape[1]
+        if n is None:  # every row appends all t tokens
+            pos = self.lengths[:, None] + torch.arange(t, device=dev)[None, :]
+        else:
+            steps = torch.arange(t, device=dev)[None, :]
+            pos = torch.where(steps < n[:, None], self.lengths[:, None] + steps, torch.full_like(steps, -1))
         if self._graph is not None and ids.shape[1] == 1 and lengths is None:
             logits = self._graph.run(ids, pos)  # a captured CUDA graph, replayed
         elif dev.type == "cpu" and self.model.backend == "torch":
@@ -102,7 +118,8 @@ class Session:
                 (logits,) = self.model.executor.run({"ids": ids, "pos": pos}, self.states)
         else:
             (logits,) = self.model.executor.run({"ids": ids, "pos": pos}, self.states)
-        self.lengths += n
+        self.lengths += t if n is None else n
+        self._longest = self._longest + t if n is None else self._next_longest
         return logits.float()
 
     __call__ = forward

@@ -1,12 +1,13 @@
-"""A few decode-size ops in C, built on first use with the machine's C compiler and called
-through ctypes.
+"""The mHC mixes in C, built on first use with the machine's C compiler and called through ctypes.
 
-Why C: a batch-1 decode step is dispatch-bound, and some ops (the mHC mixes with their 20-round
-Sinkhorn on a 4x4 matrix) are hundreds of tiny PyTorch calls for a few KFLOP. The source ships
-with the package; it is compiled into a private temporary directory of this process (never
-loaded from a shared cache), portable flags only (no -march=native). Without a compiler, or with
-V4C_NATIVE=0, ``library()`` is None and the callers keep their PyTorch paths: same results,
-slower decode.
+Why C: a decode step is dispatch-bound, and each mHC mix (post-mix, logits, sigmoid/softmax,
+a 20-round Sinkhorn on a 4x4 matrix, collapse, norm) is ~60 tiny PyTorch calls for a few KFLOP;
+in a prefill the same mix is a dozen memory passes over the streams. The source ships with the
+package and is compiled into a private temporary directory of this process, which is removed
+once the library is loaded (nothing is ever loaded from a shared cache); flags are portable
+(baseline x86-64 plus an AVX2 clone chosen at load time; no -march=native). Without a compiler,
+or with V4C_NATIVE=0, ``library()`` is None and the callers keep their PyTorch paths: the same
+results, slower.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def _build() -> ctypes.CDLL | None:
         _state["why"] = "no C compiler found (cc, gcc or clang)"
         return None
     here = Path(__file__).parent
-    out = Path(tempfile.mkdtemp(prefix="v4c-native-")) / "libv4c_native.so"
+    tmp = Path(tempfile.mkdtemp(prefix="v4c-native-"))
+    out = tmp / "libv4c_native.so"
     cmd = [cc, "-O3", "-std=c99", "-shared", "-fPIC", "-o", str(out), *(str(here / s) for s in _SOURCES), "-lm"]
     try:
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
@@ -41,6 +43,8 @@ def _build() -> ctypes.CDLL | None:
         err = getattr(e, "stderr", "") or str(e)
         _state["why"] = f"building the C helpers failed: {err.strip()[:500]}"
         return None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a loaded library stays mapped; nothing is left behind
     p, i, lg, fl = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
     lib.v4c_hc_mix.argtypes = [i, i, i, i, i, i, p, p, p, p, p, p, p, p, fl, fl, i, p, p, p, p, p]
     lib.v4c_hc_expand.argtypes = [lg, lg, i, i, i, p, p, p, p, p, p, p]
@@ -137,21 +141,34 @@ def hc_mix(x, y, post, comb, fn, base, scale, norm_w, *, eps, hc_eps, iters=0, h
     h, post_out, comb_out = _outputs(x, head)
     if mix:
         post, comb = _f32(post), _f32(comb)
-    _check(library().v4c_hc_mix(
-        b * t, n, d, (1 if mix else 0) | (2 if head else 0), _DT[x.dtype], _DT[norm_w.dtype] if norm_w is not None else 0,
-        _ptr(x), _ptr(y), _ptr(post) if mix else None, _ptr(comb) if mix else None,
-        _ptr(fn), _ptr(base), _ptr(scale), _ptr(norm_w), eps, hc_eps, iters,
-        _ptr(x1), _ptr(h), _ptr(post_out), _ptr(comb_out), _ptr(_work((2 * n + 2) * d))), n)
+    lib, mode, xdt = library(), (1 if mix else 0) | (2 if head else 0), _DT[x.dtype]
+    wdt, es = _DT[norm_w.dtype] if norm_w is not None else 0, x.element_size()
+    nd = n * d
+
+    def rows(a: int, e: int) -> None:  # rows [a, e): every operand advanced by a rows
+        def at(t, per_row, size):
+            return None if t is None else t.data_ptr() + a * per_row * size
+        _check(lib.v4c_hc_mix(
+            e - a, n, d, mode, xdt, wdt, at(x, nd, es), at(y, d, es), at(post if mix else None, n, 4),
+            at(comb if mix else None, n * n, 4), _ptr(fn), _ptr(base), _ptr(scale), _ptr(norm_w), eps, hc_eps,
+            iters, at(x1, nd, es), at(h, d, es), at(post_out, n, 4), at(comb_out, n * n, 4),
+            _ptr(_work((2 * n + 2) * d))), n)
+
+    if b * t >= 4:  # a batched decode step: rows split across threads (the C code runs without the GIL)
+        _parallel(0, b * t, rows, grain=2)
+    else:
+        rows(0, b * t)
     return x1, h, post_out, comb_out
 
 
-def _parallel(r0: int, r1: int, call) -> None:
-    """``call(a, b)`` over [r0, r1) split across torch's thread count (the C code runs without the GIL)."""
-    k = max(1, min(torch.get_num_threads(), (r1 - r0) // 16))
-    cuts = [r0 + (r1 - r0) * i // k for i in range(k + 1)]
+def _parallel(r0: int, r1: int, call, grain: int = 16) -> None:
+    """``call(a, b)`` over [r0, r1) split across torch's thread count, at least ``grain`` rows each
+    (the C code runs without the GIL)."""
+    k = max(1, min(torch.get_num_threads(), (r1 - r0) // grain))
     if k == 1:
         call(r0, r1)
         return
+    cuts = [r0 + (r1 - r0) * i // k for i in range(k + 1)]
     if not _pool:
         from concurrent.futures import ThreadPoolExecutor
         _pool.append(ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="v4c-native"))
