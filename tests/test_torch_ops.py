@@ -236,3 +236,33 @@ def test_decode_loop_touches_no_new_memory(tiny_artifact, batch):
         s.forward(step)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     assert faults <= 4, f"{faults} page faults in 64 decode steps"
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 130])  # decode sizes and a prefill split across threads
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("path", ["native", "torch"])
+def test_projection_epilogues_equal_references(monkeypatch, tokens, dtype, path):
+    """q_proj / kv_proj: GEMM, RMSNorm (per head for q), RoPE on the last dims, YaRN tables, padding rows."""
+    from v4c.graph.registry import get_op
+    from v4c.runtime.torch_ops import native, projections
+    if path == "native" and native.library() is None:
+        pytest.skip(f"C helpers unavailable: {native.why()}")
+    if path == "torch":
+        monkeypatch.setattr(native, "norm_rope_supported", lambda *a: False)
+    g = torch.Generator().manual_seed(tokens)
+    b, hid, heads, d, rope_dim = 2, 64, 4, 32, 16
+    x = torch.randn(b, tokens, hid, generator=g).to(dtype)
+    pos = torch.arange(tokens)[None].repeat(b, 1) + torch.tensor([[7], [300]])
+    pos[1, -1] = -1  # a padding row
+    yarn = (4.0, 64, 32, 1)
+    wq = (torch.randn(heads * d, hid, generator=g) * 0.2).to(dtype)
+    wkv, norm_w = (torch.randn(d, hid, generator=g) * 0.2).to(dtype), (torch.rand(d, generator=g) + 0.5).to(dtype)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2  # bf16: one rounding step of an output element
+    qa = dict(shape=(b, tokens, heads, d), eps=1e-6, rope_dim=rope_dim, theta=10000.0, yarn=yarn)
+    got, want = projections.q_proj(x, wq, pos, **qa), get_op("q_proj").ref(x, wq, pos, **qa)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert torch.allclose(got.float(), want.float(), rtol=tol, atol=tol)
+    ka = dict(eps=1e-6, rope_dim=rope_dim, theta=10000.0, yarn=yarn)
+    got, want = projections.kv_proj(x, wkv, norm_w, pos, **ka), get_op("kv_proj").ref(x, wkv, norm_w, pos, **ka)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert torch.allclose(got.float(), want.float(), rtol=tol, atol=tol)

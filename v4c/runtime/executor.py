@@ -22,10 +22,11 @@ class Executor:
         for node in graph.nodes:
             op = get_op(node.op)
             self.plan.append((impls.get(node.op, op.ref), node.inputs, node.outputs, node.attr, op.state_io, node.op))
+        self.frees = _last_uses(graph)
 
     def run(self, inputs: Mapping[str, torch.Tensor], states: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         env = {**self.params, **states, **inputs}
-        for ref, ins, outs, attrs, state_io, name in self.plan:
+        for (ref, ins, outs, attrs, state_io, name), dead in zip(self.plan, self.frees):
             args = [env[i] for i in ins]
             res = ref(*args, **attrs)
             res = res if isinstance(res, tuple) else (res,)
@@ -33,4 +34,23 @@ class Executor:
                 if res[oi] is not args[ii]:
                     raise RuntimeError(f"op {name} returned a new tensor for state %{ins[ii]}")
             env.update(zip(outs, res))
+            del args, res
+            for v in dead:  # an activation is released after its last reader: the allocator reuses it
+                del env[v]
         return [env[o] for o in self.graph.outputs]
+
+
+def _last_uses(graph: Graph) -> list[list[str]]:
+    """Per node, the intermediate values nothing after it reads (params, states, inputs and outputs
+    are never released)."""
+    keep = {n for n, _ in graph.params} | {n for n, _ in graph.states} | {n for n, _ in graph.inputs}
+    keep |= set(graph.outputs)
+    last = {}
+    for i, node in enumerate(graph.nodes):
+        for v in (*node.inputs, *node.outputs):  # an output never read dies where it is made
+            last[v] = i
+    frees = [[] for _ in graph.nodes]
+    for v, i in last.items():
+        if v not in keep:
+            frees[i].append(v)
+    return frees

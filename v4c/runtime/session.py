@@ -62,8 +62,8 @@ class Session:
         out["total"] = sum(out.values())
         return out
 
-    def _check(self, ids: torch.Tensor, lengths) -> torch.Tensor | None:
-        """Each row's token count for this call, or None when every row takes all of ``ids``."""
+    def _check(self, ids: torch.Tensor, lengths) -> torch.Tensor:
+        """Each row's token count for this call; a clear error for anything malformed."""
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"ids must be an integer tensor [batch, tokens], got "
                              f"{getattr(ids, 'dtype', type(ids))} {tuple(getattr(ids, 'shape', ()))}")
@@ -72,8 +72,6 @@ class Session:
             raise ValueError(f"ids has batch {b}, the session was created for batch {self.batch_size}")
         if t < 1:
             raise ValueError("ids must hold at least one token")
-        if lengths is None and self._fits(ids, t):
-            return None  # every row takes all t tokens, all in the vocabulary, within max_context
         if lengths is None:
             n = torch.full((b,), t, dtype=torch.int64)
         else:
@@ -91,18 +89,21 @@ class Session:
             row = int((ends > self.max_context).nonzero()[0])
             raise ValueError(f"row {row} would reach {int(ends[row])} tokens, beyond this session's max_context "
                              f"{self.max_context}")
-        self._next_longest = int(ends.max())
         return n.to(self.model.device)
 
-    def _fits(self, ids: torch.Tensor, t: int) -> bool:
-        """The common call (no ``lengths``) checked in a few host reads: a decode step is ~100 ops in
-        all, so the general checks' two dozen small ones would be a measurable share of it."""
+    def _plain(self, ids) -> bool:
+        """The common call, all of ``ids`` appended to every row, checked in a few host reads (a decode
+        step is ~100 ops in all: ``_check``'s two dozen small ones would be a measurable share);
+        anything else goes through ``_check`` and its errors."""
+        if not (isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.dtype in (torch.int64, torch.int32)
+                and ids.shape[0] == self.batch_size and ids.shape[1] >= 1):
+            return False
         lo, hi = (int(v) for v in torch.aminmax(ids))
-        return lo >= 0 and hi < self.model.config.vocab_size and self._longest + t <= self.max_context
+        return lo >= 0 and hi < self.model.config.vocab_size and self._longest + ids.shape[1] <= self.max_context
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, lengths=None) -> torch.Tensor:
-        n = self._check(ids, lengths)
+        n = None if lengths is None and self._plain(ids) else self._check(ids, lengths)
         dev = self.model.device
         ids = ids.to(dev, torch.int64)
         t = ids.shape[1]
@@ -119,7 +120,7 @@ class Session:
         else:
             (logits,) = self.model.executor.run({"ids": ids, "pos": pos}, self.states)
         self.lengths += t if n is None else n
-        self._longest = self._longest + t if n is None else self._next_longest
+        self._longest = self._longest + t if n is None else int(self.lengths.max())
         return logits.float()
 
     __call__ = forward

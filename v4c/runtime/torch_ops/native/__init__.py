@@ -23,7 +23,7 @@ import torch
 
 from ....settings import native_enabled
 
-_SOURCES = ("mhc.c",)
+_SOURCES = ("mhc.c", "norm_rope.c")
 _state: dict = {}
 
 
@@ -49,7 +49,8 @@ def _build() -> ctypes.CDLL | None:
     lib.v4c_hc_mix.argtypes = [i, i, i, i, i, i, p, p, p, p, p, p, p, p, fl, fl, i, p, p, p, p, p]
     lib.v4c_hc_expand.argtypes = [lg, lg, i, i, i, p, p, p, p, p, p, p]
     lib.v4c_hc_finish.argtypes = [lg, lg, i, i, i, i, i, p, p, p, p, p, fl, fl, i, p, p, p, p]
-    for f in (lib.v4c_hc_mix, lib.v4c_hc_expand, lib.v4c_hc_finish):
+    lib.v4c_norm_rope.argtypes = [lg, lg, i, i, i, p, p, i, fl, i, p, p]
+    for f in (lib.v4c_hc_mix, lib.v4c_hc_expand, lib.v4c_hc_finish, lib.v4c_norm_rope):
         f.restype = i
     return lib
 
@@ -204,3 +205,25 @@ def hc_mix_rows(x, y, post, comb, fn, base, scale, norm_w, *, eps, hc_eps, iters
             a, e, n, d, mode, xdt, wdt, _ptr(x1), _ptr(logits[a - c0]), _ptr(base), _ptr(scale), _ptr(norm_w), eps,
             hc_eps, iters, _ptr(h), _ptr(post_out), _ptr(comb_out), _ptr(_work((n + 1) * d))), n))
     return (x1 if mix else None), h, post_out, comb_out
+
+
+def norm_rope_supported(x: torch.Tensor, w: torch.Tensor | None) -> bool:
+    """Whether ``norm_rope_`` takes these: a contiguous CPU fp32/bf16 tensor, a weight of either dtype."""
+    return (library() is not None and x.device.type == "cpu" and x.dtype in _DT and x.is_contiguous()
+            and (w is None or (w.dtype in _DT and w.device.type == "cpu" and w.is_contiguous())))
+
+
+def norm_rope_(x: torch.Tensor, w: torch.Tensor | None, eps: float, rope_dim: int, rot: torch.Tensor | None):
+    """RMSNorm over the last dim (times ``w``), then RoPE on its last ``rope_dim`` dims with the
+    rotations ``rot`` (complex, one row of rope_dim/2 per token), in place on ``x [B, T, (H,) d]``."""
+    b, t, d = x.shape[0], x.shape[1], x.shape[-1]
+    heads = x.shape[2] if x.dim() == 4 else 1
+    rr = None
+    if rot is not None:
+        rr = torch.view_as_real(rot).contiguous()  # [B, T, rope_dim/2, 2] floats: (cos, sin) pairs
+    lib, xdt, wdt = library(), _DT[x.dtype], _DT[w.dtype] if w is not None else 0
+    if lib.v4c_norm_rope(0, 0, heads, d, xdt, None, None, wdt, eps, rope_dim, None, None) != 0:
+        raise ValueError(f"norm_rope: rope_dim {rope_dim} must be even and at most {d}")
+    _parallel(0, b * t, lambda a, e: lib.v4c_norm_rope(
+        a, e, heads, d, xdt, _ptr(x), _ptr(w), wdt, eps, rope_dim, _ptr(rr), _ptr(_work(d))), grain=64)
+    return x
