@@ -266,3 +266,41 @@ def test_projection_epilogues_equal_references(monkeypatch, tokens, dtype, path)
     got, want = projections.kv_proj(x, wkv, norm_w, pos, **ka), get_op("kv_proj").ref(x, wkv, norm_w, pos, **ka)
     assert got.dtype == want.dtype and got.shape == want.shape
     assert torch.allclose(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+def test_native_thread_pool_after_fork():
+    """A child forked after the C helpers' thread pool started makes its own (the parent's threads do
+    not exist there): a batched decode-size mix, split across the pool, finishes in the child and
+    equals the parent's. (Only the C path: torch's own OpenMP GEMMs are not fork-safe.)"""
+    import os
+    import signal
+    import time
+    from v4c.runtime.torch_ops import native
+    if native.library() is None or not hasattr(os, "fork"):
+        pytest.skip("needs the C helpers and fork")
+    g = torch.Generator().manual_seed(9)
+    n, d, t = 4, 32, 8
+    args = (torch.randn(1, t, n, d, generator=g), torch.randn(1, t, d, generator=g), torch.rand(1, t, n, generator=g),
+            torch.rand(1, t, n, n, generator=g), torch.randn((n + 2) * n, n * d, generator=g) * 0.1,
+            torch.randn((n + 2) * n, generator=g), torch.rand(3, generator=g) + 0.5, torch.rand(d, generator=g) + 0.5)
+    want = native.hc_mix(*args, eps=1e-6, hc_eps=1e-6, iters=20)[1]  # 8 rows: split across the pool
+    assert native._pool, "the pool should have started"
+    got = torch.zeros_like(want).share_memory_()  # the child writes its result here
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest teardown, just an exit status
+        try:
+            got.copy_(native.hc_mix(*args, eps=1e-6, hc_eps=1e-6, iters=20)[1])
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    deadline, status = time.monotonic() + 30, None
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung on the C helpers' thread pool")
+    assert os.waitstatus_to_exitcode(status) == 0 and torch.equal(got, want)

@@ -76,6 +76,8 @@ _DT = {torch.float32: 0, torch.bfloat16: 1}
 _local = threading.local()  # ctypes drops the GIL during a call: one scratch buffer per thread
 _CHUNK = 256  # prefill rows per round (expand, GEMM, finish): a round's streams stay in cache
 _pool: list = []
+if hasattr(os, "register_at_fork"):  # a forked child has none of the pool's threads: it makes its own
+    os.register_at_fork(after_in_child=_pool.clear)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
