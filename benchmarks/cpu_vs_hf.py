@@ -106,27 +106,28 @@ def _worker(a) -> dict:
     return out
 
 
-def _rss_mib() -> float:
-    """This process's resident set now (VmRSS)."""
+def _status_mib(field: str) -> float | None:
+    """A field of /proc/self/status in MiB (None where there is no such file)."""
     try:
         for line in open("/proc/self/status"):
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return float("nan")
+    return None
+
+
+def _rss_mib() -> float:
+    """This process's resident set now (VmRSS)."""
+    v = _status_mib("VmRSS")
+    return float("nan") if v is None else v
 
 
 def _peak_rss_mib() -> float:
     """This process's peak resident set (VmHWM: unlike ru_maxrss it does not carry the parent's peak
     across fork + exec)."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    v = _status_mib("VmHWM")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if v is None else v
 
 
 def run_child(common: list[str], **kw) -> dict:

@@ -14,29 +14,36 @@ import torch
 import torch.nn.functional as F
 
 FEW_ROWS = 3  # up to here ATen's kernel wins for half precision (2 threads: 82 vs 102 us at 3 rows; equal at 4)
-_HALF = (torch.bfloat16, torch.float16)
+HALF = (torch.bfloat16, torch.float16)
+
+
+def onednn_on() -> bool:
+    return torch.backends.mkldnn.is_available() and torch._C._get_mkldnn_enabled()
+
+
+@contextmanager
+def aten_kernels():
+    """Within the block, products run on ATen's own kernels (oneDNN off, restored after)."""
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(True)
 
 
 @contextmanager
 def few_row_gemms(rows: int):
     """Within the block, products run on ATen's kernels when ``rows`` (tokens in the call) is small."""
-    on = torch.backends.mkldnn.is_available() and torch._C._get_mkldnn_enabled()
-    if not on or rows > FEW_ROWS:
+    if rows > FEW_ROWS or not onednn_on():
         yield
         return
-    torch._C._set_mkldnn_enabled(False)
-    try:
+    with aten_kernels():
         yield
-    finally:
-        torch._C._set_mkldnn_enabled(True)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``F.linear`` with the kernel picked by the number of rows of ``x``."""
-    if x.dtype not in _HALF or x.numel() > FEW_ROWS * x.shape[-1] or not torch._C._get_mkldnn_enabled():
+    if x.dtype not in HALF or x.numel() > FEW_ROWS * x.shape[-1] or not onednn_on():
         return F.linear(x, w)
-    torch._C._set_mkldnn_enabled(False)
-    try:
+    with aten_kernels():
         return F.linear(x, w)
-    finally:
-        torch._C._set_mkldnn_enabled(True)

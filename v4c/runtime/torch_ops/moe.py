@@ -17,11 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from ...graph.weights import linear
-from .blas import FEW_ROWS
+from .blas import FEW_ROWS, HALF, aten_kernels, onednn_on
 from .weight_views import rows_concat_t, transposed
 
 DECODE_ROWS = 16  # up to this many tokens a call takes the decode path
-_HALF = (torch.bfloat16, torch.float16)
 
 
 def _swiglu_(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
@@ -63,13 +62,10 @@ def moe_ffn(h, idx, w, perm, offsets, w13, w2, sg=None, su=None, sd=None, *, lim
 def _products(pairs: list, dtype: torch.dtype) -> list:
     """``x @ wt`` for each pair; with oneDNN on, half-precision products of at most FEW_ROWS rows run
     on ATen's GEMV, the larger ones stay on oneDNN (``blas``'s rule, switched once per list)."""
-    if dtype not in _HALF or not torch._C._get_mkldnn_enabled():
+    if dtype not in HALF or not onednn_on():
         return [torch.mm(x, wt) for x, wt in pairs]
-    torch._C._set_mkldnn_enabled(False)
-    try:
+    with aten_kernels():
         out = [torch.mm(x, wt) if x.shape[0] <= FEW_ROWS else None for x, wt in pairs]
-    finally:
-        torch._C._set_mkldnn_enabled(True)
     return [torch.mm(x, wt) if y is None else y for (x, wt), y in zip(pairs, out)]
 
 

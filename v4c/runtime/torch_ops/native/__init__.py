@@ -1,4 +1,5 @@
-"""The mHC mixes in C, built on first use with the machine's C compiler and called through ctypes.
+"""The mHC mixes and the projections' RMSNorm + RoPE epilogue in C, built on first use with the
+machine's C compiler and called through ctypes.
 
 Why C: a decode step is dispatch-bound, and each mHC mix (post-mix, logits, sigmoid/softmax,
 a 20-round Sinkhorn on a 4x4 matrix, collapse, norm) is ~60 tiny PyTorch calls for a few KFLOP;
@@ -73,7 +74,7 @@ def why() -> str | None:
 
 
 _DT = {torch.float32: 0, torch.bfloat16: 1}
-_local = threading.local()  # ctypes drops the GIL during a call: one scratch buffer per thread
+_local = threading.local()  # ctypes drops the GIL during a call: scratch buffers are per thread
 _CHUNK = 256  # prefill rows per round (expand, GEMM, finish): a round's streams stay in cache
 _pool: list = []
 if hasattr(os, "register_at_fork"):  # a forked child has none of the pool's threads: it makes its own
@@ -84,19 +85,14 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _work(size: int) -> torch.Tensor:
-    work = getattr(_local, "work", None)
-    if work is None or work.numel() < size:
-        work = _local.work = torch.empty(size, dtype=torch.float32)
-    return work
-
-
-def _chunk_buffer(size: int) -> torch.Tensor:
-    """Kept across calls: a fresh multi-MB buffer costs its page faults again on every call."""
-    buf = getattr(_local, "chunk", None)
+def _scratch(name: str, size: int) -> torch.Tensor:
+    """This thread's fp32 buffer ``name`` of at least ``size`` floats, kept across calls (a fresh
+    multi-MB buffer would cost its page faults again on every call)."""
+    buf = getattr(_local, name, None)
     if buf is None or buf.numel() < size:
-        buf = _local.chunk = torch.empty(size, dtype=torch.float32)
-    return buf[:size]
+        buf = torch.empty(size, dtype=torch.float32)
+        setattr(_local, name, buf)
+    return buf
 
 
 def _check(rc: int, n: int) -> None:
@@ -155,7 +151,7 @@ def hc_mix(x, y, post, comb, fn, base, scale, norm_w, *, eps, hc_eps, iters=0, h
             e - a, n, d, mode, xdt, wdt, at(x, nd, es), at(y, d, es), at(post if mix else None, n, 4),
             at(comb if mix else None, n * n, 4), _ptr(fn), _ptr(base), _ptr(scale), _ptr(norm_w), eps, hc_eps,
             iters, at(x1, nd, es), at(h, d, es), at(post_out, n, 4), at(comb_out, n * n, 4),
-            _ptr(_work((2 * n + 2) * d))), n)
+            _ptr(_scratch("work", (2 * n + 2) * d))), n)
 
     if b * t >= 4:  # a batched decode step: rows split across threads (the C code runs without the GIL)
         _parallel(0, b * t, rows, grain=2)
@@ -194,18 +190,19 @@ def hc_mix_rows(x, y, post, comb, fn, base, scale, norm_w, *, eps, hc_eps, iters
     mode = 2 if head else 0
     flat = x1.view(rows, nd)
     # bf16 streams: the post-mix also leaves its rows in fp32 for the logits GEMM (no conversion pass)
-    xf = _chunk_buffer(min(rows, _CHUNK) * nd).view(-1, nd) if mix and xdt else None
+    size = min(rows, _CHUNK) * nd
+    xf = _scratch("chunk", size)[:size].view(-1, nd) if mix and xdt else None
     for c0 in range(0, rows, _CHUNK):
         c1 = min(rows, c0 + _CHUNK)
         if mix:
             _parallel(c0, c1, lambda a, e: _check(lib.v4c_hc_expand(
                 a, e, n, d, xdt, _ptr(x), _ptr(y), _ptr(post), _ptr(comb), _ptr(x1),
-                _ptr(xf[a - c0]) if xf is not None else None, _ptr(_work((2 * n + 1) * d))), n))
+                _ptr(xf[a - c0]) if xf is not None else None, _ptr(_scratch("work", (2 * n + 1) * d))), n))
         rows_f32 = xf[:c1 - c0] if xf is not None else flat[c0:c1].float()
         logits = torch.nn.functional.linear(rows_f32, fn)
         _parallel(c0, c1, lambda a, e: _check(lib.v4c_hc_finish(
             a, e, n, d, mode, xdt, wdt, _ptr(x1), _ptr(logits[a - c0]), _ptr(base), _ptr(scale), _ptr(norm_w), eps,
-            hc_eps, iters, _ptr(h), _ptr(post_out), _ptr(comb_out), _ptr(_work((n + 1) * d))), n))
+            hc_eps, iters, _ptr(h), _ptr(post_out), _ptr(comb_out), _ptr(_scratch("work", (n + 1) * d))), n))
     return (x1 if mix else None), h, post_out, comb_out
 
 
@@ -223,9 +220,9 @@ def norm_rope_(x: torch.Tensor, w: torch.Tensor | None, eps: float, rope_dim: in
     rr = None
     if rot is not None:
         rr = torch.view_as_real(rot).contiguous()  # [B, T, rope_dim/2, 2] floats: (cos, sin) pairs
-    lib, xdt, wdt = library(), _DT[x.dtype], _DT[w.dtype] if w is not None else 0
-    if lib.v4c_norm_rope(0, 0, heads, d, xdt, None, None, wdt, eps, rope_dim, None, None) != 0:
+    if rope_dim % 2 or not 0 <= rope_dim <= d:
         raise ValueError(f"norm_rope: rope_dim {rope_dim} must be even and at most {d}")
+    lib, xdt, wdt = library(), _DT[x.dtype], _DT[w.dtype] if w is not None else 0
     _parallel(0, b * t, lambda a, e: lib.v4c_norm_rope(
-        a, e, heads, d, xdt, _ptr(x), _ptr(w), wdt, eps, rope_dim, _ptr(rr), _ptr(_work(d))), grain=64)
+        a, e, heads, d, xdt, _ptr(x), _ptr(w), wdt, eps, rope_dim, _ptr(rr), _ptr(_scratch("work", d))), grain=64)
     return x
