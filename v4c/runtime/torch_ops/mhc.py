@@ -6,6 +6,9 @@ batched 4x4 matmul per token, which CPU BLAS runs poorly. Here the streams are c
 fp32 once per mix, the RMS scale is applied to the n*D -> (n+2)*n product instead of to its
 input (the map is linear), and the collapse and post-mix are n or n*n fused multiply-adds over
 [B, T, D] slices. Same arithmetic as the references up to summation order.
+
+Where the C helpers are built (``native``) every size runs there instead, one call per mix; the
+PyTorch paths here are the fallback without a C compiler (or with V4C_NATIVE=0).
 """
 from __future__ import annotations
 
@@ -78,14 +81,9 @@ def _streamed(x: torch.Tensor) -> bool:
     return x.shape[0] * x.shape[1] >= _STREAMED_MIN_TOKENS
 
 
-def _native(x: torch.Tensor):
-    """The C mix for this call's size: one call per decode step, C + one GEMM per prefill chunk."""
-    return native.hc_mix_rows if _streamed(x) else native.hc_mix
-
-
 def hc_pre(x, fn, base, scale, norm_w, *, n, eps, hc_eps, iters):
     if native.hc_mix_supported(x, None, norm_w):
-        _, h, post, comb = _native(x)(x, None, None, None, fn, base, scale, norm_w, eps=eps, hc_eps=hc_eps, iters=iters)
+        _, h, post, comb = native.hc_mix(x, None, None, None, fn, base, scale, norm_w, eps=eps, hc_eps=hc_eps, iters=iters)
         return h, post, comb
     if not _streamed(x):
         pre, post, comb = hc_weights(hc_logits(x, fn, eps=eps), base, scale, n=n, eps=hc_eps)
@@ -99,14 +97,14 @@ def hc_pre(x, fn, base, scale, norm_w, *, n, eps, hc_eps, iters):
 
 def hc_post_pre(x, y, post, comb, fn, base, scale, norm_w, *, n, eps, hc_eps, iters):
     if native.hc_mix_supported(x, y, norm_w):
-        return _native(x)(x, y, post, comb, fn, base, scale, norm_w, eps=eps, hc_eps=hc_eps, iters=iters)
+        return native.hc_mix(x, y, post, comb, fn, base, scale, norm_w, eps=eps, hc_eps=hc_eps, iters=iters)
     x1 = (_expand_mix if _streamed(x) else hc_expand_mix)(x, y, post, comb)
     return (x1, *hc_pre(x1, fn, base, scale, norm_w, n=n, eps=eps, hc_eps=hc_eps, iters=iters))
 
 
 def hc_head(x, y, post, comb, fn, base, scale, norm_w, *, eps, hc_eps):
     if native.hc_mix_supported(x, y, norm_w):
-        return _native(x)(x, y, post, comb, fn, base, scale, norm_w, eps=eps, hc_eps=hc_eps, head=True)[1]
+        return native.hc_mix(x, y, post, comb, fn, base, scale, norm_w, eps=eps, hc_eps=hc_eps, head=True)[1]
     if not _streamed(x):  # no Sinkhorn here: the reference's few ops are the fast path
         return get_op("hc_head").ref(x, y, post, comb, fn, base, scale, norm_w, eps=eps, hc_eps=hc_eps)
     x1 = _expand_mix(x, y, post, comb)

@@ -24,8 +24,20 @@ import torch
 
 from ....settings import native_enabled
 
-_SOURCES = ("mhc.c", "norm_rope.c")
+_SOURCES = ("mhc.c", "norm_rope.c", "parallel.c")
 _state: dict = {}
+
+
+def _openmp_entries() -> tuple:
+    """PyTorch's OpenMP team, as the C helpers hand it row ranges: GOMP_parallel, omp_get_thread_num
+    and omp_get_num_threads from the OpenMP runtime already in this process (PyTorch loads its
+    own), or Nones, and the helpers run single-threaded."""
+    try:
+        proc = ctypes.CDLL(None)
+        return tuple(ctypes.cast(getattr(proc, name), ctypes.c_void_p).value
+                     for name in ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads"))
+    except (OSError, AttributeError):
+        return None, None, None
 
 
 def _build() -> ctypes.CDLL | None:
@@ -36,7 +48,7 @@ def _build() -> ctypes.CDLL | None:
     here = Path(__file__).parent
     tmp = Path(tempfile.mkdtemp(prefix="v4c-native-"))
     out = tmp / "libv4c_native.so"
-    cmd = [cc, "-O3", "-std=c99", "-shared", "-fPIC", "-o", str(out), *(str(here / s) for s in _SOURCES), "-lm"]
+    cmd = [cc, "-O3", "-std=c99", "-shared", "-fPIC", "-pthread", "-o", str(out), *(str(here / s) for s in _SOURCES), "-lm"]
     try:
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
         lib = ctypes.CDLL(str(out))
@@ -47,12 +59,12 @@ def _build() -> ctypes.CDLL | None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # a loaded library stays mapped; nothing is left behind
     p, i, lg, fl = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
-    lib.v4c_hc_mix.argtypes = [i, i, i, i, i, i, p, p, p, p, p, p, p, p, fl, fl, i, p, p, p, p, p]
-    lib.v4c_hc_expand.argtypes = [lg, lg, i, i, i, p, p, p, p, p, p, p]
-    lib.v4c_hc_finish.argtypes = [lg, lg, i, i, i, i, i, p, p, p, p, p, fl, fl, i, p, p, p, p]
-    lib.v4c_norm_rope.argtypes = [lg, lg, i, i, i, p, p, i, fl, i, p, p]
-    for f in (lib.v4c_hc_mix, lib.v4c_hc_expand, lib.v4c_hc_finish, lib.v4c_norm_rope):
+    lib.v4c_hc_mix.argtypes = [i, lg, i, i, i, i, i, p, p, p, p, p, p, p, p, fl, fl, i, p, p, p, p, p]
+    lib.v4c_norm_rope.argtypes = [i, lg, i, i, i, p, p, i, fl, i, p, p]
+    lib.v4c_use_openmp.argtypes = [p, p, p]
+    for f in (lib.v4c_hc_mix, lib.v4c_norm_rope, lib.v4c_use_openmp):
         f.restype = i
+    lib.v4c_use_openmp(*_openmp_entries())
     return lib
 
 
@@ -75,10 +87,6 @@ def why() -> str | None:
 
 _DT = {torch.float32: 0, torch.bfloat16: 1}
 _local = threading.local()  # ctypes drops the GIL during a call: scratch buffers are per thread
-_CHUNK = 256  # prefill rows per round (expand, GEMM, finish): a round's streams stay in cache
-_pool: list = []
-if hasattr(os, "register_at_fork"):  # a forked child has none of the pool's threads: it makes its own
-    os.register_at_fork(after_in_child=_pool.clear)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -130,8 +138,8 @@ def _outputs(x, head):
 
 
 def hc_mix(x, y, post, comb, fn, base, scale, norm_w, *, eps, hc_eps, iters=0, head=False):
-    """Decode sizes: the mHC post-mix (when ``y`` is given) and pre-mix (or the head's collapse) of
-    every token row of ``x [B, T, n, D]``, one C call. Returns (x1 or None, h, post, comb); post and
+    """The mHC post-mix (when ``y`` is given) and pre-mix (or the head's collapse) of every token row
+    of ``x [B, T, n, D]``, one C call for a decode step or a prefill. Returns (x1 or None, h, post, comb); post and
     comb are None for the head."""
     b, t, n, d = x.shape
     fn, base, scale, norm_w = _operands(fn, base, scale, norm_w)
@@ -141,69 +149,13 @@ def hc_mix(x, y, post, comb, fn, base, scale, norm_w, *, eps, hc_eps, iters=0, h
     if mix:
         post, comb = _f32(post), _f32(comb)
     lib, mode, xdt = library(), (1 if mix else 0) | (2 if head else 0), _DT[x.dtype]
-    wdt, es = _DT[norm_w.dtype] if norm_w is not None else 0, x.element_size()
-    nd = n * d
-
-    def rows(a: int, e: int) -> None:  # rows [a, e): every operand advanced by a rows
-        def at(t, per_row, size):
-            return None if t is None else t.data_ptr() + a * per_row * size
-        _check(lib.v4c_hc_mix(
-            e - a, n, d, mode, xdt, wdt, at(x, nd, es), at(y, d, es), at(post if mix else None, n, 4),
-            at(comb if mix else None, n * n, 4), _ptr(fn), _ptr(base), _ptr(scale), _ptr(norm_w), eps, hc_eps,
-            iters, at(x1, nd, es), at(h, d, es), at(post_out, n, 4), at(comb_out, n * n, 4),
-            _ptr(_scratch("work", (2 * n + 2) * d))), n)
-
-    if b * t >= 4:  # a batched decode step: rows split across threads (the C code runs without the GIL)
-        _parallel(0, b * t, rows, grain=2)
-    else:
-        rows(0, b * t)
+    wdt = _DT[norm_w.dtype] if norm_w is not None else 0
+    threads = torch.get_num_threads()
+    _check(lib.v4c_hc_mix(
+        threads, b * t, n, d, mode, xdt, wdt, _ptr(x), _ptr(y), _ptr(post if mix else None),
+        _ptr(comb if mix else None), _ptr(fn), _ptr(base), _ptr(scale), _ptr(norm_w), eps, hc_eps, iters,
+        _ptr(x1), _ptr(h), _ptr(post_out), _ptr(comb_out), _ptr(_scratch("work", threads * (2 * n + 2) * d))), n)
     return x1, h, post_out, comb_out
-
-
-def _parallel(r0: int, r1: int, call, grain: int = 16) -> None:
-    """``call(a, b)`` over [r0, r1) split across torch's thread count, at least ``grain`` rows each
-    (the C code runs without the GIL)."""
-    k = max(1, min(torch.get_num_threads(), (r1 - r0) // grain))
-    if k == 1:
-        call(r0, r1)
-        return
-    cuts = [r0 + (r1 - r0) * i // k for i in range(k + 1)]
-    if not _pool:
-        from concurrent.futures import ThreadPoolExecutor
-        _pool.append(ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="v4c-native"))
-    for f in [_pool[0].submit(call, a, c) for a, c in zip(cuts, cuts[1:])]:
-        f.result()
-
-
-def hc_mix_rows(x, y, post, comb, fn, base, scale, norm_w, *, eps, hc_eps, iters=0, head=False):
-    """``hc_mix`` for prefill sizes: per chunk of rows, the post-mix in C, the logits as one fp32
-    GEMM, then the weights, Sinkhorn, collapse and norm in C; chunks split across threads."""
-    b, t, n, d = x.shape
-    rows, nd = b * t, n * d
-    fn, base, scale, norm_w = _operands(fn, base, scale, norm_w)
-    lib, xdt, wdt = library(), _DT[x.dtype], _DT[norm_w.dtype] if norm_w is not None else 0
-    mix = y is not None
-    x1 = torch.empty_like(x) if mix else x
-    h, post_out, comb_out = _outputs(x, head)
-    if mix:
-        post, comb = _f32(post), _f32(comb)
-    mode = 2 if head else 0
-    flat = x1.view(rows, nd)
-    # bf16 streams: the post-mix also leaves its rows in fp32 for the logits GEMM (no conversion pass)
-    size = min(rows, _CHUNK) * nd
-    xf = _scratch("chunk", size)[:size].view(-1, nd) if mix and xdt else None
-    for c0 in range(0, rows, _CHUNK):
-        c1 = min(rows, c0 + _CHUNK)
-        if mix:
-            _parallel(c0, c1, lambda a, e: _check(lib.v4c_hc_expand(
-                a, e, n, d, xdt, _ptr(x), _ptr(y), _ptr(post), _ptr(comb), _ptr(x1),
-                _ptr(xf[a - c0]) if xf is not None else None, _ptr(_scratch("work", (2 * n + 1) * d))), n))
-        rows_f32 = xf[:c1 - c0] if xf is not None else flat[c0:c1].float()
-        logits = torch.nn.functional.linear(rows_f32, fn)
-        _parallel(c0, c1, lambda a, e: _check(lib.v4c_hc_finish(
-            a, e, n, d, mode, xdt, wdt, _ptr(x1), _ptr(logits[a - c0]), _ptr(base), _ptr(scale), _ptr(norm_w), eps,
-            hc_eps, iters, _ptr(h), _ptr(post_out), _ptr(comb_out), _ptr(_scratch("work", (n + 1) * d))), n))
-    return (x1 if mix else None), h, post_out, comb_out
 
 
 def norm_rope_supported(x: torch.Tensor, w: torch.Tensor | None) -> bool:
@@ -223,6 +175,7 @@ def norm_rope_(x: torch.Tensor, w: torch.Tensor | None, eps: float, rope_dim: in
     if rope_dim % 2 or not 0 <= rope_dim <= d:
         raise ValueError(f"norm_rope: rope_dim {rope_dim} must be even and at most {d}")
     lib, xdt, wdt = library(), _DT[x.dtype], _DT[w.dtype] if w is not None else 0
-    _parallel(0, b * t, lambda a, e: lib.v4c_norm_rope(
-        a, e, heads, d, xdt, _ptr(x), _ptr(w), wdt, eps, rope_dim, _ptr(rr), _ptr(_scratch("work", d))), grain=64)
+    threads = torch.get_num_threads()
+    lib.v4c_norm_rope(threads, b * t, heads, d, xdt, _ptr(x), _ptr(w), wdt, eps, rope_dim, _ptr(rr),
+                      _ptr(_scratch("work", threads * d)))
     return x

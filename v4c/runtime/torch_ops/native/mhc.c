@@ -7,10 +7,11 @@
  * RMSNorm while the row is in cache, with the reference's roundings to the streams' dtype
  * (x1, the collapse and the norm's output are rounded; everything else is fp32).
  *
- * Entry points:
- *   v4c_hc_mix    decode sizes: everything, the logits' dot products included;
- *   v4c_hc_expand the post-mix alone (prefill: the logits are then one GEMM in PyTorch);
- *   v4c_hc_finish weights, Sinkhorn, collapse and norm from given logits (prefill).
+ * One entry point, v4c_hc_mix, for decode steps and prefills alike: per row, the post-mix, the
+ * logits' dot products, the weights and the collapse, rows split across PyTorch's threads. (An
+ * earlier prefill path ran the logits as a PyTorch GEMM between two C passes: three hand-offs
+ * between PyTorch's threads and ours per chunk, and an fp32 copy of the streams, cost more than
+ * the GEMM saved.)
  * dtype codes: 0 = float32, 1 = bfloat16 (raw uint16 bits).
  */
 #include <math.h>
@@ -53,9 +54,44 @@ V4C_CLONES static float dot(const float *a, const float *b, long n) {
     return t;
 }
 
+/* GCC/clang vector extension: 8 fp32 lanes (two SSE registers in the baseline build, one in AVX2).
+ * Loads go through memcpy: no alignment is assumed. */
+typedef float v8f __attribute__((vector_size(32)));
+
+#define LD8(v, p) memcpy(&(v), (p), sizeof(v8f)) /* (a macro: no vector-typed function ABI) */
+#define HSUM8(s) ((((s)[0] + (s)[1]) + ((s)[2] + (s)[3])) + (((s)[4] + (s)[5]) + ((s)[6] + (s)[7]))) /* dot()'s order */
+
+/* m[i] = dot(w + i * n, x, n) for i < M, R rows of w per pass over x: the same lanes, order and
+ * roundings as dot() (so bit-identical to it), with R independent sums per load of x. */
+#define DOTS_BLOCK(R)                                                                       \
+    for (; i + (R) <= M; i += (R)) {                                                        \
+        v8f s[R], xv, a;                                                                    \
+        for (int r = 0; r < (R); r++) s[r] = (v8f){0};                                      \
+        for (long d = 0; d < n8; d += 8) {                                                  \
+            LD8(xv, x + d);                                                                 \
+            for (int r = 0; r < (R); r++) {                                                 \
+                LD8(a, w + (i + r) * n + d);                                                \
+                s[r] += a * xv;                                                             \
+            }                                                                               \
+        }                                                                                   \
+        for (int r = 0; r < (R); r++) {                                                     \
+            float t = HSUM8(s[r]);                                                          \
+            for (long d = n8; d < n; d++) t += w[(i + r) * n + d] * x[d];                   \
+            m[i + r] = t;                                                                   \
+        }                                                                                   \
+    }
+
+V4C_CLONES static void dots(const float *w, const float *x, long n, int M, float *m) {
+    const long n8 = n & ~7L;
+    int i = 0;
+    DOTS_BLOCK(8)
+    DOTS_BLOCK(4)
+    for (; i < M; i++) m[i] = dot(w + i * n, x, n);
+}
+
 static inline float sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
 
-static void sinkhorn(float *c, int n, int iters, float eps) {
+static inline __attribute__((always_inline)) void sinkhorn(float *c, int n, int iters, float eps) {
     /* the reference's order: a column normalisation, then iters - 1 (row, column) rounds */
     for (int it = 0; it < iters; it++) {
         if (it > 0)
@@ -86,13 +122,56 @@ V4C_CLONES static void expand_row(int n, long D, const float *xin, const float *
     }
 }
 
+typedef uint16_t v8h __attribute__((vector_size(16)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+
+/* 8 bf16 values to fp32: the bits moved to the top half */
+#define BF8(v, p) do { v8h h_; memcpy(&h_, (p), sizeof h_); v8u u_ = __builtin_convertvector(h_, v8u) << 16; \
+                       memcpy(&(v), &u_, sizeof(v8f)); } while (0)
+
+/* 8 fp32 to bf16 as f2bf() rounds them (to nearest even, NaN kept quiet), stored at p16; v becomes
+ * the values as stored */
+#define ROUND8(v, p16) do { v8u u_; memcpy(&u_, &(v), sizeof u_); \
+        v8u r_ = (u_ + 0x7fffu + ((u_ >> 16) & 1u)) >> 16; \
+        v8u nan_ = (v8u)((u_ & 0x7fffffffu) > 0x7f800000u); \
+        r_ = (((u_ >> 16) | 0x40u) & nan_) | (r_ & ~nan_); \
+        v8h h_ = __builtin_convertvector(r_, v8h); memcpy((p16), &h_, sizeof h_); \
+        r_ <<= 16; memcpy(&(v), &r_, sizeof(v8f)); } while (0)
+
+/* expand_row + store for bf16 streams in one pass over 8 columns at a time (D % 8 == 0): the same
+ * products and sums in the same order, so the same values; x1 gets the rounded bf16, xf its fp32 */
+static inline __attribute__((always_inline)) void expand_bf16_n(int n, long D, const uint16_t *x, const uint16_t *y,
+                                                                  const float *po, const float *cb, uint16_t *x1,
+                                                                  float *xf) {
+    for (long d = 0; d < D; d += 8) {
+        v8f yv, xv[8];
+        BF8(yv, y + d);
+        for (int j = 0; j < n; j++) BF8(xv[j], x + j * D + d);
+        for (int k = 0; k < n; k++) {
+            v8f o = po[k] * yv;
+            for (int j = 0; j < n; j++) o += cb[j * n + k] * xv[j];
+            ROUND8(o, x1 + k * D + d);
+            memcpy(xf + k * D + d, &o, sizeof o);
+        }
+    }
+}
+
+V4C_CLONES static void expand_bf16(int n, long D, const uint16_t *x, const uint16_t *y, const float *po,
+                                   const float *cb, uint16_t *x1, float *xf) {
+    if (n == 4) /* V4's stream count: with n known the streams' 8 columns stay in registers */
+        expand_bf16_n(4, D, x, y, po, cb, x1, xf);
+    else
+        expand_bf16_n(n, D, x, y, po, cb, x1, xf);
+}
+
 enum { MIX = 1, HEAD = 2 };
 
 /* From the row's streams xf (fp32, as stored) and raw logits m (dot products, not yet scaled by
  * the RMS): the weights, Sinkhorn, collapse and norm. `u` is D floats of scratch. */
-V4C_CLONES static void finish_row(int n, long D, int mode, int xdt, int wdt, const float *xf, const float *mraw,
-                       const float *base, const float *scale, const void *norm_w, float eps, float hc_eps,
-                       int iters, void *h_out, float *po, float *cb, float *u) {
+static inline __attribute__((always_inline)) void finish_row_n(
+        int n, long D, int mode, int xdt, int wdt, const float *xf, const float *mraw, const float *base,
+        const float *scale, const void *norm_w, float eps, float hc_eps, int iters, void *h_out, float *po, float *cb,
+        float *u) {
     const int M = (mode & HEAD) ? n : (n + 2) * n;
     const long nd = n * D;
     float m[80], pre[8];
@@ -136,26 +215,37 @@ V4C_CLONES static void finish_row(int n, long D, int mode, int xdt, int wdt, con
     store(h_out, xdt, u, D);
 }
 
-/* Decode sizes, for each of `rows` token rows (streams X [n, D]):
+V4C_CLONES static void finish_row(int n, long D, int mode, int xdt, int wdt, const float *xf, const float *mraw,
+                                  const float *base, const float *scale, const void *norm_w, float eps, float hc_eps,
+                                  int iters, void *h_out, float *po, float *cb, float *u) {
+    if (n == 4)
+        finish_row_n(4, D, mode, xdt, wdt, xf, mraw, base, scale, norm_w, eps, hc_eps, iters, h_out, po, cb, u);
+    else
+        finish_row_n(n, D, mode, xdt, wdt, xf, mraw, base, scale, norm_w, eps, hc_eps, iters, h_out, po, cb, u);
+}
+
+/* The rows [0, rows) of one range (streams X [n, D] per row):
  *   MIX:  X <- post_k * y + sum_j comb[j, k] X_j, written to x1_out (else X is read from x);
  *   m = X . fn^T * rsqrt(mean(X^2) + eps)                    (fn: [M, n*D], M = n or (n+2)n)
  *   HEAD: pre = sigmoid(m * scale[0] + base) + hc_eps
  *   else: pre = sigmoid(m[:n] s0 + b) + hc_eps, post = 2 sigmoid(m[n:2n] s1 + b),
  *         comb = sinkhorn(softmax_rows(m[2n:] s2 + b) + hc_eps)   -> post_out, comb_out
  *   h_out = rms_norm(sum_j pre_j X_j) * norm_w
- * work: (2n + 2) * D floats. Returns 0, or -1 when n is outside 1..8. */
-int v4c_hc_mix(int rows, int n, int D, int mode, int xdt, int wdt,
-               const void *x, const void *y, const float *post_in, const float *comb_in,
-               const float *fn, const float *base, const float *scale, const void *norm_w,
-               float eps, float hc_eps, int iters,
-               void *x1_out, void *h_out, float *post_out, float *comb_out, float *work) {
-    if (n < 1 || n > 8) return -1;
+ * work: (2n + 2) * D floats. */
+static void mix_range(long rows, int n, int D, int mode, int xdt, int wdt,
+                      const void *x, const void *y, const float *post_in, const float *comb_in,
+                      const float *fn, const float *base, const float *scale, const void *norm_w,
+                      float eps, float hc_eps, int iters,
+                      void *x1_out, void *h_out, float *post_out, float *comb_out, float *work) {
     const int M = (mode & HEAD) ? n : (n + 2) * n;
     const long nd = (long)n * D;
     float *xf = work, *xin = work + nd, *yf = work + 2 * nd, *u = work + 2 * nd + D;
     float m[80];
     for (long r = 0; r < rows; r++) {
-        if (mode & MIX) {
+        if ((mode & MIX) && xdt && D % 8 == 0) {
+            expand_bf16(n, D, (const uint16_t *)x + r * nd, (const uint16_t *)y + r * D, post_in + r * n,
+                        comb_in + r * n * n, (uint16_t *)x1_out + r * nd, xf);
+        } else if (mode & MIX) {
             load((const char *)x + r * nd * (xdt ? 2 : 4), xdt, xin, nd);
             load((const char *)y + r * D * (xdt ? 2 : 4), xdt, yf, D);
             expand_row(n, D, xin, yf, post_in + r * n, comb_in + r * n * n, xf);
@@ -163,48 +253,45 @@ int v4c_hc_mix(int rows, int n, int D, int mode, int xdt, int wdt,
         } else {
             load((const char *)x + r * nd * (xdt ? 2 : 4), xdt, xf, nd);
         }
-        for (int i = 0; i < M; i++) m[i] = dot(fn + (long)i * nd, xf, nd);
+        dots(fn, xf, nd, M, m);
         finish_row(n, D, mode, xdt, wdt, xf, m, base, scale, norm_w, eps, hc_eps, iters,
                    (char *)h_out + r * D * (xdt ? 2 : 4),
                    (mode & HEAD) ? 0 : post_out + r * n, (mode & HEAD) ? 0 : comb_out + r * n * n, u);
     }
-    return 0;
 }
 
-/* The post-mix alone for rows [r0, r1); with xf_out, also the rows as stored in fp32 (row r at
- * xf_out + (r - r0) * n * D: the logits GEMM's input without another conversion pass).
- * work: (2n + 1) * D floats. */
-int v4c_hc_expand(long r0, long r1, int n, int D, int xdt, const void *x, const void *y, const float *post_in,
-                  const float *comb_in, void *x1_out, float *xf_out, float *work) {
-    if (n < 1 || n > 8) return -1;
-    const long nd = (long)n * D;
-    const int sz = xdt ? 2 : 4;
-    float *xin = work + nd, *yf = work + 2 * nd;
-    for (long r = r0; r < r1; r++) {
-        float *xf = xf_out ? xf_out + (r - r0) * nd : work;
-        load((const char *)x + r * nd * sz, xdt, xin, nd);
-        load((const char *)y + r * D * sz, xdt, yf, D);
-        expand_row(n, D, xin, yf, post_in + r * n, comb_in + r * n * n, xf);
-        store((char *)x1_out + r * nd * sz, xdt, xf, nd);
-    }
-    return 0;
+struct mix_job {
+    int n, D, mode, xdt, wdt, iters;
+    const char *x, *y;
+    const float *post_in, *comb_in, *fn, *base, *scale;
+    const void *norm_w;
+    float eps, hc_eps;
+    char *x1_out, *h_out;
+    float *post_out, *comb_out, *work;
+};
+
+static void mix_job_rows(void *p, long a, long e, int tid) {
+    const struct mix_job *j = (const struct mix_job *)p;
+    const int n = j->n;
+    const long nd = (long)n * j->D, sz = j->xdt ? 2 : 4;
+#define AT(ptr, per_row) ((ptr) ? (ptr) + a * (per_row) : 0)
+    mix_range(e - a, n, j->D, j->mode, j->xdt, j->wdt, AT(j->x, nd * sz), AT(j->y, j->D * sz), AT(j->post_in, n),
+              AT(j->comb_in, n * n), j->fn, j->base, j->scale, j->norm_w, j->eps, j->hc_eps, j->iters,
+              AT(j->x1_out, nd * sz), AT(j->h_out, j->D * sz), AT(j->post_out, n), AT(j->comb_out, n * n),
+              j->work + (long)tid * (2 * n + 2) * j->D);
+#undef AT
 }
 
-/* Weights, Sinkhorn, collapse and norm for rows [r0, r1) from the raw logits mraw [r1 - r0, M]
- * (X . fn^T, not yet scaled by the RMS). work: (n + 1) * D floats. */
-int v4c_hc_finish(long r0, long r1, int n, int D, int mode, int xdt, int wdt, const void *x, const float *mraw,
-                  const float *base, const float *scale, const void *norm_w, float eps, float hc_eps, int iters,
-                  void *h_out, float *post_out, float *comb_out, float *work) {
+/* mix_range over `rows` token rows, split across up to `threads` threads (two rows or more each).
+ * work: threads * (2n + 2) * D floats. Returns 0, or -1 when n is outside 1..8. */
+int v4c_hc_mix(int threads, long rows, int n, int D, int mode, int xdt, int wdt,
+               const void *x, const void *y, const float *post_in, const float *comb_in,
+               const float *fn, const float *base, const float *scale, const void *norm_w,
+               float eps, float hc_eps, int iters,
+               void *x1_out, void *h_out, float *post_out, float *comb_out, float *work) {
     if (n < 1 || n > 8) return -1;
-    const int M = (mode & HEAD) ? n : (n + 2) * n;
-    const long nd = (long)n * D;
-    const int sz = xdt ? 2 : 4;
-    float *xf = work, *u = work + nd;
-    for (long r = r0; r < r1; r++) {
-        load((const char *)x + r * nd * sz, xdt, xf, nd);
-        finish_row(n, D, mode, xdt, wdt, xf, mraw + (r - r0) * M, base, scale, norm_w, eps, hc_eps, iters,
-                   (char *)h_out + r * D * sz,
-                   (mode & HEAD) ? 0 : post_out + r * n, (mode & HEAD) ? 0 : comb_out + r * n * n, u);
-    }
+    struct mix_job j = {n, D, mode, xdt, wdt, iters, (const char *)x, (const char *)y, post_in, comb_in, fn, base,
+                        scale, norm_w, eps, hc_eps, (char *)x1_out, (char *)h_out, post_out, comb_out, work};
+    v4c_parallel_rows(rows, threads, 2, mix_job_rows, &j);
     return 0;
 }

@@ -17,9 +17,8 @@ static inline float rnd(float v, int dt) { return dt ? bf2f(f2bf(v)) : v; }
 /* x: [rows, heads, d] (dtype xdt), normalised per head over d, times w [d] (dtype wdt; NULL: none),
  * then the last rope_dim dims of each head rotated as interleaved pairs by rot [rows, rope_dim/2]
  * (cos, sin) pairs. rows [r0, r1). buf: d floats of scratch. */
-V4C_CLONES int v4c_norm_rope(long r0, long r1, int heads, int d, int xdt, void *x, const void *w, int wdt,
-                             float eps, int rope_dim, const float *rot, float *buf) {
-    if (rope_dim < 0 || rope_dim > d || rope_dim % 2) return -1;
+V4C_CLONES static void norm_rope_range(long r0, long r1, int heads, int d, int xdt, void *x, const void *w, int wdt,
+                                       float eps, int rope_dim, const float *rot, float *buf) {
     const int tail = d - rope_dim, half = rope_dim / 2;
     for (long r = r0; r < r1; r++) {
         const float *rr = rot ? rot + r * rope_dim : 0;
@@ -55,5 +54,29 @@ V4C_CLONES int v4c_norm_rope(long r0, long r1, int heads, int d, int xdt, void *
             }
         }
     }
+}
+
+struct norm_rope_job {
+    int heads, d, xdt, wdt, rope_dim;
+    void *x;
+    const void *w;
+    float eps;
+    const float *rot;
+    float *work;
+};
+
+static void norm_rope_job_rows(void *p, long a, long e, int tid) {
+    const struct norm_rope_job *j = (const struct norm_rope_job *)p;
+    norm_rope_range(a, e, j->heads, j->d, j->xdt, j->x, j->w, j->wdt, j->eps, j->rope_dim, j->rot,
+                    j->work + (long)tid * j->d);
+}
+
+/* norm_rope_range over [0, rows), split across up to `threads` threads (64 rows or more each).
+ * work: threads * d floats. Returns 0, or -1 for a rope_dim that is odd or larger than d. */
+int v4c_norm_rope(int threads, long rows, int heads, int d, int xdt, void *x, const void *w, int wdt, float eps,
+                  int rope_dim, const float *rot, float *work) {
+    if (rope_dim < 0 || rope_dim > d || rope_dim % 2) return -1;
+    struct norm_rope_job j = {heads, d, xdt, wdt, rope_dim, x, w, eps, rot, work};
+    v4c_parallel_rows(rows, threads, 64, norm_rope_job_rows, &j);
     return 0;
 }
