@@ -137,14 +137,15 @@ def test_moe_ffn_decode_rejects_unsorted_offsets():
         fast_moe.moe_ffn(h, idx, w, perm, offsets, w13, w2, *shared, limit=2.0)
 
 
-def test_moe_ffn_quantised_experts_take_the_general_path():
+@pytest.mark.parametrize("tokens", [1, 24])  # a decode step, a prefill
+def test_moe_ffn_quantised_experts_take_the_general_path(tokens):
     g = torch.Generator().manual_seed(4)
     w13, w2, shared = _weights(g, torch.float32)
     q13 = [quantize_fp8_block(w13[e]) for e in range(E)]
     q2 = [quantize_fp8_block(w2[e]) for e in range(E)]
     w13q = QuantizedWeight("f8e4m3", torch.stack([d for d, _ in q13]), torch.stack([s for _, s in q13]))
     w2q = QuantizedWeight("f8e4m3", torch.stack([d for d, _ in q2]), torch.stack([s for _, s in q2]))
-    h = torch.randn(1, 1, D, generator=g)
+    h = torch.randn(1, tokens, D, generator=g)
     routing = ref_router(h, torch.randn(E, D, generator=g), torch.zeros(E), topk=K, scaling=1.5)
     args = (h, *routing, w13q, w2q, *shared)
     want = ref_ffn(*args, limit=2.0)

@@ -112,9 +112,11 @@ def test_thread_setting(tiny_artifact, monkeypatch):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("experts", [None, (2, 5)])
-def test_moe_ffn_equals_reference(experts):
-    """Whole routing, and a rank's share under expert parallelism (other ranks' assignments sort last)."""
+def test_moe_ffn_equals_reference(experts, dtype):
+    """Prefill sizes: whole routing, and a rank's share under expert parallelism (other ranks'
+    assignments sort last). bf16: at least as close to an fp32 evaluation as the reference is."""
     from v4c.graph.ops.collective import ep_select
     from v4c.graph.ops.fused import moe_ffn as ref_moe_ffn
     from v4c.graph.ops.fused import moe_router
@@ -130,8 +132,15 @@ def test_moe_ffn_equals_reference(experts):
         idx, w, perm, offsets = ep_select(idx, w, experts=experts)
         w13, w2 = w13[experts[0]:experts[1]], w2[experts[0]:experts[1]]
     args = (h, idx, w, perm, offsets, w13, w2, *shared)
-    want = ref_moe_ffn(*args, limit=2.0)
-    assert torch.allclose(moe_ffn(*args, limit=2.0), want, rtol=1e-5, atol=1e-5)
+    truth = ref_moe_ffn(*args, limit=2.0)
+    if dtype == torch.float32:
+        assert torch.allclose(moe_ffn(*args, limit=2.0), truth, rtol=1e-5, atol=1e-5)
+        return
+    low = tuple(a.to(dtype) if a.is_floating_point() and a is not w else a for a in args)
+    got, want = moe_ffn(*low, limit=2.0), ref_moe_ffn(*low, limit=2.0)
+    assert got.dtype == want.dtype == dtype
+    err_got, err_want = [float((x.float() - truth).abs().max() / truth.abs().max()) for x in (got, want)]
+    assert err_got <= err_want + 2 ** -8, f"bf16 error {err_got:.2e} vs the reference's {err_want:.2e}"
 
 
 @pytest.mark.parametrize("tokens,path,n", [

@@ -1,5 +1,6 @@
 """Routed experts over the expert-sorted assignments: one gather of the tokens, each expert's two
-GEMMs on a contiguous slice, one weighted scatter-add back.
+GEMMs on a contiguous slice of shared buffers, one activation over all rows, one weighted
+scatter-add back.
 
 The reference gathers and scatters per expert; here the permutation from ``moe_router`` is used
 as the schedule it is meant to be, so a prefill pays two data movements, not two per expert.
@@ -44,12 +45,14 @@ def moe_ffn(h, idx, w, perm, offsets, w13, w2, sg=None, su=None, sd=None, *, lim
     bounds = [x - bounds[0] for x in bounds]  # each expert's rows of `order`
     tok = order // k
     xs = flat.index_select(0, tok)  # the assignments' tokens, grouped by expert
-    ys = torch.empty_like(xs)
-    for e, (a, b) in enumerate(zip(bounds, bounds[1:])):
-        if a == b:
-            continue
-        gate, up = linear(xs[a:b], w13[e]).chunk(2, dim=-1)
-        ys[a:b] = linear(_swiglu_(gate, up, limit), w2[e])
+    spans = [(e, a, b) for e, (a, b) in enumerate(zip(bounds, bounds[1:])) if a < b]
+    if _plain(flat.dtype, w13, w2):
+        ys = _experts(xs, spans, w13, w2, limit)
+    else:
+        ys = torch.empty_like(xs)
+        for e, a, b in spans:
+            gate, up = linear(xs[a:b], w13[e]).chunk(2, dim=-1)
+            ys[a:b] = linear(_swiglu_(gate, up, limit), w2[e])
     ys.mul_(w.reshape(-1).index_select(0, order)[:, None].to(ys.dtype))
     if sg is not None:
         out = linear(_swiglu_(linear(flat, sg), linear(flat, su), limit), sd)
@@ -57,6 +60,22 @@ def moe_ffn(h, idx, w, perm, offsets, w13, w2, sg=None, su=None, sd=None, *, lim
         out = torch.zeros_like(flat)
     out.index_add_(0, tok, ys)
     return out.view(shape)
+
+
+def _experts(xs, spans, w13, w2, limit):
+    """Each expert's two GEMMs written straight into shared buffers (``out=`` slices: no copy per
+    expert) and one activation over all rows between them, instead of three ops per expert."""
+    up_t, down_t = transposed(w13), transposed(w2)
+    gu = xs.new_empty(xs.shape[0], w13.shape[1])
+    for e, a, b in spans:
+        torch.mm(xs[a:b], up_t[e], out=gu[a:b])
+    gate, up = gu.chunk(2, dim=-1)
+    act = torch.mul(F.silu(gate.clamp_(max=limit), inplace=True), up.clamp_(min=-limit, max=limit),
+                    out=xs.new_empty(gate.shape))  # contiguous: the down GEMMs read it as plain rows
+    ys = torch.empty_like(xs)
+    for e, a, b in spans:
+        torch.mm(act[a:b], down_t[e], out=ys[a:b])
+    return ys
 
 
 def _products(pairs: list, dtype: torch.dtype) -> list:
