@@ -16,6 +16,7 @@ from ...graph.ops.attention import window_append
 from ...graph.ops.core import linear, reshape
 from ...graph.storage import decode, round_trip
 from . import attention_decode as few
+from . import native
 from .positions import bounds
 from .rope import rope_
 
@@ -44,6 +45,9 @@ def attend(q, kv, ring, ring_pos, sinks, pos, rows=None, idx=None, *, kind, wind
     """The ``attention`` op (same signature and result as its reference). Scores are laid out
     [B, t, H, S] so every product is a plain batched GEMM on the tensors as they are stored."""
     b, t, h, d = q.shape
+    if native.attention_supported(q, kv, ring, ring_pos, pos, rows, idx, kind, kv_format):
+        return native.attention(q, kv, ring, ring_pos, sinks, pos, rows, idx, kind=kind, window=window, ratio=ratio,
+                                scale=scale)
     if b * t <= few.TOKENS:
         return few.attend(q, kv, ring, ring_pos, sinks, pos, rows, idx, kind=kind, window=window, ratio=ratio,
                           scale=scale, kv_format=kv_format, kv_rope_dim=kv_rope_dim, hi=bounds(pos)[1])

@@ -24,7 +24,7 @@ import torch
 
 from ....settings import native_enabled
 
-_SOURCES = ("mhc.c", "norm_rope.c", "parallel.c")
+_SOURCES = ("mhc.c", "norm_rope.c", "attention.c", "parallel.c")
 _state: dict = {}
 
 
@@ -61,8 +61,9 @@ def _build() -> ctypes.CDLL | None:
     p, i, lg, fl = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
     lib.v4c_hc_mix.argtypes = [i, lg, i, i, i, i, i, p, p, p, p, p, p, p, p, fl, fl, i, p, p, p, p, p]
     lib.v4c_norm_rope.argtypes = [i, lg, i, i, i, p, p, i, fl, i, p, p]
+    lib.v4c_attention.argtypes = [i, i, i, i, i, i, i, i, i, p, p, p, p, i, p, p, p, i, p, i, fl, p]
     lib.v4c_use_openmp.argtypes = [p, p, p]
-    for f in (lib.v4c_hc_mix, lib.v4c_norm_rope, lib.v4c_use_openmp):
+    for f in (lib.v4c_hc_mix, lib.v4c_norm_rope, lib.v4c_attention, lib.v4c_use_openmp):
         f.restype = i
     lib.v4c_use_openmp(*_openmp_entries())
     return lib
@@ -179,3 +180,36 @@ def norm_rope_(x: torch.Tensor, w: torch.Tensor | None, eps: float, rope_dim: in
     lib.v4c_norm_rope(threads, b * t, heads, d, xdt, _ptr(x), _ptr(w), wdt, eps, rope_dim, _ptr(rr),
                       _ptr(_scratch("work", threads * d)))
     return x
+
+
+_KINDS = {"sliding": 0, "hca": 1, "csa": 2}
+
+
+def attention_supported(q, kv, ring, ring_pos, pos, rows, idx, kind, kv_format) -> bool:
+    """Whether ``attention`` takes these: plain caches (no storage format) of q's dtype, fp32 or bf16,
+    everything contiguous on the CPU, int64 positions."""
+    if library() is None or kv_format is not None or kind not in _KINDS or q.dtype not in _DT:
+        return False
+    ts = [q, kv, ring] + ([rows] if kind != "sliding" else [])
+    if any(t is None or t.device.type != "cpu" or t.dtype != q.dtype or not t.is_contiguous() for t in ts):
+        return False
+    ints = [ring_pos, pos] + ([idx] if kind == "csa" else [])
+    return all(t.dtype == torch.int64 and t.device.type == "cpu" and t.is_contiguous() for t in ints)
+
+
+def attention(q, kv, ring, ring_pos, sinks, pos, rows=None, idx=None, *, kind, window, ratio=0, scale):
+    """The ``attention`` op in C (see attention.c): every query row against exactly its visible
+    keys, rows split across threads. Returns [B, T, H, D] in q's dtype."""
+    b, t, h, d = q.shape
+    out = torch.empty_like(q)
+    n = rows.shape[1] if kind != "sliding" else 0
+    k = idx.shape[2] if kind == "csa" else 0
+    rc = library().v4c_attention(
+        torch.get_num_threads(), b, t, h, d, _DT[q.dtype], _KINDS[kind], window, ratio, _ptr(q), _ptr(kv), _ptr(ring),
+        _ptr(ring_pos), ring.shape[1], _ptr(_f32(sinks)), _ptr(pos), _ptr(rows) if n else None, n,
+        _ptr(idx) if k else None, k, scale, _ptr(out))
+    if rc == -1:
+        raise ValueError(f"attention: kind {kind!r} with ratio {ratio} is not one the C helpers take")
+    if rc != 0:
+        raise MemoryError("attention: the C helpers could not allocate their scratch memory")
+    return out

@@ -1,4 +1,5 @@
-/* Shared by the C helpers: bf16 <-> fp32 and the AVX2 clone attribute. */
+/* Shared by the C helpers: bf16 <-> fp32, the AVX2 clone attribute, fp32 dot products and the
+ * row-range runner (parallel.c). */
 #ifndef V4C_NATIVE_COMMON_H
 #define V4C_NATIVE_COMMON_H
 
@@ -12,12 +13,9 @@
 #define V4C_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define V4C_CLONES
-/* fn(ctx, r0, r1, tid) over [0, rows) split into at most `threads` ranges of at least `grain` rows,
- * run by PyTorch's OpenMP team when there is one (parallel.c); tid < threads indexes scratch */
-typedef void (*v4c_rows_fn)(void *ctx, long r0, long r1, int tid);
-void v4c_parallel_rows(long rows, int threads, long grain, v4c_rows_fn fn, void *ctx);
-
 #endif
+
+#define V4C_UNUSED __attribute__((unused)) /* the helpers below: not every file calls each */
 
 static inline float bf2f(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -31,6 +29,52 @@ static inline uint16_t f2bf(float f) { /* round to nearest even; NaN stays a (qu
     memcpy(&u, &f, 4);
     uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
     return (uint16_t)(((u & 0x7fffffffu) > 0x7f800000u) ? ((u >> 16) | 0x40u) : rounded); /* a select: vectorises */
+}
+
+V4C_CLONES V4C_UNUSED static float dot(const float *a, const float *b, long n) {
+    /* eight independent partial sums: lets the compiler use vector lanes without -ffast-math */
+    float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    long i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++) s[k] += a[i + k] * b[i + k];
+    float t = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+    for (; i < n; i++) t += a[i] * b[i];
+    return t;
+}
+
+/* GCC/clang vector extension: 8 fp32 lanes (two SSE registers in the baseline build, one in AVX2).
+ * Loads go through memcpy: no alignment is assumed. */
+typedef float v8f __attribute__((vector_size(32)));
+
+#define LD8(v, p) memcpy(&(v), (p), sizeof(v8f)) /* (a macro: no vector-typed function ABI) */
+#define HSUM8(s) ((((s)[0] + (s)[1]) + ((s)[2] + (s)[3])) + (((s)[4] + (s)[5]) + ((s)[6] + (s)[7]))) /* dot()'s order */
+
+/* m[i] = dot(w + i * n, x, n) for i < M, R rows of w per pass over x: the same lanes, order and
+ * roundings as dot() (so bit-identical to it), with R independent sums per load of x. */
+#define DOTS_BLOCK(R)                                                                       \
+    for (; i + (R) <= M; i += (R)) {                                                        \
+        v8f s[R], xv, a;                                                                    \
+        for (int r = 0; r < (R); r++) s[r] = (v8f){0};                                      \
+        for (long d = 0; d < n8; d += 8) {                                                  \
+            LD8(xv, x + d);                                                                 \
+            for (int r = 0; r < (R); r++) {                                                 \
+                LD8(a, w + (i + r) * n + d);                                                \
+                s[r] += a * xv;                                                             \
+            }                                                                               \
+        }                                                                                   \
+        for (int r = 0; r < (R); r++) {                                                     \
+            float t = HSUM8(s[r]);                                                          \
+            for (long d = n8; d < n; d++) t += w[(i + r) * n + d] * x[d];                   \
+            m[i + r] = t;                                                                   \
+        }                                                                                   \
+    }
+
+V4C_CLONES V4C_UNUSED static void dots(const float *w, const float *x, long n, int M, float *m) {
+    const long n8 = n & ~7L;
+    int i = 0;
+    DOTS_BLOCK(8)
+    DOTS_BLOCK(4)
+    for (; i < M; i++) m[i] = dot(w + i * n, x, n);
 }
 
 /* fn(ctx, r0, r1, tid) over [0, rows) split into at most `threads` ranges of at least `grain` rows,

@@ -43,52 +43,6 @@ V4C_CLONES static void store(void *p, int dt, float *v, long n) {
 }
 
 
-V4C_CLONES static float dot(const float *a, const float *b, long n) {
-    /* eight independent partial sums: lets the compiler use vector lanes without -ffast-math */
-    float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    long i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int k = 0; k < 8; k++) s[k] += a[i + k] * b[i + k];
-    float t = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-    for (; i < n; i++) t += a[i] * b[i];
-    return t;
-}
-
-/* GCC/clang vector extension: 8 fp32 lanes (two SSE registers in the baseline build, one in AVX2).
- * Loads go through memcpy: no alignment is assumed. */
-typedef float v8f __attribute__((vector_size(32)));
-
-#define LD8(v, p) memcpy(&(v), (p), sizeof(v8f)) /* (a macro: no vector-typed function ABI) */
-#define HSUM8(s) ((((s)[0] + (s)[1]) + ((s)[2] + (s)[3])) + (((s)[4] + (s)[5]) + ((s)[6] + (s)[7]))) /* dot()'s order */
-
-/* m[i] = dot(w + i * n, x, n) for i < M, R rows of w per pass over x: the same lanes, order and
- * roundings as dot() (so bit-identical to it), with R independent sums per load of x. */
-#define DOTS_BLOCK(R)                                                                       \
-    for (; i + (R) <= M; i += (R)) {                                                        \
-        v8f s[R], xv, a;                                                                    \
-        for (int r = 0; r < (R); r++) s[r] = (v8f){0};                                      \
-        for (long d = 0; d < n8; d += 8) {                                                  \
-            LD8(xv, x + d);                                                                 \
-            for (int r = 0; r < (R); r++) {                                                 \
-                LD8(a, w + (i + r) * n + d);                                                \
-                s[r] += a * xv;                                                             \
-            }                                                                               \
-        }                                                                                   \
-        for (int r = 0; r < (R); r++) {                                                     \
-            float t = HSUM8(s[r]);                                                          \
-            for (long d = n8; d < n; d++) t += w[(i + r) * n + d] * x[d];                   \
-            m[i + r] = t;                                                                   \
-        }                                                                                   \
-    }
-
-V4C_CLONES static void dots(const float *w, const float *x, long n, int M, float *m) {
-    const long n8 = n & ~7L;
-    int i = 0;
-    DOTS_BLOCK(8)
-    DOTS_BLOCK(4)
-    for (; i < M; i++) m[i] = dot(w + i * n, x, n);
-}
-
 static inline float sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
 
 static inline __attribute__((always_inline)) void sinkhorn(float *c, int n, int iters, float eps) {

@@ -1,0 +1,110 @@
+"""The C attention (``native.attention``, used by the torch backend for plain caches) against the
+op's reference at prefill and decode sizes: every kind, fp32 and bf16, a wrapped ring holding a
+stale row, padding, positions that are not consecutive (the scan path) and CSA picks with gaps.
+The PyTorch paths it replaces are checked on the same cases with the C helpers switched off."""
+import pytest
+import torch
+
+from v4c.graph.registry import get_op
+from v4c.runtime.torch_ops import attention as fast_attention
+from v4c.runtime.torch_ops import native
+
+H, D, W = 4, 32, 16  # heads, head dim, window (= ring rows)
+pytestmark = pytest.mark.skipif(native.library() is None, reason=f"C helpers unavailable: {native.why()}")
+
+
+def _positions(case, t):
+    if case == "prefill":  # two sequences continuing at different points
+        return torch.stack([torch.arange(t) + 5, torch.arange(t) + 40])
+    if case == "padded":  # a shorter second row, -1 after its end
+        pos = torch.stack([torch.arange(t) + 3, torch.arange(t) + 70])
+        pos[1, t // 2:] = -1
+        return pos
+    if case == "gaps":  # not consecutive: a gap, a repeat and a hole in the middle (every token scanned)
+        p = torch.arange(t) + 9
+        p[t // 3:] += 5
+        p[t // 2] = p[t // 2 - 1]
+        q = torch.arange(t) + 30
+        q[t // 4] = -1
+        return torch.stack([p, q])
+    if case == "decode":
+        return torch.tensor([[57], [4]])
+    raise AssertionError(case)
+
+
+def _case(kind, dtype, case, t=23, seed=0, D=D):
+    g = torch.Generator().manual_seed(seed)
+    pos = _positions(case, t)
+    b, t = pos.shape
+    ring = torch.randn(b, W, D, generator=g).to(dtype)
+    start = pos.clamp_min(0).min(dim=1).values
+    ring_pos = torch.full((b, W), -1)
+    for i in range(b):  # the ring as a cache holds it, plus one stale row from the future
+        for p in range(max(0, int(start[i]) - W), int(start[i])):
+            ring_pos[i, p % W] = p
+        ring_pos[i, (int(start[i]) + 3) % W] = int(start[i]) + 500
+    q = torch.randn(b, t, H, D, generator=g).to(dtype)
+    kv = torch.randn(b, t, D, generator=g).to(dtype)
+    sinks = torch.randn(H, generator=g)
+    extra, attrs = (), dict(kind=kind, window=W, scale=D ** -0.5)
+    if kind != "sliding":
+        ratio, n = (4, 30) if kind == "csa" else (8, 12)
+        rows = torch.randn(b, n, D, generator=g).to(dtype)
+        attrs["ratio"] = ratio
+        extra = (rows,)
+        if kind == "csa":
+            idx = torch.full((b, t, 5), -1)
+            for i in range(b):
+                for j in range(t):
+                    nvis = min(n, max(0, (int(pos[i, j]) + 1) // ratio))
+                    pick = torch.randperm(nvis, generator=g)[:4]
+                    idx[i, j, 1:1 + len(pick)] = pick  # a -1 first: picks need not be packed
+            extra = (rows, idx)
+    return (q, kv, ring, ring_pos, sinks, pos, *extra), attrs
+
+
+@pytest.mark.parametrize("case", ["prefill", "padded", "gaps", "decode"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["sliding", "hca", "csa"])
+def test_native_attention_equals_reference(monkeypatch, kind, dtype, case):
+    args, attrs = _case(kind, dtype, case)
+    ref = get_op("attention").ref
+    q, kv, ring, ring_pos, sinks, pos, *extra = args
+    assert native.attention_supported(q, kv, ring, ring_pos, pos, *(extra + [None] * (2 - len(extra))), kind, None)
+    want = ref(*args, **attrs)
+    got = native.attention(*args, **attrs)
+    assert got.dtype == want.dtype == dtype and got.shape == want.shape
+    if dtype == torch.float32:
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    else:  # one bf16 rounding of the output apart at most, against an fp32 evaluation
+        truth = ref(*[a.float() if a.is_floating_point() else a for a in args], **attrs)
+        err_got = float((got.float() - truth).abs().max() / truth.abs().max())
+        err_want = float((want.float() - truth).abs().max() / truth.abs().max())
+        assert err_got <= err_want + 2 ** -8, f"bf16 error {err_got:.2e} vs the reference's {err_want:.2e}"
+    if case == "padded":
+        assert (got[1][pos[1] < 0] == 0).all()  # a padding query sees nothing but the sink
+    # the op through the torch backend takes this path; its PyTorch paths agree with it
+    assert torch.equal(fast_attention.attend(*args, **attrs), got)
+    monkeypatch.setattr(native, "attention_supported", lambda *a: False)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: one rounding step of the output
+    assert torch.allclose(fast_attention.attend(*args, **attrs).float(), got.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("kind", ["sliding", "hca", "csa"])
+def test_native_attention_any_head_dim(kind):
+    """A head dim that is not a multiple of 8 or 32: the dot products' tails, the per-key sums."""
+    args, attrs = _case(kind, torch.float32, "prefill", D=36)
+    assert torch.allclose(native.attention(*args, **attrs), get_op("attention").ref(*args, **attrs), rtol=1e-5,
+                          atol=1e-5)
+
+
+def test_native_attention_declines_what_it_does_not_take():
+    args, attrs = _case("csa", torch.bfloat16, "prefill")
+    q, kv, ring, ring_pos, sinks, pos, rows, idx = args
+    assert native.attention_supported(q, kv, ring, ring_pos, pos, rows, idx, "csa", None)
+    assert not native.attention_supported(q, kv, ring, ring_pos, pos, rows, idx, "csa", "fp8_ds")  # a packed cache
+    assert not native.attention_supported(q, kv.float(), ring, ring_pos, pos, rows, idx, "csa", None)  # mixed dtypes
+    assert not native.attention_supported(q.transpose(1, 2), kv, ring, ring_pos, pos, rows, idx, "csa", None)
+    assert not native.attention_supported(q, kv, ring, ring_pos, pos.int(), rows, idx, "csa", None)
+    with pytest.raises(ValueError, match="attention: kind 'hca' with ratio 0"):
+        native.attention(q, kv, ring, ring_pos, sinks, pos, rows, kind="hca", window=W, ratio=0, scale=1.0)

@@ -1,0 +1,195 @@
+/* Hybrid attention (sliding window + HCA's complete rows or CSA's top-k rows) one query row at a
+ * time, over plain bf16 / fp32 caches.
+ *
+ * A query meets exactly its visible keys, read in place: the ring rows and the call's tokens in
+ * its window, then its compressed rows. The PyTorch paths instead compute blocks of queries
+ * against every key of the block (about twice the window's products), gather a copy of each
+ * query's CSA rows, and pass over the scores half a dozen times for masks and the softmax. Keys
+ * are values (K = V, one KV head shared by all heads), so each key is widened to fp32 once per
+ * pass and used by every head while it is in cache.
+ * Arithmetic: q * scale, fp32 dot products, a softmax with the per-head sink as one more logit,
+ * fp32 weighted sums, one rounding to the output dtype (as the references, up to summation order).
+ * dtype codes: 0 = float32, 1 = bfloat16 (raw uint16 bits).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.h"
+
+enum { SLIDING = 0, HCA = 1, CSA = 2 };
+
+struct attn_job {
+    int B, T, H, D, dt, kind, window, ratio, W, N, K;
+    const char *q, *kv, *ring, *rows;
+    const int64_t *ring_pos, *pos, *idx;
+    const float *sinks;
+    float scale;
+    char *out;
+    const unsigned char *contig; /* per sequence: its positions run p0, p0+1, ... then only -1 */
+    long max_keys;
+    int failed;
+};
+
+V4C_CLONES static void widen(const char *p, int dt, long n, float *out) {
+    if (dt) {
+        const uint16_t *h = (const uint16_t *)p;
+        for (long i = 0; i < n; i++) out[i] = bf2f(h[i]);
+    } else {
+        memcpy(out, p, n * sizeof(float));
+    }
+}
+
+/* o[h] += p[h] * k for every head: o [H, D], k [D] */
+V4C_CLONES static void accumulate(float *o, const float *p, const float *k, int H, long D) {
+    for (int h = 0; h < H; h++) {
+        const float w = p[h];
+        float *oh = o + h * D;
+        for (long d = 0; d < D; d++) oh[d] += w * k[d];
+    }
+}
+
+/* o[h] = sum_k p[k, h] * kf[k] for every head, keys in order: o [H, D], p [n, H], kf [n, D] (fp32
+ * rows). Two heads x 32 columns per pass over the keys, in registers: each key row loaded once
+ * serves both heads. D % 32 == 0. */
+V4C_CLONES static void weighted_sum(float *o, const float *p, const float *kf, long n, int H, long D) {
+    int h = 0;
+    for (; h < H; h += 2) {
+        const int two = h + 1 < H;
+        for (long d0 = 0; d0 < D; d0 += 32) {
+            v8f a[4] = {{0}}, b[4] = {{0}}, x;
+            for (long k = 0; k < n; k++) {
+                const float *row = kf + k * D + d0;
+                const float pa = p[k * H + h], pb = two ? p[k * H + h + 1] : 0.0f;
+                for (int c = 0; c < 4; c++) {
+                    LD8(x, row + 8 * c);
+                    a[c] += pa * x;
+                    b[c] += pb * x;
+                }
+            }
+            memcpy(o + h * D + d0, a, sizeof a);
+            if (two) memcpy(o + (h + 1) * D + d0, b, sizeof b);
+        }
+    }
+}
+
+static int visible(int64_t kp, int64_t qp, int window) { return kp >= 0 && kp <= qp && kp > qp - window; }
+
+static void attn_rows(void *p, long a, long e, int tid) {
+    (void)tid;
+    struct attn_job *j = (struct attn_job *)p;
+    const int H = j->H, T = j->T;
+    const long D = j->D, sz = j->dt ? 2 : 4, HD = (long)H * D;
+    /* the keys of a row widened once, for both passes, when they fit a bounded buffer (window +
+     * compressed rows always do; only a call whose positions are not consecutive can exceed it) */
+    const long held = j->max_keys < 8192 ? j->max_keys : 8192;
+    float *qs = malloc(sizeof(float) * (2 * HD + D + j->max_keys * H + 2 * H + held * D));
+    const char **keys = malloc(sizeof(char *) * (j->max_keys > 0 ? j->max_keys : 1));
+    if (!qs || !keys) {
+        free(qs);
+        free(keys);
+        j->failed = 1;
+        return;
+    }
+    float *o = qs + HD, *kf = o + HD, *s = kf + D, *mx = s + j->max_keys * H, *den = mx + H, *kall = den + H;
+    for (long r = a; r < e; r++) {
+        const long b = r / T, t = r % T;
+        const int64_t qp = j->pos[r];
+        long n = 0;
+        for (int w = 0; w < j->W; w++)
+            if (visible(j->ring_pos[b * j->W + w], qp, j->window)) keys[n++] = j->ring + (b * j->W + w) * D * sz;
+        if (j->contig[b]) { /* positions are consecutive: the window is a range of the call's tokens */
+            if (qp >= 0)
+                for (long u = t - j->window + 1 > 0 ? t - j->window + 1 : 0; u <= t; u++)
+                    keys[n++] = j->kv + (b * T + u) * D * sz;
+        } else {
+            for (long u = 0; u < T; u++)
+                if (visible(j->pos[b * T + u], qp, j->window)) keys[n++] = j->kv + (b * T + u) * D * sz;
+        }
+        if (j->kind == HCA && qp >= 0) { /* row c is complete once token (c + 1) * ratio - 1 was seen */
+            long nv = (long)((qp + 1) / j->ratio);
+            if (nv > j->N) nv = j->N;
+            for (long c = 0; c < nv; c++) keys[n++] = j->rows + (b * j->N + c) * D * sz;
+        } else if (j->kind == CSA) {
+            for (int k = 0; k < j->K; k++) {
+                const int64_t c = j->idx[r * j->K + k];
+                if (c >= 0 && c < j->N) keys[n++] = j->rows + (b * j->N + c) * D * sz;
+            }
+        }
+        widen(j->q + r * HD * sz, j->dt, HD, qs);
+        for (long i = 0; i < HD; i++) qs[i] *= j->scale;
+        const int hold = n <= held && D % 32 == 0;
+        for (long k = 0; k < n; k++) {
+            float *row = hold ? kall + k * D : kf;
+            widen(keys[k], j->dt, D, row);
+            dots(qs, row, D, H, s + k * H);
+        }
+        for (int h = 0; h < H; h++) {
+            float m = j->sinks[h];
+            for (long k = 0; k < n; k++)
+                if (s[k * H + h] > m) m = s[k * H + h];
+            mx[h] = m;
+            den[h] = expf(j->sinks[h] - m);
+        }
+        for (long k = 0; k < n; k++)
+            for (int h = 0; h < H; h++) {
+                const float pk = expf(s[k * H + h] - mx[h]);
+                s[k * H + h] = pk;
+                den[h] += pk;
+            }
+        if (hold) {
+            weighted_sum(o, s, kall, n, H, D);
+        } else {
+            memset(o, 0, sizeof(float) * HD);
+            for (long k = 0; k < n; k++) {
+                widen(keys[k], j->dt, D, kf);
+                accumulate(o, s + k * H, kf, H, D);
+            }
+        }
+        for (int h = 0; h < H; h++)
+            for (long d = 0; d < D; d++) o[h * D + d] /= den[h];
+        if (j->dt) {
+            uint16_t *dst = (uint16_t *)(j->out + r * HD * sz);
+            for (long i = 0; i < HD; i++) dst[i] = f2bf(o[i]);
+        } else {
+            memcpy(j->out + r * HD * sz, o, sizeof(float) * HD);
+        }
+    }
+    free(qs);
+    free(keys);
+}
+
+/* The attention op for every query row of q [B, T, H, D] (kv [B, T, D] this call's rows, ring
+ * [B, W, D] with ring_pos [B, W], rows [B, N, D] the compressed cache, idx [B, T, K] CSA's picks,
+ * sinks [H] fp32, positions int64, -1 = empty / padding) into out [B, T, H, D] of q's dtype.
+ * Rows split across up to `threads` threads. Returns 0, -1 for a bad kind or ratio, -2 when
+ * scratch memory could not be allocated. */
+int v4c_attention(int threads, int B, int T, int H, int D, int dt, int kind, int window, int ratio,
+                  const void *q, const void *kv, const void *ring, const int64_t *ring_pos, int W,
+                  const float *sinks, const int64_t *pos, const void *rows, int N, const int64_t *idx, int K,
+                  float scale, void *out) {
+    if (kind < SLIDING || kind > CSA || (kind == HCA && ratio < 1)) return -1;
+    unsigned char *contig = malloc(B > 0 ? B : 1);
+    if (!contig) return -2;
+    long widest = 0; /* the most call tokens one query can see */
+    for (int b = 0; b < B; b++) {
+        const int64_t *pb = pos + (long)b * T;
+        int ok = 1, ended = pb[0] < 0;
+        for (int u = 1; u < T && ok; u++) {
+            if (pb[u] < 0)
+                ended = 1;
+            else
+                ok = !ended && pb[u] == pb[0] + u;
+        }
+        contig[b] = (unsigned char)ok;
+        const long seen = ok ? (window < T ? window : T) : T;
+        if (seen > widest) widest = seen;
+    }
+    struct attn_job j = {B, T, H, D, dt, kind, window, ratio, W, N, K, (const char *)q, (const char *)kv,
+                         (const char *)ring, (const char *)rows, ring_pos, pos, idx, sinks, scale, (char *)out,
+                         contig, W + widest + (kind == HCA ? N : kind == CSA ? K : 0), 0};
+    v4c_parallel_rows((long)B * T, threads, 1, attn_rows, &j);
+    free(contig);
+    return j.failed ? -2 : 0;
+}
