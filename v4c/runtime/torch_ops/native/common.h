@@ -49,6 +49,27 @@ typedef float v8f __attribute__((vector_size(32)));
 #define LD8(v, p) memcpy(&(v), (p), sizeof(v8f)) /* (a macro: no vector-typed function ABI) */
 #define HSUM8(s) ((((s)[0] + (s)[1]) + ((s)[2] + (s)[3])) + (((s)[4] + (s)[5]) + ((s)[6] + (s)[7]))) /* dot()'s order */
 
+#if defined(__clang__)
+#define SHUF8(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+typedef int v8i __attribute__((vector_size(32)));
+#define SHUF8(a, b, ...) __builtin_shuffle(a, b, (v8i){__VA_ARGS__})
+#endif
+
+/* out[r] = HSUM8(s[r]) for eight vectors at once: three rounds of pairwise lane sums, in
+ * HSUM8's order (so the same roundings), instead of eight horizontal sums one by one */
+#define HSUM8X8(s, out) do {                                                                  \
+        v8f p_[4], q_[2], r_;                                                                 \
+        for (int i_ = 0; i_ < 4; i_++)                                                        \
+            p_[i_] = SHUF8(s[2 * i_], s[2 * i_ + 1], 0, 8, 2, 10, 4, 12, 6, 14)               \
+                   + SHUF8(s[2 * i_], s[2 * i_ + 1], 1, 9, 3, 11, 5, 13, 7, 15);              \
+        for (int i_ = 0; i_ < 2; i_++)                                                        \
+            q_[i_] = SHUF8(p_[2 * i_], p_[2 * i_ + 1], 0, 1, 8, 9, 4, 5, 12, 13)              \
+                   + SHUF8(p_[2 * i_], p_[2 * i_ + 1], 2, 3, 10, 11, 6, 7, 14, 15);           \
+        r_ = SHUF8(q_[0], q_[1], 0, 1, 2, 3, 8, 9, 10, 11) + SHUF8(q_[0], q_[1], 4, 5, 6, 7, 12, 13, 14, 15); \
+        memcpy((out), &r_, sizeof r_);                                                        \
+    } while (0)
+
 /* m[i] = dot(w + i * n, x, n) for i < M, R rows of w per pass over x: the same lanes, order and
  * roundings as dot() (so bit-identical to it), with R independent sums per load of x. */
 #define DOTS_BLOCK(R)                                                                       \
@@ -62,10 +83,14 @@ typedef float v8f __attribute__((vector_size(32)));
                 s[r] += a * xv;                                                             \
             }                                                                               \
         }                                                                                   \
+        float t[R];                                                                         \
+        if ((R) == 8)                                                                       \
+            HSUM8X8(s, t);                                                                  \
+        else                                                                                \
+            for (int r = 0; r < (R); r++) t[r] = HSUM8(s[r]);                               \
         for (int r = 0; r < (R); r++) {                                                     \
-            float t = HSUM8(s[r]);                                                          \
-            for (long d = n8; d < n; d++) t += w[(i + r) * n + d] * x[d];                   \
-            m[i + r] = t;                                                                   \
+            for (long d = n8; d < n; d++) t[r] += w[(i + r) * n + d] * x[d];                \
+            m[i + r] = t[r];                                                                \
         }                                                                                   \
     }
 
