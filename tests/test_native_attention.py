@@ -98,6 +98,24 @@ def test_native_attention_any_head_dim(kind):
                           atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["sliding", "csa"])
+def test_native_attention_splits_a_rows_heads_across_threads(kind):
+    """With fewer query rows than threads (a batch-1 decode step) each row's heads are split into
+    groups, evenly or not; every head's result is the same as on one thread, bit for bit."""
+    args, attrs = _case(kind, torch.bfloat16, "decode")
+    args = tuple(a[:1] if a.dim() > 1 else a for a in args)  # one sequence: one query row
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.attention(*args, **attrs)
+        for threads in (2, 3, 4):
+            torch.set_num_threads(threads)
+            assert torch.equal(native.attention(*args, **attrs), one), threads
+    finally:
+        torch.set_num_threads(before)
+    assert torch.allclose(one.float(), get_op("attention").ref(*args, **attrs).float(), rtol=2e-2, atol=2e-2)
+
+
 def test_native_attention_declines_what_it_does_not_take():
     args, attrs = _case("csa", torch.bfloat16, "prefill")
     q, kv, ring, ring_pos, sinks, pos, rows, idx = args

@@ -22,6 +22,7 @@ enum { SLIDING = 0, HCA = 1, CSA = 2 };
 
 struct attn_job {
     int B, T, H, D, dt, kind, window, ratio, W, N, K;
+    int groups; /* head groups per query row: work items are (row, group) */
     const char *q, *kv, *ring, *rows;
     const int64_t *ring_pos, *pos, *idx;
     const float *sinks;
@@ -79,12 +80,12 @@ static int visible(int64_t kp, int64_t qp, int window) { return kp >= 0 && kp <=
 static void attn_rows(void *p, long a, long e, int tid) {
     (void)tid;
     struct attn_job *j = (struct attn_job *)p;
-    const int H = j->H, T = j->T;
-    const long D = j->D, sz = j->dt ? 2 : 4, HD = (long)H * D;
+    const int T = j->T, G = j->groups;
+    const long D = j->D, sz = j->dt ? 2 : 4, HD = (long)j->H * D; /* the scratch holds all heads */
     /* the keys of a row widened once, for both passes, when they fit a bounded buffer (window +
      * compressed rows always do; only a call whose positions are not consecutive can exceed it) */
     const long held = j->max_keys < 8192 ? j->max_keys : 8192;
-    float *qs = malloc(sizeof(float) * (2 * HD + D + j->max_keys * H + 2 * H + held * D));
+    float *qs = malloc(sizeof(float) * (2 * HD + D + j->max_keys * j->H + 2 * j->H + held * D));
     const char **keys = malloc(sizeof(char *) * (j->max_keys > 0 ? j->max_keys : 1));
     if (!qs || !keys) {
         free(qs);
@@ -92,9 +93,12 @@ static void attn_rows(void *p, long a, long e, int tid) {
         j->failed = 1;
         return;
     }
-    float *o = qs + HD, *kf = o + HD, *s = kf + D, *mx = s + j->max_keys * H, *den = mx + H, *kall = den + H;
-    for (long r = a; r < e; r++) {
-        const long b = r / T, t = r % T;
+    float *o = qs + HD, *kf = o + HD, *s = kf + D, *mx = s + j->max_keys * j->H, *den = mx + j->H;
+    float *kall = den + j->H;
+    for (long item = a; item < e; item++) {
+        const long r = item / G, b = r / T, t = r % T;
+        const int h0 = (int)((long)j->H * (item % G) / G), H = (int)((long)j->H * (item % G + 1) / G) - h0;
+        const long off = (r * j->H + h0) * D; /* this row's first head of the group, in q and out */
         const int64_t qp = j->pos[r];
         long n = 0;
         for (int w = 0; w < j->W; w++)
@@ -117,8 +121,8 @@ static void attn_rows(void *p, long a, long e, int tid) {
                 if (c >= 0 && c < j->N) keys[n++] = j->rows + (b * j->N + c) * D * sz;
             }
         }
-        widen(j->q + r * HD * sz, j->dt, HD, qs);
-        for (long i = 0; i < HD; i++) qs[i] *= j->scale;
+        widen(j->q + off * sz, j->dt, H * D, qs);
+        for (long i = 0; i < H * D; i++) qs[i] *= j->scale;
         const int hold = n <= held && D % 32 == 0;
         for (long k = 0; k < n; k++) {
             float *row = hold ? kall + k * D : kf;
@@ -126,11 +130,11 @@ static void attn_rows(void *p, long a, long e, int tid) {
             dots(qs, row, D, H, s + k * H);
         }
         for (int h = 0; h < H; h++) {
-            float m = j->sinks[h];
+            float m = j->sinks[h0 + h];
             for (long k = 0; k < n; k++)
                 if (s[k * H + h] > m) m = s[k * H + h];
             mx[h] = m;
-            den[h] = expf(j->sinks[h] - m);
+            den[h] = expf(j->sinks[h0 + h] - m);
         }
         for (long k = 0; k < n; k++)
             for (int h = 0; h < H; h++) {
@@ -141,7 +145,7 @@ static void attn_rows(void *p, long a, long e, int tid) {
         if (hold) {
             weighted_sum(o, s, kall, n, H, D);
         } else {
-            memset(o, 0, sizeof(float) * HD);
+            memset(o, 0, sizeof(float) * H * D);
             for (long k = 0; k < n; k++) {
                 widen(keys[k], j->dt, D, kf);
                 accumulate(o, s + k * H, kf, H, D);
@@ -150,10 +154,10 @@ static void attn_rows(void *p, long a, long e, int tid) {
         for (int h = 0; h < H; h++)
             for (long d = 0; d < D; d++) o[h * D + d] /= den[h];
         if (j->dt) {
-            uint16_t *dst = (uint16_t *)(j->out + r * HD * sz);
-            for (long i = 0; i < HD; i++) dst[i] = f2bf(o[i]);
+            uint16_t *dst = (uint16_t *)(j->out + off * sz);
+            for (long i = 0; i < H * D; i++) dst[i] = f2bf(o[i]);
         } else {
-            memcpy(j->out + r * HD * sz, o, sizeof(float) * HD);
+            memcpy(j->out + off * sz, o, sizeof(float) * H * D);
         }
     }
     free(qs);
@@ -186,10 +190,17 @@ int v4c_attention(int threads, int B, int T, int H, int D, int dt, int kind, int
         const long seen = ok ? (window < T ? window : T) : T;
         if (seen > widest) widest = seen;
     }
-    struct attn_job j = {B, T, H, D, dt, kind, window, ratio, W, N, K, (const char *)q, (const char *)kv,
+    /* fewer rows than threads (decode steps): each row's heads split into groups as well */
+    const long rows_all = (long)B * T;
+    int groups = 1;
+    if (rows_all > 0 && rows_all < threads) {
+        groups = (int)((threads + rows_all - 1) / rows_all);
+        if (groups > H) groups = H;
+    }
+    struct attn_job j = {B, T, H, D, dt, kind, window, ratio, W, N, K, groups, (const char *)q, (const char *)kv,
                          (const char *)ring, (const char *)rows, ring_pos, pos, idx, sinks, scale, (char *)out,
                          contig, W + widest + (kind == HCA ? N : kind == CSA ? K : 0), 0};
-    v4c_parallel_rows((long)B * T, threads, 1, attn_rows, &j);
+    v4c_parallel_rows(rows_all * groups, threads, 1, attn_rows, &j);
     free(contig);
     return j.failed ? -2 : 0;
 }
