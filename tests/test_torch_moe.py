@@ -18,6 +18,7 @@ from v4c.graph.weight_formats import quantize_fp8_block
 from v4c.graph.weights import QuantizedWeight
 from v4c.runtime.torch_ops import IMPLS
 from v4c.runtime.torch_ops import moe as fast_moe
+from v4c.runtime.torch_ops import native
 from v4c.runtime.torch_ops import weight_views
 from v4c.runtime.torch_ops.blas import few_row_gemms
 from v4c.runtime.torch_ops.router import moe_router
@@ -81,9 +82,15 @@ def test_moe_router_quantised_weight_equals_reference():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("case", ["shared", "no_shared", "wide_shared", "ep", "ep_idle", "no_budget"])
-def test_moe_ffn_decode_path_equals_reference(monkeypatch, dtype, shape, case):
-    """The decode path for every shape of the shared expert and expert-parallel share of the routing
-    (``ep_idle``: a rank none of the tokens routes to; ``no_budget``: shared gate/up not concatenated)."""
+@pytest.mark.parametrize("path", ["native", "torch"])
+def test_moe_ffn_decode_path_equals_reference(monkeypatch, dtype, shape, case, path):
+    """The decode path (bf16: the C call where the CPU has AVX512-BF16, and the PyTorch one) for
+    every shape of the shared expert and expert-parallel share of the routing (``ep_idle``: a
+    rank none of the tokens routes to; ``no_budget``: shared gate/up not concatenated)."""
+    if path == "native" and not (dtype == torch.bfloat16 and native.moe_decode_available()):
+        pytest.skip("the C MoE takes bf16 on CPUs with AVX512-BF16")
+    if path == "torch":
+        monkeypatch.setattr(native, "moe_decode_supported", lambda *a: False)
     g = torch.Generator().manual_seed(2)
     w13, w2, shared = _weights(g, dtype, 2 * I if case == "wide_shared" else I)
     h = torch.randn(*shape, D, generator=g).to(dtype)
@@ -108,22 +115,53 @@ def test_moe_ffn_decode_path_equals_reference(monkeypatch, dtype, shape, case):
         _check(got, want, args)
 
 
-def test_moe_ffn_decode_repeated_expert_and_idle_rank():
+def test_moe_ffn_decode_native_threads_and_what_it_declines():
+    """The C call gives the same result on 1-4 threads (each token's sum runs in assignment order);
+    fp32, or widths that are not multiples of 32, take the PyTorch path."""
+    g = torch.Generator().manual_seed(5)
+    w13, w2, shared = _weights(g, torch.bfloat16)
+    h = torch.randn(8, 1, D, generator=g).to(torch.bfloat16)
+    routing = ref_router(h, torch.randn(E, D, generator=g).to(torch.bfloat16), torch.zeros(E), topk=K, scaling=1.5)
+    flat = h.reshape(8, D)
+    assert not native.moe_decode_supported(flat.float(), w13.float(), w2.float(), [s.float() for s in shared])
+    assert not native.moe_decode_supported(flat, w13[:, :48].contiguous(), w2[:, :, :24].contiguous(), [])
+    if not native.moe_decode_available():
+        pytest.skip("the C MoE needs AVX512-BF16")
+    assert native.moe_decode_supported(flat, w13, w2, shared)
+    args = (h, *routing, w13, w2, *shared)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fast_moe.moe_ffn(*args, limit=2.0)
+        for threads in (2, 3, 4):
+            torch.set_num_threads(threads)
+            assert torch.equal(fast_moe.moe_ffn(*args, limit=2.0), one), threads
+    finally:
+        torch.set_num_threads(before)
+    _check(one, ref_ffn(*args, limit=2.0), args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_ffn_decode_repeated_expert_and_idle_rank(dtype):
     """A hash table row may name an expert twice (two rows for one expert from one token), and a
     rank can hold no assignment at all (then only the shared expert, or zeros)."""
     g = torch.Generator().manual_seed(3)
-    w13, w2, shared = _weights(g, torch.float32)
-    h = torch.randn(1, 1, D, generator=g)
+    w13, w2, shared = _weights(g, dtype)
+    h = torch.randn(1, 1, D, generator=g).to(dtype)
     table = torch.tensor([[3, 7, 3, 1]], dtype=torch.int32)
-    idx, w, perm, offsets = ref_router(h, torch.randn(E, D, generator=g), table, torch.zeros(1, 1, dtype=torch.long),
-                                       hash=True, scaling=1.5)
+    idx, w, perm, offsets = ref_router(h, torch.randn(E, D, generator=g).to(dtype), table,
+                                       torch.zeros(1, 1, dtype=torch.long), hash=True, scaling=1.5)
     args = (h, idx, w, perm, offsets, w13, w2, *shared)
-    assert torch.allclose(fast_moe.moe_ffn(*args, limit=2.0), ref_ffn(*args, limit=2.0), rtol=1e-5, atol=1e-5)
+    _check(fast_moe.moe_ffn(*args, limit=2.0), ref_ffn(*args, limit=2.0), args)
     idx, w, perm, offsets = ep_select(idx, w, experts=(8, 12))
     assert int(offsets[-1]) == 0
     for sh in (shared, []):
         args = (h, idx, w, perm, offsets, w13[8:12], w2[8:12], *sh)
-        assert torch.allclose(fast_moe.moe_ffn(*args, limit=2.0), ref_ffn(*args, limit=2.0), rtol=1e-5, atol=1e-5)
+        got = fast_moe.moe_ffn(*args, limit=2.0)
+        if sh:
+            _check(got, ref_ffn(*args, limit=2.0), args)
+        else:  # no assignment and no shared expert: zeros
+            assert got.shape == h.shape and (got == 0).all()
 
 
 def test_moe_ffn_decode_rejects_unsorted_offsets():

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ...graph.weights import linear
 from .blas import FEW_ROWS, HALF, aten_kernels, onednn_on
+from . import native
 from .weight_views import rows_concat_t, transposed
 
 DECODE_ROWS = 16  # up to this many tokens a call takes the decode path
@@ -94,6 +95,9 @@ def _decode(flat, idx, w, perm, offsets, w13, w2, shared, limit):
     bounds = offsets.tolist()  # the one host read: the schedule
     if bounds != sorted(bounds):  # (the bisection below needs them sorted; a C-speed check)
         raise ValueError(f"moe_ffn: expert offsets must be non-decreasing, got {bounds}")
+    if native.moe_decode_supported(flat, w13, w2, shared) and perm.is_contiguous() and offsets.is_contiguous():
+        return native.moe_decode(flat, w.reshape(-1), perm.reshape(-1), offsets, w13, w2, shared, k=idx.shape[-1],
+                                 limit=limit)
     experts, counts, p, hi = [], [], bounds[0], bounds[-1]
     while p < hi:  # the experts hit, found by bisection: as many steps as experts hit, not as experts
         e = bisect_right(bounds, p) - 1

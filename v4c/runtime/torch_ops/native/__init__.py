@@ -24,7 +24,7 @@ import torch
 
 from ....settings import native_enabled
 
-_SOURCES = ("mhc.c", "norm_rope.c", "attention.c", "parallel.c")
+_SOURCES = ("mhc.c", "norm_rope.c", "attention.c", "moe.c", "parallel.c")
 _state: dict = {}
 
 
@@ -62,8 +62,11 @@ def _build() -> ctypes.CDLL | None:
     lib.v4c_hc_mix.argtypes = [i, lg, i, i, i, i, i, p, p, p, p, p, p, p, p, fl, fl, i, p, p, p, p, p]
     lib.v4c_norm_rope.argtypes = [i, lg, i, i, i, p, p, i, fl, i, p, p]
     lib.v4c_attention.argtypes = [i, i, i, i, i, i, i, i, i, p, p, p, p, i, p, p, p, i, p, i, fl, p]
+    lib.v4c_moe_decode.argtypes = [i, i, i, i, i, i, i, p, p, p, p, p, p, p, p, p, fl, p]
+    lib.v4c_moe_decode_available.argtypes = []
     lib.v4c_use_openmp.argtypes = [p, p, p]
-    for f in (lib.v4c_hc_mix, lib.v4c_norm_rope, lib.v4c_attention, lib.v4c_use_openmp):
+    for f in (lib.v4c_hc_mix, lib.v4c_norm_rope, lib.v4c_attention, lib.v4c_moe_decode, lib.v4c_moe_decode_available,
+              lib.v4c_use_openmp):
         f.restype = i
     lib.v4c_use_openmp(*_openmp_entries())
     return lib
@@ -212,4 +215,42 @@ def attention(q, kv, ring, ring_pos, sinks, pos, rows=None, idx=None, *, kind, w
         raise ValueError(f"attention: kind {kind!r} with ratio {ratio} is not one the C helpers take")
     if rc != 0:
         raise MemoryError("attention: the C helpers could not allocate their scratch memory")
+    return out
+
+
+def moe_decode_available() -> bool:
+    """Whether this CPU (and compiler) give the C MoE its AVX512-BF16 dot products."""
+    if "moe" not in _state:
+        lib = library()
+        _state["moe"] = lib is not None and bool(lib.v4c_moe_decode_available())
+    return _state["moe"]
+
+
+def moe_decode_supported(flat, w13, w2, shared) -> bool:
+    """Whether ``moe_decode`` takes these: bf16 activations and plain contiguous bf16 CPU weights
+    whose widths are multiples of 32, on a CPU with AVX512-BF16."""
+    if flat.dtype != torch.bfloat16 or flat.device.type != "cpu" or not flat.is_contiguous():
+        return False
+    ws = [w13, w2, *shared]
+    if any(not isinstance(t, torch.Tensor) or t.dtype != torch.bfloat16 or t.device.type != "cpu"
+           or not t.is_contiguous() for t in ws):
+        return False
+    widths = [flat.shape[-1], w2.shape[-1]] + ([shared[0].shape[0]] if shared else [])
+    return all(v % 32 == 0 for v in widths) and moe_decode_available()
+
+
+def moe_decode(flat, w, perm, offsets, w13, w2, shared, *, k, limit):
+    """The routed experts (and the shared one) for a few bf16 token rows ``flat [t, D]``, one C
+    call (see moe.c). Returns [t, D] bf16."""
+    t, d = flat.shape
+    out = torch.empty_like(flat)
+    sg, su, sd = shared if shared else (None, None, None)
+    rc = library().v4c_moe_decode(
+        torch.get_num_threads(), t, d, w2.shape[-1], sg.shape[0] if sg is not None else 0, k, w13.shape[0],
+        _ptr(flat), _ptr(offsets), _ptr(perm), _ptr(_f32(w)), _ptr(w13), _ptr(w2), _ptr(sg), _ptr(su), _ptr(sd),
+        limit, _ptr(out))
+    if rc == -1:
+        raise ValueError("moe_ffn: expert offsets must be non-decreasing (and widths multiples of 32)")
+    if rc != 0:
+        raise MemoryError("moe_ffn: the C helpers could not allocate their scratch memory")
     return out
