@@ -3,8 +3,9 @@
 V4C_CACHE_DIR     where the tuning store lives (default ~/.cache/v4c)
 V4C_DIST_TIMEOUT  seconds a torch.distributed collective (and forming the process group) may wait
                   for a peer before it is an error (default 300)
-V4C_NATIVE        0 turns off the torch backend's small C helpers (decode-size mHC mixes), which are
-                  otherwise compiled on first use with the machine's C compiler
+V4C_NATIVE        0 turns off the torch backend's small C helpers (mHC mixes, projection epilogue,
+                  attention, decode MoE), which are otherwise compiled on first use with the
+                  machine's C compiler
 V4C_NUM_THREADS   CPU threads for the torch backend (default: one per physical core, torch's own
                   choice; set it when other work shares the machine)
 TRITON_INTERPRET  on a machine without CUDA, v4c switches Triton's interpreter on when it is

@@ -1,14 +1,18 @@
-"""The mHC mixes and the projections' RMSNorm + RoPE epilogue in C, built on first use with the
-machine's C compiler and called through ctypes.
+"""The torch backend's C helpers, built on first use with the machine's C compiler and called
+through ctypes: the mHC mixes (``mhc.c``), the projections' RMSNorm + RoPE epilogue
+(``norm_rope.c``), attention over plain caches (``attention.c``) and, on CPUs with AVX512-BF16,
+a decode step's MoE (``moe.c``); row ranges run on PyTorch's own OpenMP team (``parallel.c``).
 
 Why C: a decode step is dispatch-bound, and each mHC mix (post-mix, logits, sigmoid/softmax,
 a 20-round Sinkhorn on a 4x4 matrix, collapse, norm) is ~60 tiny PyTorch calls for a few KFLOP;
-in a prefill the same mix is a dozen memory passes over the streams. The source ships with the
-package and is compiled into a private temporary directory of this process, which is removed
-once the library is loaded (nothing is ever loaded from a shared cache); flags are portable
-(baseline x86-64 plus an AVX2 clone chosen at load time; no -march=native). Without a compiler,
-or with V4C_NATIVE=0, ``library()`` is None and the callers keep their PyTorch paths: the same
-results, slower.
+in a prefill the same mix is a dozen memory passes over the streams, and attention's PyTorch
+composition computes about twice the window's products plus half a dozen passes for masks and
+the softmax. The sources ship with the package and are compiled into a private temporary
+directory of this process, which is removed once the library is loaded (nothing is ever loaded
+from a shared cache); flags are portable (baseline x86-64 plus an AVX2 clone chosen at load time,
+the MoE's AVX512-BF16 code only called where the CPU has it; no -march=native). Without a
+compiler, or with V4C_NATIVE=0, ``library()`` is None and the callers keep their PyTorch paths:
+the same results up to rounding, slower.
 """
 from __future__ import annotations
 
