@@ -217,6 +217,19 @@ def test_native_helpers_can_be_switched_off(monkeypatch):
     assert not native.hc_mix_supported(torch.zeros(1, 1, 4, 8), None, None)
 
 
+def test_native_build_failure_is_reported_and_falls_back(monkeypatch, tmp_path):
+    """A compiler that fails: no library, the reason kept for ``why()``, no compiler left running,
+    and the ops take their PyTorch paths."""
+    from v4c.runtime.torch_ops import native
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("CC", "false")
+    assert native.library() is None and native.why().startswith("building the C helpers failed")
+    assert not native.hc_mix_supported(torch.zeros(1, 1, 4, 8), None, None)
+    bf = dict(dtype=torch.bfloat16)
+    assert not native.moe_decode_supported(torch.zeros(1, 32, **bf), torch.zeros(2, 64, 32, **bf),
+                                           torch.zeros(2, 32, 32, **bf), [])
+
+
 def test_sinkhorn_one_matrix_path_equals_reference():
     from v4c.graph.ops.mhc import sinkhorn
     from v4c.runtime.torch_ops.mhc import sinkhorn_

@@ -52,15 +52,30 @@ def _build() -> ctypes.CDLL | None:
     here = Path(__file__).parent
     tmp = Path(tempfile.mkdtemp(prefix="v4c-native-"))
     out = tmp / "libv4c_native.so"
-    cmd = [cc, "-O3", "-std=c99", "-shared", "-fPIC", "-pthread", "-o", str(out), *(str(here / s) for s in _SOURCES), "-lm"]
+    objs = [tmp / (Path(s).stem + ".o") for s in _SOURCES]
+    jobs: list = []
     try:
-        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
+        # one compiler per source, all at once (about half the wait of one sequential build on 2
+        # cores), then one link
+        for src, obj in zip(_SOURCES, objs):
+            jobs.append(subprocess.Popen([cc, "-O3", "-std=c99", "-fPIC", "-pthread", "-c", "-o", str(obj),
+                                          str(here / src)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        for job in jobs:
+            _, err = job.communicate(timeout=120)
+            if job.returncode:
+                raise subprocess.CalledProcessError(job.returncode, job.args, stderr=err)
+        subprocess.run([cc, "-shared", "-pthread", "-o", str(out), *map(str, objs), "-lm"], check=True,
+                       capture_output=True, text=True, timeout=120)
         lib = ctypes.CDLL(str(out))
     except (OSError, subprocess.SubprocessError) as e:
         err = getattr(e, "stderr", "") or str(e)
         _state["why"] = f"building the C helpers failed: {err.strip()[:500]}"
         return None
     finally:
+        for job in jobs:  # after a failure, no compiler is left running
+            if job.poll() is None:
+                job.kill()
+                job.wait()
         shutil.rmtree(tmp, ignore_errors=True)  # a loaded library stays mapped; nothing is left behind
     p, i, lg, fl = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
     lib.v4c_hc_mix.argtypes = [i, lg, i, i, i, i, i, p, p, p, p, p, p, p, p, fl, fl, i, p, p, p, p, p]
