@@ -75,6 +75,35 @@ V4C_CLONES static void weighted_sum(float *o, const float *p, const float *kf, l
     }
 }
 
+/* s0[h] = dot(q + h * D, k0, D) and s1[h] = dot(q + h * D, k1, D) for every head: two keys per
+ * pass over the queries (each query load serves both), four heads x two keys in flight, reduced
+ * in dot()'s order (HSUM8X8), so the same values as dots() per key. D % 8 == 0. */
+V4C_CLONES static void dots2(const float *q, const float *k0, const float *k1, long D, int H, float *s0, float *s1) {
+    int h = 0;
+    for (; h + 4 <= H; h += 4) {
+        v8f acc[8] = {{0}}, a, b, x;
+        for (long d = 0; d < D; d += 8) {
+            LD8(a, k0 + d);
+            LD8(b, k1 + d);
+            for (int i = 0; i < 4; i++) {
+                LD8(x, q + (h + i) * D + d);
+                acc[2 * i] += x * a;
+                acc[2 * i + 1] += x * b;
+            }
+        }
+        float t[8];
+        HSUM8X8(acc, t);
+        for (int i = 0; i < 4; i++) {
+            s0[h + i] = t[2 * i];
+            s1[h + i] = t[2 * i + 1];
+        }
+    }
+    for (; h < H; h++) {
+        s0[h] = dot(q + h * D, k0, D);
+        s1[h] = dot(q + h * D, k1, D);
+    }
+}
+
 static int visible(int64_t kp, int64_t qp, int window) { return kp >= 0 && kp <= qp && kp > qp - window; }
 
 static void attn_rows(void *p, long a, long e, int tid) {
@@ -124,7 +153,15 @@ static void attn_rows(void *p, long a, long e, int tid) {
         widen(j->q + off * sz, j->dt, H * D, qs);
         for (long i = 0; i < H * D; i++) qs[i] *= j->scale;
         const int hold = n <= held && D % 32 == 0;
-        for (long k = 0; k < n; k++) {
+        long k = 0;
+        if (hold) /* keys in pairs: half the query loads per product */
+            for (; k + 2 <= n; k += 2) {
+                float *r0 = kall + k * D, *r1 = r0 + D;
+                widen(keys[k], j->dt, D, r0);
+                widen(keys[k + 1], j->dt, D, r1);
+                dots2(qs, r0, r1, D, H, s + k * H, s + (k + 1) * H);
+            }
+        for (; k < n; k++) {
             float *row = hold ? kall + k * D : kf;
             widen(keys[k], j->dt, D, row);
             dots(qs, row, D, H, s + k * H);
