@@ -162,8 +162,8 @@ def _outputs(x, head):
 
 def hc_mix(x, y, post, comb, fn, base, scale, norm_w, *, eps, hc_eps, iters=0, head=False):
     """The mHC post-mix (when ``y`` is given) and pre-mix (or the head's collapse) of every token row
-    of ``x [B, T, n, D]``, one C call for a decode step or a prefill. Returns (x1 or None, h, post, comb); post and
-    comb are None for the head."""
+    of ``x [B, T, n, D]``, one C call for a decode step or a prefill. Returns (x1 or None, h, post,
+    comb); post and comb are None for the head."""
     b, t, n, d = x.shape
     fn, base, scale, norm_w = _operands(fn, base, scale, norm_w)
     mix = y is not None

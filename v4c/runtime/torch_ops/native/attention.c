@@ -33,15 +33,6 @@ struct attn_job {
     int failed;
 };
 
-V4C_CLONES static void widen(const char *p, int dt, long n, float *out) {
-    if (dt) {
-        const uint16_t *h = (const uint16_t *)p;
-        for (long i = 0; i < n; i++) out[i] = bf2f(h[i]);
-    } else {
-        memcpy(out, p, n * sizeof(float));
-    }
-}
-
 /* o[h] += p[h] * k for every head: o [H, D], k [D] */
 V4C_CLONES static void accumulate(float *o, const float *p, const float *k, int H, long D) {
     for (int h = 0; h < H; h++) {
@@ -190,12 +181,7 @@ static void attn_rows(void *p, long a, long e, int tid) {
         }
         for (int h = 0; h < H; h++)
             for (long d = 0; d < D; d++) o[h * D + d] /= den[h];
-        if (j->dt) {
-            uint16_t *dst = (uint16_t *)(j->out + off * sz);
-            for (long i = 0; i < H * D; i++) dst[i] = f2bf(o[i]);
-        } else {
-            memcpy(j->out + off * sz, o, sizeof(float) * H * D);
-        }
+        store(j->out + off * sz, j->dt, o, H * D);
     }
     free(qs);
     free(keys);

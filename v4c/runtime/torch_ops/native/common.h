@@ -31,6 +31,31 @@ static inline uint16_t f2bf(float f) { /* round to nearest even; NaN stays a (qu
     return (uint16_t)(((u & 0x7fffffffu) > 0x7f800000u) ? ((u >> 16) | 0x40u) : rounded); /* a select: vectorises */
 }
 
+static inline float round_to(float v, int dt) { return dt ? bf2f(f2bf(v)) : v; } /* as stored in dtype dt */
+
+/* n values of dtype dt (0 = float32, 1 = bfloat16 bits) at p, as fp32 */
+V4C_CLONES V4C_UNUSED static void widen(const void *p, int dt, long n, float *out) {
+    if (dt) {
+        const uint16_t *h = (const uint16_t *)p;
+        for (long i = 0; i < n; i++) out[i] = bf2f(h[i]);
+    } else {
+        memcpy(out, p, n * sizeof(float));
+    }
+}
+
+/* store in dtype dt; `v` is updated to the values as stored (the rounding later ops see) */
+V4C_CLONES V4C_UNUSED static void store(void *p, int dt, float *v, long n) {
+    if (dt) {
+        uint16_t *h = (uint16_t *)p;
+        for (long i = 0; i < n; i++) {
+            h[i] = f2bf(v[i]);
+            v[i] = bf2f(h[i]);
+        }
+    } else {
+        memcpy(p, v, n * sizeof(float));
+    }
+}
+
 V4C_CLONES V4C_UNUSED static float dot(const float *a, const float *b, long n) {
     /* eight independent partial sums: lets the compiler use vector lanes without -ffast-math */
     float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};

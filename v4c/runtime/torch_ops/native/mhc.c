@@ -20,29 +20,6 @@
 
 #include "common.h"
 
-V4C_CLONES static void load(const void *p, int dt, float *out, long n) {
-    if (dt) {
-        const uint16_t *h = (const uint16_t *)p;
-        for (long i = 0; i < n; i++) out[i] = bf2f(h[i]);
-    } else {
-        memcpy(out, p, n * sizeof(float));
-    }
-}
-
-/* store in dtype dt; `v` is updated to the values as stored (the rounding later ops see) */
-V4C_CLONES static void store(void *p, int dt, float *v, long n) {
-    if (dt) {
-        uint16_t *h = (uint16_t *)p;
-        for (long i = 0; i < n; i++) {
-            h[i] = f2bf(v[i]);
-            v[i] = bf2f(h[i]);
-        }
-    } else {
-        memcpy(p, v, n * sizeof(float));
-    }
-}
-
-
 static inline float sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
 
 static inline __attribute__((always_inline)) void sinkhorn(float *c, int n, int iters, float eps) {
@@ -153,7 +130,7 @@ static inline __attribute__((always_inline)) void finish_row_n(
     for (long d = 0; d < D; d++) {
         float v = 0;
         for (int j = 0; j < n; j++) v += pre[j] * xf[j * D + d];
-        u[d] = xdt ? bf2f(f2bf(v)) : v;
+        u[d] = round_to(v, xdt);
     }
     float inv2 = 1.0f / sqrtf(dot(u, u, D) / (float)D + eps);
     for (long d = 0; d < D; d++) u[d] *= inv2;
@@ -200,12 +177,12 @@ static void mix_range(long rows, int n, int D, int mode, int xdt, int wdt,
             expand_bf16(n, D, (const uint16_t *)x + r * nd, (const uint16_t *)y + r * D, post_in + r * n,
                         comb_in + r * n * n, (uint16_t *)x1_out + r * nd, xf);
         } else if (mode & MIX) {
-            load((const char *)x + r * nd * (xdt ? 2 : 4), xdt, xin, nd);
-            load((const char *)y + r * D * (xdt ? 2 : 4), xdt, yf, D);
+            widen((const char *)x + r * nd * (xdt ? 2 : 4), xdt, nd, xin);
+            widen((const char *)y + r * D * (xdt ? 2 : 4), xdt, D, yf);
             expand_row(n, D, xin, yf, post_in + r * n, comb_in + r * n * n, xf);
             store((char *)x1_out + r * nd * (xdt ? 2 : 4), xdt, xf, nd);
         } else {
-            load((const char *)x + r * nd * (xdt ? 2 : 4), xdt, xf, nd);
+            widen((const char *)x + r * nd * (xdt ? 2 : 4), xdt, nd, xf);
         }
         dots(fn, xf, nd, M, m);
         finish_row(n, D, mode, xdt, wdt, xf, m, base, scale, norm_w, eps, hc_eps, iters,

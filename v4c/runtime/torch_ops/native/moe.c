@@ -38,8 +38,6 @@ int v4c_moe_decode_available(void) {
 #endif
 }
 
-static inline float rnd(float v) { return bf2f(f2bf(v)); }
-
 #if V4C_BF16DOT
 /* Y [c, N] (fp32) = X [c, K] . W [N, K]^T, all bf16 in, K % 32 == 0: one weight row at a time
  * (a single sequential stream), dotted with up to four token rows per pass */
@@ -87,15 +85,15 @@ BF16DOT static void expert(const struct moe_job *j, const int64_t *tok, int c, c
     const float lim = j->limit;
     for (int r = 0; r < c; r++)
         for (int i = 0; i < inner; i++) {
-            float g = rnd(wu ? H[r * inner + i] : H[r * 2 * inner + i]);
-            float u = rnd(wu ? U[r * inner + i] : H[r * 2 * inner + inner + i]);
+            float g = round_to(wu ? H[r * inner + i] : H[r * 2 * inner + i], 1);
+            float u = round_to(wu ? U[r * inner + i] : H[r * 2 * inner + inner + i], 1);
             g = g < lim ? g : lim;
             u = u < -lim ? -lim : (u > lim ? lim : u);
-            const float s = rnd(g / (1.0f + expf(-g)));
+            const float s = round_to(g / (1.0f + expf(-g)), 1);
             A[r * inner + i] = f2bf(s * u);
         }
     gemv_bf16(A, c, wd, D, inner, Y);
-    for (long i = 0; i < (long)c * D; i++) Y[i] = rnd(Y[i]);
+    for (long i = 0; i < (long)c * D; i++) Y[i] = round_to(Y[i], 1);
 }
 
 BF16DOT static void moe_items(void *p, long a, long e, int tid) {

@@ -12,8 +12,6 @@
 
 #include "common.h"
 
-static inline float rnd(float v, int dt) { return dt ? bf2f(f2bf(v)) : v; }
-
 /* x: [rows, heads, d] (dtype xdt), normalised per head over d, times w [d] (dtype wdt; NULL: none),
  * then the last rope_dim dims of each head rotated as interleaved pairs by rot [rows, rope_dim/2]
  * (cos, sin) pairs. rows [r0, r1). buf: d floats of scratch. */
@@ -36,15 +34,15 @@ V4C_CLONES static void norm_rope_range(long r0, long r1, int heads, int d, int x
             for (int i = 0; i < d; i++) {
                 float v = buf[i] * inv;
                 if (w) v *= wdt ? bf2f(((const uint16_t *)w)[i]) : ((const float *)w)[i];
-                buf[i] = rnd(v, xdt);
+                buf[i] = round_to(v, xdt);
             }
             if (rr)
                 for (int i = 0; i < half; i++) {
                     const float a = buf[tail + 2 * i], b = buf[tail + 2 * i + 1];
                     const float c = rr[2 * i], s = rr[2 * i + 1];
                     const float ac = a * c, bs = b * s, as = a * s, bc = b * c;
-                    buf[tail + 2 * i] = rnd(ac - bs, xdt);
-                    buf[tail + 2 * i + 1] = rnd(as + bc, xdt);
+                    buf[tail + 2 * i] = round_to(ac - bs, xdt);
+                    buf[tail + 2 * i + 1] = round_to(as + bc, xdt);
                 }
             if (xdt) {
                 uint16_t *p = (uint16_t *)x + off;
