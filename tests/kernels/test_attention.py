@@ -16,6 +16,8 @@ import itertools
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from kernel_cases import SDT, TDT, positions
 
 from v4c.codegen.templates import attention as A
@@ -127,10 +129,10 @@ def test_sparse_attention_long_decode_and_prefill():
 
 
 def test_sparse_attention_meta_candidates_agree():
-    sample = [
+    sample = [  # head dim 64: 4 chunks of 16 on 4 warps, 2 of 32 on 8 warps (see _head_chunks)
         {"BLOCK_T": 1, "BLOCK_H": 16, "BLOCK_N": 16, "SPLIT_K": 1, "BLOCK_R": 8, "num_warps": 4, "num_stages": 1},
         {"BLOCK_T": 2, "BLOCK_H": 32, "BLOCK_N": 32, "SPLIT_K": 2, "BLOCK_R": 16, "num_warps": 8, "num_stages": 2},
-        {"BLOCK_T": 8, "BLOCK_H": 16, "BLOCK_N": 64, "SPLIT_K": 8, "BLOCK_R": 32, "num_warps": 4, "num_stages": 3},
+        {"BLOCK_T": 2, "BLOCK_H": 16, "BLOCK_N": 64, "SPLIT_K": 16, "BLOCK_R": 16, "num_warps": 4, "num_stages": 1},
     ]
     for meta in sample:
         assert A.constraints("sparse_attention", meta, [(1, 1, H, D)]) is None
@@ -217,6 +219,95 @@ def test_real_model_sizes():
         check_sparse(got, want, torch.float16)
 
 
+# ---- target-dependent paths ----------------------------------------------------------------------
+
+@triton.jit
+def _decode_bytes(x_ptr, out_ptr):
+    i = tl.arange(0, 256)
+    codes = tl.load(x_ptr + i)
+    tl.store(out_ptr + i, A._e4m3_nan(codes, A._e4m3_f16(codes).to(tl.float32) * 256.0))
+
+
+def test_e4m3_decode_without_fp8_type_is_exact():
+    """The integer decode (sm80 / sm86 have no fp8 type) gives every e4m3fn byte's value, NaN for 0x7f / 0xff."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    out = torch.empty(256)
+    _decode_bytes[(1,)](codes, out)
+    want = codes.view(torch.float8_e4m3fn).float()
+    assert torch.equal(out.isnan(), want.isnan()) and int(out.isnan().sum()) == 2
+    assert torch.equal(out.nan_to_num(0.0), want.nan_to_num(0.0))
+
+
+class _Spy:
+    """Wraps ``_attn_kernel`` to record the fp8 decode each launch was given."""
+
+    def __init__(self, fn):
+        self.fn, self.native = fn, []
+
+    def __getitem__(self, grid):
+        launch = self.fn[grid]
+
+        def run(*args, **kwargs):
+            self.native.append(kwargs["NATIVE_FP8"])
+            return launch(*args, **kwargs)
+        return run
+
+
+def _native_and_sm80(monkeypatch, args, attrs, meta=None):
+    """The outputs of the native fp8 decode (the interpreter's default) and of an sm80 launch (no fp8 type:
+    the integer decode), which must agree bit for bit: both decodes are exact."""
+    spy = _Spy(A._attn_kernel)
+    monkeypatch.setattr(A, "_attn_kernel", spy)
+    native, want = run_sparse(args, attrs, meta)
+    monkeypatch.setattr(A, "_TARGET_CAPABILITY", (8, 0))  # what AOT capture for sm80 sets
+    sm80, _ = run_sparse(args, attrs, meta)
+    monkeypatch.setattr(A, "_TARGET_CAPABILITY", None)
+    monkeypatch.setattr(A, "_attn_kernel", spy.fn)
+    assert spy.native == [True, False]
+    assert all(torch.equal(x, y) for x, y in zip(native, sm80)), "integer and native fp8 decodes differ"
+    return sm80, want
+
+
+@pytest.mark.parametrize("kind", ["sliding", "hca", "csa"])
+def test_sparse_attention_sm80_fp8_decode(kind, monkeypatch):
+    for T in (1, 6):
+        args, attrs = attn_case(kind, T, torch.float16, "fp8_ds", seed=11)
+        got, want = _native_and_sm80(monkeypatch, args, _fused_attrs(kind, attrs))
+        check_sparse(got, want, torch.float16)
+
+
+def test_sparse_attention_sm80_real_model_sizes(monkeypatch):
+    """The sm80 decode at V4's row layout (448 e4m3 dims in 7 scale blocks, 64 bf16 RoPE dims, 584 bytes)."""
+    yarn = [16.0, 65536, 32.0, 1.0]
+    for kind, T in [("csa", 1), ("hca", 3)]:
+        args, attrs = attn_case(kind, T, torch.bfloat16, "fp8_ds", p0=(700, 130), ratio=4, topk=64, heads=16,
+                                d=512, rope=64, w=128)
+        got, want = _native_and_sm80(monkeypatch, args, _fused_attrs(kind, attrs, rope=64, yarn=yarn))
+        check_sparse(got, want, torch.bfloat16)
+
+
+def _widen(x, pad):
+    """``x`` as a view into a buffer ``pad`` elements wider a row: row strides no longer the row width."""
+    w = torch.zeros(*x.shape[:-1], x.shape[-1] + pad, dtype=x.dtype)
+    w[..., :x.shape[-1]] = x
+    return w[..., :x.shape[-1]]
+
+
+@pytest.mark.parametrize("fmt,pad", [(None, 1), ("fp8_ds", 2)])
+def test_sparse_attention_padded_cache_rows(fmt, pad):
+    """Cache rows inside wider buffers (odd strides for plain rows, 2-byte aligned fp8_ds rows): the kernel
+    takes KV strides in units of their largest power-of-two divisor."""
+    for kind, T in [("hca", 6), ("csa", 1)]:
+        args, attrs = attn_case(kind, T, torch.float32, fmt, seed=2)
+        attrs = _fused_attrs(kind, attrs)
+        want = get_op("sparse_attention").ref(*_clone(args), **attrs)
+        wide = _clone(args)
+        wide[2], wide[6] = _widen(wide[2], pad), _widen(wide[6], pad)
+        got = A.sparse_attention(*wide, **attrs)
+        assert got[1].stride(1) == args[2].shape[2] + pad
+        check_sparse(got, want, torch.float32)
+
+
 # ---- constraints ----------------------------------------------------------------------------------
 
 def test_constraints():
@@ -225,11 +316,70 @@ def test_constraints():
     assert "power of two" in A.constraints("sparse_attention", {"BLOCK_N": 24}, [real_q])
     assert "tl.dot" in A.constraints("sparse_attention", {"BLOCK_N": 8}, [real_q])
     assert "registers" in A.constraints("sparse_attention", {"BLOCK_T": 8, "BLOCK_H": 64}, [real_q])
-    assert "shared memory" in A.constraints("sparse_attention", {"BLOCK_N": 128, "num_stages": 3}, [real_q])
+    f32 = {"inputs": [real_q], "dtype": "f32"}  # fp32 "ieee" dots run on FMAs with the tiles in registers
+    assert "registers" in A.constraints("sparse_attention", {}, f32)
+    assert A.constraints("sparse_attention", {"BLOCK_N": 16}, f32) is None
     assert A.constraints("window_append", {}, []) is None
+    assert "quantise" in A.constraints("window_append", {"BLOCK_R": 32, "num_warps": 1},
+                                       [(1, 128, 584), (1, 128), (1, 1, 512)])
     for op in A.KERNELS:
         assert set(A.DEFAULT_META[op]) == set(A.META[op])
         assert all(A.DEFAULT_META[op][k] in A.META[op][k] for k in A.META[op])
     with pytest.raises(ValueError, match="cannot run"):
         args, attrs = attn_case("sliding", 1)
         A.sparse_attention(*args, **_fused_attrs("sliding", attrs), meta={"BLOCK_N": 8})
+
+
+V4_SHAPES = {  # (heads, decode / prefill q shapes) of V4-Flash and V4-Pro
+    "flash": [(1, 1, 64, 512), (256, 1, 64, 512), (1, 4096, 64, 512)],
+    "pro": [(1, 1, 128, 512), (256, 1, 128, 512), (1, 4096, 128, 512)],
+}
+
+
+def _spec(q, kind, dtype="bf16"):
+    return {"inputs": [q, q[:2] + (512,)], "attrs": {"kind": kind}, "dtype": dtype}
+
+
+@pytest.mark.parametrize("model", sorted(V4_SHAPES))
+def test_constraints_real_models(model):
+    """What AOT compiles of the V4 shapes showed (ptxas on sm80 / sm90 / sm100): query rows x keys x stages
+    that stayed spill-free pass, those that spilled on some target (or needed too much shared memory) fail,
+    and so does every 4-warp config (a 128-wide head chunk a warp).  The default passes everywhere."""
+    good = [dict(BLOCK_H=16, BLOCK_N=32, num_stages=1), dict(BLOCK_H=16, BLOCK_N=16, num_stages=2),
+            dict(BLOCK_H=32, BLOCK_N=16, num_stages=1)]
+    bad = [dict(BLOCK_H=16, BLOCK_N=32, num_stages=2), dict(BLOCK_H=16, BLOCK_N=64, num_stages=1),
+           dict(BLOCK_H=32, BLOCK_N=32, num_stages=1), dict(BLOCK_H=32, BLOCK_N=16, num_stages=2),
+           dict(BLOCK_H=16, BLOCK_N=16, num_stages=1, num_warps=4)]
+    for q in V4_SHAPES[model]:
+        for kind in ("sliding", "hca", "csa"):
+            spec = _spec(q, kind)
+            assert A.constraints("sparse_attention", {}, spec) is None
+            for m in good:
+                assert A.constraints("sparse_attention", {**m, "num_warps": 8}, spec) is None, m
+            for m in bad:
+                assert A.constraints("sparse_attention", {"num_warps": 8, **m}, spec) is not None, m
+    # two query tokens a program double the rows, except in decode and CSA (one token a program)
+    two = {"BLOCK_T": 2, "BLOCK_H": 16, "BLOCK_N": 32}
+    prefill = V4_SHAPES[model][2]
+    assert A.constraints("sparse_attention", two, _spec(prefill, "csa")) is None
+    assert A.constraints("sparse_attention", two, _spec(V4_SHAPES[model][0], "hca")) is None
+    assert "registers" in A.constraints("sparse_attention", two, _spec(prefill, "hca"))
+
+
+# (query rows, BLOCK_N, num_stages) -> (most registers ptxas used on sm80 / sm90 / sm100, shared bytes) for
+# V4-Flash's CSA decode, bf16, 8 warps: AOT compiles of this kernel (255 means at the limit or spilling).
+PTXAS_V4_CSA_DECODE = {
+    (16, 16, 1): (152, 49152), (16, 16, 2): (184, 73856), (16, 32, 1): (186, 81920), (16, 32, 2): (233, 131328),
+    (16, 64, 1): (255, 147456), (32, 16, 1): (204, 65536), (32, 16, 2): (247, 90240), (32, 32, 1): (233, 98304),
+    (32, 32, 2): (255, 147712),
+}
+
+
+def test_resource_model_against_ptxas():
+    """The estimates behind ``constraints``: shared memory never under-estimated, and the register rule keeps
+    exactly the configs that compiled with a margin (<= 210 registers everywhere) and drops those that came
+    within reach of 255 on some target."""
+    for (rows, block_n, stages), (regs, smem) in PTXAS_V4_CSA_DECODE.items():
+        est_regs, est_smem = A._attn_resources(rows, block_n, 512, 8, stages, 2)
+        assert est_smem >= smem, (rows, block_n, stages)
+        assert (est_regs <= A.ATTN_REG_BUDGET) == (regs <= 210), (rows, block_n, stages, est_regs, regs)

@@ -248,7 +248,7 @@ def test_meta_candidates_agree():
     ref = _ref(p, sched, "fp8_ds")
     base = None
     for meta in ({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_S": 2, "BLOCK_D": 16, "BLOCK_C": 256},
-                 {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "GEMM_STAGES": 2, "BLOCK_S": 16, "BLOCK_D": 32,
+                 {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "num_stages": 2, "BLOCK_S": 4, "BLOCK_D": 32,
                   "BLOCK_C": 128},
                  dict(K.DEFAULT_META["compressor"])):
         shapes = [(3, 12, 256), (128, 256), (128, 256), (4, 128), (64,), tuple(ref[0].shape),
@@ -272,16 +272,117 @@ def test_constraints():
     assert K.constraints("compressor", K.DEFAULT_META["compressor"], shapes, attrs) is None
     assert K.constraints("compressor", {}, shapes) is None  # format inferred from the row width
     assert "tl.dot" in K.constraints("compressor", {"BLOCK_M": 8}, shapes, attrs)
-    assert "shared memory" in K.constraints("compressor", {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128,
-                                                           "GEMM_STAGES": 4}, shapes, attrs)
-    assert "pool tile" in K.constraints("compressor", {"BLOCK_S": 16, "BLOCK_D": 512}, shapes, attrs)
+    assert "shared memory" in K.constraints("compressor", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128,
+                                                           "num_stages": 8}, shapes, attrs)
+    assert "registers" in K.constraints("compressor", {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4}, shapes, attrs)
+    hca = [(1, 64, 4096), (d, 4096), (d, 4096), (128, d), (d,), (1, 1024, 584), (1, 128, d), (1, 128, d), (1, 64)]
+    assert K.constraints("compressor", {"BLOCK_S": 16, "BLOCK_D": 512, "POOL_WARPS": 8}, hca, attrs) is None
+    assert "pool tile" in K.constraints("compressor", {"BLOCK_S": 16, "BLOCK_D": 512}, hca, attrs)
+    # CSA windows have 8 slots: a 16-slot step would only add masked rows, and launches as BLOCK_S=8
+    assert "runs exactly as" in K.constraints("compressor", {"BLOCK_S": 16}, shapes, attrs)
     idx = [(1, 64, 4096), (256, 4096), (256, 4096), (4, 256), (128,), (1, 1024, 68), (1, 8, 256), (1, 8, 256),
            (1, 64)]
     assert K.constraints("compressor", {}, idx, {"store": "mxfp4", "rope_dim": 64}) is None
-    assert "whole row" in K.constraints("compressor", {"BLOCK_D": 64}, idx, {"store": "mxfp4", "rope_dim": 64})
+    # fp8 / mxfp4 rows are encoded whole: BLOCK_D does not apply, so only its first grid value is a candidate
+    assert K._pool_block_d({"BLOCK_D": 64}, 128, "mxfp4") == 128
+    assert "runs exactly as" in K.constraints("compressor", {"BLOCK_D": 128}, idx, {"store": "mxfp4", "rope_dim": 64})
     assert K.constraints("compress", {"BLOCK_S": 4}, [(1, 64, cd), (1, 64, cd), (4, cd), (d,), (1, 1024, 584)],
                          attrs) is None
     assert K.constraints("nope", {}, shapes) is not None
     for op in K.KERNELS:
         assert set(K.DEFAULT_META[op]) == set(K.META[op])
         assert all(K.DEFAULT_META[op][k] in K.META[op][k] for k in K.META[op])
+
+
+def _site(h, d, ratio, overlap, width, store, rope, dtype="bf16", B=1, T=1, nc=1024):
+    """The tuner's shapes dict for a compressor call site."""
+    c = 2 if overlap else 1
+    return {"inputs": [(B, T, h), (c * d, h), (c * d, h), (ratio, c * d), (d,), (B, nc, width), (B, c * ratio, c * d),
+                       (B, c * ratio, c * d), (B, T)],
+            "outputs": [(B, nc, width), (B, c * ratio, c * d), (B, c * ratio, c * d)],
+            "attrs": {"ratio": ratio, "overlap": overlap, "eps": 1e-6, "rope_dim": rope, "theta": THETA,
+                      "store": store}, "dtype": dtype}
+
+
+V4_SITES = {  # the compressors of V4-Flash (hidden 4096) and V4-Pro (7168): CSA, HCA, the indexer's (MXFP4 keys)
+    f"{name}-{h}": _site(h, d, ratio, overlap, width, store, 64)
+    for h in (4096, 7168)
+    for name, d, ratio, overlap, width, store in (("csa", 512, 4, True, 584, "fp8_ds"),
+                                                  ("hca", 512, 128, False, 584, "fp8_ds"),
+                                                  ("index", 128, 4, True, 68, "mxfp4"))
+}
+SMALL_SITES = {  # the tests' and the tiny preset's shapes: widths that are not powers of two, plain rows, fp32
+    "tiny-csa": _site(256, 64, 4, True, 64, None, 16, "f32"),
+    "tiny-hca": _site(256, 64, 16, False, 88, "fp8_ds", 16, "f16"),
+    "tiny-index": _site(256, 32, 4, True, 20, "mxfp4", 16),
+    "odd-csa": _site(48, 40, 3, True, 40, None, 8, "f32"),
+    "odd-hca": _site(40, 24, 5, False, 24, "bf16", 8, "bf16"),
+    "odd-fp8ds": _site(48, 40, 3, True, 56, "fp8_ds", 8),
+    "index-fp8": _site(256, 32, 4, True, 36, "fp8", 16),
+}
+
+
+@pytest.mark.parametrize("name", list(V4_SITES) + list(SMALL_SITES))
+def test_tuner_shapes_have_candidates(name):
+    """The tuner's dict shapes: every site keeps candidates on every target; the defaults are valid at V4 sizes;
+    parameters that change nothing at these shapes are not separate candidates."""
+    from v4c.autotune.devices import device_for_target
+    from v4c.autotune.space import candidates, grid
+    shapes = {**V4_SITES, **SMALL_SITES}[name]
+    assert len(grid(K, "compressor")) < 10000  # small enough to rank in well under a second
+    if name in V4_SITES:
+        assert K.constraints("compressor", {}, shapes) is None
+    for target in ("sm80", "sm86", "sm90", "sm100", "cpu"):
+        kept = candidates(K, "compressor", shapes, device_for_target(target))
+        assert kept, f"{name}: no candidate on {target}"
+        fp32 = shapes["dtype"] == "f32"
+        assert fp32 or all(m["DOT_PRECISION"] == "ieee" for m in kept)  # only fp32 activations use it
+        slots = (2 if shapes["attrs"]["overlap"] else 1) * shapes["attrs"]["ratio"]
+        pools = {(K._pool_block_s(m, slots),
+                  K._pool_block_d(m, shapes["inputs"][4][0], shapes["attrs"]["store"]), m["POOL_WARPS"])
+                 for m in kept}
+        n_pool = len({(m["BLOCK_S"], m["BLOCK_D"], m["POOL_WARPS"]) for m in kept})
+        assert len(pools) == n_pool  # no two kept pooling configs launch the same kernel
+    unfused = {"inputs": [shapes["inputs"][0][:2] + (shapes["inputs"][1][0],)] * 2 + shapes["inputs"][3:],
+               "attrs": shapes["attrs"], "dtype": shapes["dtype"]}
+    assert candidates(K, "compress", unfused, device_for_target("sm90"))
+
+
+# --------------------------------------------------------------------------------------------- 64-bit offsets
+
+def test_batch_offsets_past_2_31_elements():
+    """Batch rows whose element offsets pass 2**31 (rows from batch row 15 of a 1M-token cache, kv of a long
+    call): the kernels must form those offsets in 64 bits.  The buffers are views into sparse allocations of a
+    few GB (only the touched pages are ever committed)."""
+    p = tiny_attn(4, True, torch.float16, seed=29)
+    B, T, cd, d = 3, 9, 128, 64
+    width = stored_width(d, "fp8_ds", p["rope"])
+    g = torch.Generator().manual_seed(31)
+    kv_c = torch.randn(B, T, cd, generator=g).to(torch.float16)
+    gate_c = torch.randn(B, T, cd, generator=g).to(torch.float16)
+    pos = torch.arange(T).repeat(B, 1)
+    pos[1, 7:] = -1
+    # kv and gate interleaved per token (as the projection scratch is), batch stride 2**30 + 2*cd elements
+    sb = (1 << 30) + 2 * cd
+    big = torch.empty(2 * sb + T * 2 * cd, dtype=torch.float16)
+    kv = big.as_strided((B, T, cd), (sb, 2 * cd, 1))
+    gate = big.as_strided((B, T, cd), (sb, 2 * cd, 1), cd)
+    kv.copy_(kv_c)
+    gate.copy_(gate_c)
+    nc = 4
+    rb = (1 << 30) + width * nc
+    rows_big = torch.empty(2 * rb + nc * width, dtype=torch.uint8)
+    rows = rows_big.as_strided((B, nc, width), (rb, width, 1))
+    rows.zero_()
+    attrs = _attrs(p, "fp8_ds")
+    st = [torch.zeros(B, 2 * 4, cd), torch.zeros(B, 2 * 4, cd)]
+    K.compress(kv, gate, p["ape"], p["norm_w"], rows, *st, pos, **attrs, meta={"BLOCK_S": 8})
+    ref_rows = torch.zeros(B, nc, width, dtype=torch.uint8)
+    ref_st = [torch.zeros(B, 2 * 4, cd), torch.zeros(B, 2 * 4, cd)]
+    get_op("compress").ref(kv_c, gate_c, p["ape"], p["norm_w"], ref_rows, *ref_st, pos, **attrs)
+    for b in range(B):
+        n = int((pos[b] >= 0).sum()) // 4
+        a, e = decode(rows[b, :n], "fp8_ds", d, p["rope"]), decode(ref_rows[b, :n], "fp8_ds", d, p["rope"])
+        assert n > 0 and (a - e).abs().max() <= e.abs().max() / 14 + 1e-6, f"batch row {b}"
+    _close(st[0], ref_st[0], 2e-3, "pend_kv")
+    _close(st[1], ref_st[1], 2e-3, "pend_gate")

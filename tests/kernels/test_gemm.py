@@ -115,6 +115,26 @@ def test_weights_are_cast_to_the_activation_dtype():
     _close(_run("linear", [x, w], {}), get_op("linear").ref(x, w), torch.float16)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op", ["linear_rms_norm", "q_proj", "kv_proj"])
+def test_norm_groups_of_any_width(op, dtype):
+    """Norm groups (heads, whole rows) that are not powers of two: 48-wide, so the tile is padded to 64 and
+    the padding is masked out of the mean, the RoPE tail and the stores; three heads side by side."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 5, 96, generator=g).to(dtype)
+    rope = {"rope_dim": 16, "theta": 10000.0, "yarn": None}
+    if op == "linear_rms_norm":
+        tensors, attrs = [x, (torch.randn(48, 96, generator=g) * 0.1).to(dtype), 1 + 0.2 * torch.randn(48, generator=g)], \
+            {"eps": 1e-6}
+    elif op == "q_proj":
+        tensors, attrs = [x, (torch.randn(3 * 48, 96, generator=g) * 0.1).to(dtype), _positions(5)], \
+            {"shape": ["B", "T", 3, 48], "eps": 1e-6, **rope}
+    else:
+        tensors, attrs = [x, (torch.randn(48, 96, generator=g) * 0.1).to(dtype), 1 + 0.2 * torch.randn(48, generator=g),
+                          _positions(5)], {"eps": 1e-6, **rope}
+    _close(_run(op, tensors, attrs), get_op(op).ref(*tensors, **attrs), dtype)
+
+
 def _meta_sample(op, n=4):
     """The default plus ``n`` deterministic picks from META's grid that ``constraints`` accepts."""
     space = gemm.META[op]
@@ -149,7 +169,8 @@ def test_constraints():
     assert "group width 512" in c("q_proj", {"BLOCK_N": 256}, q_real)
     assert c("q_proj", {"BLOCK_N": 64}, [(2, 5, 128), (512, 128), (2, 5), (2, 5, 8, 64)]) is None
     assert "group width 64" in c("kv_proj", {"BLOCK_N": 128}, [(2, 5, 256), (64, 256), (64,), (2, 5)])
-    assert "power of two" in c("kv_proj", {}, [(2, 5, 256), (96, 256), (96,), (2, 5)])
+    assert c("kv_proj", {}, [(2, 5, 256), (96, 256), (96,), (2, 5)]) is None  # any width: the tile is padded
+    assert "odd" in c("kv_proj", {}, {"inputs": [(2, 5, 256), (95, 256), (95,), (2, 5)], "attrs": {"rope_dim": 16}})
     assert "rope_dim" in c("kv_proj", {}, {"inputs": [(2, 5, 256), (64, 256), (64,), (2, 5)],
                                            "attrs": {"rope_dim": 80}})
     # real-size defaults fit an H200 (V4-Flash: q_lora 1024, heads 64 x 512, kv 512, o 8 x 1024)

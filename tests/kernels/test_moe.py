@@ -207,13 +207,36 @@ def test_meta_contract_and_constraints():
     flash = {"moe_router": [(1, 1, 4096), (256, 4096), (256,)],
              "moe_ffn": [(1, 1, 4096), (1, 1, 6), (1, 1, 6), (1, 1, 6), (257,), (256, 4096, 4096),
                          (256, 4096, 2048)]}
+    pro = {"moe_router": [(1, 1, 7168), (384, 7168), (384,)],
+           "moe_ffn": [(1, 1, 7168), (1, 1, 6), (1, 1, 6), (1, 1, 6), (385,), (384, 6144, 7168),
+                       (384, 7168, 3072)]}
     assert set(moe.KERNELS) == set(moe.META) == set(moe.DEFAULT_META) == {"moe_router", "moe_ffn"}
     for op, meta in moe.DEFAULT_META.items():
         assert set(meta) == set(moe.META[op])
         assert all(v in moe.META[op][k] for k, v in meta.items())
-        assert moe.constraints(op, meta, flash[op]) is None
+        for shapes in (flash[op], pro[op], {"inputs": pro[op], "dtype": "f32"}):
+            assert moe.constraints(op, meta, shapes) is None, (op, shapes)
     big = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
-    assert "accumulators" in moe.constraints("moe_ffn", big, flash["moe_ffn"])
-    assert "shared memory" in moe.constraints("moe_ffn", {**big, "num_warps": 8}, flash["moe_ffn"])
+    assert "registers" in moe.constraints("moe_ffn", big, flash["moe_ffn"])
+    # both experts' loops are one pipelined loop: 3 stages of (64 + 2 * 128) x 128 bf16 tiles fit sm90...
+    assert moe.constraints("moe_ffn", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 8,
+                                       "num_stages": 3}, flash["moe_ffn"]) is None
+    # ... 4 stages of fp32 ones do not
+    assert "shared memory" in moe.constraints(
+        "moe_ffn", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 8, "num_stages": 4},
+        {"inputs": flash["moe_ffn"], "dtype": "f32"})
     wide = {"BLOCK_M": 64, "BLOCK_K": 64, "SORT_BLOCK": 64, "num_warps": 4, "num_stages": 2}
-    assert "router tile" in moe.constraints("moe_router", wide, [(1, 1, 7168), (384, 7168), (384,)])
+    assert "router tile" in moe.constraints("moe_router", wide, pro["moe_router"])
+    assert "sort rank matrix" in moe.constraints("moe_router", {**moe.DEFAULT_META["moe_router"], "SORT_BLOCK": 256},
+                                                 flash["moe_router"])
+
+
+def test_ffn_mixed_weight_dtypes():
+    """Routed experts in bf16 and a shared expert in fp32: both reach the kernels in one (wider) dtype, as
+    the kernels pick one weight pointer before their K loop."""
+    D, E, K, I, S = 64, 4, 2, 32, 48
+    h = torch.randn(1, 5, D, generator=_gen(12))
+    route = _routed(h, E, K, False)
+    w13, w2, sg, su, sd = _ffn_weights(D, E, I, S, torch.float32, seed=13)
+    weights = (w13.bfloat16(), w2.bfloat16(), sg, su, sd)
+    _check_ffn(h, route, weights, "fp32")

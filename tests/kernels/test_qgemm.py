@@ -85,6 +85,82 @@ def test_fp8_linear_dot_modes_and_blocks(mode, meta):
     _close(got, want.float(), torch.float32)
 
 
+def test_e4m3_decodes_are_exact():
+    """Both register decodes of e4m3 bytes (fp16 for sm80/86, fp32 for the interpreter) give every code's
+    exact value: normals, subnormals, zeros of both signs, NaN."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def decode(code_ptr, half_ptr, full_ptr):
+        c = tl.load(code_ptr + tl.arange(0, 256))
+        tl.store(half_ptr + tl.arange(0, 256), qgemm._e4m3_operand(c, 1))
+        tl.store(full_ptr + tl.arange(0, 256), qgemm._e4m3_operand(c, 0))
+
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    half, full = torch.empty(256, dtype=torch.float16), torch.empty(256)
+    decode[(1,)](codes, half, full)
+    want = codes.view(torch.float8_e4m3fn).float()
+    for got in (half.float(), full):
+        assert torch.equal(got.isnan(), want.isnan())
+        real = ~want.isnan()
+        assert torch.equal(got[real], want[real])
+        assert torch.equal(got[real].signbit(), want[real].signbit())  # -0.0 stays negative
+
+
+class _Spy:
+    """Stands in for a jitted kernel: records the dtypes of the tensors each launch receives."""
+
+    def __init__(self, kernel, seen):
+        self.kernel, self.seen = kernel, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.seen.append(([a.dtype for a in args if isinstance(a, torch.Tensor)], kwargs))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.fixture
+def sm80(monkeypatch):
+    """The launchers as they run on an A100: the module sees compute capability (8, 0), as during an AOT
+    compile for sm80, and every kernel launch is recorded."""
+    seen = []
+    monkeypatch.setattr(qgemm, "_TARGET_CAPABILITY", (8, 0))
+    for name in ("_fp8_gemm_kernel", "_qgate_up_kernel", "_qdown_kernel"):
+        monkeypatch.setattr(qgemm, name, _Spy(getattr(qgemm, name), seen))
+    return seen
+
+
+def _fp8_free(seen):
+    """Each recorded launch took DOT_MODE 1 (fp16 decode) and no fp8 tensor (sm80 has no fp8 type)."""
+    assert seen
+    for dtypes, kwargs in seen:
+        assert torch.float8_e4m3fn not in dtypes and torch.uint8 in dtypes, dtypes
+        assert kwargs["DOT_MODE"] == 1 and not kwargs.get("DOT_SCALED", False), kwargs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_sm80_byte_decode_path(sm80, dtype):
+    """What an sm80 build launches (weights and activation codes as uint8, decoded to fp16 in registers)
+    matches the references: a dense GEMM, a norm + RoPE projection over two tiles, and the MoE, whose
+    MXFP4 experts take the register unpack."""
+    w, ws = _fp8(200, 300, seed=2)
+    x = _randn(2, 3, 300, seed=3, dtype=dtype)
+    want = get_op("linear").ref(_dq_act(x).to(dtype), dequantize_fp8_block(w, ws).to(dtype))
+    _close(qgemm.fp8_linear(x, w, ws, meta={"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 32}), want, dtype)
+    (wkv, wkvs), norm_w = _fp8(64, 300, seed=6), 1 + _randn(64, seed=7, scale=0.2)
+    attrs = {"eps": 1e-6, "rope_dim": 16, "theta": 10000.0, "yarn": None}
+    want = get_op("kv_proj").ref(_dq_act(x).to(dtype), dequantize_fp8_block(wkv, wkvs).to(dtype), norm_w,
+                                 _positions(3), **attrs)
+    got = qgemm.fp8_kv_proj(x, wkv, wkvs, norm_w, _positions(3), **attrs, meta={"BLOCK_N": 32, "BLOCK_K": 32})
+    _close(got, want, dtype)
+    h, route, experts, shared = _moe_case(1, 5, 160, 6, 2, 96, 80, dtype)
+    got = qgemm.moe_ffn_fp4(h, *route, *experts, *shared, limit=LIMIT)
+    _close(got, _moe_reference(h, route, experts, shared), dtype)
+    _fp8_free(sm80)
+
+
 HIDDEN, Q_LORA, Q_IN, HEADS, HEAD_DIM, ROPE = 160, 256, 192, 4, 64, 16  # Q_IN: a ragged q_proj input
 
 
@@ -113,6 +189,32 @@ def test_fp8_norm_rope_epilogues(op, dtype):
         attrs = {"eps": 1e-6, **rope}
     want = get_op(op[4:]).ref(_dq_act(x).to(dtype), dequantize_fp8_block(w, ws).to(dtype), *ref_args, **attrs)
     _close(qgemm.KERNELS[op](x, w, ws, *args, **attrs), want, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op,group,block_n", [("fp8_linear_rms_norm", 192, 64), ("fp8_q_proj", 64, 16),
+                                              ("fp8_kv_proj", 64, 32)])
+def test_fp8_norm_groups_wider_than_the_tile(op, group, block_n, dtype):
+    """A program normalises a whole norm group BLOCK_N columns at a time (the GEMM output parked in the output
+    and read back): a group of 3 tiles that is no power of two (V4-Pro's q_a is 1536 = 3 x 512), and RoPE
+    tails that start inside one tile and cover the next."""
+    t, rope = 5, 48
+    attrs = {"eps": 1e-6}
+    x = _randn(2, t, HIDDEN, seed=40, dtype=dtype)
+    if op == "fp8_linear_rms_norm":
+        (w, ws), norm_w = _fp8(group, HIDDEN, seed=41), 1 + _randn(group, seed=42, scale=0.2)
+        args = (norm_w,)
+    else:
+        attrs.update(rope_dim=rope, theta=10000.0, yarn=[16.0, 64, 32.0, 1.0])
+        if op == "fp8_q_proj":
+            (w, ws), args = _fp8(HEADS * group, HIDDEN, seed=41), (_positions(t),)
+            attrs["shape"] = ["B", "T", HEADS, group]
+        else:
+            (w, ws), args = _fp8(group, HIDDEN, seed=41), (1 + _randn(group, seed=42, scale=0.2), _positions(t))
+    want = get_op(op[4:]).ref(_dq_act(x).to(dtype), dequantize_fp8_block(w, ws).to(dtype), *args, **attrs)
+    meta = {"BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": 32}
+    assert qgemm._norm_block({**qgemm.DEFAULT_META[op], **meta}, group) < group  # the multi-tile path
+    _close(qgemm.KERNELS[op](x, w, ws, *args, **attrs, meta=meta), want, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -198,22 +300,74 @@ def test_moe_ffn_fp4_empty_experts_no_shared_and_blocks():
     base = qgemm.moe_ffn_fp4(h, *route, *experts, limit=LIMIT)
     _close(base, want, torch.float32, tol=1e-5)
     for meta in ({"BLOCK_M": 16, "BLOCK_N": 256, "BLOCK_K": 32, "BLOCK_N_DOWN": 32},
-                 {"BLOCK_M": 64, "BLOCK_K": 64, "DOT_SCALED": True}):
+                 {"BLOCK_M": 16, "BLOCK_K": 128, "DOT_SCALED": True}):
         _close(qgemm.moe_ffn_fp4(h, *route, *experts, limit=LIMIT, meta=meta), want, torch.float32, tol=1e-5)
 
 
 # ---- contract and errors ---------------------------------------------------------------------------
 
+# the call sites of V4-Flash and V4-Pro as the autotuner describes them (the IR op's input shapes and attributes)
+_SITES = {
+    "flash": {"fp8_linear_rms_norm": {"inputs": [(1, 1, 4096), (1024, 4096), (1024,)]},
+              "fp8_q_proj": {"inputs": [(1, 1, 1024), (32768, 1024), (1, 1)],
+                             "attrs": {"shape": ["B", "T", 64, 512], "rope_dim": 64}},
+              "fp8_kv_proj": {"inputs": [(1, 1, 4096), (512, 4096), (512,), (1, 1)], "attrs": {"rope_dim": 64}},
+              "fp8_o_proj": {"inputs": [(1, 1, 64, 512), (8192, 4096), (4096, 8192)], "attrs": {"groups": 8}},
+              "moe_ffn_fp4": {"inputs": [(1, 1, 4096), (1, 1, 6), (1, 1, 6), (1, 1, 6), (257,), (256, 4096, 4096),
+                                         (256, 4096, 2048), (2048, 4096), (2048, 4096), (4096, 2048)]}},
+    "pro": {"fp8_linear_rms_norm": {"inputs": [(1, 1, 7168), (1536, 7168), (1536,)]},
+            "fp8_q_proj": {"inputs": [(1, 1, 1536), (65536, 1536), (1, 1)],
+                           "attrs": {"shape": ["B", "T", 128, 512], "rope_dim": 64}},
+            "fp8_kv_proj": {"inputs": [(1, 1, 7168), (512, 7168), (512,), (1, 1)], "attrs": {"rope_dim": 64}},
+            "fp8_o_proj": {"inputs": [(1, 1, 128, 512), (16384, 4096), (7168, 16384)], "attrs": {"groups": 16}},
+            "moe_ffn_fp4": {"inputs": [(1, 1, 7168), (1, 1, 6), (1, 1, 6), (1, 1, 6), (385,), (384, 6144, 7168),
+                                       (384, 7168, 3072), (3072, 7168), (3072, 7168), (7168, 3072)]}},
+}
+# sm80, sm86, sm89, sm90, sm100, sm120: the targets v4c compiles for (99 KiB of shared memory on 8.6/8.9/12.0)
+_CAPABILITIES = (None, (8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0))
+
+
 def test_contract_and_constraints():
     assert set(qgemm.KERNELS) == set(qgemm.META) == set(qgemm.DEFAULT_META)
     for op in qgemm.KERNELS:
         assert qgemm.constraints(op, qgemm.DEFAULT_META[op], None) is None, op
+        assert set(qgemm.DEFAULT_META[op]) == set(qgemm.META[op])
+        assert all(v in qgemm.META[op][k] for k, v in qgemm.DEFAULT_META[op].items()), op
     why = qgemm.constraints("fp8_linear", {"BLOCK_K": 256}, None)
     assert "BLOCK_K=256 must divide the 128-wide scale block" in why
     assert "multiple of 128" in qgemm.constraints("moe_ffn_fp4", {"BLOCK_N": 64}, None)
     assert "MXFP4 block" in qgemm.constraints("moe_ffn_fp4", {}, [(2, 3, 100), (4, 8, 50)])
-    assert "must equal the norm group width 64" in qgemm.constraints(
-        "fp8_q_proj", {"BLOCK_N": 128}, {"inputs": [(1, 192), (256, 192)], "attrs": {"shape": ["B", "T", 4, 64]}})
+    assert "norm group width 96 is not a multiple" in qgemm.constraints(
+        "fp8_q_proj", {"BLOCK_N": 64}, {"inputs": [(1, 192), (384, 192)], "attrs": {"shape": ["B", "T", 4, 96]}})
+
+
+@pytest.mark.parametrize("model", list(_SITES))
+def test_default_meta_fits_every_target(model):
+    """DEFAULT_META runs every call site of the released models on every target: estimated registers under
+    the spill budget, shared memory under each target's per-block limit (99 KiB on sm86/89/120)."""
+    for op, shapes in _SITES[model].items():
+        for cap in _CAPABILITIES:
+            assert qgemm.constraints(op, qgemm.DEFAULT_META[op], {**shapes, "capability": cap}) is None, (op, cap)
+
+
+def test_constraints_count_what_is_live():
+    pro_q_a = _SITES["pro"]["fp8_linear_rms_norm"]
+    # a norm group of 1536 is six 256-wide tiles (or three of 512), never 1024-wide ones
+    assert qgemm.constraints("fp8_linear_rms_norm", {"BLOCK_N": 256, "num_warps": 8}, pro_q_a) is None
+    assert "not a multiple" in qgemm.constraints("fp8_linear_rms_norm", {"BLOCK_N": 1024}, pro_q_a)
+    # looping over a group's tiles costs registers that one tile per group does not
+    wide = {"BLOCK_M": 32, "BLOCK_N": 512, "BLOCK_K": 32, "num_warps": 8}
+    assert qgemm.constraints("fp8_q_proj", wide, _SITES["flash"]["fp8_q_proj"]) is None
+    assert "registers" in qgemm.constraints("fp8_linear_rms_norm", wide, _SITES["flash"]["fp8_linear_rms_norm"])
+    # large accumulators, wide decoded K steps and the MoE's paired accumulators are refused for registers
+    assert "registers" in qgemm.constraints(
+        "fp8_linear", {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "num_warps": 4}, None)
+    assert "registers" in qgemm.constraints(
+        "moe_ffn_fp4", {"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 128, "num_warps": 8}, None)
+    # shared memory is judged against the launch device's limit
+    big = {"BLOCK_M": 16, "BLOCK_N": 256, "BLOCK_K": 128, "num_warps": 8, "num_stages": 4}
+    assert qgemm.constraints("fp8_linear", big, {"inputs": [], "capability": (9, 0)}) is None
+    assert "shared memory" in qgemm.constraints("fp8_linear", big, {"inputs": [], "capability": (8, 6)})
 
 
 def test_bad_scales_are_named():

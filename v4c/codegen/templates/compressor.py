@@ -15,8 +15,9 @@ Three launches per call, in stream order:
      pending buffers (positions before p0, slot = position % (c*m)) or from this call's tokens; an
      online per-channel softmax over the slots (BLOCK_S at a time), the weighted sum, RMSNorm over the
      d channels (BLOCK_D >= d: one pass; BLOCK_D < d: a first pass for the sum of squares, then a
-     second pass that recomputes each channel block), RoPE on the last rope_dim dims at position w*m,
-     and the encode into the row format:
+     second pass that recomputes each channel block; fp8 / mxfp4 rows always take the whole row), RoPE on
+     the last rope_dim dims at position w*m (sin / cos by a local polynomial: libdevice's large-argument
+     path keeps a table in local memory, which made ptxas spill), and the encode into the row format:
         plain (None / "f32" / "bf16" / "f16"): cast to the rows dtype;
         "fp8_ds": e4m3 nope values with one UE8M0 power-of-two scale per block of gcd(64, d-rope) values,
                   bf16 RoPE values (little-endian), the scale bytes, zero padding to a multiple of 8;
@@ -30,10 +31,13 @@ Three launches per call, in stream order:
      It must run after the pooling kernel, which reads the slots it overwrites.
 
 Each program finds its row's extent (first position p0 and valid-token count n) itself by a binary
-search over ``pos`` (valid tokens come first), so nothing is read back to the host.  Host glue: the
+search over ``pos`` (valid tokens come first), so nothing is read back to the host.  Offsets that scale
+with the batch row or the token index are formed in int64: at 1M context a batch row of cache rows is
+~150 MB and a long call's projections pass 2**31 elements.  Host glue: the
 RoPE inverse-frequency table (rope_dim/2 constants of the attributes, computed once per attribute set
 exactly as the reference computes them), scratch allocation and grids.
 """
+import functools
 import math
 import os
 
@@ -46,18 +50,18 @@ from .prelude import _e4m3_byte, _rope_inv_freq  # v4c: inline prelude
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 _STORE_CODES = {None: 0, "f32": 0, "bf16": 0, "f16": 0, "fp8_ds": 1, "fp8": 2, "mxfp4": 3}
+_WHOLE_ROW = ("fp8", "mxfp4")  # encoders that need the whole row at once (row scale / Hadamard)
 _PLAIN_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 _E4M3_MAX = 448.0
-_SMEM_BYTES = 200 * 1024     # usable shared memory per block on the targets we tune for (H100/H200: 227 KiB)
-_POOL_PER_THREAD = 32        # BLOCK_S * BLOCK_D / threads: a few live fp32 tiles of this size fit in registers
 
 
 # ------------------------------------------------------------------------------------------- jit helpers
 
 @triton.jit
 def _row_extent(pos_row, T, NSTEPS):
-    """(first position, number of valid tokens) of one row: valid tokens (pos >= 0) form a prefix."""
-    p0 = tl.load(pos_row)
+    """(first position, number of valid tokens) of one row: valid tokens (pos >= 0) form a prefix.  Positions
+    fit int32 (context <= 2**31); int32 keeps the window / slot arithmetic out of 64-bit registers."""
+    p0 = tl.load(pos_row).to(tl.int32)
     lo = tl.full([], 0, tl.int32)
     hi = lo + T
     for _ in range(NSTEPS):
@@ -87,6 +91,24 @@ def _pow2_exponent(amax, QE: tl.constexpr, QMANT: tl.constexpr):
     e = tl.where(ex == 0, -127, e)           # subnormal amax: below 2**-127 * qmax
     e = tl.minimum(tl.maximum(e, -127), 127)
     return tl.where(amax == 0, 0, e)
+
+
+@triton.jit
+def _sincos(x):
+    """(sin x, cos x) for fp32 x >= 0 up to ~2**22, within ~2 ulp, with no local memory: libdevice's sinf /
+    cosf carry a large-argument path with a local table that makes ptxas spill in this kernel.  x = q*pi/2 + r
+    (pi/2 in three fp32 parts, fma), Cephes' minimax polynomials on |r| <= pi/4, then the quadrant."""
+    q = tl.floor(x * 0.6366197723675814 + 0.5)
+    r = tl.fma(q, -1.5707963705062866, x)
+    r = tl.fma(q, 4.371138828673793e-08, r)
+    r = tl.fma(q, 1.7151245100058819e-15, r)
+    z = r * r
+    s = ((-1.9515295891e-4 * z + 8.3321608736e-3) * z - 1.6666654611e-1) * z * r + r
+    c = ((2.443315711809948e-5 * z - 1.388731625493765e-3) * z + 4.166664568298827e-2) * z * z - 0.5 * z + 1.0
+    k = q.to(tl.int32) & 3
+    sn = tl.where(k == 0, s, tl.where(k == 1, c, tl.where(k == 2, -s, -c)))
+    cs = tl.where(k == 0, c, tl.where(k == 1, -s, tl.where(k == 2, -c, s)))
+    return sn, cs
 
 
 @triton.jit
@@ -131,6 +153,7 @@ def _pool_block(kv_ptr, gate_ptr, s_kb, s_kt, s_gb, s_gt,
         tok = tl.where(new, q - p0, 0)
         m_old = old[:, None] & chm[None, :]
         m_new = new[:, None] & chm[None, :]
+        tok = tok.to(tl.int64)  # token * stride passes 2**31 in calls of >= 2**31 / (2*c*d) tokens
         kv = tl.load(pk_ptr + b * s_pkb + slot[:, None] * s_pks + cols, mask=m_old, other=0.0).to(tl.float32)
         kv += tl.load(kv_ptr + b * s_kb + tok[:, None] * s_kt + cols, mask=m_new, other=0.0).to(tl.float32)
         g_old = tl.load(pg_ptr + b * s_pgb + slot[:, None] * s_pgs + cols, mask=m_old, other=0.0).to(tl.float32)
@@ -150,6 +173,14 @@ def _pool_block(kv_ptr, gate_ptr, s_kb, s_kt, s_gb, s_gt,
 
 
 @triton.jit
+def _butterfly(y, H: tl.constexpr, N: tl.constexpr):
+    """One Walsh-Hadamard stage: (a, b) -> (a + b, a - b) for the pairs (i, i + H) of each 2H block."""
+    y3 = tl.permute(tl.reshape(y, [N // (2 * H), 2, H]), [0, 2, 1])
+    a, b = tl.split(y3)
+    return tl.reshape(tl.permute(tl.join(a + b, a - b), [0, 2, 1]), [N])
+
+
+@triton.jit
 def _emit_block(x, rstd, c0, wpos, norm_ptr, inv_ptr, row_ptr, had_scale,
                 D: tl.constexpr, ROPE: tl.constexpr, STORE: tl.constexpr, QB: tl.constexpr,
                 ROW_BYTES: tl.constexpr, LOG_D: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -165,8 +196,7 @@ def _emit_block(x, rstd, c0, wpos, norm_ptr, inv_ptr, row_ptr, had_scale,
         is_rope = (che >= NOPE) & (che < D)
         inv = tl.load(inv_ptr + tl.where(is_rope, (che - NOPE) // 2, 0), mask=is_rope, other=0.0)
         ang = wpos.to(tl.float32) * inv
-        cs = tl.cos(ang)
-        sn = tl.sin(ang)
+        sn, cs = _sincos(ang)
         re = ye * cs - yo * sn
         ro = yo * cs + ye * sn
         y = tl.reshape(tl.join(tl.where(is_rope, re, ye), tl.where(is_rope, ro, yo)), [BLOCK_D])
@@ -198,10 +228,8 @@ def _emit_block(x, rstd, c0, wpos, norm_ptr, inv_ptr, row_ptr, had_scale,
         tl.store(row_ptr + D + k, ((sbits >> (8 * k)) & 0xFF).to(tl.uint8))
     else:  # mxfp4 index keys: Hadamard, then [D/2 bytes of e2m1 pairs][D/32 UE8M0]; BLOCK_D == D here
         for k in tl.static_range(LOG_D):
-            H: tl.constexpr = 1 << k
-            y3 = tl.permute(tl.reshape(y, [BLOCK_D // (2 * H), 2, H]), [0, 2, 1])
-            a, bb = tl.split(y3)
-            y = tl.reshape(tl.permute(tl.join(a + bb, a - bb), [0, 2, 1]), [BLOCK_D])
+            # the stride is a call argument, not a constexpr assigned in the loop (which the compiler rejects)
+            y = _butterfly(y, 1 << k, BLOCK_D)
         y = y * had_scale
         y2 = tl.reshape(y, [BLOCK_D // 32, 32])
         e = _pow2_exponent(tl.max(tl.abs(y2), axis=1), 2, 0x400000)      # 6 = 1.5 * 2**2
@@ -234,6 +262,7 @@ def _proj_kernel(h_ptr, wkv_ptr, wg_ptr, ape_ptr, pos_ptr, out_ptr,
         w_ptr = wkv_ptr
     act = h_ptr.dtype.element_ty
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm64 = rm.to(tl.int64)  # row * K and row * 2*c*d pass 2**31 in one call of >= 2**31 / 7168 tokens
     rn = (pid_n - is_gate.to(tl.int32) * NBH) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     mm = rm < M_ROWS
@@ -242,7 +271,7 @@ def _proj_kernel(h_ptr, wkv_ptr, wg_ptr, ape_ptr, pos_ptr, out_ptr,
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         mk = kk < K
-        a = tl.load(h_ptr + rm[:, None] * s_hm + kk[None, :] * s_hk, mask=mm[:, None] & mk[None, :], other=0.0)
+        a = tl.load(h_ptr + rm64[:, None] * s_hm + kk[None, :] * s_hk, mask=mm[:, None] & mk[None, :], other=0.0)
         bt = tl.load(w_ptr + rn[None, :] * s_wn + kk[:, None] * s_wk, mask=mk[:, None] & mn[None, :], other=0.0)
         if bt.dtype != act:  # the reference multiplies by the weights cast to the activation dtype
             bt = _cast_rne(bt, act)
@@ -256,7 +285,7 @@ def _proj_kernel(h_ptr, wkv_ptr, wg_ptr, ape_ptr, pos_ptr, out_ptr,
         arow = tl.where(p >= 0, p, 0) % RATIO
         y += tl.load(ape_ptr + arow[:, None] * s_ape + rn[None, :], mask=mm[:, None] & mn[None, :], other=0.0)
     col = is_gate.to(tl.int32) * CD + rn
-    tl.store(out_ptr + rm[:, None] * s_om + col[None, :], y, mask=mm[:, None] & mn[None, :])
+    tl.store(out_ptr + rm64[:, None] * s_om + col[None, :], y, mask=mm[:, None] & mn[None, :])
 
 
 @triton.jit
@@ -268,11 +297,11 @@ def _pool_kernel(kv_ptr, gate_ptr, s_kb, s_kt, s_gb, s_gt,
                  STORE: tl.constexpr, QB: tl.constexpr, ROW_BYTES: tl.constexpr, LOG_D: tl.constexpr,
                  ADD_APE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program per (row b, i-th window closing in this call): pool, normalise, rotate, encode."""
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # b * (rows per batch row) passes 2**31 (row 15 at 1M context)
     p0, n = _row_extent(pos_ptr + b * s_posb, T, NSTEPS)
     w = tl.where(n > 0, p0, 0) // M + tl.program_id(1)
     if (n > 0) & (w < (p0 + n) // M) & (w < NC):
-        row_ptr = rows_ptr + b * s_rb + w * s_rw
+        row_ptr = rows_ptr + b * s_rb + w.to(tl.int64) * s_rw
         wpos = w * M
         if BLOCK_D >= D:
             x = _pool_block(kv_ptr, gate_ptr, s_kb, s_kt, s_gb, s_gt, pk_ptr, pg_ptr, s_pkb, s_pks, s_pgb, s_pgs,
@@ -300,14 +329,15 @@ def _pending_kernel(kv_ptr, gate_ptr, s_kb, s_kt, s_gb, s_gt,
                     ape_ptr, s_ape, pos_ptr, s_posb, T, NSTEPS, CD,
                     M: tl.constexpr, SLOTS: tl.constexpr, ADD_APE: tl.constexpr, BLOCK_C: tl.constexpr):
     """Program (b, i, channel block): token j = n - SLOTS + i (if >= 0) goes to slot (p0 + j) % SLOTS."""
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # b * T * 2*c*d passes 2**31 at batch 256
     p0, n = _row_extent(pos_ptr + b * s_posb, T, NSTEPS)
     j = n - SLOTS + tl.program_id(1)
     if (n > 0) & (j >= 0):
+        j64 = j.to(tl.int64)
         ch = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         cm = ch < CD
-        kv = tl.load(kv_ptr + b * s_kb + j * s_kt + ch, mask=cm, other=0.0).to(tl.float32)
-        g = tl.load(gate_ptr + b * s_gb + j * s_gt + ch, mask=cm, other=0.0).to(tl.float32)
+        kv = tl.load(kv_ptr + b * s_kb + j64 * s_kt + ch, mask=cm, other=0.0).to(tl.float32)
+        g = tl.load(gate_ptr + b * s_gb + j64 * s_gt + ch, mask=cm, other=0.0).to(tl.float32)
         if ADD_APE:
             g += tl.load(ape_ptr + ((p0 + j) % M) * s_ape + ch, mask=cm, other=0.0).to(tl.float32)
         slot = (p0 + j) % SLOTS
@@ -349,11 +379,20 @@ def _format_problem(d, store, rope_dim):
     return None
 
 
-def _pool_block_d(meta, d):
+def _pool_block_d(meta, d, store):
+    """Channels per pooling pass: fp8 / mxfp4 rows need the whole row in one block (one row scale, the
+    Hadamard over all d), so they ignore BLOCK_D; other formats take min(BLOCK_D, d) (two passes if < d)."""
+    if store in _WHOLE_ROW:
+        return _next_pow2(d)
     return min(int(meta["BLOCK_D"]), _next_pow2(d))
 
 
-def _check(problem):
+def _pool_block_s(meta, slots):
+    """Slots per pooling step: more than the window's c*m slots would only add masked rows."""
+    return min(int(meta["BLOCK_S"]), _next_pow2(slots))
+
+
+def _check_format(problem):
     if problem:
         raise ValueError(f"compressor kernel: {problem}")
 
@@ -365,12 +404,12 @@ def _launch_pool_and_update(kv, gate, add_ape, ape, norm_w, rows, pend_kv, pend_
     cd = kv.shape[2]
     d = cd // c
     slots = c * m
-    _check(_format_problem(d, store, rope_dim))
+    _check_format(_format_problem(d, store, rope_dim))
     want = _row_bytes(d, store, rope_dim)
     if rows.shape[2] != want:
         raise ValueError(f"compressor kernel: rows width {rows.shape[2]} != {want} for format {store!r}")
-    bd = _pool_block_d(meta, d)
-    _check(_pool_problem(meta, d, store, rope_dim, bd))
+    bd = _pool_block_d(meta, d, store)
+    _check_format(_pool_problem(meta, d, store, rope_dim, bd))
     if pos.stride(1) != 1:
         pos = pos.contiguous()
     for t in (kv, gate, pend_kv, pend_gate, rows, ape):
@@ -389,7 +428,7 @@ def _launch_pool_and_update(kv, gate, add_ape, ape, norm_w, rows, pend_kv, pend_
             float(d) ** -0.5,
             M=m, C=c, D=d, ROPE=rope_dim, STORE=code, QB=_kv_block(d, rope_dim) if code == 1 else 1,
             ROW_BYTES=rows.shape[2], LOG_D=max(0, d.bit_length() - 1), ADD_APE=add_ape,
-            BLOCK_S=int(meta["BLOCK_S"]), BLOCK_D=bd, num_warps=int(meta["POOL_WARPS"]))
+            BLOCK_S=_pool_block_s(meta, slots), BLOCK_D=bd, num_warps=int(meta["POOL_WARPS"]))
     bc = int(meta["BLOCK_C"])
     _pending_kernel[(B, slots, triton.cdiv(cd, bc))](
         *common, cd, M=m, SLOTS=slots, ADD_APE=add_ape, BLOCK_C=bc, num_warps=int(meta["UPD_WARPS"]))
@@ -421,7 +460,7 @@ def compressor(h, wkv, wgate, ape, norm_w, rows, pend_kv, pend_gate, pos, *, rat
         h2, wkv, wgate, ape, pos, proj, B * T, K, cd, nbh, int(ratio),
         h2.stride(0), h2.stride(1), wkv.stride(0), wkv.stride(1), ape.stride(0), proj.stride(1),
         UPCAST=upcast, DOT_PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        num_warps=int(meta["GEMM_WARPS"]), num_stages=int(meta["GEMM_STAGES"]))
+        num_warps=int(meta["num_warps"]), num_stages=int(meta["num_stages"]))
     _launch_pool_and_update(proj[..., :cd], proj[..., cd:], False, ape, norm_w, rows, pend_kv, pend_gate, pos,
                             ratio=ratio, overlap=overlap, eps=eps, rope_dim=rope_dim, theta=theta, yarn=yarn,
                             store=store, meta=meta)
@@ -442,80 +481,170 @@ def compress(kv, gate, ape, norm_w, rows, pend_kv, pend_gate, pos, *, ratio, ove
 
 KERNELS = {"compressor": compressor, "compress": compress}
 
-_POOL_META = {"BLOCK_S": (2, 4, 8, 16), "BLOCK_D": (32, 64, 128, 256, 512), "POOL_WARPS": (1, 2, 4, 8),
-              "BLOCK_C": (128, 256, 512, 1024), "UPD_WARPS": (1, 2, 4)}
+# Meta-parameters.  The three launches barely interact, so each gets a few meaningful values, listed
+# best first: the cost model prices only the projection GEMM, so among configs that differ only in the
+# pooling / pending parameters it keeps the grid order.
+#   projection GEMM: BLOCK_M/N/K, num_warps, num_stages (the names the cost model and the generic
+#     shared-memory pruning read); DOT_PRECISION matters for fp32 activations only (other dtypes always
+#     dot in their own type), so elsewhere only its first value is a candidate;
+#   pooling: BLOCK_S slots x BLOCK_D channels per step (BLOCK_D < d: two passes; fp8 / mxfp4 rows always
+#     take the whole row), POOL_WARPS;
+#   pending update: a copy of one token's 2*c*d values per program, launch-bound: not tuned.
+_POOL_META = {"BLOCK_S": (8, 16, 4, 2), "BLOCK_D": (1024, 128), "POOL_WARPS": (4, 8),
+              "BLOCK_C": (512,), "UPD_WARPS": (4,)}
 META = {
     "compressor": {"BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (32, 64, 128), "BLOCK_K": (32, 64, 128),
-                   "GEMM_WARPS": (4, 8), "GEMM_STAGES": (2, 3, 4), "DOT_PRECISION": ("ieee", "tf32x3"),
+                   "num_warps": (4, 8), "num_stages": (2, 3, 4), "DOT_PRECISION": ("ieee", "tf32x3"),
                    **_POOL_META},
     "compress": dict(_POOL_META),
 }
-_POOL_DEFAULT = {"BLOCK_S": 8, "BLOCK_D": 512, "POOL_WARPS": 4, "BLOCK_C": 512, "UPD_WARPS": 4}
+_POOL_DEFAULT = {"BLOCK_S": 8, "BLOCK_D": 1024, "POOL_WARPS": 4, "BLOCK_C": 512, "UPD_WARPS": 4}
 DEFAULT_META = {
-    "compressor": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GEMM_WARPS": 4, "GEMM_STAGES": 3,
+    "compressor": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3,
                    "DOT_PRECISION": "ieee", **_POOL_DEFAULT},
     "compress": dict(_POOL_DEFAULT),
 }
 
+# Resource limits the estimates below are held to.  Every target has 255 registers per thread; shared memory
+# per block is 99 KiB on sm86/89/120, 163 KiB on sm80 and 227 KiB on sm90/100, which the tuner's own pruning
+# checks per device with the same GEMM formula (sm90/100 keep num_stages operand buffers, sm80 one fewer).
+_SMEM_BYTES = 200 * 1024
+_MAX_REGS = 240  # estimated registers per thread allowed: the estimates below err by up to ~10%
+
+
+def _gemm_regs(bm, bn, bk, warps, eb, tf32x3):
+    """Registers per thread of ``_proj_kernel`` (a fit to ptxas on sm80, the most register-hungry target:
+    its mma.sync operands sit in registers): the fp32 accumulator with its epilogue copies, and the A and B
+    fragments of one K step (tf32x3 splits each into a high and a low part)."""
+    threads = 32 * warps
+    frag = (bm + bn) * bk * eb // (4 * threads) * (2 if tf32x3 else 1)
+    return 32 + 3 * (bm * bn // threads) // 2 + frag
+
+
+def _pool_regs(block_s, bd, warps, two_pass):
+    """Registers per thread of ``_pool_kernel`` (a fit to ptxas on sm80/sm90/sm100 at d = 128 and 512): the
+    [BLOCK_S, BLOCK_D] kv / gate / pointer tiles of one pooling step, spread over the threads, and the
+    per-channel softmax state; the two-pass form keeps both passes' state."""
+    tile = block_s * bd // (32 * warps)
+    return 48 + 7 * tile // 2 + (24 if two_pass else 0)
+
 
 def _pool_problem(meta, d, store, rope_dim, bd):
-    for name in ("BLOCK_S", "BLOCK_D", "BLOCK_C"):
-        v = int(meta[name])
-        if v < 1 or v & (v - 1):
+    """Why the pooling launch cannot run with ``meta`` (hard limits only: what the kernel cannot do)."""
+    for name in ("BLOCK_S", "BLOCK_D", "BLOCK_C", "POOL_WARPS", "UPD_WARPS"):
+        v = meta[name]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1 or v & (v - 1):
             return f"{name}={v} must be a power of two"
     if bd < 2:
         return f"BLOCK_D={bd} must be at least 2 (RoPE pairs)"
-    if store in ("fp8", "mxfp4") and bd < d:
-        return f"BLOCK_D={meta['BLOCK_D']} < d={d}: {store} rows need the whole row in one block (row scale / Hadamard)"
     if store == "fp8_ds" and bd % _kv_block(d, rope_dim):
         return f"BLOCK_D={bd} must be a multiple of the fp8_ds scale block {_kv_block(d, rope_dim)}"
-    per_thread = int(meta["BLOCK_S"]) * bd // (32 * int(meta["POOL_WARPS"]))
-    if per_thread > _POOL_PER_THREAD:
-        return (f"pool tile BLOCK_S*BLOCK_D = {meta['BLOCK_S']}*{bd} puts {per_thread} fp32 values per thread in each "
-                f"of several live tiles (> {_POOL_PER_THREAD}: register spills)")
     return None
 
 
+def _canonical(op, name, meta, same):
+    """For a grid value of ``name`` that behaves exactly like an earlier one (``same(a, b)``), the reason it
+    is not a separate candidate; None for the first of its kind and for values off the grid."""
+    grid = META[op].get(name, ())
+    v = meta[name]
+    if v not in grid:
+        return None
+    first = next(g for g in grid if same(g, v))
+    return None if first == v else f"{name}={v} runs exactly as {name}={first} here"
+
+
+def _shape_args(shapes, attrs):
+    """(input shapes, attrs, dtype) from the list form (+ ``attrs``) or the tuner's dict form."""
+    dtype = None
+    if isinstance(shapes, dict):
+        attrs = {**(shapes.get("attrs") or {}), **(attrs or {})}
+        dtype = shapes.get("dtype")
+        shapes = shapes.get("inputs") or []
+    return [tuple(s) if s is not None else None for s in shapes], dict(attrs or {}), dtype
+
+
+def _dim(shapes, i, j):
+    try:
+        v = shapes[i][j]
+    except (IndexError, TypeError):
+        return None
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+@functools.lru_cache(maxsize=1024)  # the tuning spaces ask it once per candidate
 def _guess_format(d, width):
     """(store, candidate rope dims) that explain a row width, for callers that give no attributes."""
     if width == d:
-        return None, [0]
+        return None, (0,)
     if width == d + 4:
-        return "fp8", [0]
+        return "fp8", (0,)
     if d >= 32 and d & (d - 1) == 0 and width == d // 2 + d // 32:
-        return "mxfp4", [0]
-    return "fp8_ds", [r for r in range(0, d + 1, 2) if _row_bytes(d, "fp8_ds", r) == width] or [0]
+        return "mxfp4", (0,)
+    return "fp8_ds", tuple(r for r in range(0, d + 1, 2) if _row_bytes(d, "fp8_ds", r) == width) or (0,)
 
 
 def constraints(op, meta, shapes, attrs=None):
-    """Why ``meta`` cannot run ``op`` on ``shapes`` (input shapes in op order), or None.  ``attrs`` (the op's
-    attributes) is optional; without it the row format is inferred from the rows' width."""
+    """Why ``meta`` cannot run ``op`` on ``shapes``, or None.  ``shapes``: the input shapes in the op's order
+    (with the op's attributes in ``attrs``, optional: the row format is then inferred from the rows' width),
+    or the tuner's dict {"inputs": [...], "outputs": [...], "attrs": {...}, "dtype": ...}."""
     if op not in META:
         return f"compressor: no kernel for {op}"
     meta = _merge(op, meta)
-    attrs = attrs or {}
-    shapes = [tuple(s) for s in shapes]
+    shapes, attrs, dtype = _shape_args(shapes, attrs)
+    fp32 = None if dtype is None else str(dtype) in ("f32", "float32", "torch.float32")
     if op == "compressor":
-        _, _, k = shapes[0]
-        cd = shapes[1][0]
-        d, width = shapes[4][0], shapes[5][2]
+        d, width = _dim(shapes, 4, 0), _dim(shapes, 5, 2)
         for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
-            v = int(meta[name])
-            if v < 16 or v & (v - 1):
+            v = meta[name]
+            if not isinstance(v, int) or v < 16 or v & (v - 1):
                 return f"{name}={v}: tl.dot needs a power of two >= 16"
+        for name in ("num_warps", "num_stages"):
+            if not isinstance(meta[name], int) or meta[name] < 1:
+                return f"{name}={meta[name]} must be a positive int"
         if meta["DOT_PRECISION"] not in ("ieee", "tf32x3", "tf32"):
             return f"DOT_PRECISION={meta['DOT_PRECISION']!r} unknown"
-        smem = int(meta["GEMM_STAGES"]) * (int(meta["BLOCK_M"]) + int(meta["BLOCK_N"])) * int(meta["BLOCK_K"]) * 4
+        if fp32 is False:
+            why = _canonical(op, "DOT_PRECISION", meta, lambda a, b: True)
+            if why:
+                return why + f" ({dtype} activations dot in their own type)"
+        bm, bn, bk, warps = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"], meta["num_warps"]
+        eb = 4 if fp32 else 2
+        regs = _gemm_regs(bm, bn, bk, warps, eb, fp32 is not False and meta["DOT_PRECISION"] == "tf32x3")
+        if regs > _MAX_REGS:
+            return (f"the projection's {bm}x{bn} accumulator and {bk}-deep operand tiles need ~{regs} registers "
+                    f"per thread with {warps} warps (> {_MAX_REGS}: spills)")
+        smem = meta["num_stages"] * (bm + bn) * bk * eb
         if smem > _SMEM_BYTES:
-            return f"GEMM operands need ~{smem // 1024} KiB of shared memory over {meta['GEMM_STAGES']} stages"
+            return (f"{meta['num_stages']} stages of {bm}x{bk} + {bn}x{bk} GEMM operands need {smem // 1024} KiB of "
+                    f"shared memory")
     else:
-        d, width = shapes[3][0], shapes[4][2]
+        d, width = _dim(shapes, 3, 0), _dim(shapes, 4, 2)
+    if d is None or width is None:
+        return None
+    ape = 3 if op == "compressor" else 2
+    m, cd = _dim(shapes, ape, 0), _dim(shapes, ape, 1)
+    slots = m * cd // d if m and cd else None
+    bs = _pool_block_s(meta, slots) if slots else meta["BLOCK_S"]
+    if slots:
+        why = _canonical(op, "BLOCK_S", meta, lambda a, b: _pool_block_s({"BLOCK_S": a}, slots)
+                         == _pool_block_s({"BLOCK_S": b}, slots))
+        if why:
+            return why + f" (windows of {slots} slots)"
     store, ropes = _guess_format(d, width)
     store = attrs.get("store", store)
-    if "rope_dim" in attrs:
-        ropes = [int(attrs["rope_dim"])]
+    if isinstance(attrs.get("rope_dim"), int):
+        ropes = [attrs["rope_dim"]]
+    why = _canonical(op, "BLOCK_D", meta, lambda a, b: _pool_block_d({"BLOCK_D": a}, d, store)
+                     == _pool_block_d({"BLOCK_D": b}, d, store))
+    if why:
+        return why + f" (d={d}, {store or 'plain'} rows)"
+    bd = _pool_block_d(meta, d, store)
     for r in ropes:
-        why = _format_problem(d, store, r) or _pool_problem(meta, d, store, r, _pool_block_d(meta, d))
+        why = _format_problem(d, store, r) or _pool_problem(meta, d, store, r, bd)
         if why:
             return why
+    regs = _pool_regs(bs, bd, meta["POOL_WARPS"], bd < d)
+    if regs > _MAX_REGS:
+        return (f"pool tile BLOCK_S x BLOCK_D = {bs}x{bd} needs ~{regs} registers per thread with "
+                f"{meta['POOL_WARPS']} warps (> {_MAX_REGS}: spills)")
     return None

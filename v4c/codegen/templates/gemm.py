@@ -26,19 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .prelude import _check, _interpreting, _rope_inv_freq  # v4c: inline prelude
+from .prelude import MAX_ACC_REGS, SMEM_BYTES, _check, _cos_sin, _interpreting, _np2, _pow2_int, _rope_inv_freq  # v4c: inline prelude
 
 # ---- the kernel ---------------------------------------------------------------------------
-
-
-@triton.jit
-def _cos_sin(angle):
-    """cos and sin of fp32 angles >= 0, reduced to [-pi, pi] first (two-constant Cody-Waite with
-    fma), so fast hardware sin/cos stay accurate at long-context positions."""
-    turns = tl.floor(angle * 0.15915494309189535 + 0.5)
-    r = tl.fma(turns, -6.2831854820251465, angle)  # 2*pi rounded to fp32 ...
-    r = tl.fma(turns, 1.7484555314695172e-07, r)  # ... and what that rounding dropped
-    return tl.cos(r), tl.sin(r)
 
 
 @triton.jit
@@ -50,12 +40,15 @@ def _gemm_kernel(
     NORM: tl.constexpr, NORM_WEIGHT: tl.constexpr, ROPE_DIM: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    GROUP_N: tl.constexpr,
 ):
+    # GROUP_N: the columns one tile covers (the norm group for the epilogue ops, whatever its width;
+    # == BLOCK_N otherwise); BLOCK_N is it rounded up to a power of two, the extra columns masked
     # tile order: GROUP_M row tiles share each column sweep, so w tiles are reused from L2
     pid = tl.program_id(0)
     grp = tl.program_id(1)
     tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
+    tiles_n = tl.cdiv(N, GROUP_N)
     per_sweep = GROUP_M * tiles_n
     first_m = (pid // per_sweep) * GROUP_M
     sweep_m = tl.minimum(tiles_m - first_m, GROUP_M)
@@ -63,10 +56,11 @@ def _gemm_kernel(
     pid_n = (pid % per_sweep) // sweep_m
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_group = tl.arange(0, BLOCK_N)
+    offs_n = pid_n * GROUP_N + in_group
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
-    mask_n = offs_n < N
+    mask_n = (offs_n < N) & (in_group < GROUP_N)
     rows = offs_m.to(tl.int64)
     cols = (grp * N + offs_n).to(tl.int64)  # output / weight-row index across groups
 
@@ -89,7 +83,7 @@ def _gemm_kernel(
     if NORM or ROPE_DIM > 0:
         acc = acc.to(act_dtype).to(tl.float32)  # the reference's GEMM output, in the activation dtype
     if NORM:  # the tile is exactly one norm group: RMS over its columns
-        mean_sq = tl.sum(acc * acc, axis=1) / BLOCK_N
+        mean_sq = tl.sum(acc * acc, axis=1) / GROUP_N  # masked columns are zero
         acc = acc * tl.rsqrt(mean_sq + eps)[:, None]
         if NORM_WEIGHT:
             acc = acc * tl.load(norm_w_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -99,8 +93,8 @@ def _gemm_kernel(
         # i.e. cos 1 and sin 0, which leaves them exactly unchanged
         HALF: tl.constexpr = BLOCK_N // 2
         x_even, x_odd = tl.split(tl.reshape(acc, (BLOCK_M, HALF, 2)))
-        pair = tl.arange(0, HALF) - (BLOCK_N - ROPE_DIM) // 2
-        inv_freq = tl.load(inv_freq_ptr + pair, mask=pair >= 0, other=0.0)
+        pair = tl.arange(0, HALF) - (GROUP_N - ROPE_DIM) // 2
+        inv_freq = tl.load(inv_freq_ptr + pair, mask=(pair >= 0) & (pair < ROPE_DIM // 2), other=0.0)
         pos = tl.load(pos_ptr + rows, mask=mask_m, other=0)
         pos = tl.maximum(pos, 0).to(tl.float32)
         cos, sin = _cos_sin(pos[:, None] * inv_freq[None, :])
@@ -116,10 +110,11 @@ def _gemm_kernel(
 
 _GEMM_META = {"BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (32, 64, 128, 256), "BLOCK_K": (32, 64, 128),
               "GROUP_M": (1, 8), "num_warps": (4, 8), "num_stages": (2, 3, 4)}
-# epilogue ops: BLOCK_N must be the norm group's width; None (the default) means "that width"
-_NORM_META = {"BLOCK_M": (16, 32, 64), "BLOCK_N": (64, 128, 256, 512, 1024), "BLOCK_K": (32, 64, 128),
+# epilogue ops: the tile's N extent is the norm group's width, whatever it is (None: "that width"), so
+# BLOCK_N is not searched: any other value could never run
+_NORM_META = {"BLOCK_M": (16, 32, 64), "BLOCK_N": (None,), "BLOCK_K": (32, 64, 128),
               "GROUP_M": (1, 8), "num_warps": (4, 8), "num_stages": (2, 3, 4)}
-_NORM_DEFAULT = {"BLOCK_M": 16, "BLOCK_N": None, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+_NORM_DEFAULT = {"BLOCK_M": 16, "BLOCK_N": None, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 2}
 
 META = {
     "linear": dict(_GEMM_META),
@@ -138,26 +133,23 @@ DEFAULT_META = {
                "num_warps": 4, "num_stages": 3},
 }
 
-SMEM_BYTES = 227 * 1024  # per-block shared memory on H100/H200
-MAX_ACC_REGS = 128  # fp32 accumulator values per thread before spills get likely
 
-
-def _pow2(v) -> bool:
-    return isinstance(v, int) and v > 0 and (v & (v - 1)) == 0
-
-
-def _tile_reason(bm, bn, bk, warps, stages, elem_bytes, what="") -> str | None:
+def _tile_reason(bm, bn, bk, warps, stages, elem_bytes, what="", epilogue=False) -> str | None:
+    """``epilogue``: the tile goes through the RMSNorm / RoPE epilogue, which keeps about twice the
+    accumulator live again (its even/odd halves, cos/sin, the rounded copies): measured with ptxas, a
+    64-register accumulator then compiles without spills (8 warps, 512-wide tiles) and 128 spills ~1.2 KB."""
     for name, v, lo in (("BLOCK_M", bm, 16), ("BLOCK_N", bn, 16), ("BLOCK_K", bk, 16)):
-        if not _pow2(v) or v < lo:
+        if not _pow2_int(v) or v < lo:
             return f"{what}{name}={v} must be a power of two >= {lo} (tl.arange / tl.dot)"
     smem = stages * (bm + bn) * bk * elem_bytes
     if smem > SMEM_BYTES:
         return (f"{what}{stages} stages of {bm}x{bk} + {bn}x{bk} tiles need {smem // 1024} KiB of shared memory "
                 f"(> {SMEM_BYTES // 1024} KiB)")
     regs = bm * bn // (32 * warps)
-    if regs > MAX_ACC_REGS:
+    limit = MAX_ACC_REGS // 2 if epilogue else MAX_ACC_REGS
+    if regs > limit:
         return (f"{what}a {bm}x{bn} fp32 accumulator is {regs} registers per thread with {warps} warps "
-                f"(> {MAX_ACC_REGS})")
+                f"(> {limit}{' with the norm/RoPE epilogue' if epilogue else ''})")
     return None
 
 
@@ -195,8 +187,8 @@ def constraints(op, meta, shapes):
     if op == "q_proj":
         head = attrs.get("shape", [None])[-1] if attrs.get("shape") else (outs[0][-1] if outs else None)
         group = head if isinstance(head, int) else None
-    if isinstance(group, int) and not _pow2(group):
-        return f"norm group width {group} is not a power of two (the tile must cover exactly one group)"
+    if isinstance(group, int) and isinstance(attrs.get("rope_dim"), int) and group % 2:
+        return f"norm group width {group} is odd (RoPE rotates pairs of columns)"
     if group is None:  # q_proj without its head width: only a chosen BLOCK_N can be checked
         bn = m["BLOCK_N"]
         if bn is not None and isinstance(n, int) and n % bn:
@@ -205,10 +197,11 @@ def constraints(op, meta, shapes):
     bn = m["BLOCK_N"] if m["BLOCK_N"] is not None else group
     if bn != group:
         return f"BLOCK_N={bn} must equal the norm group width {group} (the RMSNorm epilogue reduces one tile's row)"
+    bn = _np2(bn)  # the tile is the group rounded up to a power of two
     rope = attrs.get("rope_dim")
     if op in ("q_proj", "kv_proj") and isinstance(rope, int) and not (rope % 2 == 0 and 0 < rope <= bn):
         return f"rope_dim={rope} must be even and within the {bn}-wide tile"
-    return _tile_reason(bm, bn, bk, warps, stages, eb)
+    return _tile_reason(bm, bn, bk, warps, stages, eb, epilogue=True)
 
 
 
@@ -216,7 +209,8 @@ def constraints(op, meta, shapes):
 
 def _launch(x2, w, out2, *, groups=1, meta, block_n, block_k, norm=False, norm_w=None, pos=None, inv_freq=None,
             rope_dim=0, eps=0.0):
-    """out2[M, groups*N] = per-group x2[M, groups*K] @ w[groups*N, K].T, with the chosen epilogue."""
+    """out2[M, groups*N] = per-group x2[M, groups*K] @ w[groups*N, K].T, with the chosen epilogue; a tile
+    covers ``block_n`` columns (one norm group for the epilogue ops, of any width)."""
     m_rows = x2.shape[0]
     k = x2.shape[1] // groups
     n = w.shape[0] // groups
@@ -224,6 +218,7 @@ def _launch(x2, w, out2, *, groups=1, meta, block_n, block_k, norm=False, norm_w
         return out2
     bm = meta["BLOCK_M"]
     grid = (triton.cdiv(m_rows, bm) * triton.cdiv(n, block_n), groups)
+    group_n, block_n = block_n, _np2(block_n)
     dummy = out2  # pointer arguments an epilogue does not read
     _gemm_kernel[grid](
         x2, w, out2,
@@ -235,7 +230,7 @@ def _launch(x2, w, out2, *, groups=1, meta, block_n, block_k, norm=False, norm_w
         NORM=norm, NORM_WEIGHT=norm_w is not None, ROPE_DIM=rope_dim,
         UPCAST=_interpreting() and x2.dtype != torch.float32,
         PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",  # fp32 models get true fp32 products
-        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=meta["GROUP_M"],
+        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=meta["GROUP_M"], GROUP_N=group_n,
         num_warps=meta["num_warps"], num_stages=meta["num_stages"],
     )
     return out2

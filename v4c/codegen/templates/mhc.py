@@ -256,7 +256,9 @@ def _hc_head_kernel(x_ptr, y_ptr, post_in_ptr, comb_in_ptr, fn_ptr, base_ptr, sc
 # ---- launchers -----------------------------------------------------------------------------
 
 def _p2(v: int) -> int:
-    return triton.next_power_of_2(max(int(v), 1))
+    # plain Python: triton.next_power_of_2 is a constexpr function, ~10x slower on the host, and the
+    # tuning spaces call this millions of times
+    return 1 << (max(int(v), 1) - 1).bit_length()
 
 
 def _layout(n: int, rows: int):

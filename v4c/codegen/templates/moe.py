@@ -16,9 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .prelude import _mma_warps, _per_thread  # v4c: inline prelude
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_SMEM_BYTES = 227 * 1024  # H100/H200 per-block shared memory limit
-_OPERAND_BYTES = 2  # bf16/fp16 operands, the GPU case constraints() is about
+_SMEM_BYTES = 227 * 1024  # the largest per-block shared memory of the targets (sm90, sm100)
 
 
 # ---- shared helpers -----------------------------------------------------------------------------
@@ -56,6 +57,7 @@ def _router_kernel(h_ptr, w_ptr, bias_ptr, table_ptr, ids_ptr, idx_ptr, wts_ptr,
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
+    r64 = rows.to(tl.int64)  # row * stride passes 2**31 from 524,288 tokens of 4096
     experts = tl.arange(0, BLOCK_E)
     emask = experts < E
     ks = tl.arange(0, BLOCK_K)
@@ -65,7 +67,7 @@ def _router_kernel(h_ptr, w_ptr, bias_ptr, table_ptr, ids_ptr, idx_ptr, wts_ptr,
     acc = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
     for k0 in tl.range(0, D, BLOCK_K, num_stages=NUM_STAGES):
         kmask = k0 + ks < D
-        x = tl.load(h_ptr + rows[:, None] * stride_h + (k0 + ks)[None, :],
+        x = tl.load(h_ptr + r64[:, None] * stride_h + (k0 + ks)[None, :],
                     mask=rmask[:, None] & kmask[None, :], other=0.0)
         w = tl.load(w_ptr + experts[:, None] * stride_w + (k0 + ks)[None, :],
                     mask=emask[:, None] & kmask[None, :], other=0.0).to(act_ty)
@@ -79,34 +81,36 @@ def _router_kernel(h_ptr, w_ptr, bias_ptr, table_ptr, ids_ptr, idx_ptr, wts_ptr,
     y = tl.exp(tl.minimum(logits, 20.0))
     u = 1.0 + y
     log1p = tl.where(u == 1.0, y, tl.log(u) * (y / (u - 1.0)))
-    scores = tl.sqrt(tl.where(logits > 20.0, logits, log1p))
+    # padding experts score -inf: never selected, and they need no mask of their own below
+    scores = tl.where(emask[None, :], tl.sqrt(tl.where(logits > 20.0, logits, log1p)), float("-inf"))
 
     slots = tl.arange(0, K_PAD)
     smask = slots < K
     if HASH:
         # experts fixed per token id (negative ids clamp to row 0)
-        tok_id = tl.maximum(tl.load(ids_ptr + rows * stride_ids, mask=rmask, other=0), 0)
-        chosen = tl.load(table_ptr + tok_id[:, None] * stride_table + slots[None, :],
+        tok_id = tl.maximum(tl.load(ids_ptr + r64 * stride_ids, mask=rmask, other=0), 0)
+        chosen = tl.load(table_ptr + tok_id[:, None].to(tl.int64) * stride_table + slots[None, :],
                          mask=rmask[:, None] & smask[None, :], other=0).to(tl.int32)
         picked = tl.gather(scores, chosen, 1)
     else:
-        # top-K of score + bias, one argmax at a time (the bias picks, the score weighs)
+        # top-K of score + bias, one argmax at a time (the bias picks, the score weighs). Only the
+        # scores stay live across the loop (a chosen expert's score becomes -inf); the biased copy is
+        # rebuilt per step, so the register file holds one [BLOCK_M, BLOCK_E] tile, not two.
         bias = tl.load(bias_ptr + experts, mask=emask, other=0.0).to(tl.float32)
-        sel = tl.where(emask[None, :], scores + bias[None, :], float("-inf"))
         chosen = tl.zeros([BLOCK_M, K_PAD], dtype=tl.int32)
         picked = tl.zeros([BLOCK_M, K_PAD], dtype=tl.float32)
         for j in tl.static_range(K):
-            best = tl.argmax(sel, axis=1).to(tl.int32)
+            best = tl.argmax(scores + bias[None, :], axis=1).to(tl.int32)
             hit = experts[None, :] == best[:, None]
             score_j = tl.sum(tl.where(hit, scores, 0.0), axis=1)
             chosen = tl.where(slots[None, :] == j, best[:, None], chosen)
             picked = tl.where(slots[None, :] == j, score_j[:, None], picked)
-            sel = tl.where(hit, float("-inf"), sel)
+            scores = tl.where(hit, float("-inf"), scores)
 
     valid = rmask[:, None] & smask[None, :]
     picked = tl.where(valid, picked, 0.0)
     weights = picked / (tl.sum(picked, axis=1)[:, None] + 1e-20) * scaling
-    out = rows[:, None] * K + slots[None, :]
+    out = r64[:, None] * K + slots[None, :]
     tl.store(idx_ptr + out, chosen.to(tl.int64), mask=valid)
     tl.store(wts_ptr + out, weights, mask=valid)
 
@@ -260,15 +264,19 @@ def _gate_up_kernel(x_ptr, perm_ptr, offsets_ptr, w13_ptr, sg_ptr, su_ptr, act_p
         rmask = rows < row_end
         cols = n0 + tl.arange(0, BLOCK_N)
         cmask = cols < width
+        # the routed expert or the shared one is picked before the K loop, so the kernel has one
+        # pipelined loop (one set of shared-memory stages), not one per branch
         if routed:
             tok = tl.load(perm_ptr + rows, mask=rmask, other=0) // K
             wg = w13_ptr + seg.to(tl.int64) * stride_we
-            gate, up = _gate_up_tile(x_ptr, tok, rmask, stride_x, wg, wg + I * stride_wr, stride_wr, cols, cmask,
-                                     D, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION, NUM_STAGES)
+            wu = wg + I * stride_wr
         else:
             tok = rows - tl.load(offsets_ptr + E)
-            gate, up = _gate_up_tile(x_ptr, tok, rmask, stride_x, sg_ptr, su_ptr, stride_s, cols, cmask,
-                                     D, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION, NUM_STAGES)
+            wg = sg_ptr
+            wu = su_ptr
+        stride_w = tl.where(routed, stride_wr, stride_s)
+        gate, up = _gate_up_tile(x_ptr, tok.to(tl.int64), rmask, stride_x, wg, wu, stride_w, cols, cmask,
+                                 D, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION, NUM_STAGES)
         gate = tl.minimum(gate, limit)
         up = tl.minimum(tl.maximum(up, -limit), limit)
         act = gate * tl.sigmoid(gate) * up
@@ -308,18 +316,21 @@ def _down_kernel(act_ptr, perm_ptr, offsets_ptr, wts_ptr, w2_ptr, sd_ptr, out_pt
         rmask = rows < row_end
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < D
+        # as in _gate_up_kernel: choose the weight before the loop, so there is one pipelined loop
         if routed:
             assignment = tl.load(perm_ptr + rows, mask=rmask, other=0)
             tok = assignment // K
-            scale = tl.load(wts_ptr + assignment, mask=rmask, other=0.0)
-            y = _down_tile(act_ptr, rows, rmask, stride_act, w2_ptr + seg.to(tl.int64) * stride_we, stride_wr,
-                           cols, cmask, I, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION, NUM_STAGES)
+            scale = tl.load(wts_ptr + assignment, mask=rmask, other=0.0).to(tl.float32)
+            w_ptr = w2_ptr + seg.to(tl.int64) * stride_we
         else:
             tok = rows - tl.load(offsets_ptr + E)
             scale = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
-            y = _down_tile(act_ptr, rows, rmask, stride_act, sd_ptr, stride_s,
-                           cols, cmask, S, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION, NUM_STAGES)
-        tl.atomic_add(out_ptr + tok[:, None] * stride_out + cols[None, :], y * scale[:, None],
+            w_ptr = sd_ptr
+        stride_w = tl.where(routed, stride_wr, stride_s)
+        inner = tl.where(routed, I, S)
+        y = _down_tile(act_ptr, rows, rmask, stride_act, w_ptr, stride_w, cols, cmask, inner,
+                       BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION, NUM_STAGES)
+        tl.atomic_add(out_ptr + tok[:, None].to(tl.int64) * stride_out + cols[None, :], y * scale[:, None],
                       mask=rmask[:, None] & cmask[None, :])
 
 
@@ -345,6 +356,9 @@ def moe_ffn(h, idx, w, perm, offsets, w13, w2, sg=None, su=None, sd=None, *, lim
     w2 = w2 if w2.is_contiguous() else w2.contiguous()
     if shared:
         sg, su, sd = (t if t.is_contiguous() else t.contiguous() for t in (sg, su, sd))
+        if sg.dtype != w13.dtype:  # one pointer type for both weight sets (the kernels pick one before the
+            wide = torch.promote_types(sg.dtype, w13.dtype)  # loop); the cast is exact (to a wider type)
+            w13, w2, sg, su, sd = (t.to(wide) for t in (w13, w2, sg, su, sd))
     else:
         sg, su, sd = w13, w13, w2  # never read: the shared segment has no rows
     perm_flat = perm.reshape(A).contiguous()
@@ -383,39 +397,98 @@ META = {
 }
 
 DEFAULT_META = {
-    "moe_router": {"BLOCK_M": 32, "BLOCK_K": 64, "SORT_BLOCK": 128, "num_warps": 4, "num_stages": 3},
+    # 16 x 512 logits (V4-Pro's 384 experts, padded) at 8 warps; 3 stages of 32-wide K steps fit 99 KiB parts
+    "moe_router": {"BLOCK_M": 16, "BLOCK_K": 32, "SORT_BLOCK": 64, "num_warps": 8, "num_stages": 3},
     "moe_ffn": {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
 }
 
 
 def _dim(shapes, i, j, default):
+    """Dim ``j`` of input ``i``: ``shapes`` is the list of input shapes, or a dict with "inputs"."""
+    if isinstance(shapes, dict) and "inputs" in shapes:
+        shapes = shapes["inputs"]
     try:
         return int(shapes[i][j])
-    except (TypeError, IndexError, ValueError):
+    except (TypeError, IndexError, KeyError, ValueError):
         return default
 
 
+# ---- what a config costs: registers and shared memory, as Triton's compiler allocates them ----------
+# Calibrated against AOT compiles for sm80, sm90 and sm100 (ptxas registers, kernel shared bytes); the
+# estimate must hold on every target, as constraints() does not know which one it judges for.
+
+REG_BUDGET = 224  # estimated registers per thread that still compile without spills (of 255)
+
+
+def _operand_regs(bm, bn, bk, warps, b_tiles=1):
+    """Registers of each warp's share of one K step's [bm, bk] and ``b_tiles`` [bn, bk] operand tiles."""
+    wm, wn = _mma_warps(bm, bn, warps)
+    return (3 * ((bm // wm + b_tiles * (bn // wn)) * bk // 32)) // 10
+
+
+def _buffers(bm, stages):
+    """Operand buffers a pipelined K loop allocates: num_stages - 1 in flight, one more where Hopper and
+    Blackwell MMAs (BLOCK_M >= 64) read both operands from shared memory."""
+    return stages if bm >= 64 else max(1, stages - 1)
+
+
+def _elem_bytes(shapes):
+    dtype = shapes.get("dtype") if isinstance(shapes, dict) else None
+    return 4 if str(dtype) in ("f32", "float32", "torch.float32") else 2
+
+
+def _router_usage(meta, experts, elem_bytes=2):
+    """(registers, shared bytes) of ``_router_kernel``: the [BLOCK_M, experts] logits (the GEMM's
+    accumulator, then the scores) plus a temporary of the same size in each top-k step, the operand tiles of
+    a K step, ~48 for addresses and loop state; the K loop's stages of both operand tiles."""
+    bm, bk, warps = meta["BLOCK_M"], meta["BLOCK_K"], meta["num_warps"]
+    regs = 48 + 2 * _per_thread(bm * experts, warps) + _operand_regs(bm, experts, bk, warps)
+    smem = _buffers(bm, meta["num_stages"]) * (bm + experts) * bk * elem_bytes
+    return regs, smem
+
+
+def _ffn_usage(meta, elem_bytes=2):
+    """(registers, shared bytes) of the heavier of ``_gate_up_kernel`` and ``_down_kernel``. Gate/up: two
+    fp32 accumulators (4 per element with the SwiGLU epilogue's temporaries) and a step's activation tile and
+    two weight tiles; down: one accumulator, but its scatter-add holds a 64-bit address, the value and the
+    mask per element (5). Shared memory: each kernel's one pipelined K loop (routed and shared experts share
+    it)."""
+    bm, bn, bk, warps = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"], meta["num_warps"]
+    acc = _per_thread(bm * bn, warps)
+    up = 48 + 4 * acc + _operand_regs(bm, bn, bk, warps, 2)
+    down = 48 + 5 * acc + _operand_regs(bm, bn, bk, warps, 1)
+    smem = _buffers(bm, meta["num_stages"]) * (bm + 2 * bn) * bk * elem_bytes
+    return max(up, down), smem
+
+
 def constraints(op, meta, shapes):
-    """Why ``meta`` cannot run ``op`` (with inputs of ``shapes``, in the op's input order), or None.
-    Register budgets assume at most ~128 fp32 accumulator values per thread; shared memory assumes
-    2-byte operands and the H100/H200 per-block limit."""
+    """Why ``meta`` cannot run ``op`` (with inputs of ``shapes``, in the op's input order), or None: the
+    estimated registers per thread (``_router_usage``/``_ffn_usage``) must stay within REG_BUDGET and the
+    shared memory within the largest per-block limit of the targets (the AOT compile checks each
+    target's own); operand bytes follow the activation dtype when ``shapes`` names it (bf16 otherwise)."""
+    if op not in DEFAULT_META:
+        return f"unknown op {op!r}"
+    meta = {**DEFAULT_META[op], **meta}
     threads = 32 * meta["num_warps"]
+    eb = _elem_bytes(shapes)
     if op == "moe_router":
         experts = max(16, triton.next_power_of_2(_dim(shapes, 1, 0, 256)))
-        if meta["BLOCK_M"] * experts > 128 * threads:
-            return (f"router tile {meta['BLOCK_M']}x{experts} fp32 logits exceeds ~128 registers per thread "
-                    f"at {meta['num_warps']} warps")
-        smem = meta["num_stages"] * (meta["BLOCK_M"] + experts) * meta["BLOCK_K"] * _OPERAND_BYTES
+        regs, smem = _router_usage(meta, experts, eb)
+        if regs > REG_BUDGET:
+            return (f"router tile {meta['BLOCK_M']}x{experts} (logits, scores and operands) needs an estimated "
+                    f"{regs} registers per thread at {meta['num_warps']} warps (budget {REG_BUDGET})")
         if smem > _SMEM_BYTES:
             return f"router pipeline needs {smem} B of shared memory (> {_SMEM_BYTES})"
-        if meta["SORT_BLOCK"] ** 2 > 512 * threads:
+        # the rank step holds a SORT_BLOCK^2 comparison matrix (128^2 at 8 warps already takes all 255
+        # registers on sm86/89; 64^2 stays under 64)
+        if meta["SORT_BLOCK"] ** 2 > 32 * threads:
             return f"sort rank matrix {meta['SORT_BLOCK']}^2 too large for {meta['num_warps']} warps"
         return None
     if op == "moe_ffn":
-        bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
-        if 2 * bm * bn > 128 * threads:
-            return f"gate+up accumulators 2x{bm}x{bn} exceed ~128 fp32 registers per thread at {meta['num_warps']} warps"
-        smem = meta["num_stages"] * (bm + 2 * bn) * bk * _OPERAND_BYTES
+        regs, smem = _ffn_usage(meta, eb)
+        if regs > REG_BUDGET:
+            return (f"gate+up accumulators 2x{meta['BLOCK_M']}x{meta['BLOCK_N']} and their operands need an "
+                    f"estimated {regs} registers per thread at {meta['num_warps']} warps (budget {REG_BUDGET})")
         if smem > _SMEM_BYTES:
             return f"gate/up pipeline needs {smem} B of shared memory (> {_SMEM_BYTES})"
         return None

@@ -15,6 +15,18 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+_TARGET_CAPABILITY = None  # (major, minor) while v4c compiles this module's launches ahead of time
+
+
+def _capability(device):
+    """(major, minor) of the GPU the kernels run on (or are compiled for); None under the interpreter."""
+    if _TARGET_CAPABILITY is not None:
+        return tuple(_TARGET_CAPABILITY)
+    if _interpreting() or device.type != "cuda":
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
 def _check(op, meta, reason):
     if reason:
         raise ValueError(f"{op}: meta {meta} cannot run: {reason}")
@@ -74,6 +86,34 @@ def _e4m3_byte(y):
     r = ((t + 12582912.0) - 12582912.0).to(tl.int32)  # adding 1.5 * 2**23 rounds to an integer, ties even
     code = tl.where(r >= 16, (e + 8) << 3, tl.where(r >= 8, ((e + 7) << 3) | (r - 8), r))
     return (code | ((y.to(tl.int32, bitcast=True) < 0).to(tl.int32) << 7)).to(tl.uint8)
+
+
+@triton.jit
+def _e4m3_value(code):
+    """fp32 value of e4m3fn codes held as integer bytes, decoded with integer ops (sm80/sm86 have no fp8
+    type; exact everywhere): normals (8 + m) * 2**(e - 10) from the bits, subnormals m * 2**-9, 0x7f NaN."""
+    c = code.to(tl.int32) & 0xFF
+    e = (c >> 3) & 15
+    m = c & 7
+    normal = (((c & 0x80) << 24) | ((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    sub = m.to(tl.float32) * 0.001953125
+    v = tl.where(e == 0, tl.where((c & 0x80) != 0, -sub, sub), normal)
+    return tl.where((c & 0x7F) == 0x7F, float("nan"), v)
+
+
+@triton.jit
+def _e4m3_f16(code):
+    """fp16 holding e4m3fn codes' values / 256, from the bits alone (sm80/sm86 have no fp8 type): sign, then
+    exponent and mantissa moved up 7 bits, since fp16's bias is 8 above e4m3's; subnormals included, exact.
+    Cheaper than ``_e4m3_value`` (a few integer ops); the NaN codes 0x7f/0xff come out finite: ``_e4m3_nan``."""
+    c = code.to(tl.int32) & 0xFF
+    return (((c & 0x80) << 8) | ((c & 0x7F) << 7)).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _e4m3_nan(code, value):
+    """``value`` decoded from e4m3fn ``code``, NaN where the code is 0x7f / 0xff."""
+    return tl.where((code.to(tl.int32) & 0x7F) == 0x7F, float("nan"), value)
 
 
 @triton.jit
@@ -144,12 +184,31 @@ def _constraint_args(family: str, op: str, meta, shapes, metas: dict, defaults: 
     return m, list(shapes or []), attrs, 4 if str(dtype) in ("f32", "float32", "torch.float32") else 2
 
 
+def _per_thread(elems, warps):
+    """Elements of a [.., ..] tile each thread of ``warps`` warps holds (the register estimates' unit)."""
+    return -(-elems // (32 * warps))
+
+
+def _mma_warps(bm, bn, warps):
+    """How Triton spreads the warps of a tensor-core dot over its [bm, bn] tile (rows first while a warp
+    would hold more 16-row than 16-column slabs): (warps along M, warps along N)."""
+    wm, wn = 1, 1
+    while wm * wn < warps:
+        if bm // 16 // wm >= bn // 16 // wn and wm < bm // 16:
+            wm *= 2
+        else:
+            wn *= 2
+    return wm, wn
+
+
 def _pow2_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v > 0 and (v & (v - 1)) == 0
 
 
 def _np2(v: int) -> int:
-    return triton.next_power_of_2(max(int(v), 1))
+    # plain Python: triton.next_power_of_2 is a constexpr function, ~10x slower on the host, and the
+    # tuning spaces call this millions of times
+    return 1 << (max(int(v), 1) - 1).bit_length()
 
 def _dot_f32(dtype) -> bool:
     """fp32 (ieee) dots for fp32 models, and for bf16 under the interpreter (its bf16 dot is wrong)."""

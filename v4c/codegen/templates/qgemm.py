@@ -20,13 +20,26 @@ Ops (launchers take the unquantised op's arguments plus each weight's scale righ
     1x128 in the epilogue (``BLOCK_N`` is a multiple of 128), the down GEMM applies the routing weight and
     scatter-adds in fp32 (the weight multiplies the output, as in ``moe_ffn``'s reference).
 
-How a tile is multiplied (constexpr switches the launchers pick from the target; tests force each):
-  * ``DOT_MODE`` for e4m3 x e4m3: 2 native fp8 ``tl.dot`` (sm89+), 1 both upcast to fp16 (exact; sm80/86),
-    0 both upcast to fp32 with ieee products (the interpreter).
+The norm epilogues (RMSNorm over a norm group: the whole row, or one head) cover the group BLOCK_N
+columns at a time: with a group wider than the tile the program parks the rounded GEMM output in the output
+tensor while the sums of squares build up, then normalises it in place (any group width that is a multiple
+of the tile, V4-Pro's 1536 included). RoPE rotates the group's tail in place afterwards.
+
+How a tile is multiplied (constexpr switches the launchers pick from the target; tests force each). FP8
+data (weights and activation codes) always reaches the kernels as bytes (uint8 views): sm80/86 have no
+fp8 type, and a kernel taking an fp8 pointer does not compile for them.
+  * ``DOT_MODE`` for e4m3 x e4m3: 2 native fp8 ``tl.dot`` on the bytes reinterpreted (sm89+), 1 both decoded
+    to fp16 in registers with integer ops (exact; sm80/86), 0 both decoded to fp32 with ieee products (the
+    interpreter).
   * ``DOT_SCALED`` for e4m3 x MXFP4: ``tl.dot_scaled`` with the packed codes and their 1x32 scales (sm100+,
     where it is a native block-scaled MMA); otherwise the codes are unpacked in registers, multiplied by their
     1x32 scale (exact in bf16: e2m1 has two significant bits) and fed with the e4m3 activations upcast to
     bf16 (fp32 under the interpreter, whose bf16 dot is wrong) to an ordinary ``tl.dot``.
+
+``constraints`` estimates what a config keeps live (registers per thread, shared memory per block; see
+``_gemm_usage`` and ``_moe_usage``), calibrated against Triton's compiler for sm80, sm90 and sm100, and
+judges shared memory against the launch device's limit where it is known (163 KiB sm80, 99 KiB sm86/89/120,
+227 KiB sm90/100).
 
 Self-contained (torch + triton only): a rendered copy runs from inside compiled artifacts.
 """
@@ -37,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .prelude import _check, _cos_sin, _e4m3_byte, _interpreting, _pow2, _rope_inv_freq, _round_to, _ue8m0_exponent  # v4c: inline prelude
+from .prelude import _capability, _mma_warps, _per_thread, _check, _cos_sin, _e4m3_byte, _e4m3_f16, _e4m3_nan, _e4m3_value, _interpreting, _pow2, _rope_inv_freq, _round_to, _ue8m0_exponent  # v4c: inline prelude
 
 QBLOCK = 128  # FP8 weight blocks (128x128) and activation blocks (1x128)
 FP4_BLOCK = 32  # MXFP4 scale block along K
@@ -62,27 +75,39 @@ def _ue8m0(byte):
 
 
 @triton.jit
-def _dot_e4m3(a, b, DOT_MODE: tl.constexpr):
-    """fp32 [M, N] = a [M, K] @ b [K, N] for e4m3 tiles (every product is exact in fp32)."""
+def _e4m3_operand(code, DOT_MODE: tl.constexpr):
+    """e4m3 bytes as a ``tl.dot`` operand: reinterpreted as fp8 (2, sm89+), decoded to fp16 (1, sm80/86,
+    which have no fp8 type), decoded to fp32 (0, the interpreter). Every mode holds the exact value."""
     if DOT_MODE == 2:
-        c = tl.dot(a, b)
+        v = code.to(tl.float8e4nv, bitcast=True)
     elif DOT_MODE == 1:
-        c = tl.dot(a.to(tl.float16), b.to(tl.float16))
+        v = _e4m3_nan(code, _e4m3_f16(code) * 256.0)  # exact in fp16: |v| <= 448
     else:
-        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        v = _e4m3_value(code)
+    return v
+
+
+@triton.jit
+def _dot_e4m3(a, b, DOT_MODE: tl.constexpr):
+    """fp32 [M, N] = a [M, K] @ b [K, N] for operands from ``_e4m3_operand`` (every product is exact in fp32)."""
+    if DOT_MODE == 0:
+        c = tl.dot(a, b, input_precision="ieee")
+    else:
+        c = tl.dot(a, b)
     return c
 
 
 @triton.jit
 def _fp8_tile(a, x_scale, w_ptr, ws_ptr, stride_wn, stride_wsn, cols, cmask, k0, K,
               BLOCK_K: tl.constexpr, DOT_MODE: tl.constexpr):
-    """One K step against an FP8 128x128-block-scaled weight with rows ``cols``: the e4m3 activation tile
-    ``a`` [BM, BK] (scale ``x_scale`` [BM]) times w[cols, k0:k0+BK]^T, scales applied, fp32 [BM, BN]."""
+    """One K step against an FP8 128x128-block-scaled weight (bytes) with rows ``cols``: the activation
+    operand ``a`` [BM, BK] (``_e4m3_operand``; scale ``x_scale`` [BM]) times w[cols, k0:k0+BK]^T, scales
+    applied, fp32 [BM, BN]."""
     ks = k0 + tl.arange(0, BLOCK_K)
     w = tl.load(w_ptr + cols[None, :].to(tl.int64) * stride_wn + ks[:, None],
-                mask=cmask[None, :] & (ks < K)[:, None], other=0.0)
+                mask=cmask[None, :] & (ks < K)[:, None], other=0)
     w_scale = _ue8m0(tl.load(ws_ptr + (cols // 128) * stride_wsn + k0 // 128, mask=cmask, other=127))
-    return _dot_e4m3(a, w, DOT_MODE) * x_scale[:, None] * w_scale[None, :]
+    return _dot_e4m3(a, _e4m3_operand(w, DOT_MODE), DOT_MODE) * x_scale[:, None] * w_scale[None, :]
 
 
 @triton.jit
@@ -94,10 +119,11 @@ def _e2m1_value(code):
 
 
 @triton.jit
-def _fp4_tile(a, x_scale, w_ptr, ws_ptr, stride_wn, stride_wsn, cols, cmask, k0, K,
+def _fp4_tile(a, a_op, x_scale, w_ptr, ws_ptr, stride_wn, stride_wsn, cols, cmask, k0, K,
               BLOCK_K: tl.constexpr, DOT_SCALED: tl.constexpr, UNPACK_TY: tl.constexpr):
-    """One K step against an MXFP4 weight (packed [N, K/2], scales [N, K/32]) with rows ``cols``:
-    ``a`` [BM, BK] e4m3 (scale ``x_scale`` [BM]) times the decoded w[cols, k0:k0+BK]^T, fp32 [BM, BN]."""
+    """One K step against an MXFP4 weight (packed [N, K/2], scales [N, K/32]) with rows ``cols``: the e4m3
+    activation [BM, BK] (bytes ``a`` for ``tl.dot_scaled``, else ``a_op`` in UNPACK_TY; scale ``x_scale``
+    [BM]) times the decoded w[cols, k0:k0+BK]^T, fp32 [BM, BN]."""
     HALF: tl.constexpr = BLOCK_K // 2
     GROUPS: tl.constexpr = BLOCK_K // 32
     kb = k0 // 2 + tl.arange(0, HALF)
@@ -116,7 +142,7 @@ def _fp4_tile(a, x_scale, w_ptr, ws_ptr, stride_wn, stride_wsn, cols, cmask, k0,
         codes = tl.reshape(tl.join(packed & 0xF, (packed >> 4) & 0xF), (BN, BLOCK_K))
         vals = tl.reshape(_e2m1_value(codes.to(tl.int32)), (BN, GROUPS, 32))
         w = tl.reshape(vals * _ue8m0(w_scale)[:, :, None], (BN, BLOCK_K)).to(UNPACK_TY)
-        c = tl.dot(a.to(UNPACK_TY), tl.trans(w), input_precision="ieee" if UNPACK_TY == tl.float32 else "tf32")
+        c = tl.dot(a_op, tl.trans(w), input_precision="ieee" if UNPACK_TY == tl.float32 else "tf32")
     return c * x_scale[:, None]
 
 
@@ -159,6 +185,49 @@ def act_quant_fp8(x, *, meta=None):
 # ---- dense FP8 GEMM -----------------------------------------------------------------------------
 
 @triton.jit
+def _fp8_acc(x_rows, s_ptrs, mask_m, w_ptr, ws_ptr, stride_wn, stride_wsn, cols, mask_n, K,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_MODE: tl.constexpr):
+    """fp32 [BM, BN]: the activation rows starting at ``x_rows`` [BM] (bytes, scales at ``s_ptrs``) times
+    weight rows ``cols``. The [BM, BK] pointers are built per step from the row starts: kept whole across
+    an outer loop (the norm groups' tiles) they would hold two registers per element."""
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(x_rows[:, None] + (k0 + ks)[None, :], mask=mask_m[:, None] & (ks < K - k0)[None, :], other=0)
+        x_scale = tl.load(s_ptrs + k0 // 128, mask=mask_m, other=1.0)
+        acc += _fp8_tile(_e4m3_operand(a, DOT_MODE), x_scale, w_ptr, ws_ptr, stride_wn, stride_wsn, cols, mask_n,
+                         k0, K, BLOCK_K, DOT_MODE)
+    return acc
+
+
+@triton.jit
+def _rms_scale(acc, rstd, c0, norm_w_ptr, NORM_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, ACT_TY: tl.constexpr):
+    """A [BM, BN] tile at column ``c0`` of its norm group, normalised by the group's 1/RMS ``rstd`` [BM],
+    weighed, and rounded to the activation dtype (as the reference's RMSNorm returns it)."""
+    acc = acc * rstd[:, None]
+    if NORM_WEIGHT:
+        acc = acc * tl.load(norm_w_ptr + c0 + tl.arange(0, BLOCK_N)).to(tl.float32)[None, :]
+    return _round_to(acc, ACT_TY)
+
+
+@triton.jit
+def _rope_tail(row_ptrs, mask_m, pos, inv_freq_ptr, ROPE_DIM: tl.constexpr, ROPE_PAD: tl.constexpr):
+    """Rotate the interleaved pairs of the ROPE_DIM columns at ``row_ptrs`` [BM] (the end of a norm group,
+    already normalised and stored): even and odd columns are loaded apart, so the registers hold the tail
+    only, not a split copy of the whole tile."""
+    j = tl.arange(0, ROPE_PAD)
+    ptrs = row_ptrs[:, None] + 2 * j[None, :]
+    mask = mask_m[:, None] & (j < ROPE_DIM // 2)[None, :]
+    x_even = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+    x_odd = tl.load(ptrs + 1, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+    inv_freq = tl.load(inv_freq_ptr + j, mask=j < ROPE_DIM // 2, other=0.0)
+    cos, sin = _cos_sin(pos[:, None] * inv_freq[None, :])
+    act_ty = row_ptrs.dtype.element_ty
+    tl.store(ptrs, _round_to(x_even * cos - x_odd * sin, act_ty).to(act_ty), mask=mask)
+    tl.store(ptrs + 1, _round_to(x_odd * cos + x_even * sin, act_ty).to(act_ty), mask=mask)
+
+
+@triton.jit
 def _fp8_gemm_kernel(
     xq_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, norm_w_ptr, pos_ptr, inv_freq_ptr,
     M, N, K,                                   # per group: out[M, N] = dq(xq[M, K]) @ dq(w[N, K]).T
@@ -166,13 +235,15 @@ def _fp8_gemm_kernel(
     eps,
     NORM: tl.constexpr, NORM_WEIGHT: tl.constexpr, ROPE_DIM: tl.constexpr, DOT_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPAN_N: tl.constexpr, ROPE_PAD: tl.constexpr,
 ):
-    """gemm.py's kernel on e4m3 operands. Group ``grp`` (grid axis 1) reads columns [grp*K, (grp+1)*K) of
-    xq with scales ``xs[:, grp, :]``, weight rows [grp*N, (grp+1)*N) and writes those output columns."""
+    """gemm.py's kernel on e4m3 operands (bytes). Group ``grp`` (grid axis 1) reads columns [grp*K, (grp+1)*K)
+    of xq with scales ``xs[:, grp, :]``, weight rows [grp*N, (grp+1)*N) and writes those output columns.
+    A program covers SPAN_N columns: one BLOCK_N tile, or with NORM one norm group of SPAN_N / BLOCK_N tiles."""
     pid = tl.program_id(0)
     grp = tl.program_id(1)
     tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
+    tiles_n = tl.cdiv(N, SPAN_N)
     per_sweep = GROUP_M * tiles_n  # GROUP_M row tiles share each column sweep (weight tiles reused from L2)
     first_m = (pid // per_sweep) * GROUP_M
     sweep_m = tl.minimum(tiles_m - first_m, GROUP_M)
@@ -180,41 +251,53 @@ def _fp8_gemm_kernel(
     pid_n = (pid % per_sweep) // sweep_m
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
-    mask_n = offs_n < N
-    rows = offs_m.to(tl.int64)
-    cols = grp * N + offs_n  # weight row / output column across groups
-    ks = tl.arange(0, BLOCK_K)
-    x_ptrs = xq_ptr + rows[:, None] * stride_xm + (grp * K + ks)[None, :]
+    rows = offs_m.to(tl.int64)  # row * stride passes 2**31 in long prefill
+    x_rows = xq_ptr + rows * stride_xm + grp * K
     s_ptrs = xs_ptr + rows * stride_sm + grp * stride_sg
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        a = tl.load(x_ptrs + k0, mask=mask_m[:, None] & (ks < K - k0)[None, :], other=0.0)
-        x_scale = tl.load(s_ptrs + k0 // 128, mask=mask_m, other=1.0)
-        acc += _fp8_tile(a, x_scale, w_ptr, ws_ptr, stride_wn, stride_wsn, cols, mask_n, k0, K, BLOCK_K, DOT_MODE)
-
     act_dtype = out_ptr.dtype.element_ty
-    if NORM or ROPE_DIM > 0:
-        acc = _round_to(acc, act_dtype)  # the reference's GEMM output, in the activation dtype
-    if NORM:  # the tile is exactly one norm group: RMS over its columns
-        mean_sq = tl.sum(acc * acc, axis=1) / BLOCK_N
-        acc = acc * tl.rsqrt(mean_sq + eps)[:, None]
-        if NORM_WEIGHT:
-            acc = acc * tl.load(norm_w_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        acc = _round_to(acc, act_dtype)
+
+    if SPAN_N == BLOCK_N:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        cols = grp * N + offs_n  # weight row / output column across groups
+        acc = _fp8_acc(x_rows, s_ptrs, mask_m, w_ptr, ws_ptr, stride_wn, stride_wsn, cols, mask_n, K,
+                       BLOCK_M, BLOCK_N, BLOCK_K, DOT_MODE)
+        if NORM:  # the tile is exactly one norm group: RMS over its columns
+            acc = _round_to(acc, act_dtype)  # the reference's GEMM output, in the activation dtype
+            rstd = tl.rsqrt(tl.sum(acc * acc, axis=1) / BLOCK_N + eps)
+            acc = _rms_scale(acc, rstd, 0, norm_w_ptr, NORM_WEIGHT, BLOCK_N, act_dtype)
+        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], _round_to(acc, act_dtype).to(act_dtype),
+                 mask=mask_m[:, None] & mask_n[None, :])
+    else:
+        # a norm group wider than the tile: the GEMM output (rounded to the activation dtype, as the
+        # reference has it) is parked in ``out`` tile by tile while the row's sum of squares builds up,
+        # then read back (same program, L2-hot), normalised and stored over it. The registers hold one
+        # tile, not the group, and the group width need not be a power of two (V4-Pro's q_a: 1536).
+        sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for c0 in range(0, SPAN_N, BLOCK_N):
+            cols = pid_n * SPAN_N + c0 + tl.arange(0, BLOCK_N)
+            acc = _fp8_acc(x_rows, s_ptrs, mask_m, w_ptr, ws_ptr, stride_wn, stride_wsn, cols, cols < N, K,
+                           BLOCK_M, BLOCK_N, BLOCK_K, DOT_MODE)
+            acc = _round_to(acc, act_dtype)
+            sum_sq += tl.sum(acc * acc, axis=1)
+            tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(act_dtype),
+                     mask=mask_m[:, None] & (cols < N)[None, :])
+        tl.debug_barrier()  # the parked tiles are read back by other threads of this program
+        rstd = tl.rsqrt(sum_sq / SPAN_N + eps)
+        for c0 in range(0, SPAN_N, BLOCK_N):
+            cols = pid_n * SPAN_N + c0 + tl.arange(0, BLOCK_N)
+            ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :]
+            omask = mask_m[:, None] & (cols < N)[None, :]
+            acc = tl.load(ptrs, mask=omask, other=0.0, cache_modifier=".cg").to(tl.float32)
+            tl.store(ptrs, _rms_scale(acc, rstd, c0, norm_w_ptr, NORM_WEIGHT, BLOCK_N, act_dtype).to(act_dtype),
+                     mask=omask)
     if ROPE_DIM > 0:
-        # interleaved pairs of the tile; pairs before the RoPE tail get frequency 0 (cos 1, sin 0)
-        HALF: tl.constexpr = BLOCK_N // 2
-        x_even, x_odd = tl.split(tl.reshape(acc, (BLOCK_M, HALF, 2)))
-        pair = tl.arange(0, HALF) - (BLOCK_N - ROPE_DIM) // 2
-        inv_freq = tl.load(inv_freq_ptr + pair, mask=pair >= 0, other=0.0)
+        # the group's RoPE tail, rotated in place once the normalised group is stored
+        tl.debug_barrier()
         pos = tl.maximum(tl.load(pos_ptr + rows, mask=mask_m, other=0), 0).to(tl.float32)
-        cos, sin = _cos_sin(pos[:, None] * inv_freq[None, :])
-        acc = tl.reshape(tl.join(x_even * cos - x_odd * sin, x_odd * cos + x_even * sin), (BLOCK_M, BLOCK_N))
-    out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :]
-    tl.store(out_ptrs, _round_to(acc, act_dtype).to(act_dtype), mask=mask_m[:, None] & mask_n[None, :])
+        tail = out_ptr + rows * stride_om + (pid_n * SPAN_N + SPAN_N - ROPE_DIM)
+        _rope_tail(tail, mask_m, pos, inv_freq_ptr, ROPE_DIM, ROPE_PAD)
 
 
 def _scale_bytes(scale, what):
@@ -239,29 +322,33 @@ def _dot_mode(device, meta):
     """2 native fp8 dot (sm89+), 1 fp16 upcast (older GPUs), 0 fp32 upcast (the interpreter)."""
     if meta.get("DOT_MODE") is not None:
         return int(meta["DOT_MODE"])
-    if _interpreting() or device.type != "cuda":
+    cap = _capability(device)
+    if cap is None:
         return 0
-    return 2 if torch.cuda.get_device_capability(device) >= (8, 9) else 1
+    return 2 if cap >= (8, 9) else 1
 
 
-def _fp8_launch(xq, xs, w, ws, out2, *, groups=1, meta, block_n, block_k, norm=False, norm_w=None, pos=None,
-                inv_freq=None, rope_dim=0, eps=0.0):
-    """out2[M, groups*N] = per-group dq(xq) @ dq(w).T; ``xs`` is [M, groups, ceil(K/128)]."""
+def _fp8_launch(xq, xs, w, ws, out2, *, groups=1, meta, block_n, block_k, span_n=None, norm=False, norm_w=None,
+                pos=None, inv_freq=None, rope_dim=0, eps=0.0):
+    """out2[M, groups*N] = per-group dq(xq) @ dq(w).T; ``xs`` is [M, groups, ceil(K/128)]. With ``norm``,
+    ``span_n`` is the norm group width (a multiple of ``block_n``). FP8 data reaches the kernel as bytes."""
     m_rows = xq.shape[0]
     k = xq.shape[1] // groups
     n = w.shape[0] // groups
     if m_rows == 0:
         return out2
+    span_n = span_n or block_n
     bm = meta["BLOCK_M"]
-    grid = (triton.cdiv(m_rows, bm) * triton.cdiv(n, block_n), groups)
+    grid = (triton.cdiv(m_rows, bm) * triton.cdiv(n, span_n), groups)
     dummy = out2  # pointer arguments an epilogue does not read
     _fp8_gemm_kernel[grid](
-        xq, xs, w, ws, out2, norm_w if norm_w is not None else dummy, pos if pos is not None else dummy,
-        inv_freq if inv_freq is not None else dummy,
+        xq.view(torch.uint8), xs, w.view(torch.uint8), ws, out2, norm_w if norm_w is not None else dummy,
+        pos if pos is not None else dummy, inv_freq if inv_freq is not None else dummy,
         m_rows, n, k, xq.stride(0), xs.stride(0), xs.stride(1), w.stride(0), ws.stride(0), out2.stride(0),
         float(eps),
         NORM=norm, NORM_WEIGHT=norm_w is not None, ROPE_DIM=rope_dim, DOT_MODE=_dot_mode(xq.device, meta),
-        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=meta["GROUP_M"],
+        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=meta["GROUP_M"], SPAN_N=span_n,
+        ROPE_PAD=triton.next_power_of_2(max(rope_dim // 2, 1)),
         num_warps=meta["num_warps"], num_stages=meta["num_stages"])
     return out2
 
@@ -273,15 +360,16 @@ def _quantized_rows(x, groups=1, block_m=32):
     return q.view(m, x.shape[-1]), s.view(m, groups, s.shape[-1])
 
 
-def _prepare(op, meta, shapes):
+def _prepare(op, meta, shapes, device):
+    """DEFAULT_META under ``meta``, checked against the shapes and the device's shared memory."""
     meta = dict(DEFAULT_META[op], **(meta or {}))
-    _check(op, meta, constraints(op, meta, shapes))
+    _check(op, meta, constraints(op, meta, _with_capability(shapes, device)))
     return meta
 
 
 def fp8_linear(x, w, w_scale, *, meta=None):
     w, ws = _check_fp8_weight(w, w_scale, "fp8_linear")
-    meta = _prepare("fp8_linear", meta, [tuple(x.shape), tuple(w.shape)])
+    meta = _prepare("fp8_linear", meta, [tuple(x.shape), tuple(w.shape)], x.device)
     out = torch.empty((*x.shape[:-1], w.shape[0]), dtype=x.dtype, device=x.device)
     xq, xs = _quantized_rows(x)
     _fp8_launch(xq, xs, w, ws, out.view(-1, w.shape[0]), meta=meta, block_n=meta["BLOCK_N"],
@@ -289,14 +377,19 @@ def fp8_linear(x, w, w_scale, *, meta=None):
     return out
 
 
+def _norm_block(meta, group):
+    """The tile width of a norm epilogue: BLOCK_N capped at the norm group (None: the whole group)."""
+    return group if meta["BLOCK_N"] is None else min(meta["BLOCK_N"], group)
+
+
 def fp8_linear_rms_norm(x, w, w_scale, norm_w, *, eps, meta=None):
     w, ws = _check_fp8_weight(w, w_scale, "fp8_linear_rms_norm")
     n = w.shape[0]
-    meta = _prepare("fp8_linear_rms_norm", meta, [tuple(x.shape), tuple(w.shape), tuple(norm_w.shape)])
+    meta = _prepare("fp8_linear_rms_norm", meta, [tuple(x.shape), tuple(w.shape), tuple(norm_w.shape)], x.device)
     out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     xq, xs = _quantized_rows(x)
-    _fp8_launch(xq, xs, w, ws, out.view(-1, n), meta=meta, block_n=n, block_k=meta["BLOCK_K"], norm=True,
-                norm_w=norm_w, eps=eps)
+    _fp8_launch(xq, xs, w, ws, out.view(-1, n), meta=meta, block_n=_norm_block(meta, n), span_n=n,
+                block_k=meta["BLOCK_K"], norm=True, norm_w=norm_w, eps=eps)
     return out
 
 
@@ -304,11 +397,11 @@ def fp8_q_proj(x, w, w_scale, pos, *, shape, eps, rope_dim, theta, yarn=None, me
     w, ws = _check_fp8_weight(w, w_scale, "fp8_q_proj")
     heads, head_dim = shape[-2], shape[-1]
     meta = _prepare("fp8_q_proj", meta, {"inputs": [tuple(x.shape), tuple(w.shape), tuple(pos.shape)],
-                                         "attrs": {"shape": list(shape), "rope_dim": rope_dim}})
+                                         "attrs": {"shape": list(shape), "rope_dim": rope_dim}}, x.device)
     out = torch.empty((*x.shape[:-1], heads, head_dim), dtype=x.dtype, device=x.device)
     xq, xs = _quantized_rows(x)
-    _fp8_launch(xq, xs, w, ws, out.view(-1, heads * head_dim), meta=meta, block_n=head_dim,
-                block_k=meta["BLOCK_K"], norm=True, pos=pos.reshape(-1),
+    _fp8_launch(xq, xs, w, ws, out.view(-1, heads * head_dim), meta=meta, block_n=_norm_block(meta, head_dim),
+                span_n=head_dim, block_k=meta["BLOCK_K"], norm=True, pos=pos.reshape(-1),
                 inv_freq=_rope_inv_freq(rope_dim, theta, yarn, x.device), rope_dim=rope_dim, eps=eps)
     return out
 
@@ -317,12 +410,12 @@ def fp8_kv_proj(x, w, w_scale, norm_w, pos, *, eps, rope_dim, theta, yarn=None, 
     w, ws = _check_fp8_weight(w, w_scale, "fp8_kv_proj")
     n = w.shape[0]
     meta = _prepare("fp8_kv_proj", meta, {"inputs": [tuple(x.shape), tuple(w.shape), tuple(norm_w.shape),
-                                                     tuple(pos.shape)], "attrs": {"rope_dim": rope_dim}})
+                                                     tuple(pos.shape)], "attrs": {"rope_dim": rope_dim}}, x.device)
     out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     xq, xs = _quantized_rows(x)
-    _fp8_launch(xq, xs, w, ws, out.view(-1, n), meta=meta, block_n=n, block_k=meta["BLOCK_K"], norm=True,
-                norm_w=norm_w, pos=pos.reshape(-1), inv_freq=_rope_inv_freq(rope_dim, theta, yarn, x.device),
-                rope_dim=rope_dim, eps=eps)
+    _fp8_launch(xq, xs, w, ws, out.view(-1, n), meta=meta, block_n=_norm_block(meta, n), span_n=n,
+                block_k=meta["BLOCK_K"], norm=True, norm_w=norm_w, pos=pos.reshape(-1),
+                inv_freq=_rope_inv_freq(rope_dim, theta, yarn, x.device), rope_dim=rope_dim, eps=eps)
     return out
 
 
@@ -331,7 +424,8 @@ def fp8_o_proj(o, wa, wa_scale, wb, wb_scale, *, shape, groups, out_shape, meta=
     the grouped output in the activation dtype, quantised again)."""
     wa, wsa = _check_fp8_weight(wa, wa_scale, "fp8_o_proj (grouped weight)")
     wb, wsb = _check_fp8_weight(wb, wb_scale, "fp8_o_proj (dense weight)")
-    meta = _prepare("fp8_o_proj", meta, [tuple(o.shape), tuple(wa.shape), tuple(wb.shape)])
+    meta = _prepare("fp8_o_proj", meta, {"inputs": [tuple(o.shape), tuple(wa.shape), tuple(wb.shape)],
+                                         "attrs": {"groups": groups}}, o.device)
     n_lead = sum(isinstance(d, str) for d in shape)
     x2 = o.reshape(-1, math.prod(o.shape[n_lead:]))  # [M, G*K]: groups side by side
     rank = wa.shape[0] // groups
@@ -367,6 +461,45 @@ def _segment_tile(pid, offsets_ptr, E, shared_rows, BLOCK_M: tl.constexpr, SEGS:
 
 
 @triton.jit
+def _fp4_acc(x_rows, s_ptrs, rmask, w_ptr, ws_ptr, stride_wn, stride_wsn, cols, cmask, K, PAIR_OFF, PAIR_SOFF,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PAIR: tl.constexpr,
+             DOT_MODE: tl.constexpr, DOT_SCALED: tl.constexpr, UNPACK_TY: tl.constexpr):
+    """fp32 [BM, BN] accumulators of the activation rows at ``x_rows`` (e4m3 bytes, 1x128 scales at ``s_ptrs``)
+    times MXFP4 weight rows ``cols``, and with PAIR also times the rows PAIR_OFF further (scales PAIR_SOFF):
+    the gate and up halves of w13 share each activation tile."""
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(x_rows[:, None] + (k0 + ks)[None, :], mask=rmask[:, None] & (k0 + ks < K)[None, :], other=0)
+        x_scale = tl.load(s_ptrs + k0 // 128, mask=rmask, other=1.0)
+        a_op = _e4m3_operand(a, DOT_MODE).to(UNPACK_TY)  # unused by tl.dot_scaled, which takes the bytes
+        acc += _fp4_tile(a, a_op, x_scale, w_ptr, ws_ptr, stride_wn, stride_wsn, cols, cmask, k0, K,
+                         BLOCK_K, DOT_SCALED, UNPACK_TY)
+        if PAIR:
+            acc2 += _fp4_tile(a, a_op, x_scale, w_ptr + PAIR_OFF, ws_ptr + PAIR_SOFF, stride_wn, stride_wsn, cols,
+                              cmask, k0, K, BLOCK_K, DOT_SCALED, UNPACK_TY)
+    return acc, acc2
+
+
+@triton.jit
+def _fp8_pair_acc(x_rows, s_ptrs, rmask, w_ptr, ws_ptr, w2_ptr, ws2_ptr, stride_wn, stride_wsn, cols, cmask, K,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_MODE: tl.constexpr):
+    """``_fp8_acc`` against two FP8 weights of the same shape (the shared expert's gate and up)."""
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(x_rows[:, None] + (k0 + ks)[None, :], mask=rmask[:, None] & (k0 + ks < K)[None, :], other=0)
+        x_scale = tl.load(s_ptrs + k0 // 128, mask=rmask, other=1.0)
+        a_op = _e4m3_operand(a, DOT_MODE)
+        acc += _fp8_tile(a_op, x_scale, w_ptr, ws_ptr, stride_wn, stride_wsn, cols, cmask, k0, K, BLOCK_K, DOT_MODE)
+        acc2 += _fp8_tile(a_op, x_scale, w2_ptr, ws2_ptr, stride_wn, stride_wsn, cols, cmask, k0, K, BLOCK_K,
+                          DOT_MODE)
+    return acc, acc2
+
+
+@triton.jit
 def _qgate_up_kernel(xq_ptr, xs_ptr, perm_ptr, offsets_ptr, w13_ptr, w13s_ptr, sg_ptr, sgs_ptr, su_ptr, sus_ptr,
                      actq_ptr, acts_ptr,
                      D, I, S, E, K, shared_rows, stride_xq, stride_xs, stride_we, stride_wr, stride_wse, stride_wsr,
@@ -376,7 +509,8 @@ def _qgate_up_kernel(xq_ptr, xs_ptr, perm_ptr, offsets_ptr, w13_ptr, w13s_ptr, s
                      ACT_TY: tl.constexpr):
     """act = silu(min(gate, limit)) * clamp(up, -limit, limit) for one (segment row tile, n tile), rounded to
     the activation dtype and stored quantised per 1x128 (codes + one scale per row and 128 columns).
-    Routed rows are permutation positions (token = perm // K), shared rows are A + token."""
+    Routed rows are permutation positions (token = perm // K), shared rows are A + token. The routed (MXFP4)
+    and shared (FP8) K loops are separate, each with a loop body free of branches, so each pipelines."""
     seg, row0, row_end = _segment_tile(tl.program_id(0), offsets_ptr, E, shared_rows, BLOCK_M, SEGS)
     routed = seg < E
     width = tl.where(routed, I, S)
@@ -391,26 +525,16 @@ def _qgate_up_kernel(xq_ptr, xs_ptr, perm_ptr, offsets_ptr, w13_ptr, w13s_ptr, s
         else:
             tok = rows - tl.load(offsets_ptr + E)
         tok = tok.to(tl.int64)
-        ks = tl.arange(0, BLOCK_K)
-        gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        e64 = seg.to(tl.int64)
-        for k0 in range(0, D, BLOCK_K):
-            a = tl.load(xq_ptr + tok[:, None] * stride_xq + (k0 + ks)[None, :],
-                        mask=rmask[:, None] & (k0 + ks < D)[None, :], other=0.0)
-            x_scale = tl.load(xs_ptr + tok * stride_xs + k0 // 128, mask=rmask, other=1.0)
-            if routed:  # gate rows [0, I) and up rows [I, 2I) of the expert's stacked w13
-                wp = w13_ptr + e64 * stride_we
-                sp = w13s_ptr + e64 * stride_wse
-                gate += _fp4_tile(a, x_scale, wp, sp, stride_wr, stride_wsr, cols, cmask, k0, D,
-                                  BLOCK_K, DOT_SCALED, UNPACK_TY)
-                up += _fp4_tile(a, x_scale, wp + I * stride_wr, sp + I * stride_wsr, stride_wr, stride_wsr, cols,
-                                cmask, k0, D, BLOCK_K, DOT_SCALED, UNPACK_TY)
-            else:
-                gate += _fp8_tile(a, x_scale, sg_ptr, sgs_ptr, stride_s, stride_ss, cols, cmask, k0, D,
-                                  BLOCK_K, DOT_MODE)
-                up += _fp8_tile(a, x_scale, su_ptr, sus_ptr, stride_s, stride_ss, cols, cmask, k0, D,
-                                BLOCK_K, DOT_MODE)
+        x_rows = xq_ptr + tok * stride_xq
+        s_ptrs = xs_ptr + tok * stride_xs
+        if routed:  # gate rows [0, I) and up rows [I, 2I) of the expert's stacked w13
+            e64 = seg.to(tl.int64)
+            gate, up = _fp4_acc(x_rows, s_ptrs, rmask, w13_ptr + e64 * stride_we, w13s_ptr + e64 * stride_wse,
+                                stride_wr, stride_wsr, cols, cmask, D, I * stride_wr, I * stride_wsr,
+                                BLOCK_M, BLOCK_N, BLOCK_K, True, DOT_MODE, DOT_SCALED, UNPACK_TY)
+        else:
+            gate, up = _fp8_pair_acc(x_rows, s_ptrs, rmask, sg_ptr, sgs_ptr, su_ptr, sus_ptr, stride_s, stride_ss,
+                                     cols, cmask, D, BLOCK_M, BLOCK_N, BLOCK_K, DOT_MODE)
         gate = tl.minimum(gate, limit)
         up = tl.minimum(tl.maximum(up, -limit), limit)
         act = _round_to(gate * tl.sigmoid(gate) * up, ACT_TY)
@@ -432,7 +556,8 @@ def _qdown_kernel(actq_ptr, acts_ptr, perm_ptr, offsets_ptr, wts_ptr, w2_ptr, w2
                   stride_s, stride_ss, stride_out,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SEGS: tl.constexpr,
                   DOT_MODE: tl.constexpr, DOT_SCALED: tl.constexpr, UNPACK_TY: tl.constexpr):
-    """out[token, n] += weight * (dq(act) @ dq(W2)^T)[row, n] for one (segment row tile, n tile)."""
+    """out[token, n] += weight * (dq(act) @ dq(W2)^T)[row, n] for one (segment row tile, n tile); the routed
+    (MXFP4) and shared (FP8) K loops are separate, as in _qgate_up_kernel."""
     seg, row0, row_end = _segment_tile(tl.program_id(0), offsets_ptr, E, shared_rows, BLOCK_M, SEGS)
     routed = seg < E
     if seg <= E:
@@ -441,27 +566,21 @@ def _qdown_kernel(actq_ptr, acts_ptr, perm_ptr, offsets_ptr, wts_ptr, w2_ptr, w2
         r64 = rows.to(tl.int64)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < D
-        inner = tl.where(routed, I, S)
+        x_rows = actq_ptr + r64 * stride_aq
+        s_ptrs = acts_ptr + r64 * stride_as
         if routed:
             assignment = tl.load(perm_ptr + rows, mask=rmask, other=0)
             tok = assignment // K
             weight = tl.load(wts_ptr + assignment, mask=rmask, other=0.0)
+            e64 = seg.to(tl.int64)
+            acc, _ = _fp4_acc(x_rows, s_ptrs, rmask, w2_ptr + e64 * stride_we, w2s_ptr + e64 * stride_wse,
+                              stride_wr, stride_wsr, cols, cmask, I, 0, 0,
+                              BLOCK_M, BLOCK_N, BLOCK_K, False, DOT_MODE, DOT_SCALED, UNPACK_TY)
         else:
             tok = rows - tl.load(offsets_ptr + E)
             weight = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
-        ks = tl.arange(0, BLOCK_K)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        e64 = seg.to(tl.int64)
-        for k0 in range(0, inner, BLOCK_K):
-            a = tl.load(actq_ptr + r64[:, None] * stride_aq + (k0 + ks)[None, :],
-                        mask=rmask[:, None] & (k0 + ks < inner)[None, :], other=0.0)
-            a_scale = tl.load(acts_ptr + r64 * stride_as + k0 // 128, mask=rmask, other=1.0)
-            if routed:
-                acc += _fp4_tile(a, a_scale, w2_ptr + e64 * stride_we, w2s_ptr + e64 * stride_wse, stride_wr,
-                                 stride_wsr, cols, cmask, k0, I, BLOCK_K, DOT_SCALED, UNPACK_TY)
-            else:
-                acc += _fp8_tile(a, a_scale, sd_ptr, sds_ptr, stride_s, stride_ss, cols, cmask, k0, S,
-                                 BLOCK_K, DOT_MODE)
+            acc = _fp8_acc(x_rows, s_ptrs, rmask, sd_ptr, sds_ptr, stride_s, stride_ss, cols, cmask, S,
+                           BLOCK_M, BLOCK_N, BLOCK_K, DOT_MODE)
         tl.atomic_add(out_ptr + tok[:, None].to(tl.int64) * stride_out + cols[None, :], acc * weight[:, None],
                       mask=rmask[:, None] & cmask[None, :])
 
@@ -481,7 +600,8 @@ def _dot_scaled(device, meta):
     """tl.dot_scaled where the target has block-scaled MMAs (sm100+), the register unpack elsewhere."""
     if meta.get("DOT_SCALED") is not None:
         return bool(meta["DOT_SCALED"])
-    return device.type == "cuda" and not _interpreting() and torch.cuda.get_device_capability(device) >= (10, 0)
+    cap = _capability(device)
+    return cap is not None and cap >= (10, 0)
 
 
 _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -534,14 +654,15 @@ def moe_ffn_fp4(h, idx, w, perm, offsets, w13, w13_scale, w2, w2_scale, sg=None,
                   DOT_SCALED=dot_scaled, UNPACK_TY=tl.float32 if _interpreting() else tl.bfloat16,
                   num_warps=meta["num_warps"], num_stages=meta["num_stages"])
     shared_rows = M if shared else 0
+    u8 = torch.uint8  # FP8 data reaches the kernels as bytes (sm80/86 have no fp8 type)
     _qgate_up_kernel[(row_tiles, triton.cdiv(width, bn))](
-        xq, xs, perm_flat, offsets, w13, w13s, sg, sgs, su, sus, act_q.view(torch.uint8), act_s,
+        xq.view(u8), xs, perm_flat, offsets, w13, w13s, sg.view(u8), sgs, su.view(u8), sus, act_q.view(u8), act_s,
         D, I, S, E, K, shared_rows, xq.stride(0), xs.stride(0), w13.stride(0), w13.stride(1), w13s.stride(0),
         w13s.stride(1), sg.stride(0), sgs.stride(0), act_q.stride(0), act_s.stride(0), float(limit),
         BLOCK_N=bn, ACT_TY=_TL[h.dtype], **common)
     bn_down = meta["BLOCK_N_DOWN"]
     _qdown_kernel[(row_tiles, triton.cdiv(D, bn_down))](
-        act_q, act_s, perm_flat, offsets, wts, w2, w2s, sd, sds, acc,
+        act_q.view(u8), act_s, perm_flat, offsets, wts, w2, w2s, sd.view(u8), sds, acc,
         D, I, S, E, K, shared_rows, act_q.stride(0), act_s.stride(0), w2.stride(0), w2.stride(1), w2s.stride(0),
         w2s.stride(1), sd.stride(0), sds.stride(0), acc.stride(0), BLOCK_N=bn_down, **common)
     return (acc if h.dtype == torch.float32 else acc.to(h.dtype)).view(shape)
@@ -601,7 +722,9 @@ _QGEMM_META = {"BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (32, 64, 128, 256), "BLO
                "GROUP_M": (1, 8), "num_warps": (4, 8), "num_stages": (2, 3, 4)}
 _QNORM_META = {"BLOCK_M": (16, 32, 64), "BLOCK_N": (64, 128, 256, 512, 1024), "BLOCK_K": (32, 64, 128),
                "GROUP_M": (1, 8), "num_warps": (4, 8), "num_stages": (2, 3, 4)}
-_QNORM_DEFAULT = {"BLOCK_M": 16, "BLOCK_N": None, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+# defaults: valid on every target for V4-Flash and V4-Pro, and well under the 128 registers at which ptxas starts
+# squeezing 4-warp kernels (sm86 spills ~12 B rather than hold 140)
+_QNORM_DEFAULT = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
 
 META = {
     "act_quant_fp8": {"BLOCK_M": (1, 4, 16, 32), "num_warps": (1, 2, 4, 8)},
@@ -616,50 +739,125 @@ META = {
 }
 DEFAULT_META = {
     "act_quant_fp8": {"BLOCK_M": 16, "num_warps": 4},
-    "fp8_linear": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
+    "fp8_linear": {"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
     "fp8_linear_rms_norm": dict(_QNORM_DEFAULT),
     "fp8_q_proj": dict(_QNORM_DEFAULT),
     "fp8_kv_proj": dict(_QNORM_DEFAULT),
-    "fp8_o_proj": {"BLOCK_M": 64, "BLOCK_N_A": 128, "BLOCK_K_A": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8,
+    "fp8_o_proj": {"BLOCK_M": 32, "BLOCK_N_A": 128, "BLOCK_K_A": 32, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8,
                    "num_warps": 4, "num_stages": 3},
-    "moe_ffn_fp4": {"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 128, "BLOCK_N_DOWN": 64, "num_warps": 8,
+    "moe_ffn_fp4": {"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_N_DOWN": 64, "num_warps": 8,
                     "num_stages": 3},
 }
-
-SMEM_BYTES = 227 * 1024  # per-block shared memory on H100/H200
-MAX_ACC_REGS = 128  # fp32 accumulator values per thread before spills get likely
 
 
 def _pow2_ok(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v > 0 and (v & (v - 1)) == 0
 
 
-def _tile_reason(bm, bn, bk, warps, stages, what="", accs=1, min_m=16) -> str | None:
-    """FP8 operand tiles are one byte per element; ``accs`` fp32 accumulators of bm x bn live at once."""
-    for name, v, lo in (("BLOCK_M", bm, min_m), ("BLOCK_N", bn, 16), ("BLOCK_K", bk, 32)):
+# ---- what a config costs in registers and shared memory --------------------------------------------
+# Estimates of what is live per thread and what the pipelines keep in shared memory, for every target this
+# template compiles for (sm80's fp16 decode of e4m3 bytes, sm90's fp8 MMAs, sm100's block-scaled MMAs),
+# calibrated against Triton's compiler (ptxas registers, kernel metadata shared bytes) for sm80, sm90 and
+# sm100 on V4-Flash and V4-Pro shapes; the epilogues' layout conversions reuse the pipelines' space.
+
+REG_LIMIT = 255  # registers per thread, every target
+REG_BUDGET = 224  # what an estimate may reach: the estimates err by up to ~10%, and ptxas spills past 255
+
+
+def _smem_limit(cap) -> int:
+    """Bytes of shared memory one block may use on compute capability ``cap`` (None: the largest target)."""
+    if cap is None or (9, 0) <= tuple(cap) < (12, 0):
+        return 227 * 1024  # sm90, sm100
+    if tuple(cap) in ((8, 0), (8, 7)):
+        return 163 * 1024
+    return 99 * 1024  # sm86, sm89, sm120: consumer parts
+
+
+def _with_capability(shapes, device):
+    """``shapes`` as constraints() takes them, plus the launch device's compute capability."""
+    cap = _capability(device)
+    if isinstance(shapes, dict):
+        return {**shapes, "capability": cap}
+    return {"inputs": list(shapes or []), "capability": cap}
+
+
+def _buffers(bm, stages):
+    """Operand buffers a pipelined K loop allocates: num_stages - 1 in flight, one more where Hopper and
+    Blackwell MMAs (BLOCK_M >= 64) read operands from shared memory."""
+    return stages if bm >= 64 else max(1, stages - 1)
+
+
+def _gemm_usage(bm, bn, bk, warps, stages, epilogue=""):
+    """(registers per thread, shared bytes) of ``_fp8_gemm_kernel`` with one [bm, bn] tile per K loop.
+    Registers: the fp32 accumulator and one K step's partial product (the scales are applied outside the
+    MMA), each warp's share of both operand tiles of a step (sm80 holds them decoded to fp16), ~40 for
+    addresses and masks; the norm epilogue adds its row statistics and, when a program loops over the
+    tiles of a wider norm group, the outer loop's state (what the compiler keeps across both passes).
+    Shared memory: the byte tiles of the pipeline."""
+    wm, wn = _mma_warps(bm, bn, warps)
+    acc = _per_thread(bm * bn, warps)
+    operands = (bm // wm + bn // wn) * bk // 32
+    regs = 40 + 2 * acc + (7 * operands) // 20 + _EPILOGUE_REGS[epilogue](acc)
+    smem = _buffers(bm, stages) * (bm + bn) * bk + 4096
+    return regs, smem
+
+
+# extra registers of the norm epilogues over the plain GEMM, by kind: "norm" one tile per norm group,
+# "group" several tiles per group (the outer loop over them); calibrated on sm80, the heaviest target
+_EPILOGUE_REGS = {"": lambda acc: 0, "norm": lambda acc: 8, "group": lambda acc: 72 + acc}
+
+
+def _moe_usage(m):
+    """(registers per thread, shared bytes) of moe_ffn_fp4's heavier kernel. Gate/up: two fp32
+    accumulators with their partial products (the MXFP4 loop's dot output is scaled before it is added) and
+    the SwiGLU/quantisation epilogue's temporaries, 5 registers per element of one accumulator; the two
+    decoded [BN, BK] weight tiles of a step (codes, values, bf16); the activation tile. Down: one accumulator
+    with the scatter-add's 64-bit addresses, one decoded tile, and an activation tile that sm80 decodes to
+    fp16 for the shared expert's FP8 loop. Shared memory: the FP8 loop's byte tiles (the larger pipeline;
+    the MXFP4 loop's buffers reuse the same space)."""
+    bm, bn, bk, bnd = m["BLOCK_M"], m["BLOCK_N"], m["BLOCK_K"], m["BLOCK_N_DOWN"]
+    warps, stages = m["num_warps"], m["num_stages"]
+    a = _per_thread(bm * bk, warps)
+    regs_up = 40 + 5 * _per_thread(bm * bn, warps) + (3 * _per_thread(bn * bk, warps)) // 2 + a
+    regs_down = 40 + 5 * _per_thread(bm * bnd, warps) + (3 * _per_thread(bnd * bk, warps)) // 2 + (5 * a) // 2
+    smem_up = _buffers(bm, stages) * (bm + 2 * bn) * bk + 2048
+    smem_down = _buffers(bm, stages) * (bm + bnd) * bk + 2048
+    return max(regs_up, regs_down), max(smem_up, smem_down)
+
+
+def _usage_reason(what, regs, smem, limit, warps):
+    if regs > REG_BUDGET:
+        return (f"{what}an estimated {regs} registers per thread at {warps} warps would spill "
+                f"(budget {REG_BUDGET} of {REG_LIMIT})")
+    if smem > limit:
+        return f"{what}an estimated {smem} B of shared memory is over the {limit} B a block may use"
+    return None
+
+
+def _tile_reason(bm, bn, bk, warps, stages, what="", smem_limit=None, epilogue="") -> str | None:
+    """FP8 operand tiles are one byte per element."""
+    for name, v, lo in (("BLOCK_M", bm, 16), ("BLOCK_N", bn, 16), ("BLOCK_K", bk, 32)):
         if not _pow2_ok(v) or v < lo:
             return f"{what}{name}={v} must be a power of two >= {lo}"
     if QBLOCK % bk:
         return f"{what}BLOCK_K={bk} must divide the 128-wide scale block (a K step may not straddle two scales)"
-    smem = stages * (bm + bn) * bk
-    if smem > SMEM_BYTES:
-        return f"{what}{stages} stages of {bm}x{bk} + {bn}x{bk} fp8 tiles need {smem // 1024} KiB of shared memory"
-    regs = accs * bm * bn // (32 * warps)
-    if regs > MAX_ACC_REGS:
-        return f"{what}{accs} fp32 {bm}x{bn} accumulator(s) are {regs} registers per thread with {warps} warps"
-    return None
+    regs, smem = _gemm_usage(bm, bn, bk, warps, stages, epilogue)
+    return _usage_reason(what, regs, smem, smem_limit or _smem_limit(None), warps)
 
 
 def constraints(op, meta, shapes):
     """Why ``meta`` cannot run ``op`` on ``shapes`` (input shapes in the launcher's order, scales left out,
-    or a dict with "inputs"/"attrs"), or None. Shapes may be None where they do not matter."""
+    or a dict with "inputs"/"attrs", and "capability" where the launch device is known), or None. Shapes
+    may be None where they do not matter. Without a capability, shared memory is judged against the
+    largest target's limit (the AOT compile judges each target's)."""
     m = dict(DEFAULT_META.get(op, {}), **meta)
     if op not in DEFAULT_META:
         return f"unknown op {op!r}"
     if isinstance(shapes, dict):
-        ins, attrs = list(shapes.get("inputs", [])), shapes.get("attrs", {})
+        ins, attrs, cap = list(shapes.get("inputs", [])), shapes.get("attrs", {}) or {}, shapes.get("capability")
     else:
-        ins, attrs = list(shapes or []), {}
+        ins, attrs, cap = list(shapes or []), {}, None
+    limit = _smem_limit(cap)
     warps = m["num_warps"]
     if op == "act_quant_fp8":
         if not _pow2_ok(m["BLOCK_M"]):
@@ -670,33 +868,40 @@ def constraints(op, meta, shapes):
     if op == "moe_ffn_fp4":
         if m["BLOCK_N"] % QBLOCK:
             return f"BLOCK_N={m['BLOCK_N']} must be a multiple of 128 (the epilogue quantises whole 1x128 blocks)"
-        d = ins[0][-1] if ins and isinstance(ins[0][-1], int) else None
+        d = ins[0][-1] if ins and ins[0] and isinstance(ins[0][-1], int) else None
         if d is not None and d % FP4_BLOCK:
             return f"hidden size {d} is not a multiple of the MXFP4 block {FP4_BLOCK}"
-        return (_tile_reason(m["BLOCK_M"], m["BLOCK_N"], m["BLOCK_K"], warps, m["num_stages"], "gate/up: ", accs=2)
-                or _tile_reason(m["BLOCK_M"], m["BLOCK_N_DOWN"], m["BLOCK_K"], warps, m["num_stages"], "down: "))
+        for name, v, lo in (("BLOCK_M", m["BLOCK_M"], 16), ("BLOCK_N_DOWN", m["BLOCK_N_DOWN"], 16),
+                            ("BLOCK_K", m["BLOCK_K"], 32)):
+            if not _pow2_ok(v) or v < lo:
+                return f"{name}={v} must be a power of two >= {lo}"
+        if QBLOCK % m["BLOCK_K"]:
+            return f"BLOCK_K={m['BLOCK_K']} must divide the 128-wide scale block"
+        regs, smem = _moe_usage(m)
+        return _usage_reason("", regs, smem, limit, warps)
     if not (isinstance(m.get("GROUP_M"), int) and m["GROUP_M"] >= 1):
         return f"GROUP_M={m.get('GROUP_M')} must be a positive int"
     bm, bk, stages = m["BLOCK_M"], m["BLOCK_K"], m["num_stages"]
     if op == "fp8_o_proj":
-        return (_tile_reason(bm, m["BLOCK_N_A"], m["BLOCK_K_A"], warps, stages, "grouped GEMM: ")
-                or _tile_reason(bm, m["BLOCK_N"], bk, warps, stages, "dense GEMM: "))
+        return (_tile_reason(bm, m["BLOCK_N_A"], m["BLOCK_K_A"], warps, stages, "grouped GEMM: ", smem_limit=limit)
+                or _tile_reason(bm, m["BLOCK_N"], bk, warps, stages, "dense GEMM: ", smem_limit=limit))
     if op == "fp8_linear":
-        return _tile_reason(bm, m["BLOCK_N"], bk, warps, stages)
-    # the norm epilogues: the tile's N extent is one norm group
-    n = ins[1][0] if len(ins) > 1 and ins[1] else None
+        return _tile_reason(bm, m["BLOCK_N"], bk, warps, stages, smem_limit=limit)
+    # the norm epilogues: a program covers one norm group, BLOCK_N columns at a time
+    n = ins[1][0] if len(ins) > 1 and ins[1] and isinstance(ins[1][0], int) else None
     group = n
     if op == "fp8_q_proj":
         shape = attrs.get("shape")
         group = shape[-1] if shape and isinstance(shape[-1], int) else None
-    if group is None:
-        return None if m["BLOCK_N"] is None else _tile_reason(bm, m["BLOCK_N"], bk, warps, stages)
-    if not _pow2_ok(group):
-        return f"norm group width {group} is not a power of two (the tile must cover exactly one group)"
-    bn = m["BLOCK_N"] if m["BLOCK_N"] is not None else group
-    if bn != group:
-        return f"BLOCK_N={bn} must equal the norm group width {group} (the RMSNorm epilogue reduces one tile's row)"
     rope = attrs.get("rope_dim")
-    if isinstance(rope, int) and not (rope % 2 == 0 and 0 < rope <= bn):
-        return f"rope_dim={rope} must be even and within the {bn}-wide tile"
-    return _tile_reason(bm, bn, bk, warps, stages)
+    if group is None:
+        if m["BLOCK_N"] is None:
+            return None
+        return _tile_reason(bm, m["BLOCK_N"], bk, warps, stages, smem_limit=limit, epilogue="norm")
+    bn = group if m["BLOCK_N"] is None else min(m["BLOCK_N"], group)
+    if not _pow2_ok(bn) or group % bn:
+        return (f"norm group width {group} is not a multiple of a power-of-two tile (BLOCK_N={m['BLOCK_N']}; "
+                f"a program normalises whole groups, BLOCK_N columns at a time)")
+    if isinstance(rope, int) and rope and not (rope % 2 == 0 and 0 < rope <= group):
+        return f"rope_dim={rope} must be even and within the {group}-wide norm group"
+    return _tile_reason(bm, bn, bk, warps, stages, smem_limit=limit, epilogue="norm" if bn == group else "group")
