@@ -1,9 +1,9 @@
-"""The quantised-weight kernels (templates/qgemm.py) wired into compile and run: an official-format checkpoint
-(FP8 128x128 projections and shared experts, MXFP4 routed experts) compiled for the CPU target runs its
-quantised calls on the artifact's qgemm module under backend "triton" (Triton's interpreter here), its
-unquantised calls on the other kernels, and gives the logits of backend "torch" (the PyTorch ops, which
-dequantise tile by tile). Ops that get quantised weights but have no quantised kernel (the CSA indexer's
-FP8 ``q_b_proj``) run those calls on their reference, and the manifest says so."""
+"""The quantised-weight kernels (templates/qgemm.py, and the indexer's own) wired into compile and run: an
+official-format checkpoint (FP8 128x128 projections, the indexer's FP8 query projection and shared experts,
+MXFP4 routed experts) compiled for the CPU target runs its quantised calls on the artifact's quantised
+launchers under backend "triton" (Triton's interpreter here), its unquantised calls on the other kernels,
+and gives the logits of backend "torch" (the PyTorch ops, which dequantise tile by tile). Quantised arguments
+a launcher does not take run on the op's reference, and the manifest says so."""
 import hashlib
 import json
 import shutil
@@ -61,30 +61,29 @@ def test_manifest_lists_the_qgemm_module_and_each_ops_quantised_variant(art):
         assert ops[op]["module"] != "qgemm"  # unquantised calls keep the op's own kernel
         assert ops[op]["quantized"] == {"module": "qgemm", "kernel": kernel, "meta": qgemm.DEFAULT_META[kernel],
                                         "config_source": "default"}, op
-    assert ops["indexer"]["quantized"] == {"module": None, "config_source": "reference",
-                                           "reason": "no quantised kernel for indexer"}
+    from v4c.codegen.templates import indexer
+    assert ops["indexer"]["quantized"] == {"module": "indexer", "kernel": "fp8_indexer", "config_source": "default",
+                                           "meta": indexer.DEFAULT_META["fp8_indexer"]}
     # the LM head is a bf16 `linear`: the op kind has no quantised calls, so no variant
     assert "quantized" not in ops["linear"]
     kinds = {k["op"]: k["quantized"] for k in inspect_artifact(art, context=64)["kernels"]}
-    assert kinds["q_proj"] == "default" and kinds["indexer"] == "reference" and kinds["linear"] is None
+    assert kinds["q_proj"] == "default" and kinds["indexer"] == "default" and kinds["linear"] is None
 
 
 def test_triton_runs_quantised_calls_on_qgemm_and_matches_torch(art, monkeypatch):
     calls = {}
+    real_site = K._site_impl
 
-    def spy(plain, quantized):  # count which way each call of an op with a quantised variant went
+    def spy(modules, site):  # count the calls each kind of site launcher takes
+        fn = real_site(modules, site)
+
         def call(*args, **attrs):
-            q = any(hasattr(a, "fmt") for a in args)
-            calls[q] = calls.get(q, 0) + 1
-            return (quantized if q else plain)(*args, **attrs)
+            calls[site.get("launcher")] = calls.get(site.get("launcher"), 0) + 1
+            return fn(*args, **attrs)
         return call
 
-    launched = []
-    real_bind = K._bind
-    monkeypatch.setattr(K, "_by_weights", spy)
-    monkeypatch.setattr(K, "_bind", lambda f, meta: (launched.append(f.__name__), real_bind(f, meta))[1])
+    monkeypatch.setattr(K, "_site_impl", spy)
     tri = v4c.load(art, device="cpu", backend="triton")
-    assert {f"_q_{op}" for op in QUANTISED_OPS} <= set(launched)  # the qgemm module's launchers were bound
     ref = v4c.load(art, device="cpu", backend="torch")
     st, sr = tri.new_session(), ref.new_session()
     got, want = [st.forward(IDS)], [sr.forward(IDS)]
@@ -93,7 +92,8 @@ def test_triton_runs_quantised_calls_on_qgemm_and_matches_torch(art, monkeypatch
     want.append(sr.forward(nxt))
     graph = parse_graph((art / "graph.v4c").read_text())
     n_quant_nodes = sum(n.op in QUANTISED_OPS or n.op == "indexer" for n in graph.nodes)
-    assert calls[True] == 2 * n_quant_nodes  # every such node, both steps, took the quantised path
+    assert calls["QUANTIZED"] == 2 * n_quant_nodes  # every such node, both steps, ran a quantised launcher
+    assert None not in calls  # nothing on the reference
     for g, w in zip(got, want):
         err = ((g - w).abs().max() / w.abs().max()).item()
         # measured 3.3e-7 (prefill) and 3.1e-7 (decode): FP8/FP4 products are exact in fp32, so only the
@@ -132,3 +132,13 @@ def test_quantised_arguments_the_kernel_does_not_take_run_on_the_reference(tmp_p
     assert q["reason"].endswith("input 5 (%model.layers.0.mlp.experts.gate_up_proj) is unquantised, "
                                 "the quantised kernel takes mxfp4")
     assert ops["q_proj"]["quantized"]["module"] == "qgemm"
+
+
+def test_loading_kernels_writes_nothing_into_the_artifact(art, monkeypatch):
+    """Even where Python writes bytecode caches, importing the artifact's kernel modules leaves no
+    __pycache__ behind: the artifact still matches its manifest and loads again."""
+    import sys
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    for _ in range(2):
+        v4c.load(art, device="cpu", backend="triton")
+    assert not list(art.rglob("__pycache__"))

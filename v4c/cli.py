@@ -14,7 +14,9 @@ def _compile(a) -> int:
     from .compiler import compile as compile_model
     compile_model(a.model, a.output, target=a.target, dtype=a.dtype, weights=a.weights, overwrite=a.force,
                   fuse=not a.no_fuse, kv_cache=a.kv_cache, indexer_cache=a.indexer_cache,
-                  world_size=a.world_size, parallel=a.parallel, print_after=set(a.print_after or ()), print_after_all=a.print_after_all,
+                  world_size=a.world_size, parallel=a.parallel, print_after=set(a.print_after or ()),
+                  print_after_all=a.print_after_all, aot=not a.no_aot, allow_fallback=a.allow_fallback,
+                  context=a.context, workers=a.jobs, buckets=a.buckets.split(";") if a.buckets else None,
                   log=lambda s: print(s, file=sys.stderr))
     print(a.output)
     return 0
@@ -103,19 +105,30 @@ def _tune(a) -> int:
     from .autotune.store import TuningStore
     from .autotune.tune import plan, tune
     store = TuningStore(a.cache)
+    buckets = a.buckets.split(";") if a.buckets else None
     if a.dry_run:
-        rows = plan(a.artifact, a.strategy, a.budget, store)
-        print(f"{'kernel':<18}{'bucket':<16}{'candidates':>11}{'to try':>8}  {'cached':<16}{'est. GPU s':>10}")
+        rows = plan(a.artifact, a.strategy, a.budget, store, buckets)
+        gpu = _artifact_target(a.artifact) != "cpu"
+        unit = "est. GPU s" if gpu else "est. s"
+        print(f"{'call site':<30}{'kernel':<22}{'bucket':<12}{'candidates':>11}{'to try':>8}  {'cached':<14}{unit:>10}")
         for r in rows:
-            print(f"{r.op:<18}{r.bucket:<16}{r.candidates:>11}{r.to_try:>8}  {r.covered or '-':<16}{r.est_seconds:>10.1f}")
+            print(f"{r.site:<30}{r.kernel:<22}{r.bucket:<12}{r.candidates:>11}{r.to_try:>8}  {r.covered or '-':<14}"
+                  f"{r.est_seconds:>10.1f}")
         todo = [r for r in rows if r.covered != "exact"]
-        print(f"{len(rows)} kernel problems, {len(rows) - len(todo)} already tuned here; "
-              f"about {sum(r.est_seconds for r in todo) / 60:.1f} GPU minutes for the rest ({a.strategy})")
+        print(f"{len(rows)} call sites x buckets, {len(rows) - len(todo)} already tuned here; "
+              f"about {sum(r.est_seconds for r in todo) / 60:.1f} {'GPU ' if gpu else ''}minutes for the rest "
+              f"({a.strategy})" + ("" if gpu else "; no GPU target: the tuner runs under Triton's interpreter, "
+                                   "for testing the mechanism only"))
         return 0
-    chosen = tune(a.artifact, a.strategy, a.budget, store, seed=a.seed, force=a.force,
+    chosen = tune(a.artifact, a.strategy, a.budget, store, seed=a.seed, force=a.force, buckets=buckets,
                   log=lambda m: print(m, file=sys.stderr, flush=True))
-    print(f"tuned {len(chosen)} kernel ops; records in {store.path}")
+    print(f"tuned {len(chosen)} call site x bucket configs; records in {store.path}")
     return 0
+
+
+def _artifact_target(path) -> str:
+    from .artifact.manifest import read_manifest
+    return read_manifest(Path(path)).data["target"]
 
 
 def _cache(a) -> int:
@@ -140,26 +153,73 @@ def _cache(a) -> int:
         return report(sharing.import_bundle(store, a.bundle))
     if a.cache_cmd == "merge":
         return report(sharing.merge_stores(store, *[TuningStore(p) for p in a.sources]))
-    if a.cache_cmd == "push":
-        r = sharing.push(store, a.redis)
-        print(r)
-        return 0 if r.ok else 1
-    if a.cache_cmd == "pull":
-        return report(sharing.pull(store, a.redis))
+    if a.cache_cmd in ("push", "pull"):
+        import warnings
+        with warnings.catch_warnings():  # the report below says it once, without a Python warning's source line
+            warnings.simplefilter("ignore", sharing.SharingWarning)
+            r = sharing.push(store, a.redis) if a.cache_cmd == "push" else sharing.pull(store, a.redis)
+        if a.cache_cmd == "push":
+            print(r)
+            return 0 if r.ok else 1
+        return report(r)
     if a.cache_cmd == "coverage":
+        from collections import Counter
+
         from .inspect import inspect_artifact
         r = inspect_artifact(a.artifact)
-        seen = {}
-        for k in r["kernels"]:
-            seen.setdefault(k["op"], k["config_source"])
-        for op, src in sorted(seen.items()):
-            flag = "  <- runs on defaults" if src == "default" else ""
-            print(f"{op:<20}{src}{flag}")
-        n_def = sum(v == "default" for v in seen.values())
-        print(f"{len(seen)} ops: {n_def} on defaults, {sum(v == 'cost-model' for v in seen.values())} on the cost model, "
-              f"{sum(v not in ('default', 'cost-model', 'reference') for v in seen.values())} from tuning records")
+        total: Counter = Counter()
+        for s in r["sites"]:
+            if s["module"] is None:
+                print(f"{s['site']:<30}reference ({s.get('reason', '')})")
+                continue
+            by = Counter(c["config_source"] for c in s["configs"])
+            total.update(by)
+            flag = "  <- runs on defaults" if by.get("default") else ""
+            flag += "  <- interpreter timings only" if by.get("interpreter") else ""
+            print(f"{s['site']:<30}" + ", ".join(f"{n} {src}" for src, n in sorted(by.items())) + flag)
+        measured = sum(n for src, n in total.items() if src not in ("default", "cost-model", "reference", "interpreter"))
+        print(f"{sum(total.values())} site x bucket configs: {total['default']} on defaults, {total['cost-model']} on "
+              f"the cost model, {total['interpreter']} from interpreter runs (not measurements), {measured} from "
+              f"measured tuning records")
         return 0
     print(f"{len(store)} records in {store.path}")
+    return 0
+
+
+PRESETS = ("tiny", "v4-flash", "v4-pro")
+RANDOM_WEIGHTS_LIMIT = 4 << 30  # bytes of random fp32 weights `v4c init --weights random` writes at most
+
+
+def _init(a) -> int:
+    import json as _json
+
+    from .model import presets
+    from .model.build import build_graph
+    from .model.config import V4Config
+    config = {"tiny": presets.tiny_config_dict(), "v4-flash": presets.FLASH_HUB_CONFIG,
+              "v4-pro": presets.PRO_HUB_CONFIG}[a.preset]
+    d = Path(a.directory)
+    if d.exists() and not d.is_dir():
+        raise V4CError(f"{d} exists and is not a directory")
+    ours = {"config.json", "model.safetensors"}
+    others = sorted(p.name for p in d.iterdir() if p.name not in ours) if d.is_dir() else []
+    if d.is_dir() and (others or not a.force) and any(d.iterdir()):
+        raise V4CError(f"{d} is not empty" + (f" (it holds {', '.join(others[:5])})" if others else
+                                               "; --force replaces its config.json and model.safetensors"))
+    if a.weights == "random":
+        graph = build_graph(V4Config.from_dict(config), "f32")
+        size = sum(t.numel() for _, t in graph.params) * 4
+        if size > RANDOM_WEIGHTS_LIMIT:
+            raise V4CError(f"{a.preset} with random fp32 weights would be {size / 1e9:.0f} GB; use --preset tiny, "
+                           f"or leave out --weights to write the config only (compiles weight-free, to inspect)")
+        from .model.random_weights import write_random_checkpoint
+        write_random_checkpoint(config, d, seed=a.seed)
+        print(f"{d}: {a.preset} config and random weights ({size / 2**20:.1f} MiB, seed {a.seed})")
+    else:
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "config.json").write_text(_json.dumps(config, indent=1) + "\n")
+        print(f"{d}: {a.preset} config only (compiles to a weight-free artifact: inspect, report, AOT checks)")
+    print(f"next: v4c compile {d} -o {d.name}.v4c" + ("" if a.weights == "random" else " --target sm90 --dtype bf16"))
     return 0
 
 
@@ -175,11 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"v4c {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("compile", help="checkpoint (or config-only) directory -> artifact")
-    c.add_argument("model")
-    c.add_argument("-o", "--output", required=True)
+    c.add_argument("model", help="checkpoint directory (config.json + *.safetensors), or a config-only directory")
+    c.add_argument("-o", "--output", required=True, help="the artifact directory to write")
     c.add_argument("--target", default="auto", help="auto, cpu, sm80, sm86, sm89, sm90, sm100, sm120")
     c.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"], help="activation dtype")
-    c.add_argument("--weights", default="auto", choices=["auto", "copy", "reference", "none"])
+    c.add_argument("--weights", default="auto", choices=["auto", "copy", "reference", "none"],
+                   help="copy the safetensors into the artifact, reference them in place (hash-pinned), or none "
+                        "(auto: copy up to 2 GiB)")
     c.add_argument("--force", action="store_true", help="replace an existing artifact")
     c.add_argument("--no-fuse", action="store_true", help="keep the unfused graph (for comparison)")
     c.add_argument("--kv-cache", default="auto", choices=["auto", "fp32", "bf16", "fp8"],
@@ -192,25 +254,39 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default ep=WORLD,attn=dp)")
     c.add_argument("--print-after", action="append", metavar="PASS", help="print the IR after PASS (repeatable)")
     c.add_argument("--print-after-all", action="store_true", help="print the IR after every pass")
+    c.add_argument("--no-aot", action="store_true",
+                   help="GPU targets: skip compiling every kernel launch ahead of time (for inspecting only; "
+                        "configs are then unchecked)")
+    c.add_argument("--allow-fallback", action="store_true",
+                   help="GPU targets: a kernel launch that does not compile or fit runs on its op's PyTorch "
+                        "reference (reported) instead of failing the compile")
+    c.add_argument("--context", type=int, default=None,
+                   help="context length the kernels are compiled for (default: the model's maximum)")
+    c.add_argument("--buckets", default=None, metavar="'B=1,T=1;B=1,T=4096'",
+                   help="shape buckets to choose and compile configs for, ';'-separated (default: decode batch "
+                        "1, 16, 64, 256 and 512- and 4096-token prefill)")
+    c.add_argument("-j", "--jobs", type=int, default=None,
+                   help="parallel compiler processes for the ahead-of-time compile (default: one per CPU)")
     c.set_defaults(fn=_compile)
     r = sub.add_parser("run", help="generate tokens from an artifact")
-    r.add_argument("artifact")
+    r.add_argument("artifact", help="a compiled artifact directory (with weights)")
     g = r.add_mutually_exclusive_group(required=True)
-    g.add_argument("--prompt-ids")
-    g.add_argument("--prompt")
-    r.add_argument("--max-new-tokens", type=int, default=16)
-    r.add_argument("--temperature", type=float, default=0.0)
-    r.add_argument("--top-p", type=float, default=1.0)
-    r.add_argument("--seed", type=int, default=None)
-    r.add_argument("--device", default=None)
+    g.add_argument("--prompt-ids", help='the prompt as token ids, e.g. "1 2 3"')
+    g.add_argument("--prompt", help="the prompt as text (needs the checkpoint's tokenizer.json)")
+    r.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (default 16)")
+    r.add_argument("--temperature", type=float, default=0.0, help="0 for greedy (default), else sampling")
+    r.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+    r.add_argument("--seed", type=int, default=None, help="sampling seed, for reproducible samples")
+    r.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if there is a GPU)")
     r.add_argument("--backend", default=None, choices=["torch", "triton", "reference"],
-                   help="kernels: triton (default on CUDA; interpreted on CPU) or the PyTorch references")
+                   help="torch: fast PyTorch ops (default on CPU); triton: the artifact's kernels (default on "
+                        "CUDA; interpreted on CPU); reference: the ops' definitions")
     r.add_argument("--world-size", type=int, default=1,
                    help="run a sharded artifact on N ranks (starts torchrun; under torchrun, join its ranks)")
     r.set_defaults(fn=_run)
     i = sub.add_parser("inspect", help="describe an artifact")
-    i.add_argument("artifact")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("artifact", help="a compiled artifact directory")
+    i.add_argument("--json", action="store_true", help="everything as JSON (for tools)")
     i.add_argument("--graph", action="store_true", help="print the IR text")
     i.add_argument("--context", type=int, default=None, help="context length for the costs (default: the model's max)")
     i.add_argument("--batch", type=int, default=1, help="sequences per decode step for the costs")
@@ -228,35 +304,54 @@ def build_parser() -> argparse.ArgumentParser:
                     help="activation dtype when compiling a model directory")
     rp.set_defaults(fn=_report)
     t = sub.add_parser("tune", help="measure kernel configs for an artifact and keep them in the tuning cache")
-    t.add_argument("artifact")
-    t.add_argument("--strategy", default="tpe", choices=["exhaustive", "random", "tpe"])
+    t.add_argument("artifact", help="a compiled artifact directory (its manifest gets the tuned configs)")
+    t.add_argument("--strategy", default="tpe", choices=["exhaustive", "random", "tpe"],
+                   help="search strategy over each kernel's candidates (default tpe)")
     t.add_argument("--budget", type=int, default=None, help="candidates measured per kernel")
     t.add_argument("--dry-run", action="store_true", help="print the plan and the estimated GPU time")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="seed of the random and TPE searches")
     t.add_argument("--force", action="store_true", help="re-measure kernels already tuned here")
     t.add_argument("--cache", default=None, help="tuning store (default: $V4C_CACHE_DIR/tuning.sqlite)")
+    t.add_argument("--buckets", default=None, metavar="'B=1,T=1;B=1,T=4096'",
+                   help="shape buckets to tune, ';'-separated (default: the artifact's; one decode bucket on a CPU)")
     t.set_defaults(fn=_tune)
-    cc = sub.add_parser("cache", help="the tuning cache: export, import, merge, push, pull, coverage")
-    cc.add_argument("--cache", default=None, help="tuning store (default: $V4C_CACHE_DIR/tuning.sqlite)")
+    cc = sub.add_parser("cache", help="the tuning cache: export, import, merge, push, pull, coverage",
+                        description="The local tuning store and how to share it. push: local store -> Redis "
+                                    "server; pull: Redis server -> local store.")
+    store_help = "tuning store (default: $V4C_CACHE_DIR/tuning.sqlite)"
+    cc.add_argument("--cache", default=None, help=store_help)
     csub = cc.add_subparsers(dest="cache_cmd")
-    ce = csub.add_parser("export", help="write the records as a reviewable JSON bundle")
-    ce.add_argument("-o", "--output", required=True)
-    ci = csub.add_parser("import", help="validate a bundle and merge it in")
-    ci.add_argument("bundle")
-    cm = csub.add_parser("merge", help="merge other stores in (the best measurement per key wins)")
-    cm.add_argument("sources", nargs="+")
-    for name in ("push", "pull"):
-        cp = csub.add_parser(name, help=f"{name} records to/from a team Redis server")
-        cp.add_argument("--redis", required=True, metavar="URL")
-    cv = csub.add_parser("coverage", help="which kernels of an artifact run on defaults")
-    cv.add_argument("artifact")
+    ce = csub.add_parser("export", help="write the local records as a reviewable JSON bundle")
+    ce.add_argument("-o", "--output", required=True, help="the bundle file to write")
+    ci = csub.add_parser("import", help="validate a bundle and merge it into the local store")
+    ci.add_argument("bundle", help="a bundle written by `v4c cache export`")
+    cm = csub.add_parser("merge", help="merge other stores into the local one (the best measurement per key wins)")
+    cm.add_argument("sources", nargs="+", help="other tuning.sqlite files")
+    cp = csub.add_parser("push", help="send the local records to a team Redis server (local -> server)")
+    cp.add_argument("--redis", required=True, metavar="URL", help="redis://host:port/db")
+    cp = csub.add_parser("pull", help="fetch a team Redis server's records into the local store (server -> local)")
+    cp.add_argument("--redis", required=True, metavar="URL", help="redis://host:port/db")
+    cv = csub.add_parser("coverage", help="where each kernel config of an artifact came from (defaults flagged)")
+    cv.add_argument("artifact", help="a compiled artifact directory")
+    for p_ in (ce, ci, cm, csub.choices["push"], cp, cv):  # --cache also after the subcommand
+        p_.add_argument("--cache", default=argparse.SUPPRESS, help=store_help)
     cc.set_defaults(fn=_cache)
     from .onnx.cli import add_onnx_commands
     add_onnx_commands(sub)
+    n = sub.add_parser("init", help="write a model directory to compile: a preset's config, optionally with "
+                                    "random weights")
+    n.add_argument("directory", help="the directory to write (new or empty)")
+    n.add_argument("--preset", default="tiny", choices=list(PRESETS),
+                   help="tiny (a small random test model), v4-flash or v4-pro (the released configs)")
+    n.add_argument("--weights", default="none", choices=["none", "random"],
+                   help="none: config.json only; random: also a model.safetensors of random weights (tiny only)")
+    n.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    n.add_argument("--force", action="store_true", help="replace the config.json / model.safetensors already there")
+    n.set_defaults(fn=_init)
     d = sub.add_parser("demo", help="tiny random model: compile, load, generate")
-    d.add_argument("--prompt-len", type=int, default=12)
-    d.add_argument("--new-tokens", type=int, default=16)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--prompt-len", type=int, default=12, help="random prompt tokens (default 12)")
+    d.add_argument("--new-tokens", type=int, default=16, help="tokens to generate (default 16)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompt")
     d.set_defaults(fn=_demo)
     return p
 

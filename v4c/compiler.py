@@ -19,7 +19,8 @@ import torch
 
 from . import __version__
 from .artifact.manifest import FORMAT, FORMAT_VERSION, MANIFEST, header_sha256
-from .autotune.choose import choose_configs
+from .artifact.shapes import default_buckets, parse_bucket
+from .autotune.choose import choose_configs, summarize_ops
 from .autotune.store import TuningStore
 from .codegen.emit import emit
 from .errors import CheckpointError, ConfigError
@@ -39,6 +40,12 @@ from .targets import resolve_target
 COPY_LIMIT = 2 << 30  # weights up to this size are copied into the artifact by default
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _has_weights(model: Path) -> bool:
     return model.is_file() or any(model.glob("*.safetensors")) or (model / "model.safetensors.index.json").exists()
 
@@ -56,7 +63,9 @@ def _toolchain() -> dict:
 def compile(model: str | os.PathLike, output: str | os.PathLike, *, target: str = "auto", dtype: str = "f32",
             weights: str = "auto", overwrite: bool = False, fuse: bool = True, kv_cache: str = "auto",
             indexer_cache: str = "auto", tuning_cache=None, world_size: int = 1, parallel: str | None = None,
-            print_after: set[str] | None = None, print_after_all: bool = False,
+            print_after: set[str] | None = None, print_after_all: bool = False, aot: bool = True,
+            allow_fallback: bool = False, context: int | None = None, workers: int | None = None,
+            buckets: list[str] | None = None,
             log: Callable[[str], None] | None = None) -> Path:
     """Compile the checkpoint (or config-only) directory ``model`` into the artifact ``output``.
 
@@ -65,6 +74,13 @@ def compile(model: str | os.PathLike, output: str | os.PathLike, *, target: str 
     ``weights``: "copy" puts the safetensors files into the artifact, "reference" records
     their paths and header hashes, "auto" copies up to 2 GiB. A directory with only
     ``config.json`` gives a weight-free artifact that can be inspected but not run.
+
+    For GPU targets every kernel launch of every shape bucket is compiled ahead of time at
+    ``context`` tokens (default: the model's maximum) with Triton's compiler (``v4c/aot``; no GPU
+    needed), which also decides the configs; ``aot=False`` skips it (configs then come unchecked
+    from the tuning cache, the cost model or the defaults). A launch that cannot be compiled fails
+    the compile unless ``allow_fallback`` routes it to its op's PyTorch reference. ``buckets``: the
+    shape buckets ("B=1,T=1", ...) configs are chosen and compiled for (default: ``artifact/shapes.py``).
     """
     log = log or (lambda s: None)
     t0 = time.perf_counter()
@@ -94,12 +110,17 @@ def compile(model: str | os.PathLike, output: str | os.PathLike, *, target: str 
         ckpt = Checkpoint.open(model)
         plan_sources(ckpt, dict(graph.params))
         log(f"checkpoint: {len(ckpt.files())} file(s), {len(ckpt)} tensors match the graph")
+    if ckpt is None:
+        asked = f" (--weights {weights} asked for weights, but {model} holds none)" if weights in ("copy", "reference") \
+            else ""
+        log(f"weights: none: a weight-free artifact, for inspecting, reporting and AOT checks, not for running{asked}")
     files = ckpt.files() if ckpt else []
     total = sum(f.stat().st_size for f in files)
     mode = "none" if ckpt is None else weights if weights != "auto" else ("copy" if total <= COPY_LIMIT else "reference")
 
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the artifact gets the user's usual permissions
     try:
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, sort_keys=True) + "\n")
         (tmp / "graph.v4c").write_text(print_graph(graph))
@@ -109,11 +130,25 @@ def compile(model: str | os.PathLike, output: str | os.PathLike, *, target: str 
                 (tmp / "ranks" / f"rank{r}.v4c").write_text(print_graph(rg))
             log(f"sharded for {world_size} ranks ({par.spec()})")
         kernels = emit(graph, tgt)
-        choose_configs(graph, kernels, tgt, TuningStore(tuning_cache) if tuning_cache is not False else None)
+        buckets = [parse_bucket(b) for b in buckets] if buckets else default_buckets()
+        ctx = int(context or cfg.max_position_embeddings)
+        choose_configs(graph, kernels, tgt, TuningStore(tuning_cache) if tuning_cache is not False else None,
+                       buckets, ctx)
         for name, src in kernels.modules.values():
             (tmp / name).parent.mkdir(exist_ok=True)
             (tmp / name).write_text(src)
-        log(f"kernels: {len(kernels.modules)} Triton module(s) for {len(kernels.ops)} op kinds"
+        aot_entry = None
+        if tgt != "cpu" and aot and kernels.sites:
+            from .aot.build import Options, compile_ahead
+            aot_entry = compile_ahead(graph, kernels, tmp, buckets, ctx,
+                                      Options(tgt, workers=workers, allow_fallback=allow_fallback, log=log))
+            n_bad = sum(1 for x in aot_entry["launches"] if x["spill_bytes"])
+            log(f"aot {tgt}: {len(aot_entry['launches'])} launches over {len(buckets)} shape buckets compiled "
+                f"({aot_entry['compiled']} compiled now, the rest cached) in {aot_entry['seconds']:.1f}s"
+                + (f"; {n_bad} spill" if n_bad else ""))
+        summarize_ops(kernels.ops, kernels.sites)
+        log(f"kernels: {len(kernels.modules)} Triton module(s) for {len(kernels.ops)} op kinds, "
+            f"{len(kernels.sites)} call sites"
             + (f"; on PyTorch references: {', '.join(kernels.fallback)}" if kernels.fallback else ""))
         if model.is_dir() and (model / "tokenizer.json").is_file():  # for `v4c run --prompt`
             shutil.copyfile(model / "tokenizer.json", tmp / "tokenizer.json")
@@ -140,8 +175,11 @@ def compile(model: str | os.PathLike, output: str | os.PathLike, *, target: str 
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "toolchain": _toolchain(), "target": tgt, "dtype": dtype, "config": "config.json",
             "graph": "graph.v4c", "passes": pm.applied(), "kv_cache": kv, "indexer_cache": ix, "weights": wmeta,
-            "kernels": kernels.manifest_entry(), "files": hashes,
+            "kernels": {**kernels.manifest_entry(), "buckets": [b.key for b in buckets], "context": ctx},
+            "files": hashes,
         }
+        if aot_entry is not None:
+            manifest["aot"] = aot_entry
         if rank_graphs:
             manifest["parallel"] = parallel_manifest(par, rank_graphs)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
@@ -158,7 +196,7 @@ def compile(model: str | os.PathLike, output: str | os.PathLike, *, target: str 
     finally:
         if ckpt is not None:
             ckpt.close()
-    log(f"artifact: {output} ({time.perf_counter() - t0:.2f}s)")
+    log(f"artifact: {output}{' (weight-free)' if ckpt is None else ''} ({time.perf_counter() - t0:.2f}s)")
     return output
 
 

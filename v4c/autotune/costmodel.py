@@ -80,10 +80,12 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def explain(op_cost: Cost, meta: dict, shapes: dict, device: DeviceSpec, dtype: str) -> dict:
+def explain(op_cost: Cost, meta: dict, shapes: dict, device: DeviceSpec, dtype: str,
+            measured: dict | None = None) -> dict:
     """Every term of the formula in the module docstring, plus ``seconds``, ``runnable`` and
     ``reason`` (None, or why the choice cannot run; a block with no warps or over 1024 threads
-    gets only those three keys)."""
+    gets only those three keys). ``measured``: the compiler's ``registers`` and ``shared_bytes``
+    for this choice (``v4c/aot``), used instead of the estimates."""
     shapes = _entries(shapes)
     bm, bn, bk = meta.get("BLOCK_M"), meta.get("BLOCK_N"), meta.get("BLOCK_K")
     warps = meta.get("num_warps", DEFAULT_WARPS)
@@ -112,11 +114,14 @@ def explain(op_cost: Cost, meta: dict, shapes: dict, device: DeviceSpec, dtype: 
                     reason=f"num_warps={warps}: a block needs 1 to {MAX_THREADS_PER_BLOCK // WARP} warps")
     acc = _ceil_div(bm * bn, threads) if bm is not None and bn is not None else 0
     regs = _ceil_div(BASE_REGS + acc, 8) * 8
+    if measured and measured.get("registers"):
+        regs = int(measured["registers"])
     # the compiler caps registers so that one block fits the register file; the rest spills
     reg_cap = min(MAX_REGS_PER_THREAD, device.regs_per_sm // threads // 8 * 8)
     spill = max(1.0, regs / reg_cap)
 
-    smem = smem_bytes(meta, eb)
+    smem = smem_bytes(meta, eb) if not measured or measured.get("shared_bytes") is None \
+        else int(measured["shared_bytes"])
     limits = [device.max_warps_per_sm // warps, device.regs_per_sm // (min(regs, reg_cap) * threads),
               device.max_blocks_per_sm]
     if smem:
@@ -165,10 +170,11 @@ def explain(op_cost: Cost, meta: dict, shapes: dict, device: DeviceSpec, dtype: 
                 reason=reason, elem_bytes=eb)
 
 
-def predict(op_cost: Cost, meta: dict, shapes: dict, device: DeviceSpec, dtype: str) -> float:
+def predict(op_cost: Cost, meta: dict, shapes: dict, device: DeviceSpec, dtype: str,
+            measured: dict | None = None) -> float:
     """Predicted seconds of one launch (``math.inf`` where the choice cannot run); see the
     module docstring for the formula."""
-    return explain(op_cost, meta, shapes, device, dtype)["seconds"]
+    return explain(op_cost, meta, shapes, device, dtype, measured)["seconds"]
 
 
 def rank(candidates: Iterable[dict], op_cost: Cost, shapes: dict, device: DeviceSpec,

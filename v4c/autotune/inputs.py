@@ -8,7 +8,9 @@ import torch
 from ..graph.ir import Graph, Node
 from ..graph.registry import get_op
 from ..graph.storage import encode
-from ..graph.types import DTYPES
+from ..graph.types import DTYPES, QUANT_DTYPES
+from ..graph.weight_formats import FORMATS
+from ..graph.weights import QuantizedWeight
 
 
 def _random(graph: Graph, node: Node, bind: dict, context: int, device, gen) -> list[torch.Tensor]:
@@ -27,6 +29,8 @@ def _random(graph: Graph, node: Node, bind: dict, context: int, device, gen) -> 
             last = torch.arange(max(0, context - t - w), context - t, device=device)
             x = torch.full(shape, -1, dtype=torch.int64, device=device)
             x[:, last % w] = last
+        elif ty.dtype in QUANT_DTYPES:  # random codes and scales as the checkpoint stores them
+            x = _random_quantized(ty.dtype, shape, device, gen)
         elif ty.dtype in ("i64", "i32"):
             x = torch.randint(0, 2, shape, device=device, generator=gen)
         elif ty.dtype == "u8":  # an encoded cache: encode random rows of the logical width
@@ -43,6 +47,20 @@ def _random(graph: Graph, node: Node, bind: dict, context: int, device, gen) -> 
             x = x.to(DTYPES[ty.dtype])
         out.append(x)
     return out
+
+
+def _random_quantized(fmt: str, shape, device, gen) -> QuantizedWeight:
+    """Random codes (e4m3 bytes without the NaN codes, or any e2m1 pairs) with scales near 2**-4, drawn
+    directly in the stored form: a full-precision copy of an expert stack would not fit in memory."""
+    f = FORMATS[fmt]
+    raw = torch.randint(0, 256, f.storage_shape(shape), dtype=torch.int32, device=device, generator=gen)
+    if fmt == "f8e4m3":
+        raw = torch.where((raw & 0x7F) == 0x7F, raw - 1, raw)  # 0x7f / 0xff are NaN
+        data = raw.to(torch.uint8).view(torch.float8_e4m3fn)
+    else:
+        data = raw.to(torch.uint8).view(torch.int8)
+    scale = torch.randint(120, 124, f.scale_shape(shape), dtype=torch.int32, device=device, generator=gen)
+    return QuantizedWeight(fmt, data, scale.to(torch.uint8).view(DTYPES["e8m0"]))
 
 
 def _kv_width(d: int, rope: int) -> int:

@@ -215,7 +215,7 @@ def _config(field: str, v) -> dict:
     out = {}
     for k, x in v.items():
         _str(f"{field} key", k, nonempty=True)
-        out[k] = _scalar(f"{field}.{k}", x, allow_none=False)
+        out[k] = _scalar(f"{field}.{k}", x, allow_none=True)  # None: "the shape's own size" (e.g. a norm tile)
     return out
 
 

@@ -123,6 +123,17 @@ def grid(template_module: ModuleType | str, op: str) -> list[dict]:
     """The Cartesian product of ``META[op]``: keys in META's order, the last key varying
     fastest, values in their tuple order."""
     mod = _module(template_module)
+    table = getattr(mod, "META", None)
+    key = (mod.__name__, op, repr(table.get(op)) if isinstance(table, dict) else None)
+    if key not in _GRIDS:
+        _GRIDS[key] = tuple(_grid(mod, op))
+    return [dict(m) for m in _GRIDS[key]]
+
+
+_GRIDS: dict = {}
+
+
+def _grid(mod: ModuleType, op: str) -> list[dict]:
     meta_table = getattr(mod, "META", None)
     if not isinstance(meta_table, dict):
         raise ValueError(f"template module {mod.__name__!r} has no META dict")

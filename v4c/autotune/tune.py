@@ -12,7 +12,6 @@ done, so an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import datetime as _dt
-import importlib
 import json
 import os
 import socket
@@ -25,14 +24,19 @@ from typing import Callable
 import torch
 
 from ..artifact.manifest import MANIFEST, verify_artifact
+from ..artifact.shapes import Bucket, default_buckets, parse_bucket
+from ..codegen.emit import template
+from ..graph.ir import Node
 from ..graph.registry import get_op
+from ..graph.sites import call_sites
 from ..graph.text import parse_graph
 from ..runtime.kernels import load_modules
 from .agree import agree
-from .choose import source_hash
+from .buckets import bucket_for
+from .choose import graph_dtypes, concrete, site_shapes, source_hash, summarize_ops
 from .costmodel import predict
 from .inputs import node_inputs
-from .problems import hardware_for, problems, toolchain
+from .problems import hardware_for, signature, toolchain
 from .records import TuningRecord
 from .search import search
 from .space import candidates
@@ -40,12 +44,39 @@ from .store import TuningStore
 from .worker import Worker
 
 CPU_CONTEXT = 64  # interpreter runs use a short context: they exercise the loop, not the speed
+CPU_BUCKETS = ("B=1,T=1",)  # and one shape: the interpreter would take hours over the GPU buckets
+GPU_CONTEXT = 131072  # measured at this context at most: 1M-token caches of 256 rows do not fit a GPU
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One thing to tune: a kernel call site of the artifact at one shape bucket."""
+    site: str
+    op: str
+    kernel: str     # the template's META key: the op, or its quantised launcher's ("fp8_q_proj")
+    family: str
+    launcher: str   # "KERNELS" or "QUANTIZED"
+    node: Node
+    bucket: Bucket
+    context: int
+
+    def bind(self) -> dict:
+        return {"B": self.bucket.batch, "T": self.bucket.tokens, "L": self.context}
+
+    @property
+    def store_bucket(self) -> str:
+        return bucket_for(self.bucket.rows, self.context)
+
+    @property
+    def signature(self) -> str:
+        return signature(self.node)
 
 
 @dataclass
 class PlanRow:
+    site: str
     op: str
-    signature: str
+    kernel: str
     bucket: str
     candidates: int
     to_try: int
@@ -59,29 +90,56 @@ def _setup(path):
     return man, graph
 
 
-def plan(path, strategy: str = "tpe", budget: int | None = None, store: TuningStore | None = None) -> list[PlanRow]:
-    """Kernels x buckets x candidates, what the store already covers, estimated GPU time."""
+def units(man, graph, buckets=None) -> list[Unit]:
+    """Every kernel site of the artifact at each bucket to tune: ``buckets`` (keys), else the artifact's
+    (GPU targets) or ``CPU_BUCKETS``."""
+    target = man.data["target"]
+    kern = man.data["kernels"]
+    nodes = {sid: ns[0] for sid, ns in call_sites(graph).items()}
+    keys = buckets or (CPU_BUCKETS if target == "cpu" else kern.get("buckets") or [b.key for b in default_buckets()])
+    ctx = CPU_CONTEXT if target == "cpu" else min(int(kern.get("context") or GPU_CONTEXT), GPU_CONTEXT)
+    out = []
+    for sid, s in sorted(kern.get("sites", {}).items()):
+        if s.get("module") and sid in nodes:
+            out += [Unit(sid, s["op"], s["kernel"], s["module"], s["launcher"], nodes[sid], parse_bucket(k), ctx)
+                    for k in keys]
+    return out
+
+
+def unit_candidates(graph, u: Unit, spec) -> list[dict]:
+    mod = template(u.family)
+    try:
+        cands = candidates(mod, u.kernel, site_shapes(graph, u.node, u.bucket, u.context), spec)
+    except Exception:  # noqa: BLE001 - a template that cannot judge these shapes is tried at its default
+        cands = []
+    return cands or [dict(mod.DEFAULT_META[u.kernel])]
+
+
+def plan(path, strategy: str = "tpe", budget: int | None = None, store: TuningStore | None = None,
+         buckets=None) -> list[PlanRow]:
+    """Sites x buckets x candidates, what the store already covers, estimated seconds."""
     man, graph = _setup(path)
     target = man.data["target"]
     hw, spec = hardware_for(target)
-    ops = man.data["kernels"]["ops"]
     rows = []
-    ctx = CPU_CONTEXT if target == "cpu" else None
-    for p in problems(graph, set(ops), context=ctx or 131072):
-        fam = ops[p.op]["module"]
-        mod = importlib.import_module(f"v4c.codegen.templates.{fam}")
-        try:
-            cands = candidates(mod, p.op, p.shapes(graph), spec)
-        except Exception:
-            cands = [mod.DEFAULT_META[p.op]]
+    for u in units(man, graph, buckets):
+        cands = unit_candidates(graph, u, spec)
         n = len(cands) if strategy == "exhaustive" else min(len(cands), budget or _default_budget(len(cands), target))
-        found = store.lookup(p.op, source_hash(fam, target), p.signature, p.bucket, p.dtypes, p.quant, hw,
-                             toolchain()) if store is not None else None
-        guess = predict(p.cost(graph), mod.DEFAULT_META[p.op], p.shapes(graph), spec, p.dtypes)
+        found = store.lookup(u.kernel, source_hash(u.family, target), u.signature, u.store_bucket, *graph_dtypes(graph),
+                             hw, toolchain()) if store is not None else None
+        ins, outs = concrete(graph, u.node, u.bucket, u.context)
+        shapes = site_shapes(graph, u.node, u.bucket, u.context)
+        guess = predict(get_op(u.op).cost(ins, outs, u.node.attr, u.context), template(u.family).DEFAULT_META[u.kernel],
+                        shapes, spec, graph_dtypes(graph)[0])
         # per candidate: compile (~1 s), warm-up and repeats of the kernel
-        rows.append(PlanRow(p.op, p.signature, p.bucket, len(cands), n, found.tier if found else None,
-                            n * (1.0 + 60 * guess)))
+        rows.append(PlanRow(u.site, u.op, u.kernel, u.bucket.key, len(cands), n,
+                            _tier_name(found) if found else None, n * (1.0 + 60 * guess)))
     return rows
+
+
+def _tier_name(found) -> str:
+    """A record measured under the interpreter is never presented as a measured config."""
+    return "interpreter" if found.record.method.get("kind") == "interpreter" else found.tier
 
 
 def _default_budget(n: int, target: str) -> int:
@@ -140,20 +198,24 @@ def _close(got, want) -> bool:
     return True
 
 
+def _clone(a):
+    return a.clone() if isinstance(a, torch.Tensor) else a  # quantised weights are read only
+
+
 def measure_candidate(launcher, args, want, meta: dict, attrs: dict, on_gpu: bool) -> dict:
     """Run one candidate: its output must match the reference before its time counts."""
     out = {"seconds": None, "status": "ok", "detail": ""}
     try:
-        got = launcher(*[a.clone() for a in args], meta=meta, **attrs)
+        got = launcher(*[_clone(a) for a in args], meta=meta, **attrs)
         if not _close(got, want):
             out.update(status="wrong_result", detail="differs from the op's reference")
         elif on_gpu:
-            fresh = [a.clone() for a in args]
+            fresh = [_clone(a) for a in args]
             decode = args[0].dim() >= 2 and args[0].shape[1] == 1  # [B, T=1, ...]: a decode step
             out["seconds"], out["spread"] = _measure_cuda(lambda: launcher(*fresh, meta=meta, **attrs), graph=decode)
         else:  # the interpreter: one run, timed only to exercise the loop
             t0 = time.perf_counter()
-            launcher(*[a.clone() for a in args], meta=meta, **attrs)
+            launcher(*[_clone(a) for a in args], meta=meta, **attrs)
             out["seconds"] = time.perf_counter() - t0
     except Exception as e:  # recorded, not fatal
         kind = "out_of_resources" if "OutOfResources" in type(e).__name__ else "compile_error"
@@ -161,14 +223,20 @@ def measure_candidate(launcher, args, want, meta: dict, attrs: dict, on_gpu: boo
     return out
 
 
+def site_launcher(modules: dict, u: Unit):
+    fn = getattr(modules[u.family], u.launcher)[u.op]
+    return fn[0] if u.launcher == "QUANTIZED" else fn
+
+
 def tune(path, strategy: str = "tpe", budget: int | None = None, store: TuningStore | None = None,
-         seed: int = 0, log: Callable[[str], None] = print, force: bool = False, isolate: bool | None = None) -> dict:
-    """Tune every kernel op of the artifact at ``path``; returns op -> (meta, tier).
-    Under torch.distributed only rank 0 measures; every rank returns rank 0's choices.
-    ``isolate`` (default: on with a GPU) measures candidates in a child process."""
+         seed: int = 0, log: Callable[[str], None] = print, force: bool = False, isolate: bool | None = None,
+         buckets=None) -> dict:
+    """Tune every kernel call site of the artifact at ``path`` at each shape bucket (``units``); returns
+    (site, bucket) -> (meta, tier). Under torch.distributed only rank 0 measures; every rank returns rank
+    0's choices. ``isolate`` (default: on with a GPU) measures candidates in a child process."""
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
-        return {op: tuple(v) for op, v in agree({}).items()}
+        return {tuple(k.split("|")): tuple(v) for k, v in agree({}).items()}
     man, graph = _setup(path)
     target = man.data["target"]
     on_gpu = torch.cuda.is_available() and target != "cpu"
@@ -178,45 +246,40 @@ def tune(path, strategy: str = "tpe", budget: int | None = None, store: TuningSt
     device = "cuda" if on_gpu else "cpu"
     if not on_gpu:
         os.environ["TRITON_INTERPRET"] = "1"
+        log("no GPU: candidates run under Triton's interpreter; their timings mean nothing (records are marked "
+            "'interpreter' and never presented as measured configs): this tests the mechanism only")
     store = TuningStore() if store is None else store
     hw, spec = hardware_for(target)
     tc = toolchain()
-    ops = man.data["kernels"]["ops"]
-    ctx = 131072 if on_gpu else CPU_CONTEXT
+    dtypes, quant = graph_dtypes(graph)
     chosen = {}
     runnable = load_modules(man.root, man.data["kernels"], device)  # exactly the artifact's kernel code
-    todo = problems(graph, set(ops), context=ctx)
-    for i, p in enumerate(todo, 1):
-        fam = ops[p.op]["module"]
-        sh = source_hash(fam, target)
+    todo = units(man, graph, buckets)
+    for i, u in enumerate(todo, 1):
+        sh = source_hash(u.family, target)
+        tag = f"[{i}/{len(todo)}] {u.op} {u.site} {u.bucket.key}"
         if not force:
-            hit = store.lookup(p.op, sh, p.signature, p.bucket, p.dtypes, p.quant, hw, tc)
-            if hit and hit.tier == "exact":
-                log(f"[{i}/{len(todo)}] {p.op}: already tuned here ({p.bucket})")
-                chosen.setdefault(p.op, (dict(hit.record.config), "exact"))
+            hit = store.lookup(u.kernel, sh, u.signature, u.store_bucket, dtypes, quant, hw, tc)
+            if hit and hit.tier == "exact" and hit.bucket == u.store_bucket:
+                log(f"{tag}: already tuned here")
+                chosen[(u.site, u.bucket.key)] = (dict(hit.record.config), _tier_name(hit))
                 continue
-        mod = importlib.import_module(f"v4c.codegen.templates.{fam}")
-        try:
-            cands = candidates(mod, p.op, p.shapes(graph), spec)
-        except Exception:
-            cands = []
-        cands = cands or [dict(mod.DEFAULT_META[p.op])]
-        bind = {"B": p.batch, "T": p.tokens, "L": p.context}
-        args = node_inputs(graph, p.node, bind, p.context, device)
-        want = get_op(p.op).ref(*[a.clone() for a in args], **p.node.attr)
+        cands = unit_candidates(graph, u, spec)
+        args = node_inputs(graph, u.node, u.bind(), u.context, device)
+        want = get_op(u.op).ref(*[_clone(a) for a in args], **u.node.attr)
         timings, best = [], [None]
-        worker = Worker(man.root, p.op, p.signature, p.context, p.tokens) if (
-            on_gpu if isolate is None else isolate) else None
+        worker = Worker(man.root, u.site, u.bucket.key, u.context) if (on_gpu if isolate is None else isolate) \
+            else None
+        launcher = site_launcher(runnable, u)
 
         def objective(meta):
-            launcher = runnable[fam].KERNELS[p.op]
             entry = {"config": dict(meta)}
             entry.update(worker.measure(meta) if worker is not None else
-                         measure_candidate(launcher, args, want, meta, p.node.attr, on_gpu))
+                         measure_candidate(launcher, args, want, meta, u.node.attr, on_gpu))
             timings.append({k: v for k, v in entry.items() if k != "spread"})
             if entry["seconds"] is not None and (best[0] is None or entry["seconds"] < best[0][0]):
                 best[0] = (entry["seconds"], meta, entry.get("spread", 0.0))
-                log(f"[{i}/{len(todo)}] {p.op} {p.bucket}: best so far {entry['seconds'] * 1e3:.3f} ms {meta}")
+                log(f"{tag}: best so far {entry['seconds'] * 1e3:.3f} ms {meta}")
             return entry["seconds"]
 
         n = budget or _default_budget(len(cands), target)
@@ -227,28 +290,34 @@ def tune(path, strategy: str = "tpe", budget: int | None = None, store: TuningSt
                 worker.close()
         if best[0] is None:
             why = next((t["detail"] for t in timings if t["detail"]), "")
-            log(f"[{i}/{len(todo)}] {p.op}: no candidate ran correctly ({why[:160]}); keeping the default")
+            log(f"{tag}: no candidate ran correctly ({why[:160]}); keeping the compiled config")
             continue
         secs, meta, spread = best[0]
-        method = ({"kind": "cuda_events", "reps": 20, "warmup": 5, "l2_flush": True, "cuda_graph": p.tokens == 1}
-                  if on_gpu else {"kind": "interpreter", "meaningless": True})
-        rec = TuningRecord(kernel=p.op, source_hash=sh, signature=p.signature, bucket=p.bucket, dtypes=p.dtypes,
-                           quant=p.quant, hardware=hw, toolchain={k: tc[k] for k in ("triton", "torch", "cuda")},
-                           config=dict(meta), best_seconds=secs, timings=timings, method=method, spread=spread,
+        method = ({"kind": "cuda_events", "reps": 20, "warmup": 5, "l2_flush": True,
+                   "cuda_graph": u.bucket.tokens == 1} if on_gpu else {"kind": "interpreter", "meaningless": True})
+        rec = TuningRecord(kernel=u.kernel, source_hash=sh, signature=u.signature, bucket=u.store_bucket,
+                           dtypes=dtypes, quant=quant, hardware=hw,
+                           toolchain={k: tc[k] for k in ("triton", "torch", "cuda")}, config=dict(meta),
+                           best_seconds=secs, timings=timings, method=method, spread=spread,
                            measured_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                            host=socket.gethostname(), schema=1)
         store.put(rec)  # stored as soon as the kernel is done: an interrupt keeps it
-        chosen.setdefault(p.op, (dict(meta), "exact"))
+        chosen[(u.site, u.bucket.key)] = (dict(meta), "exact" if on_gpu else "interpreter")
     _write_manifest(man, chosen)
-    agree({op: list(v) for op, v in chosen.items()})  # the other ranks wait for these
+    agree({"|".join(k): list(v) for k, v in chosen.items()})  # the other ranks wait for these
     return chosen
 
 
 def _write_manifest(man, chosen: dict) -> None:
-    """Record the tuned configs in the artifact (the manifest is rewritten atomically)."""
+    """Record the tuned configs in the artifact's per-site tables (the manifest is rewritten atomically)."""
     data = json.loads(json.dumps(man.data))
-    for op, (meta, tier) in chosen.items():
-        data["kernels"]["ops"][op].update(meta=meta, config_source=tier)
+    sites = data["kernels"].get("sites", {})
+    for (sid, bkey), (meta, tier) in chosen.items():
+        sites[sid].setdefault("configs", {})[bkey] = {"meta": meta, "config_source": tier}
+    for op in data["kernels"].get("ops", {}).values():
+        for k in ("meta", "config_source", "quantized"):
+            op.pop(k, None)
+    summarize_ops(data["kernels"]["ops"], sites)
     tmp = man.root / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, man.root / MANIFEST)

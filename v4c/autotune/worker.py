@@ -5,7 +5,7 @@ The parent sends one JSON line per candidate (its meta-parameters) and reads one
 back; if the child dies, the candidate in flight is recorded as "crashed" and a fresh child
 is started for the next one.
 
-    python -m v4c.autotune.worker ARTIFACT OP SIGNATURE CONTEXT TOKENS
+    python -m v4c.autotune.worker ARTIFACT SITE BUCKET CONTEXT
 """
 from __future__ import annotations
 
@@ -16,9 +16,8 @@ import sys
 
 
 class Worker:
-    def __init__(self, artifact, op: str, signature: str, context: int, tokens: int, env=None):
-        self.argv = [sys.executable, "-m", "v4c.autotune.worker", str(artifact), op, signature, str(context),
-                     str(tokens)]
+    def __init__(self, artifact, site: str, bucket: str, context: int, env=None):
+        self.argv = [sys.executable, "-m", "v4c.autotune.worker", str(artifact), site, bucket, str(context)]
         self.env = env
         self.proc = None
 
@@ -48,30 +47,27 @@ class Worker:
         self.proc = None
 
 
-def _serve(artifact, op, signature, context, tokens):
+def _serve(artifact, site, bucket, context):
     import torch
 
-    from ..artifact.manifest import verify_artifact
     from ..graph.registry import get_op
-    from ..graph.text import parse_graph
     from ..runtime.kernels import load_modules
     from .inputs import node_inputs
-    from .problems import problems
-    from .tune import measure_candidate
+    from .tune import _clone, _setup, measure_candidate, site_launcher, units
 
-    man = verify_artifact(artifact)
-    graph = parse_graph((man.root / man.data["graph"]).read_text())
+    man, graph = _setup(artifact)
     on_gpu = torch.cuda.is_available() and man.data["target"] != "cpu"
     device = "cuda" if on_gpu else "cpu"
     mods = load_modules(man.root, man.data["kernels"], device)
-    p = next(q for q in problems(graph, {op}, tokens=tokens, context=context) if q.signature == signature)
-    launcher = mods[man.data["kernels"]["ops"][op]["module"]].KERNELS[op]
-    args = node_inputs(graph, p.node, {"B": p.batch, "T": p.tokens, "L": p.context}, p.context, device)
-    want = get_op(op).ref(*[a.clone() for a in args], **p.node.attr)
+    u = next(x for x in units(man, graph, [bucket]) if x.site == site)
+    u = type(u)(**{**u.__dict__, "context": context})
+    launcher = site_launcher(mods, u)
+    args = node_inputs(graph, u.node, u.bind(), u.context, device)
+    want = get_op(u.op).ref(*[_clone(a) for a in args], **u.node.attr)
     for line in sys.stdin:
-        print(json.dumps(measure_candidate(launcher, args, want, json.loads(line), p.node.attr, on_gpu)), flush=True)
+        print(json.dumps(measure_candidate(launcher, args, want, json.loads(line), u.node.attr, on_gpu)), flush=True)
 
 
 if __name__ == "__main__":
     a = sys.argv[1:]
-    _serve(a[0], a[1], a[2], int(a[3]), int(a[4]))
+    _serve(a[0], a[1], a[2], int(a[3]))

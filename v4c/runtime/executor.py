@@ -7,6 +7,7 @@ import torch
 
 from ..graph.ir import Graph
 from ..graph.registry import get_op
+from ..graph.sites import site_id
 from ..graph.weights import bind_quantized
 
 
@@ -14,14 +15,17 @@ class Executor:
     """A graph bound to its weights; ``run`` executes one forward call, updating states in place."""
 
     def __init__(self, graph: Graph, params: Mapping[str, torch.Tensor], impls: Mapping | None = None):
-        """``impls`` (op -> callable) replaces ops' references, e.g. with the artifact's kernels."""
+        """``impls`` (call site id or op -> callable) replaces ops' references, e.g. with the artifact's
+        kernels; a node's site entry wins over its op's."""
         self.graph = graph
         self.params = bind_quantized(dict(graph.params), params)  # quantised weights joined with their scales
         self.plan = []
         impls = impls or {}
+        types = graph.value_types()
         for node in graph.nodes:
             op = get_op(node.op)
-            self.plan.append((impls.get(node.op, op.ref), node.inputs, node.outputs, node.attr, op.state_io, node.op))
+            fn = impls.get(site_id(node, types)) if impls else None
+            self.plan.append((fn or impls.get(node.op, op.ref), node.inputs, node.outputs, node.attr, op.state_io, node.op))
         self.frees = _last_uses(graph)
 
     def run(self, inputs: Mapping[str, torch.Tensor], states: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:

@@ -13,7 +13,7 @@ from ..graph.verify import verify
 from ..io.checkpoint import Checkpoint
 from ..settings import configure_threads
 from ..io.naming import plan_sources
-from .kernels import load_kernels
+from .kernels import install_binaries, load_kernels
 from .model import Model, cast_param
 from .torch_ops import IMPLS as TORCH_IMPLS
 
@@ -21,7 +21,20 @@ from .torch_ops import IMPLS as TORCH_IMPLS
 def _device(device) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r} ({e}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch build has no CUDA support (torch " + torch.__version__ + ")"
+                   if torch.version.cuda is None else "no CUDA GPU is visible")
+            raise ValueError(f"device {device!r}: {why}; run with --device cpu, or install a CUDA build of torch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {device!r}: v4c runs on cpu or cuda")
+    return dev
 
 
 BACKENDS = ("torch", "triton", "reference")
@@ -52,6 +65,9 @@ def load(path: str | os.PathLike, device=None, verify_weights: bool = False, bac
         params = {n: cast_param(sources[n].load(ckpt), t.dtype, dev) for n, t in graph.params}
     kernels = man.data.get("kernels", {})
     backend = backend or ("triton" if dev.type == "cuda" and kernels.get("ops") else "torch")
+    if backend == "triton" and dev.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(dev)
+        install_binaries(root, man.data.get("aot"), f"sm{major}{minor}")
     impls = {"triton": lambda: load_kernels(root, kernels, dev.type), "torch": lambda: dict(TORCH_IMPLS),
              "reference": dict}[backend]()
     return Model(root, config, graph, params, dev, man.data, impls=impls, backend=backend, cuda_graphs=cuda_graphs)
