@@ -6,9 +6,17 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests import their helper modules by name
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-if "V4C_CACHE_DIR" not in os.environ:  # tests never read or write the user's tuning cache
+_OWN_CACHE = None
+if "V4C_CACHE_DIR" not in os.environ:  # tests never read or write the user's caches (tuning, AOT, C helpers)
     import tempfile
-    os.environ["V4C_CACHE_DIR"] = tempfile.mkdtemp(prefix="v4c-test-cache-")
+    _OWN_CACHE = os.environ["V4C_CACHE_DIR"] = tempfile.mkdtemp(prefix="v4c-test-cache-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The cache directory the tests made for themselves goes when they are done."""
+    if _OWN_CACHE is not None:
+        import shutil
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -230,6 +230,30 @@ def test_native_build_failure_is_reported_and_falls_back(monkeypatch, tmp_path):
                                            torch.zeros(2, 32, 32, **bf), [])
 
 
+def test_native_helpers_are_built_once_per_content_hash_into_the_users_cache(monkeypatch, tmp_path):
+    """The first process builds the C helpers into $V4C_CACHE_DIR/native/<hash>/; the next loads them without
+    running a compiler; a cached library that others could have replaced (group/world-writable) is rebuilt."""
+    import subprocess
+
+    from v4c.runtime.torch_ops import native
+    monkeypatch.setenv("V4C_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_state", {})
+    if native.library() is None:
+        pytest.skip(f"C helpers unavailable: {native.why()}")
+    (entry,) = (tmp_path / "native").iterdir()
+    assert sorted(p.name for p in entry.iterdir()) == ["libv4c_native.so"]  # no objects, no temporaries
+    builds = []
+    real = subprocess.Popen
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: (builds.append(a) if "-c" in a[0] else None,
+                                                               real(*a, **k))[1])  # compiler runs, not `cc --version`
+    monkeypatch.setattr(native, "_state", {})
+    assert native.library() is not None and builds == []  # loaded from the cache: nothing compiled
+    (entry / "libv4c_native.so").chmod(0o777)
+    monkeypatch.setattr(native, "_state", {})
+    assert native.library() is not None and builds  # not trusted: built again
+    assert not (entry / "libv4c_native.so").stat().st_mode & 0o022
+
+
 def test_sinkhorn_one_matrix_path_equals_reference():
     from v4c.graph.ops.mhc import sinkhorn
     from v4c.runtime.torch_ops.mhc import sinkhorn_

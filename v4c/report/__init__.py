@@ -50,7 +50,7 @@ def write_report(model, out_dir, *, target: str | None = None, batch: int = 1, c
         else:
             from ..compiler import compile as compile_model
             artifact = compile_model(model, Path(tmp) / "artifact", target=_compile_target(target), dtype=dtype,
-                                     weights="none", tuning_cache=False)
+                                     weights="none", tuning_cache=False, aot=False)  # costs need no binaries
             log(f"compiled {model} weight-free for {_compile_target(target)} ({dtype})")
         series = build_series(artifact, target=target, batch=batch, context=context, contexts=contexts,
                               source=str(model))

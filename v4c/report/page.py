@@ -71,7 +71,7 @@ indexer keys {_e(series['indexer_cache_format'])}, maximum context {context_labe
 <p class="note">This model: {kv['model_bytes_per_token']:.1f} B per token of growth plus fixed window rings and
 compressor state ({human_bytes(kv['model_fixed'][0])}). Baseline: {_e(kv['baseline_desc'])},
 {kv['baseline_bytes_per_token']} B per token.</p>
-{_table(('context', 'this model', 'V3.2-style baseline', 'ratio'), kv_rows)}
+{_table(('context', 'this model', 'V3.2-style cache, same layers', 'ratio'), kv_rows)}
 
 <h2>Decode FLOPs per token</h2>
 {_img(plots['decode_flops.png'], 'Decode FLOPs per token against context, by term')}

@@ -15,7 +15,8 @@ def require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise V4CError("v4c report draws with matplotlib; install it with pip install 'v4c[report]'") from None
+        raise V4CError("v4c report draws with matplotlib: pip install matplotlib "
+                       "(in a v4c checkout: pip install -e \".[report]\")") from None
 
 
 def _figure():
@@ -46,7 +47,7 @@ def kv_figure(series: dict):
     ax = fig.add_subplot()
     ax.plot(ctx, kv["model"], "o-", color="#c44e52", label=f"this model ({series['kv_cache_format']} rows, "
                                                           f"{series['indexer_cache_format']} indexer keys)")
-    ax.plot(ctx, kv["baseline"], "s--", color="#4c72b0", label="V3.2-style baseline, same layer count")
+    ax.plot(ctx, kv["baseline"], "s--", color="#4c72b0", label="V3.2-style cache of the same layer count")
     _context_axis(ax, ctx)
     ax.set_yscale("log", base=2)
     ax.yaxis.set_major_locator(LogLocator(base=4))
@@ -54,7 +55,8 @@ def kv_figure(series: dict):
     ax.set_ylabel("KV cache per sequence")
     ratio = kv["model"][-1] / kv["baseline"][-1]
     ax.text(0.98, 0.04, f"at {context_label(ctx[-1])}: {human_bytes(kv['model'][-1])} against "
-            f"{human_bytes(kv['baseline'][-1])}, {ratio:.1%} of the baseline", transform=ax.transAxes,
+            f"{human_bytes(kv['baseline'][-1])}: {ratio:.1%} of a V3.2-style cache of the same "
+            f"{series['model']['layers']} layers", transform=ax.transAxes,
             ha="right", fontsize=9)
     ax.set_title(f"KV cache per sequence ({series['model']['layers']} layers)")
     ax.grid(True, which="major", alpha=0.3)

@@ -60,6 +60,8 @@ def build_series(artifact, *, target: str | None = None, batch: int = 1, context
     man = read_manifest(artifact)
     cfg = V4Config.from_dict(json.loads((man.root / man.data["config"]).read_text()))
     graph = parse_graph((man.root / man.data["graph"]).read_text())
+    # the curves stop at the model's own maximum context: nothing is plotted the model cannot hold
+    contexts = [c for c in contexts if c <= cfg.max_position_embeddings] or [cfg.max_position_embeddings]
     layers = cfg.num_hidden_layers
     base_fmt = _BASELINE_FORMAT.get(inspected["kv_cache_format"], "fp8")
     base_per_token = v32_bytes_per_token(base_fmt, layers)

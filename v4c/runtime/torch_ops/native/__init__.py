@@ -17,6 +17,7 @@ the same results up to rounding, slower.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import shutil
 import subprocess
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ....settings import native_enabled
+from ....settings import cache_dir, native_enabled
 
 _SOURCES = ("mhc.c", "norm_rope.c", "attention.c", "moe.c", "parallel.c")
 _state: dict = {}
@@ -44,13 +45,50 @@ def _openmp_entries() -> tuple:
         return None, None, None
 
 
+_FLAGS = ("-O3", "-std=c99", "-fPIC", "-pthread")
+
+
+def _private(p: Path) -> bool:
+    """Owned by this user and writable by no one else (so nobody else can have replaced it)."""
+    try:
+        st = p.stat()
+    except OSError:
+        return False
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def _build_key(cc: str) -> str:
+    here = Path(__file__).parent
+    h = hashlib.sha256(" ".join((cc, *_FLAGS)).encode())
+    try:
+        h.update(subprocess.run([cc, "--version"], capture_output=True, timeout=30).stdout)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    for name in sorted(p.name for p in here.iterdir() if p.suffix in (".c", ".h")):
+        h.update(name.encode() + b"\0" + (here / name).read_bytes())
+    return h.hexdigest()[:24]
+
+
 def _build() -> ctypes.CDLL | None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         _state["why"] = "no C compiler found (cc, gcc or clang)"
         return None
+    root = cache_dir() / "native"
+    final = root / _build_key(cc)
+    lib_path = final / "libv4c_native.so"
+    if _private(root) and _private(final) and _private(lib_path):
+        try:
+            return _bind(ctypes.CDLL(str(lib_path)))
+        except OSError:
+            pass  # a damaged entry: built again below
+    try:
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(root, 0o700)
+    except OSError:
+        root = None  # no usable cache directory: build in a temporary one, as without a cache
     here = Path(__file__).parent
-    tmp = Path(tempfile.mkdtemp(prefix="v4c-native-"))
+    tmp = Path(tempfile.mkdtemp(prefix="v4c-native-", dir=root))
     out = tmp / "libv4c_native.so"
     objs = [tmp / (Path(s).stem + ".o") for s in _SOURCES]
     jobs: list = []
@@ -58,7 +96,7 @@ def _build() -> ctypes.CDLL | None:
         # one compiler per source, all at once (about half the wait of one sequential build on 2
         # cores), then one link
         for src, obj in zip(_SOURCES, objs):
-            jobs.append(subprocess.Popen([cc, "-O3", "-std=c99", "-fPIC", "-pthread", "-c", "-o", str(obj),
+            jobs.append(subprocess.Popen([cc, *_FLAGS, "-c", "-o", str(obj),
                                           str(here / src)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         for job in jobs:
             _, err = job.communicate(timeout=120)
@@ -67,6 +105,15 @@ def _build() -> ctypes.CDLL | None:
         subprocess.run([cc, "-shared", "-pthread", "-o", str(out), *map(str, objs), "-lm"], check=True,
                        capture_output=True, text=True, timeout=120)
         lib = ctypes.CDLL(str(out))
+        if root is not None:  # keep it for the next process: the entry appears whole or not at all
+            for obj in objs:
+                obj.unlink()
+            os.chmod(tmp, 0o700)
+            shutil.rmtree(final, ignore_errors=True)
+            try:
+                os.replace(tmp, final)
+            except OSError:
+                pass  # another process published the same build first
     except (OSError, subprocess.SubprocessError) as e:
         err = getattr(e, "stderr", "") or str(e)
         _state["why"] = f"building the C helpers failed: {err.strip()[:500]}"
@@ -77,6 +124,10 @@ def _build() -> ctypes.CDLL | None:
                 job.kill()
                 job.wait()
         shutil.rmtree(tmp, ignore_errors=True)  # a loaded library stays mapped; nothing is left behind
+    return _bind(lib)
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i, lg, fl = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
     lib.v4c_hc_mix.argtypes = [i, lg, i, i, i, i, i, p, p, p, p, p, p, p, p, fl, fl, i, p, p, p, p, p]
     lib.v4c_norm_rope.argtypes = [i, lg, i, i, i, p, p, i, fl, i, p, p]
