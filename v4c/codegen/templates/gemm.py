@@ -114,11 +114,15 @@ _GEMM_META = {"BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (32, 64, 128, 256), "BLOC
 # BLOCK_N is not searched: any other value could never run
 _NORM_META = {"BLOCK_M": (16, 32, 64), "BLOCK_N": (None,), "BLOCK_K": (32, 64, 128),
               "GROUP_M": (1, 8), "num_warps": (4, 8), "num_stages": (2, 3, 4)}
+# linear_rms_norm's group is a whole row: one wider than 1024 (V4-Pro's q_lora_rank 1536, padded to 2048)
+# only fits the registers with 16 warps and shared memory with 16-wide K steps. The per-head norms
+# (q_proj, kv_proj: 512 wide) keep the smaller space, whose wide-warp tiles only spill there.
+_ROW_NORM_META = {**_NORM_META, "BLOCK_K": (16, 32, 64, 128), "num_warps": (4, 8, 16), "num_stages": (1, 2, 3, 4)}
 _NORM_DEFAULT = {"BLOCK_M": 16, "BLOCK_N": None, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 2}
 
 META = {
     "linear": dict(_GEMM_META),
-    "linear_rms_norm": dict(_NORM_META),
+    "linear_rms_norm": dict(_ROW_NORM_META),
     "q_proj": dict(_NORM_META),
     "kv_proj": dict(_NORM_META),
     # o_proj: BLOCK_*_A tile the grouped GEMM (its N is the rank per group), BLOCK_N/K the dense one
