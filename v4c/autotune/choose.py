@@ -144,7 +144,8 @@ def site_candidates(graph: Graph, site: dict, node: Node, bucket: Bucket, contex
 
     tokens_bucket = bucket_for(bucket.rows, context)
     if store is not None:
-        found = store.lookup(key, source_hash(fam, target), signature(node), tokens_bucket, dtypes, quant, hw, tc)
+        found = store.lookup(key, source_hash(fam, target), signature(node), tokens_bucket, dtypes, quant, hw, tc,
+                             shapes=site_shapes(graph, node, bucket, context))  # never a config the kernel refuses
         if found:  # a record timed under the interpreter is never presented as a measured config
             tier = "interpreter" if found.record.method.get("kind") == "interpreter" else found.tier
             add(dict(found.record.config), tier, bucket=found.bucket)

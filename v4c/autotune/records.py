@@ -34,6 +34,9 @@ MAX_RECORD_BYTES = 1 << 20        # 1 MiB of canonical JSON per record
 MAX_TIMINGS = 10_000
 MAX_STRING_BYTES = 4096           # any single string (UTF-8 bytes), keys included
 MAX_CONFIG_ENTRIES = 1024
+# The fastest time a record may claim. No kernel launch timed with CUDA events (or replayed from a CUDA
+# graph) completes in under a microsecond, and a zero or tiny time would win every merge for ever.
+MIN_SECONDS = 1e-6
 
 STATUSES = ("ok", "compile_error", "out_of_resources", "wrong_result", "timeout")
 KEY_FIELDS = ("kernel", "source_hash", "signature", "bucket", "dtypes", "quant",
@@ -157,10 +160,21 @@ def _fail(field: str, msg: str):
     raise RecordError(f"{field}: {msg}")
 
 
+def _name(text: str) -> str:
+    """A field or key name as it may appear in a message: escaped unless plain printable text."""
+    return text if text.isprintable() and text.isascii() else ascii(text)
+
+
 def _str(field: str, v, *, nonempty=False) -> str:
     if not isinstance(v, str):
         _fail(field, f"expected a string, got {type(v).__name__}")
-    if len(v) > MAX_STRING_BYTES or len(v.encode("utf-8", "surrogatepass")) > MAX_STRING_BYTES:
+    if len(v) > MAX_STRING_BYTES:
+        _fail(field, f"string longer than {MAX_STRING_BYTES} bytes (oversize)")
+    try:  # strict: a lone surrogate (JSON "\ud800") cannot be stored in SQLite or sent to Redis
+        size = len(v.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        _fail(field, f"not valid Unicode text (lone surrogate {ascii(v[e.start])} at position {e.start})")
+    if size > MAX_STRING_BYTES:
         _fail(field, f"string longer than {MAX_STRING_BYTES} bytes (oversize)")
     if nonempty and not v:
         _fail(field, "must not be empty")
@@ -175,14 +189,19 @@ def _int(field: str, v, *, minimum=0) -> int:
     return v
 
 
-def _seconds(field: str, v) -> float:
+def _seconds(field: str, v, *, floor: float = 0.0) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         _fail(field, f"expected a number of seconds, got {type(v).__name__}")
-    v = float(v)
+    try:
+        v = float(v)
+    except OverflowError:   # an int too large for a float
+        _fail(field, "must be finite, got an integer beyond float range")
     if not math.isfinite(v):
         _fail(field, f"must be finite, got {v}")
     if v < 0:
         _fail(field, f"negative time {v}")
+    if v < floor:
+        _fail(field, f"implausible time {v:g} s, below the {floor:g} s floor (no kernel launch is faster)")
     return v
 
 
@@ -215,7 +234,7 @@ def _config(field: str, v) -> dict:
     out = {}
     for k, x in v.items():
         _str(f"{field} key", k, nonempty=True)
-        out[k] = _scalar(f"{field}.{k}", x, allow_none=True)  # None: "the shape's own size" (e.g. a norm tile)
+        out[k] = _scalar(f"{field}.{_name(k)}", x, allow_none=True)  # None: "the shape's own size" (e.g. a norm tile)
     return out
 
 
@@ -237,7 +256,7 @@ def _hardware(v, field="hardware", *, need_product=True) -> dict:
         if k == "product":
             out[k] = _str(f"{field}.product", x)
         else:
-            out[k] = _scalar(f"{field}.{k}", x, allow_none=True)
+            out[k] = _scalar(f"{field}.{_name(k)}", x, allow_none=True)
     return out
 
 
@@ -250,7 +269,7 @@ def _toolchain(v, field="toolchain") -> dict:
     for k, x in v.items():
         _str(f"{field} key", k, nonempty=True)
         if x is not None:
-            _str(f"{field}.{k}", x, nonempty=True)
+            _str(f"{field}.{_name(k)}", x, nonempty=True)
         out[k] = x
     return out
 
@@ -262,7 +281,7 @@ def _method(v) -> dict:
     out = {}
     for k, x in v.items():
         _str("method key", k, nonempty=True)
-        out[k] = _scalar(f"method.{k}", x, allow_none=True)
+        out[k] = _scalar(f"method.{_name(k)}", x, allow_none=True)
     _str("method.kind", out["kind"], nonempty=True)
     return out
 
@@ -278,7 +297,7 @@ def _timings(v) -> list:
         _dict(f, t)
         for k in t:
             if k not in ("config", "seconds", "status", "detail"):
-                _fail(f"{f}.{k}", "unknown field")
+                _fail(f"{f}.{_name(str(k))}", "unknown field")
         for k in ("config", "seconds", "status"):
             if k not in t:
                 _fail(f"{f}.{k}", "missing")
@@ -289,8 +308,8 @@ def _timings(v) -> list:
         if secs is None:
             if status == "ok":
                 _fail(f"{f}.seconds", "null for status 'ok'")
-        else:
-            secs = _seconds(f"{f}.seconds", secs)
+        else:   # failed candidates may carry how long they ran before failing
+            secs = _seconds(f"{f}.seconds", secs, floor=MIN_SECONDS if status == "ok" else 0.0)
         out.append({"config": _config(f"{f}.config", t["config"]), "seconds": secs,
                     "status": status, "detail": _str(f"{f}.detail", t.get("detail", ""))})
     return out
@@ -344,12 +363,12 @@ class TuningRecord:
         s("hardware", _hardware(self.hardware))
         s("toolchain", _toolchain(self.toolchain))
         s("config", _config("config", self.config))
-        s("best_seconds", _seconds("best_seconds", self.best_seconds))
+        s("best_seconds", _seconds("best_seconds", self.best_seconds, floor=MIN_SECONDS))
         s("timings", _timings(self.timings))
         s("method", _method(self.method))
         spread = self.spread
         if isinstance(spread, bool) or not isinstance(spread, (int, float)) \
-                or not math.isfinite(spread) or spread < 0:
+                or not math.isfinite(min(abs(spread), 1e300)) or spread < 0:   # min: ints beyond float
             _fail("spread", f"expected a finite number >= 0, got {spread!r}")
         s("spread", float(spread))
         s("measured_at", _timestamp(self.measured_at))
@@ -417,7 +436,7 @@ class TuningRecord:
         """Validate a parsed JSON object and build the record; RecordError names the field."""
         if not isinstance(d, dict):
             raise RecordError(f"record: expected a JSON object, got {type(d).__name__}")
-        unknown = sorted(str(k)[:80] for k in d if k not in FIELDS)
+        unknown = sorted(_name(str(k)[:80]) for k in d if k not in FIELDS)
         if unknown:
             _fail(unknown[0], "unknown field")
         missing = [k for k in FIELDS if k not in d]
@@ -426,12 +445,12 @@ class TuningRecord:
         if isinstance(d["timings"], list) and len(d["timings"]) > MAX_TIMINGS:
             _fail("timings", f"{len(d['timings'])} entries, more than {MAX_TIMINGS} (oversize)")
         if isinstance(d["schema"], bool) or d["schema"] != SCHEMA_VERSION:
-            _fail("schema", f"unsupported schema {d['schema']!r} (this v4c reads {SCHEMA_VERSION})")
+            _fail("schema", f"unsupported schema {repr(d['schema'])[:80]} (this v4c reads {SCHEMA_VERSION})")
         try:
             return cls(**{k: d[k] for k in FIELDS})
         except RecordError:
             raise
-        except (TypeError, ValueError, AttributeError, RecursionError) as e:
+        except (TypeError, ValueError, AttributeError, RecursionError, OverflowError) as e:
             raise RecordError(f"record: {type(e).__name__}: {e}") from None
 
     @classmethod

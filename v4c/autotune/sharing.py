@@ -7,10 +7,16 @@ a local read. Nothing received is executed or unpickled.
   `{"format": "v4c-tuning-bundle", "schema": 1, "records": [...]}` (sorted keys, records
   ordered by key, indent 1, trailing newline): exporting the same store twice gives the
   same bytes, so bundles diff and review well in a PR.
-* `import_bundle(store, path)` refuses a whole file that is over 64 MiB, not JSON, or of
-  another format/schema (BundleError); otherwise it imports every valid record in one
-  transaction and reports each rejected one with its index and the reason.
-* `merge_stores(dst, *srcs)` applies the same rule store to store.
+* `import_bundle(store, path)` refuses a whole file that is over 64 MiB, holds more than
+  MAX_BUNDLE_RECORDS records or MAX_BUNDLE_ITEMS JSON values (what parsing may cost in memory
+  is bounded before parsing), is not JSON, or of another format/schema (BundleError);
+  otherwise it imports every valid record in one transaction and reports each rejected one
+  with its index and the reason. Valid = the record's own checks (`TuningRecord`: fields,
+  strict UTF-8 strings, plausible timings) plus its config against this v4c's kernel template
+  (`store.check_record`).
+* `merge_stores(dst, *srcs)` applies the same rule store to store; sources given as paths are
+  opened read-only and must be existing v4c stores (StoreError otherwise), each read like a
+  bundle (same limits).
 * `push(store, url)` / `pull(store, url)` exchange records with a Redis server: one hash
   per namespace (`redis_hash_name`), field = canonical JSON of the key, value = record
   JSON. Both FAIL OPEN: if the server (or the `redis` package) is unavailable they warn
@@ -36,10 +42,15 @@ from v4c.errors import V4CError
 
 from .records import (MAX_RECORD_BYTES, SCHEMA_VERSION, RecordError, TuningRecord,
                       canonical_json, loads_strict)
-from .store import TuningStore
+from .store import TuningStore, check_record
 
 BUNDLE_FORMAT = "v4c-tuning-bundle"
 MAX_BUNDLE_BYTES = 64 << 20
+MAX_BUNDLE_RECORDS = 100_000
+# JSON values (and keys) a bundle may hold, counted before parsing: a real record takes ~20 bytes
+# of bundle per value, so 64 MiB of real records stay under it, while 2-byte values ("0,") would
+# otherwise cost ~100 bytes of memory each (15M of them: 3 GB). At most ~350 MB while parsing.
+MAX_BUNDLE_ITEMS = 4_000_000
 REDIS_CONNECT_TIMEOUT_S = 2.0
 REDIS_SOCKET_TIMEOUT_S = 10.0
 
@@ -139,16 +150,34 @@ def bundle_text(records) -> str:
     return json.dumps(doc, sort_keys=True, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
 
 
+def _json_items(text: str) -> int:
+    """An upper bound on the JSON values and keys in `text`, without parsing it: every one is
+    the first in its container or follows a comma (commas inside strings only over-count)."""
+    return text.count(",") + text.count("[") + text.count("{") + 1
+
+
 def export_bundle(store: TuningStore, path, filter=None) -> int:
     """Write the store's records (those for which `filter(record)` is true) to `path`
-    atomically; returns how many were written."""
+    atomically; returns how many were written. Refuses what `import_bundle` would refuse."""
     recs = [r for r in store.all() if filter is None or filter(r)]
+    if len(recs) > MAX_BUNDLE_RECORDS:
+        raise BundleError(f"{path}: {len(recs)} records, over the {MAX_BUNDLE_RECORDS} a bundle may "
+                          f"hold; export fewer records (filter=...)")
     text = bundle_text(recs)
-    if len(text.encode("utf-8")) > MAX_BUNDLE_BYTES:
-        raise BundleError(f"{path}: bundle would be over {MAX_BUNDLE_BYTES} bytes; "
-                          f"export fewer records (filter=...)")
+    if len(text.encode("utf-8")) > MAX_BUNDLE_BYTES or _json_items(text) > MAX_BUNDLE_ITEMS:
+        raise BundleError(f"{path}: bundle would be over {MAX_BUNDLE_BYTES} bytes or "
+                          f"{MAX_BUNDLE_ITEMS} JSON values; export fewer records (filter=...)")
     _atomic_write_text(Path(path), text)
     return len(recs)
+
+
+def _validate(raw) -> TuningRecord:
+    """One received record, parsed JSON: size, fields, then its config against the template."""
+    size = len(canonical_json(raw).encode("utf-8", "surrogatepass"))
+    if size > MAX_RECORD_BYTES:
+        raise RecordError(f"record: {size} bytes of JSON, over the "
+                          f"{MAX_RECORD_BYTES}-byte limit (oversize)")
+    return check_record(TuningRecord.from_json(raw))
 
 
 def read_bundle(path) -> tuple[list[TuningRecord], list[tuple[int, str]]]:
@@ -166,7 +195,13 @@ def read_bundle(path) -> tuple[list[TuningRecord], list[tuple[int, str]]]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise BundleError(f"{path}: not a UTF-8 JSON file ({e})") from None
+    del data
+    items = _json_items(text)
+    if items > MAX_BUNDLE_ITEMS:
+        raise BundleError(f"{path}: up to {items} JSON values, over the {MAX_BUNDLE_ITEMS} a bundle "
+                          f"may hold; refused (split it)")
     doc = loads_strict(text, f"{path}", BundleError)
+    del text
     if not isinstance(doc, dict):
         raise BundleError(f"{path}: not a v4c tuning bundle (top level is {type(doc).__name__})")
     if doc.get("format") != BUNDLE_FORMAT:
@@ -179,17 +214,17 @@ def read_bundle(path) -> tuple[list[TuningRecord], list[tuple[int, str]]]:
     extra = sorted(str(k)[:80] for k in doc if k not in ("format", "schema", "records"))
     if extra:
         raise BundleError(f"{path}: unknown bundle field {extra[0]!r}; refused")
-    records = doc.get("records")
+    records = doc.pop("records", None)
     if not isinstance(records, list):
         raise BundleError(f"{path}: 'records' must be a list")
+    if len(records) > MAX_BUNDLE_RECORDS:
+        raise BundleError(f"{path}: {len(records)} records, over the {MAX_BUNDLE_RECORDS} a bundle "
+                          f"may hold; refused (split it)")
     good, rejected = [], []
-    for i, raw in enumerate(records):
+    for i in range(len(records)):
+        raw, records[i] = records[i], None   # drop the parsed JSON as we go: peak memory ~ one copy
         try:
-            size = len(canonical_json(raw).encode("utf-8", "surrogatepass"))
-            if size > MAX_RECORD_BYTES:
-                raise RecordError(f"record: {size} bytes of JSON, over the "
-                                  f"{MAX_RECORD_BYTES}-byte limit (oversize)")
-            good.append(TuningRecord.from_json(raw))
+            good.append(_validate(raw))
         except RecordError as e:
             rejected.append((i, str(e)))
     return good, rejected
@@ -202,20 +237,31 @@ def import_bundle(store: TuningStore, path) -> ImportReport:
     return _put_all(store, good, report)
 
 
-def merge_stores(dst: TuningStore, *srcs: TuningStore) -> ImportReport:
-    """Merge every record of `srcs` into `dst` (one transaction); invalid source rows are
-    rejected with their index (position in that source's key order) and reason."""
-    report = ImportReport(source=", ".join(str(s.path) for s in srcs))
-    good = []
+def merge_stores(dst: TuningStore, *srcs) -> ImportReport:
+    """Merge every record of `srcs` (TuningStore objects, or paths: opened read-only) into
+    `dst` (one transaction); invalid source rows are rejected with their index (position in
+    that source's key order) and reason. A source that is missing, not a v4c store, corrupt
+    or over the bundle limits is a StoreError naming it, before `dst` is touched."""
+    good, rejected, names = [], [], []
     for src in srcs:
-        for i, (kj, payload) in enumerate(src.raw_rows()):
+        store = src if isinstance(src, TuningStore) else TuningStore(src, readonly=True)
+        try:
+            names.append(str(store.path))
+            rows = store.read_rows(MAX_BUNDLE_RECORDS, MAX_BUNDLE_BYTES)
+        finally:
+            if store is not src:
+                store.close()
+        for i, (kj, payload) in enumerate(rows):
             try:
-                rec = TuningRecord.from_text(payload)
+                if payload is None:
+                    raise RecordError(f"record: over the {MAX_RECORD_BYTES}-byte limit (oversize)")
+                rec = check_record(TuningRecord.from_text(payload))
                 if rec.key_json() != kj:
                     raise RecordError("record: stored under another key")
                 good.append(rec)
             except RecordError as e:
-                report.rejected.append((i, f"{src.path}: {e}"))
+                rejected.append((i, f"{store.path}: {e}"))
+    report = ImportReport(source=", ".join(names), rejected=rejected)
     return _put_all(dst, good, report)
 
 
@@ -286,7 +332,7 @@ def push(store: TuningStore, url: str, namespace: str = "v4c") -> PushReport:
                             theirs = None
                             if raw is not None:
                                 try:
-                                    theirs = TuningRecord.from_text(raw)
+                                    theirs = check_record(TuningRecord.from_text(raw))
                                     if theirs.key_json() != kj:
                                         theirs = None
                                 except RecordError:
@@ -328,13 +374,15 @@ def pull(store: TuningStore, url: str, namespace: str = "v4c") -> ImportReport:
         report.ok, report.error = False, _fail_open(url, _reason(e))
         return report
     hname = redis_hash_name(namespace)
-    good, total = [], 0
+    good, total, count = [], 0, 0
     try:
         for field, raw in client.hscan_iter(hname, count=500):
             total += len(field) + len(raw)
-            if total > MAX_BUNDLE_BYTES:
+            count += 1
+            if total > MAX_BUNDLE_BYTES or count > MAX_BUNDLE_RECORDS:
                 report.ok, report.error = False, _fail_open(
-                    url, f"namespace {namespace!r} holds over {MAX_BUNDLE_BYTES} bytes; refused")
+                    url, f"namespace {namespace!r} holds over {MAX_BUNDLE_BYTES} bytes or "
+                         f"{MAX_BUNDLE_RECORDS} records; refused")
                 return report
             try:
                 fname = field.decode("utf-8")
@@ -342,7 +390,7 @@ def pull(store: TuningStore, url: str, namespace: str = "v4c") -> ImportReport:
                 report.rejected.append((repr(field[:200]), "field: not UTF-8"))
                 continue
             try:
-                rec = TuningRecord.from_text(raw)
+                rec = check_record(TuningRecord.from_text(raw))
                 if rec.key_json() != fname:
                     raise RecordError("record: stored under a field that is not its key")
                 good.append(rec)
@@ -363,4 +411,5 @@ def pull(store: TuningStore, url: str, namespace: str = "v4c") -> ImportReport:
 
 __all__ = ["export_bundle", "import_bundle", "read_bundle", "bundle_text", "merge_stores",
            "push", "pull", "redis_hash_name", "ImportReport", "PushReport", "BundleError",
-           "SharingWarning", "BUNDLE_FORMAT", "MAX_BUNDLE_BYTES"]
+           "SharingWarning", "BUNDLE_FORMAT", "MAX_BUNDLE_BYTES", "MAX_BUNDLE_RECORDS",
+           "MAX_BUNDLE_ITEMS"]

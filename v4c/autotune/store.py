@@ -22,10 +22,20 @@ merged (idempotent: putting the same record again does not count; the digests of
 last 256 distinct measurements are remembered for that).
 
 Graded lookup (`lookup`): see `TIERS` and the method's docstring.
+
+Trust: a record's config is checked against this v4c's kernel template (`config_problem`: every
+value on the template's META grid, and what its `constraints` can judge without the shapes)
+before it is stored, and again when it is read or chosen; a row that fails is a miss, so a bad
+record never reaches a launch. Sources of a merge are opened read-only (`TuningStore(p,
+readonly=True)`): never created, converted to WAL or written. A compile opens its store with
+`open_for_lookup`: an unusable database is one warning and a compile on the cost model.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -38,9 +48,9 @@ from pathlib import Path
 from v4c.errors import V4CError
 
 from ..settings import cache_dir
-from .records import (KEY_FIELDS, RecordError, TuningRecord, _hardware, _toolchain,
-                      arch_family, bucket_distance, key_json, make_key, method_quality,
-                      parse_bucket, parse_version)
+from .records import (KEY_FIELDS, MAX_RECORD_BYTES, RecordError, TuningRecord, _hardware, _toolchain,
+                      arch_family, bucket_distance, canonical_json, key_json, make_key,
+                      method_quality, parse_bucket, parse_version)
 
 STORE_SCHEMA = 1
 BUSY_TIMEOUT_MS = 60_000
@@ -52,6 +62,106 @@ TIERS = ("exact", "same-arch", "older-toolchain", "arch-family", "cost-model", "
 
 class StoreError(V4CError):
     """A tuning database that cannot be opened, is of a newer schema, or is not SQLite."""
+
+
+class StoreWarning(RuntimeWarning):
+    """The tuning database is unusable; the compile goes on without tuning records."""
+
+
+# ----------------------------------------------------------------------------- configs
+
+# What a template's constraints are asked when a record's shapes are unknown, for the templates that
+# otherwise assume a big model (moe_router: V4's 256 experts; the FP8 norm GEMMs: a whole row as the
+# norm group). The smallest problem instead, so only what fails at every size is refused (checked
+# against the tiny model's and V4-Flash's shapes).
+_FP8_NORM_PROBE = {"inputs": [[1, 16], [16, 16], [16]], "attrs": {"shape": [1, 1, 1, 16]}}
+UNKNOWN_SHAPES = {"moe_router": {"inputs": [[1, 1], [1, 1]]},
+                  "fp8_linear_rms_norm": _FP8_NORM_PROBE, "fp8_q_proj": _FP8_NORM_PROBE,
+                  "fp8_kv_proj": _FP8_NORM_PROBE}
+
+
+@functools.lru_cache(maxsize=None)
+def _template_for(kernel: str):
+    """The template module whose META tunes `kernel` (a launcher key such as "linear" or
+    "fp8_q_proj"), or None."""
+    from ..codegen.emit import FAMILIES, template   # lazy: the templates import triton
+    for fam in FAMILIES:
+        mod = template(fam)
+        if kernel in getattr(mod, "META", {}):
+            return mod
+    return None
+
+
+def _on_grid(v, values) -> bool:
+    # by type too: JSON's true is not 1, and 8.0 is not the int 8 a launcher expects
+    return any(v is g if v is None or g is None else (type(v) is type(g) and v == g) for g in values)
+
+
+def config_problem(kernel: str, config: dict, shapes=None) -> str | None:
+    """Why `config` is not a config this v4c's template for `kernel` can run, or None.
+
+    Every key must be one of the template's META parameters and every value on its grid;
+    missing keys take DEFAULT_META's values (as the compile does); then the template's
+    `constraints` judge the merged meta at `shapes`, or when None with what holds at any
+    size (`UNKNOWN_SHAPES`)."""
+    if shapes is None:
+        return _problem_cached(kernel, canonical_json(config))
+    return _problem(kernel, config, shapes)
+
+
+@functools.lru_cache(maxsize=4096)
+def _problem_cached(kernel: str, config_text: str) -> str | None:
+    return _problem(kernel, json.loads(config_text), None)
+
+
+def _problem(kernel: str, config: dict, shapes) -> str | None:
+    mod = _template_for(kernel)
+    if mod is None:
+        return f"{_short(kernel)} is not a kernel of this v4c (no template tunes it)"
+    grid = mod.META[kernel]
+    for k, v in config.items():
+        if k not in grid:
+            return f"{_short(k)} is not a meta-parameter of {kernel} (it has {', '.join(grid)})"
+        if not _on_grid(v, grid[k]):
+            return (f"{k}={_short(v)} is not on {kernel}'s grid "
+                    f"({', '.join(repr(x) for x in grid[k])})")
+    meta = {**mod.DEFAULT_META[kernel], **config}
+    try:
+        probe = copy.deepcopy(UNKNOWN_SHAPES.get(kernel, {})) if shapes is None else shapes
+        why = mod.constraints(kernel, meta, probe)
+    except Exception as e:  # noqa: BLE001 - a template that cannot judge it does not vouch for it
+        why = f"the template's constraints failed on it ({type(e).__name__}: {e})"
+    return None if why is None else f"{kernel} cannot run it: {why}"
+
+
+def _short(v) -> str:
+    return ascii(v) if len(repr(v)) <= 80 else ascii(v)[:77] + "..."
+
+
+def check_record(rec: TuningRecord, shapes=None) -> TuningRecord:
+    """`rec` itself, or RecordError("config: ...") when its config fails `config_problem`."""
+    why = config_problem(rec.kernel, rec.config, shapes)
+    if why is not None:
+        raise RecordError(f"config: {why}")
+    return rec
+
+
+def unusable_hint(path) -> str:
+    """How to get rid of a broken store file: it holds only a cache, rebuilt by tuning or imports."""
+    return (f"to fix it, delete {path} (and {path}-wal, {path}-shm if present); "
+            f"`v4c tune` or `v4c cache import` then start a new store")
+
+
+def open_for_lookup(path=None) -> "TuningStore | None":
+    """The store a compile reads configs from, or None after ONE warning (StoreWarning, naming the
+    file and the fix) when it cannot be used: a corrupt cache must not block compiles, which
+    then take their configs from the cost model and the defaults."""
+    try:
+        return TuningStore(path)
+    except (StoreError, OSError) as e:   # OSError: e.g. a cache directory that cannot be created
+        warnings.warn(f"compiling without tuning records (cost model and defaults): {e}",
+                      StoreWarning, stacklevel=2)
+        return None
 
 
 def default_cache_dir() -> Path:
@@ -122,29 +232,52 @@ def _normalize_key(key) -> tuple:
 
 class TuningStore:
     """SQLite-backed tuning records. `TuningStore()` opens the default file; `path` may be
-    a file path or ":memory:". Thread-safe; re-opens its connection after a fork."""
+    a file path or ":memory:". Thread-safe; re-opens its connection after a fork.
+    `readonly=True` (merge sources): the file must exist and be a v4c store; it is opened
+    with SQLite's mode=ro and never created, converted or written."""
 
-    def __init__(self, path=None):
+    def __init__(self, path=None, *, readonly=False):
         self.path = Path(path) if path not in (None, ":memory:") else (
             ":memory:" if path == ":memory:" else default_store_path())
-        if self.path != ":memory:":
+        self.readonly = readonly
+        if readonly:
+            if self.path == ":memory:":
+                raise StoreError(":memory: cannot be opened read-only")
+            if not self.path.exists():
+                raise StoreError(f"{self.path}: no such tuning store")
+            if not self.path.is_file():
+                raise StoreError(f"{self.path}: not a tuning store (not a file)")
+        elif self.path != ":memory:":
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.RLock()
         self._decoded: dict[str, TuningRecord] = {}   # payload text -> validated record
         self._decoded_chars = 0
         self._conn = None
         self._pid = None
+        self._warned_unusable = False
         self._connect()
 
     # connection -------------------------------------------------------------------------
-    def _connect(self):
+    def _open(self, target: str, uri: bool = False):
         try:
-            conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_MS / 1000,
+            conn = sqlite3.connect(target, uri=uri, timeout=BUSY_TIMEOUT_MS / 1000,
                                    isolation_level=None, check_same_thread=False)
         except sqlite3.Error as e:
             raise StoreError(f"{self.path}: cannot open tuning database ({e})") from None
         try:
             conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        except sqlite3.Error as e:
+            conn.close()
+            raise StoreError(f"{self.path}: cannot open tuning database ({e})") from None
+        return conn
+
+    def _connect(self):
+        if self.readonly:
+            return self._connect_readonly()
+        conn = self._open(str(self.path))
+        try:
+            # before the switch to WAL, which would convert someone else's database
+            self._check_not_foreign(conn)
             deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
             while True:   # switching to WAL can report "locked" while another process creates it
                 try:
@@ -179,8 +312,80 @@ class TuningStore:
             raise
         except sqlite3.DatabaseError as e:
             conn.close()
-            raise StoreError(f"{self.path}: not a usable tuning database ({e})") from None
+            raise StoreError(f"{self.path}: not a usable tuning database ({e}); "
+                             f"{unusable_hint(self.path)}") from None
         self._conn, self._pid = conn, os.getpid()
+
+    def _check_not_foreign(self, conn):
+        """StoreError for an SQLite database that is not a v4c tuning store: one with tables
+        but no v4c schema version, or a `records` table of another layout."""
+        conn.execute("BEGIN")   # one snapshot: another process may be creating the store right now
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = {r[0] for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'")}
+            columns = {r[1] for r in conn.execute("PRAGMA table_info(records)")}
+        finally:
+            conn.execute("COMMIT")
+        if version == 0 and not tables:
+            return   # a new, empty file
+        need = {"key_json", "kernel", "source_hash", "signature", "dtypes", "quant", "bucket",
+                "arch", "payload", "history", "seen", "updated_at"}
+        if version == 0 or not need <= columns:
+            found = ", ".join(sorted(tables)[:5]) or "none"
+            raise StoreError(f"{self.path}: an SQLite database but not a v4c tuning store "
+                             f"(schema version {version}, tables: {found})")
+
+    def _connect_readonly(self):
+        uri = self.path.resolve().as_uri() + "?mode=ro"
+        if not any(Path(f"{self.path}{x}").exists() for x in ("-wal", "-journal")):
+            # nothing pending beside the file: read it as it is, so SQLite creates no -wal/-shm
+            # beside someone else's store (and a read-only directory works)
+            uri += "&immutable=1"
+        conn = self._open(uri, uri=True)
+        try:
+            self._check_not_foreign(conn)
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                raise StoreError(f"{self.path}: an empty SQLite database, not a v4c tuning store")
+            if version > STORE_SCHEMA:
+                raise StoreError(f"{self.path}: tuning database schema {version} is newer than "
+                                 f"this v4c understands ({STORE_SCHEMA}); upgrade v4c")
+        except StoreError:
+            conn.close()
+            raise
+        except sqlite3.DatabaseError as e:
+            conn.close()
+            raise StoreError(f"{self.path}: not a v4c tuning store ({e})") from None
+        self._conn, self._pid = conn, os.getpid()
+
+    def _unusable(self, e: sqlite3.DatabaseError) -> StoreError:
+        if isinstance(e, sqlite3.OperationalError):   # locked, I/O, read-only: not the file's fault
+            return StoreError(f"{self.path}: cannot use tuning database ({e})")
+        return StoreError(f"{self.path}: tuning database unusable ({e}); {unusable_hint(self.path)}")
+
+    @contextlib.contextmanager
+    def _using(self):
+        """The lock, with SQLite's errors (a corrupt page, a file replaced underneath) turned
+        into StoreError naming the file."""
+        with self._lock:
+            try:
+                yield
+            except sqlite3.DatabaseError as e:
+                raise self._unusable(e) from None
+
+    def _transaction(self, conn, body):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            out = body()
+            conn.execute("COMMIT")
+        except BaseException:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass   # already rolled back (SQLite does on some errors); keep the first error
+            raise
+        return out
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -205,7 +410,7 @@ class TuningStore:
 
     def integrity_check(self) -> str:
         """"ok" for a sound database, else SQLite's description of the damage."""
-        with self._lock:
+        with self._using():
             rows = self.conn.execute("PRAGMA integrity_check").fetchall()
         return "\n".join(r[0] for r in rows)
 
@@ -215,21 +420,16 @@ class TuningStore:
         return self.put_many([record])[0]
 
     def put_many(self, records) -> list[PutResult]:
-        """Merge many records in ONE transaction (all or nothing)."""
+        """Merge many records in ONE transaction (all or nothing). A record whose config this
+        v4c's template refuses (`check_record`) is a RecordError before anything is written."""
         records = list(records)
         for r in records:
             if not isinstance(r, TuningRecord):
                 raise TypeError(f"expected TuningRecord, got {type(r).__name__}")
-        with self._lock:
+            check_record(r)
+        with self._using():
             conn = self.conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                out = [self._put_locked(conn, r) for r in records]
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-        return out
+            return self._transaction(conn, lambda: [self._put_locked(conn, r) for r in records])
 
     def _put_locked(self, conn, rec: TuningRecord) -> PutResult:
         kj = rec.key_json()
@@ -270,15 +470,10 @@ class TuningStore:
     def delete(self, *key) -> bool:
         """Remove one key; True when something was removed."""
         kj = key_json(_normalize_key(key))
-        with self._lock:
+        with self._using():
             conn = self.conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                n = conn.execute("DELETE FROM records WHERE key_json=?", (kj,)).rowcount
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+            n = self._transaction(
+                conn, lambda: conn.execute("DELETE FROM records WHERE key_json=?", (kj,)).rowcount)
         return n > 0
 
     # reading ----------------------------------------------------------------------------
@@ -287,7 +482,7 @@ class TuningStore:
         if rec is not None and rec.key_json() == kj:
             return rec
         try:
-            rec = TuningRecord.from_text(payload)
+            rec = check_record(TuningRecord.from_text(payload))
             if rec.key_json() != kj:
                 raise RecordError("record: stored under another key")
             if self._decoded_chars + len(payload) > DECODE_CACHE_CHARS:
@@ -306,7 +501,7 @@ class TuningStore:
         """The record stored under the exact key: 12 values in KEY_FIELDS order (or one
         tuple such as `record.key()`)."""
         kj = key_json(_normalize_key(key))
-        with self._lock:
+        with self._using():
             row = self.conn.execute("SELECT payload FROM records WHERE key_json=?",
                                     (kj,)).fetchone()
         return None if row is None else self._decode(kj, row[0])
@@ -314,16 +509,34 @@ class TuningStore:
     def history(self, *key) -> int:
         """How many distinct measurements of this key were merged (0 when absent)."""
         kj = key_json(_normalize_key(key))
-        with self._lock:
+        with self._using():
             row = self.conn.execute("SELECT history FROM records WHERE key_json=?",
                                     (kj,)).fetchone()
         return 0 if row is None else row[0]
 
     def raw_rows(self) -> list[tuple[str, str]]:
         """(key_json, payload text) of every row, by key: for merging and diagnostics."""
-        with self._lock:
+        with self._using():
             return self.conn.execute(
                 "SELECT key_json, payload FROM records ORDER BY key_json").fetchall()
+
+    def read_rows(self, max_rows: int, max_chars: int) -> list[tuple[str, str | None]]:
+        """(key_json, payload) of every row by key, as a merge reads a source: StoreError when
+        there are more than `max_rows` rows or `max_chars` characters of payload in all (checked
+        before anything is loaded); a payload over MAX_RECORD_BYTES characters comes back as
+        None (rejected by the caller) instead of being loaded."""
+        with self._using():
+            n, chars = self.conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(length(payload)), 0) FROM records").fetchone()
+            if n > max_rows:
+                raise StoreError(f"{self.path}: {n} records, more than the {max_rows} a merge "
+                                 f"reads from one source; refused")
+            if chars > max_chars:
+                raise StoreError(f"{self.path}: {chars} characters of records, more than the "
+                                 f"{max_chars} a merge reads from one source; refused")
+            return self.conn.execute(
+                "SELECT key_json, CASE WHEN length(payload) > ? THEN NULL ELSE payload END"
+                " FROM records ORDER BY key_json", (MAX_RECORD_BYTES,)).fetchall()
 
     def all(self) -> list[TuningRecord]:
         """Every valid record, ordered by canonical key JSON (deterministic)."""
@@ -338,21 +551,27 @@ class TuningStore:
         return iter(self.all())
 
     def __len__(self) -> int:
-        with self._lock:
+        with self._using():
             return self.conn.execute("SELECT COUNT(*) FROM records").fetchone()[0]
 
     def __contains__(self, key) -> bool:
         if isinstance(key, TuningRecord):
             key = key.key()
         kj = key_json(_normalize_key((key,)))
-        with self._lock:
+        with self._using():
             return self.conn.execute("SELECT 1 FROM records WHERE key_json=?",
                                      (kj,)).fetchone() is not None
 
     # graded lookup ----------------------------------------------------------------------
     def lookup(self, kernel, source_hash, signature, bucket, dtypes, quant,
-               hardware, toolchain) -> Lookup:
+               hardware, toolchain, *, shapes=None) -> Lookup:
         """Find the best usable record for a kernel on this hardware/toolchain.
+
+        Only records whose config the kernel's template accepts are candidates
+        (`config_problem`, at `shapes` when the caller knows them: the dict the templates'
+        constraints read). A database that fails while it is read is a miss, after one
+        StoreWarning per store naming the file and the fix: lookups serve compiles, which go
+        on without tuning records rather than fail.
 
         Kernel identity (kernel, source_hash, signature, dtypes, quant) must always match.
         Tiers, tried in order (the first tier with any candidate wins):
@@ -380,12 +599,21 @@ class TuningStore:
         tc = _toolchain({k: toolchain.get(k) for k in ("triton", "torch", "cuda")}
                         if isinstance(toolchain, dict) else toolchain)
         source_hash = str(source_hash).lower()
-        with self._lock:
-            rows = self.conn.execute(
-                "SELECT key_json, payload FROM records WHERE kernel=? AND source_hash=?"
-                " AND signature=? AND dtypes=? AND quant=? ORDER BY key_json",
-                (kernel, source_hash, signature, dtypes, quant)).fetchall()
+        try:
+            with self._using():
+                rows = self.conn.execute(
+                    "SELECT key_json, payload FROM records WHERE kernel=? AND source_hash=?"
+                    " AND signature=? AND dtypes=? AND quant=? ORDER BY key_json",
+                    (kernel, source_hash, signature, dtypes, quant)).fetchall()
+        except StoreError as e:
+            if not self._warned_unusable:
+                self._warned_unusable = True
+                warnings.warn(f"going on without tuning records (cost model and defaults): {e}",
+                              StoreWarning, stacklevel=2)
+            return Lookup(None, None, None)
         cands = [r for r in (self._decode(kj, p) for kj, p in rows) if r is not None]
+        if shapes is not None:   # the stored configs passed the shape-free check on the way in
+            cands = [r for r in cands if config_problem(r.kernel, r.config, shapes) is None]
         if not cands:
             return Lookup(None, None, None)
 
@@ -461,5 +689,6 @@ class TuningStore:
         return Lookup(None, None, None)
 
 
-__all__ = ["TuningStore", "StoreError", "PutResult", "Lookup", "TIERS", "STORE_SCHEMA",
-           "default_cache_dir", "default_store_path", "make_key"]
+__all__ = ["TuningStore", "StoreError", "StoreWarning", "PutResult", "Lookup", "TIERS", "STORE_SCHEMA",
+           "default_cache_dir", "default_store_path", "make_key", "config_problem", "check_record",
+           "open_for_lookup", "UNKNOWN_SHAPES"]
