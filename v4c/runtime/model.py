@@ -1,6 +1,7 @@
 """A loaded artifact: graph + weights, ready to open sessions and generate."""
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
@@ -11,7 +12,7 @@ from ..errors import ArtifactError
 from ..graph.ir import Graph
 from ..graph.types import DTYPES
 from .executor import Executor
-from .sampling import sample
+from .sampling import check_sampling, sample
 from .session import Session
 
 DEFAULT_MAX_CONTEXT = 16384
@@ -50,8 +51,14 @@ class Model:
     def generate(self, ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
         """Append ``max_new_tokens`` sampled tokens to each row of ``ids`` [B, T]; returns [B, T + N]."""
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        # every argument is checked before the prefill: a bad one must not cost a whole prompt's compute
+        temperature, top_p = check_sampling(temperature, top_p)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise ValueError(f"seed must be an integer or None, got {seed!r}")
+        if on_token is not None and not callable(on_token):
+            raise ValueError(f"on_token must be callable or None, got {on_token!r}")
         ids = torch.as_tensor(ids)
         if ids.dim() == 1:
             ids = ids[None]

@@ -1,16 +1,36 @@
 """A decoding session: preallocated per-sequence state and the forward call."""
 from __future__ import annotations
 
+import operator
+import threading
 from typing import TYPE_CHECKING
 
 import torch
 
+from ..errors import V4CError
 from ..graph.analysis import STATE_KINDS, planned_context, state_kind
 from ..graph.types import DTYPES
-from .torch_ops.blas import few_row_gemms
+from .free_memory import available_memory, format_bytes
 
 if TYPE_CHECKING:
     from .model import Model
+
+
+class SessionBrokenError(V4CError, RuntimeError):
+    """A session whose state buffers an unfinished call left part-written; ``reset()`` makes it usable."""
+
+
+class SessionMemoryError(V4CError, MemoryError):
+    """A session whose state (the memory plan) would not fit in the memory free on its device."""
+
+
+def _int(name: str, v) -> int:
+    if isinstance(v, bool):
+        raise ValueError(f"{name} must be an integer, got {v!r}")
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {v!r}") from None
 
 
 class Session:
@@ -19,10 +39,17 @@ class Session:
     ``forward(ids)`` appends ``ids`` [B, T] to every sequence (a prefill, a prefill chunk
     or a T == 1 decode step) and returns float32 logits [B, T, vocab].  For rows of
     different lengths pass ``lengths`` [B]: row b takes only its first ``lengths[b]``
-    tokens of this call (the rest is padding and its logits are meaningless).
+    tokens of this call (the rest is padding: its ids are never read, any value will do,
+    and its logits are meaningless).
+
+    A call that does not finish (an op's error, Ctrl-C, a signal, a timeout raised into it)
+    has written part of the states in place; the session then refuses further calls with
+    ``SessionBrokenError`` until ``reset()``. A session is used by one thread at a time;
+    sessions of one model can run in parallel threads.
     """
 
     def __init__(self, model: "Model", batch_size: int, max_context: int):
+        batch_size, max_context = _int("batch_size", batch_size), _int("max_context", max_context)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         limit = model.config.max_position_embeddings
@@ -35,6 +62,17 @@ class Session:
         # nothing grows later: a call that would pass max_context is refused
         self.allocated_tokens = planned_context(max_context)
         bindings = {"B": batch_size, "L": self.allocated_tokens}
+        # the memory plan, checked before anything is allocated: filling buffers larger than the free
+        # memory gets the process OOM-killed (CPU) or fails deep in the allocator, not with this message
+        need = sum(t.nbytes(bindings) for _, t in model.graph.states)
+        free = available_memory(model.device)
+        if free is not None and need > free:
+            raise SessionMemoryError(
+                f"a session of batch_size {batch_size} x max_context {max_context} needs {format_bytes(need)} of state "
+                f"({format_bytes(need // batch_size)} per sequence), more than the {format_bytes(free)} available on "
+                f"{model.device}; use a smaller batch_size or max_context")
+        self._broken: str | None = None  # why the states cannot be trusted (None: they can)
+        self._busy = threading.Lock()  # held by the call running: a second thread's call is refused
         self.states = {}
         for name, t in model.graph.states:
             fill = -1 if t.dtype in ("i64", "i32") else 0  # -1 marks an empty ring slot
@@ -47,10 +85,27 @@ class Session:
             self._graph = DecodeGraph(model.executor, self.states, batch_size, model.device)
 
     def reset(self) -> None:
-        for t in self.states.values():
-            t.fill_(-1 if not t.is_floating_point() else 0)
-        self.lengths.zero_()
-        self._longest = 0
+        """Empties every sequence; also makes a session whose forward was interrupted usable again."""
+        self._claim()
+        try:
+            self._broken = "reset() was interrupted"  # cleared only once every buffer is refilled
+            for t in self.states.values():
+                t.fill_(-1 if not t.is_floating_point() else 0)
+            self.lengths.zero_()
+            self._longest = 0
+            self._broken = None
+        finally:
+            self._busy.release()
+
+    @property
+    def broken(self) -> str | None:
+        """Why the session refuses calls until ``reset()`` (None when it is usable)."""
+        return self._broken
+
+    def _claim(self) -> None:
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError("this session is already running a call in another thread; a session serves one "
+                               "thread at a time (open one session per thread)")
 
     def memory(self) -> dict[str, int]:
         """Bytes of state held by the whole batch, by kind (window, compressed_rows, indexer_keys,
@@ -103,6 +158,16 @@ class Session:
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, lengths=None) -> torch.Tensor:
+        self._claim()
+        try:
+            if self._broken is not None:
+                raise SessionBrokenError(f"this session's state is incomplete ({self._broken}), so its logits "
+                                         f"would be wrong; call reset() to start its sequences again")
+            return self._forward(ids, lengths)
+        finally:
+            self._busy.release()
+
+    def _forward(self, ids: torch.Tensor, lengths) -> torch.Tensor:
         n = None if lengths is None and self._plain(ids) else self._check(ids, lengths)
         dev = self.model.device
         ids = ids.to(dev, torch.int64)
@@ -112,15 +177,22 @@ class Session:
         else:
             steps = torch.arange(t, device=dev)[None, :]
             pos = torch.where(steps < n[:, None], self.lengths[:, None] + steps, torch.full_like(steps, -1))
-        if self._graph is not None and ids.shape[1] == 1 and lengths is None:
-            logits = self._graph.run(ids, pos)  # a captured CUDA graph, replayed
-        elif dev.type == "cpu" and self.model.backend == "torch":
-            with few_row_gemms(ids.numel()):  # decode steps: the GEMV kernel that streams weights fastest
+            ids = ids.masked_fill(pos < 0, 0)  # padding may hold any value (even past the vocabulary): never read
+        # from here the ops update the states in place; a call stopped part-way (an error, Ctrl-C, a signal)
+        # leaves some written and lengths not, so the mark is set first and cleared only once all is done
+        self._broken = "a forward call did not finish"
+        try:
+            if self._graph is not None and ids.shape[1] == 1 and lengths is None:
+                logits = self._graph.run(ids, pos)  # a captured CUDA graph, replayed
+            else:
                 (logits,) = self.model.executor.run({"ids": ids, "pos": pos}, self.states)
-        else:
-            (logits,) = self.model.executor.run({"ids": ids, "pos": pos}, self.states)
-        self.lengths += t if n is None else n
-        self._longest = self._longest + t if n is None else int(self.lengths.max())
+            self.lengths += t if n is None else n
+            self._longest = self._longest + t if n is None else int(self.lengths.max())
+        except BaseException as e:
+            self._broken = f"a forward call was interrupted by {type(e).__name__}" + (f": {e}" if str(e) else "")
+            raise
+        self._broken = None
         return logits.float()
 
     __call__ = forward
+

@@ -8,7 +8,9 @@ as the schedule it is meant to be, so a prefill pays two data movements, not two
 A decode step (a few tokens) is bound by per-call overhead and by streaming the weights of the
 experts hit, not by FLOPs: its path visits only those experts, runs the shared expert as one more
 group of rows through the same GEMM lists and activation, multiplies by cached transposed views
-(``torch.mm``, no per-call view ops) and takes few-row products on ATen's GEMV (see ``blas``).
+(``torch.mm``, no per-call view ops). Every product takes torch's own kernel choice for its shape:
+no process-wide switch (oneDNN's) is flipped per call, which would change the kernels under the
+other threads' sessions mid-call and so their results.
 """
 from __future__ import annotations
 
@@ -18,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from ...graph.weights import linear
-from .blas import FEW_ROWS, HALF, aten_kernels, onednn_on
 from . import native
 from .weight_views import rows_concat_t, transposed
 
@@ -79,14 +80,9 @@ def _experts(xs, spans, w13, w2, limit):
     return ys
 
 
-def _products(pairs: list, dtype: torch.dtype) -> list:
-    """``x @ wt`` for each pair; with oneDNN on, half-precision products of at most FEW_ROWS rows run
-    on ATen's GEMV, the larger ones stay on oneDNN (``blas``'s rule, switched once per list)."""
-    if dtype not in HALF or not onednn_on():
-        return [torch.mm(x, wt) for x, wt in pairs]
-    with aten_kernels():
-        out = [torch.mm(x, wt) if x.shape[0] <= FEW_ROWS else None for x, wt in pairs]
-    return [torch.mm(x, wt) if y is None else y for (x, wt), y in zip(pairs, out)]
+def _products(pairs: list) -> list:
+    """``x @ wt`` for each pair."""
+    return [torch.mm(x, wt) for x, wt in pairs]
 
 
 def _decode(flat, idx, w, perm, offsets, w13, w2, shared, limit):
@@ -121,19 +117,19 @@ def _decode(flat, idx, w, perm, offsets, w13, w2, shared, limit):
             counts.append(t)
         else:  # another width, or no fused copy: on its own
             if gate_up_t is None:
-                gate, up = _products([(flat, transposed(sg)), (flat, transposed(su))], dtype)
+                gate, up = _products([(flat, transposed(sg)), (flat, transposed(su))])
             else:
-                gate, up = _products([(flat, gate_up_t)], dtype)[0].chunk(2, dim=-1)
-            (out,) = _products([(_swiglu_(gate, up, limit), transposed(sd))], dtype)
+                gate, up = _products([(flat, gate_up_t)])[0].chunk(2, dim=-1)
+            (out,) = _products([(_swiglu_(gate, up, limit), transposed(sd))])
     if not pairs:
         return torch.zeros_like(flat) if out is None else out
-    parts = _products(pairs, dtype)
+    parts = _products(pairs)
     gate, up = (torch.cat(parts) if len(parts) > 1 else parts[0]).chunk(2, dim=-1)
     acts = _swiglu_(gate, up, limit).split_with_sizes(counts)
     pairs = [(a, down_t[e]) for a, e in zip(acts, experts)]
     if len(acts) > len(experts):
         pairs.append((acts[-1], transposed(shared[2])))
-    ys = _products(pairs, dtype)
+    ys = _products(pairs)
     if len(acts) > len(experts):
         out = ys.pop()
     if not experts:

@@ -10,14 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from ...graph.weights import QuantizedWeight, linear
-from . import blas
 
 _edges: dict = {}  # (experts, device) -> arange(experts + 1)
 
 
 def moe_router(h, w, table_or_bias, ids=None, *, scaling, hash=False, topk=None):
     # a quantised router weight takes weights.linear, as the reference does
-    logits = linear(h, w) if isinstance(w, QuantizedWeight) else blas.linear(h, w.to(h.dtype))
+    logits = linear(h, w) if isinstance(w, QuantizedWeight) else F.linear(h, w.to(h.dtype))
     scores = F.softplus(logits.float()).sqrt_()  # sqrt(softplus) of the logits
     if hash:
         idx = table_or_bias[ids.clamp_min(0)].long()  # experts fixed per token id

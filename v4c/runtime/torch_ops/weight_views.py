@@ -8,6 +8,7 @@ itself through its base and keep the entry (and the weight) alive forever.
 """
 from __future__ import annotations
 
+import threading
 import weakref
 
 import torch
@@ -72,6 +73,7 @@ def _release(value) -> None:
 
 
 _concats = PerWeight(_release)
+_concat_lock = threading.Lock()
 
 
 def rows_concat_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
@@ -80,9 +82,15 @@ def rows_concat_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     hit = _concats.get(a)
     if hit is not None:
         return hit[1] if hit[0]() is b else None
-    if _concat_bytes[0] + a.nbytes + b.nbytes > CONCAT_BUDGET:
-        return None
-    both_t = torch.cat((a, b)).t()
-    _concat_bytes[0] += both_t.nbytes
-    _concats[a] = (weakref.ref(b), both_t)
-    return both_t
+    # sessions in other threads may ask for the same pair at once: one copy, counted once (a budget
+    # over-counted by a lost race would refuse later pairs and change which path they take)
+    with _concat_lock:
+        hit = _concats.get(a)
+        if hit is not None:
+            return hit[1] if hit[0]() is b else None
+        if _concat_bytes[0] + a.nbytes + b.nbytes > CONCAT_BUDGET:
+            return None
+        both_t = torch.cat((a, b)).t()
+        _concat_bytes[0] += both_t.nbytes
+        _concats[a] = (weakref.ref(b), both_t)
+        return both_t

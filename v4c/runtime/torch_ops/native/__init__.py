@@ -142,14 +142,19 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
+_build_lock = threading.Lock()
+
+
 def library() -> ctypes.CDLL | None:
     """The compiled helpers, or None (``why()`` says why)."""
     if "lib" not in _state:
-        if not native_enabled():
-            _state["why"] = "disabled by V4C_NATIVE=0"
-            _state["lib"] = None
-        else:
-            _state["lib"] = _build()
+        with _build_lock:  # sessions in several threads at first use: one build, every thread waits for it
+            if "lib" not in _state:
+                if not native_enabled():
+                    _state["why"] = "disabled by V4C_NATIVE=0"
+                    _state["lib"] = None
+                else:
+                    _state["lib"] = _build()
     return _state["lib"]
 
 
