@@ -13,6 +13,10 @@ from .model.baselines import v32_bytes_per_token
 from .model.config import V4Config
 from .model.memory import GPU_SIZES_GB, gpu_split, weight_bytes
 
+# --gpu-memory bounds (GB): 0 or a negative size never fits anything (the GPU count search would not end, or
+# end at ~10**330 cards); 1 MB to 100 TB spans every real card with room to spare
+GPU_GB_RANGE = (0.001, 100_000)
+
 KIND_SHORT = {"sliding_attention": "sliding", "compressed_sparse_attention": "csa",
               "heavily_compressed_attention": "hca"}
 
@@ -22,14 +26,19 @@ def inspect_artifact(path: str | Path, context: int | None = None, batch: int = 
     """What is in the artifact and what one decode step costs at ``context`` tokens
     (default: the model's maximum context); ``weights.per_gpu``: how weights + the KV cache of
     ``batch`` sequences split across GPUs of each size in ``gpu_sizes`` (GB)."""
+    lo, hi = GPU_GB_RANGE
+    for gb in gpu_sizes:
+        # `not lo <= gb` also refuses NaN; bool is not a size
+        if isinstance(gb, bool) or not isinstance(gb, (int, float)) or not lo <= gb <= hi:
+            raise ValueError(f"--gpu-memory must be a card size in GB from {lo:g} to {hi:g}, got {gb!r}")
+    if batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {batch}")
     man = verify_artifact(Path(path))
     cfg = V4Config.from_dict(json.loads((man.root / man.data["config"]).read_text()))
     graph = parse_graph((man.root / man.data["graph"]).read_text())
     total = sum(t.numel() for _, t in graph.params if t.dtype != "e8m0")  # quantisation scales are not params
     embed = sum(t.numel() for n, t in graph.params if n == "model.embed_tokens.weight")
     schedule = [KIND_SHORT[k] for k in cfg.layer_types]
-    if batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {batch}")
     if context is None:
         context = cfg.max_position_embeddings
     elif context < 1:

@@ -111,6 +111,8 @@ def _open_indexed(root: Path, load) -> dict[str, SafetensorsFile]:
         data = json.loads(index.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{index}: cannot read the index: {e}") from e
+    except RecursionError:  # the JSON decoder recurses per nesting level
+        raise CheckpointError(f"{index}: cannot read the index: JSON nested too deeply") from None
     wmap = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
         raise CheckpointError(f"{index}: no weight_map object mapping tensor names to shard files")

@@ -12,6 +12,7 @@ import json
 import math
 import mmap
 import os
+import reprlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 from ..errors import CheckpointError
 
 MAX_HEADER = 100_000_000  # the reference implementation's limit; real headers are a few MB
+MAX_DIM = (1 << 63) - 1  # torch sizes are int64: a larger dimension cannot even describe an empty tensor
 
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
             "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
@@ -44,14 +46,20 @@ class TensorInfo:
 
 
 def _is_uint(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_DIM
+
+
+# messages quote header values: bounded, so a huge or deeply nested value cannot flood (or overflow) repr
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 2, 120, 80, 8, 8
+_show = _REPR.repr
 
 
 def _no_duplicate_keys(pairs):
     d = {}
     for k, v in pairs:
         if k in d:
-            raise ValueError(f"duplicate key {k!r}")
+            raise ValueError(f"duplicate key {_show(k)}")
         d[k] = v
     return d
 
@@ -89,40 +97,44 @@ class SafetensorsFile:
             self._fail(f"header is not valid UTF-8 ({e.reason} at byte {e.start})")
         except ValueError as e:  # JSONDecodeError and duplicate keys
             self._fail(f"header is not valid JSON: {e}")
+        except RecursionError:  # the decoder recurses per nesting level; real headers nest 3 deep
+            self._fail("header is nested too deeply to be a safetensors header")
         if not isinstance(header, dict):
             self._fail(f"header is a JSON {type(header).__name__}, not an object")
-        metadata = header.pop("__metadata__", None) or {}
+        metadata = header.pop("__metadata__", None)
+        metadata = {} if metadata is None else metadata
         if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
             self._fail("__metadata__ must map strings to strings")
         infos = {}
         for name, e in header.items():
+            tensor = f"tensor {_show(name)}"
             if not isinstance(e, dict):
-                self._fail(f"tensor {name!r}: entry is not an object")
+                self._fail(f"{tensor}: entry is not an object")
             dtype, shape, offs = e.get("dtype"), e.get("shape"), e.get("data_offsets")
-            if dtype not in ITEMSIZE:
-                self._fail(f"tensor {name!r}: unknown dtype {dtype!r}")
+            if not isinstance(dtype, str) or dtype not in ITEMSIZE:  # a list is unhashable: check the type first
+                self._fail(f"{tensor}: unknown dtype {_show(dtype)}")
             if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
-                self._fail(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
+                self._fail(f"{tensor}: shape {_show(shape)} is not a list of non-negative integers below 2**63")
             if not (isinstance(offs, list) and len(offs) == 2 and all(_is_uint(o) for o in offs)
                     and offs[0] <= offs[1]):
-                self._fail(f"tensor {name!r}: data_offsets {offs!r} is not a valid [begin, end] byte range")
+                self._fail(f"{tensor}: data_offsets {_show(offs)} is not a valid [begin, end] byte range")
             nbytes = offs[1] - offs[0]
             want = math.prod(shape) * ITEMSIZE[dtype]
             if nbytes != want:
-                self._fail(f"tensor {name!r}: data_offsets {offs} span {nbytes} bytes, but shape {tuple(shape)} "
+                self._fail(f"{tensor}: data_offsets {offs} span {nbytes} bytes, but shape {_show(tuple(shape))} "
                            f"of {dtype} needs {want}")
             infos[name] = TensorInfo(name, dtype, tuple(shape), self._data_start + offs[0], nbytes)
         # overlapping tensors would alias each other's bytes; safetensors files never do that
         spans = sorted(infos.values(), key=lambda t: (t.offset, t.nbytes))
         for a, b in zip(spans, spans[1:]):
             if b.offset < a.offset + a.nbytes:
-                self._fail(f"tensors {a.name!r} and {b.name!r} overlap in the data section")
+                self._fail(f"tensors {_show(a.name)} and {_show(b.name)} overlap in the data section")
         if spans:
             last = max(spans, key=lambda t: t.offset + t.nbytes)
             need = last.offset + last.nbytes - self._data_start
             if need > available:
                 self._fail(f"truncated: header says {need} data bytes, file has {available} "
-                           f"(tensor {last.name!r} ends past the end)")
+                           f"(tensor {_show(last.name)} ends past the end)")
         return metadata, infos
 
     def names(self) -> list[str]:

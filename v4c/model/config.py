@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,18 +34,43 @@ MLP_KINDS = (HASH_MOE, MOE)
 _NO_SCALING = (None, "default", "none")
 
 
+# Upper bounds on sizes: far above the largest release (V4-Pro: hidden 7168, 61 layers, 128 heads, 384
+# experts, 1M context), so real models pass with headroom, while configs that can never run (10**9 layers,
+# a 10**12-token window) fail here instead of growing memory without end while the graph is built.
+MAX_CONTEXT = 1 << 24
+LIMITS = {
+    "vocab_size": 1 << 24, "hidden_size": 1 << 16, "num_hidden_layers": 1024, "num_attention_heads": 1024,
+    "head_dim": 4096, "q_lora_rank": 1 << 16, "o_groups": 1024, "o_lora_rank": 1 << 16,
+    "n_routed_experts": 1 << 14, "n_shared_experts": 64, "moe_intermediate_size": 1 << 16,
+    "index_n_heads": 1024, "index_head_dim": 4096, "hc_mult": 64, "hc_sinkhorn_iters": 1000,
+    "max_position_embeddings": MAX_CONTEXT, "num_nextn_predict_layers": 64,
+}
+# bounded by the model's own context instead: a window or top-k longer than any sequence never fills
+WITHIN_CONTEXT = ("sliding_window", "index_topk", "csa_ratio", "hca_ratio")
+
+# messages quote user values: bounded in length and depth (a deeply nested list would overflow repr)
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 3, 80, 80, 8, 8
+
+
+def _show(v) -> str:
+    return _REPR.repr(v)
+
+
 # -- scalar checks (shared by V4Config, RopeScaling and the parser) --------------------------------------
-def _int(name: str, v, minimum: int | None = None) -> int:
+def _int(name: str, v, minimum: int | None = None, maximum: int | None = None) -> int:
     if isinstance(v, bool) or not isinstance(v, int):  # bool is an int subclass; reject it
-        raise ConfigError(f"{name}: expected an integer, got {v!r}")
+        raise ConfigError(f"{name}: expected an integer, got {_show(v)}")
     if minimum is not None and v < minimum:
         raise ConfigError(f"{name}: must be >= {minimum}, got {v}")
+    if maximum is not None and v > maximum:
+        raise ConfigError(f"{name}: {v} exceeds the limit of {maximum}")
     return v
 
 
 def _float(name: str, v, positive: bool = True) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ConfigError(f"{name}: expected a finite number, got {v!r}")
+        raise ConfigError(f"{name}: expected a finite number, got {_show(v)}")
     if v < 0 or (positive and v == 0):
         raise ConfigError(f"{name}: must be {'> 0' if positive else '>= 0'}, got {v}")
     return float(v)
@@ -65,9 +91,9 @@ class RopeScaling:
 
     def __post_init__(self):
         if self.type != "yarn":
-            raise ConfigError(f"rope_scaling.type: {self.type!r} is not supported (only 'yarn' or no scaling)")
+            raise ConfigError(f"rope_scaling.type: {_show(self.type)} is not supported (only 'yarn' or no scaling)")
         _set(self, "factor", _float("rope_scaling.factor", self.factor))
-        _int("rope_scaling.original_max_position_embeddings", self.original_max_position_embeddings, 1)
+        _int("rope_scaling.original_max_position_embeddings", self.original_max_position_embeddings, 1, MAX_CONTEXT)
         _set(self, "beta_fast", _float("rope_scaling.beta_fast", self.beta_fast))
         _set(self, "beta_slow", _float("rope_scaling.beta_slow", self.beta_slow))
 
@@ -117,11 +143,15 @@ class V4Config:
                   "rope_head_dim", "q_lora_rank", "o_groups", "o_lora_rank", "n_routed_experts",
                   "num_experts_per_tok", "moe_intermediate_size", "sliding_window", "index_n_heads",
                   "index_head_dim", "index_topk", "hc_mult", "hc_sinkhorn_iters", "max_position_embeddings"):
-            _int(f, getattr(self, f), 1)
+            _int(f, getattr(self, f), 1, LIMITS.get(f))
         for f in ("n_shared_experts", "num_nextn_predict_layers"):
-            _int(f, getattr(self, f), 0)
+            _int(f, getattr(self, f), 0, LIMITS[f])
         for f in ("csa_ratio", "hca_ratio"):
             _int(f, getattr(self, f), 2)
+        for f in WITHIN_CONTEXT:
+            if getattr(self, f) > self.max_position_embeddings:
+                raise ConfigError(f"{f}: {getattr(self, f)} exceeds max_position_embeddings="
+                                  f"{self.max_position_embeddings} (the longest sequence the model takes)")
         # swiglu_limit 0 means "no clamp" in the official code but "clamp to 0" in HF: refuse it
         for f in ("routed_scaling_factor", "swiglu_limit", "rms_norm_eps", "rope_theta", "compress_rope_theta"):
             _set(self, f, _float(f, getattr(self, f)))
@@ -130,13 +160,13 @@ class V4Config:
             if getattr(self, f) is not None:
                 _int(f, getattr(self, f), 0)
         if self.scoring_func != "sqrtsoftplus":
-            raise ConfigError(f"scoring_func: {self.scoring_func!r} is not supported (DeepSeek-V4 uses 'sqrtsoftplus')")
+            raise ConfigError(f"scoring_func: {_show(self.scoring_func)} is not supported (DeepSeek-V4 uses 'sqrtsoftplus')")
         if not isinstance(self.norm_topk_prob, bool):
-            raise ConfigError(f"norm_topk_prob: expected true/false, got {self.norm_topk_prob!r}")
+            raise ConfigError(f"norm_topk_prob: expected true/false, got {_show(self.norm_topk_prob)}")
         if not self.norm_topk_prob:  # every V4 release renormalises the selected weights
             raise ConfigError("norm_topk_prob: false is not supported (DeepSeek-V4 renormalises top-k weights)")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
-            raise ConfigError(f"rope_scaling: expected a RopeScaling or None, got {self.rope_scaling!r}")
+            raise ConfigError(f"rope_scaling: expected a RopeScaling or None, got {_show(self.rope_scaling)}")
         self._check_schedule("layer_types", LAYER_KINDS)
         self._check_schedule("mlp_layer_types", MLP_KINDS)
 
@@ -158,12 +188,12 @@ class V4Config:
     def _check_schedule(self, name: str, kinds: tuple[str, ...]):
         v = getattr(self, name)
         if isinstance(v, (str, bytes)) or not isinstance(v, (list, tuple)):
-            raise ConfigError(f"{name}: expected a list of strings, got {v!r}")
+            raise ConfigError(f"{name}: expected a list of strings, got {_show(v)}")
         v = tuple(v)
         _set(self, name, v)
         for i, k in enumerate(v):
             if k not in kinds:
-                raise ConfigError(f"{name}[{i}]: unknown kind {k!r}; expected one of {', '.join(kinds)}")
+                raise ConfigError(f"{name}[{i}]: unknown kind {_show(k)}; expected one of {', '.join(kinds)}")
         if len(v) != self.num_hidden_layers:
             raise ConfigError(f"{name}: {len(v)} entries but num_hidden_layers={self.num_hidden_layers}")
 
@@ -210,7 +240,10 @@ class V4Config:
     def from_dict(cls, d: Mapping) -> V4Config:
         if not isinstance(d, Mapping):
             raise ConfigError(f"config: expected a JSON object, got {type(d).__name__}")
-        return cls(**_normalise(d))
+        try:
+            return cls(**_normalise(d))
+        except RecursionError:  # comparing or quoting a value nested thousands deep; real configs nest 3 levels
+            raise ConfigError("config: values nested too deeply to be a model config") from None
 
     @classmethod
     def from_json_file(cls, path) -> V4Config:
@@ -221,6 +254,8 @@ class V4Config:
             raise ConfigError(f"{p}: cannot read config ({e.strerror or e})") from e
         except ValueError as e:
             raise ConfigError(f"{p}: config is not valid JSON ({e})") from e
+        except RecursionError:  # the JSON decoder recurses per nesting level
+            raise ConfigError(f"{p}: config is not a model config (JSON nested too deeply to read)") from None
         try:
             return cls.from_dict(d)
         except ConfigError as e:
@@ -263,7 +298,7 @@ def _pick(d: Mapping, *keys, default=_MISSING):
     found = [(k, d[k]) for k in keys if d.get(k) is not None]
     for k, v in found[1:]:
         if v != found[0][1]:
-            raise ConfigError(f"{keys[0]}: conflicting values {found[0][0]}={found[0][1]!r} and {k}={v!r}")
+            raise ConfigError(f"{keys[0]}: conflicting values {found[0][0]}={_show(found[0][1])} and {k}={_show(v)}")
     return found[0][1] if found else default
 
 
@@ -271,11 +306,11 @@ def _check_fixed(d: Mapping):
     for k, want in _FIXED.items():
         v = d.get(k)
         if v is not None and (type(v) is not type(want) or v != want):
-            raise ConfigError(f"{k}: {v!r} is not supported for DeepSeek-V4 (expected {want!r})")
+            raise ConfigError(f"{k}: {_show(v)} is not supported for DeepSeek-V4 (expected {want!r})")
     for k, most in _AT_MOST.items():
         v = d.get(k)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v > most):
-            raise ConfigError(f"{k}: {v!r} is not supported for DeepSeek-V4 (at most {most})")
+            raise ConfigError(f"{k}: {_show(v)} is not supported for DeepSeek-V4 (at most {most})")
 
 
 def _normalise(d: Mapping) -> dict:
@@ -294,7 +329,8 @@ def _normalise(d: Mapping) -> dict:
                 raise ConfigError(f"{f}: a list of {len(v)} ids is not supported (need exactly one)")
             v = v[0]
         out[f] = v
-    n = _int("num_hidden_layers", out["num_hidden_layers"], 1)
+    # bounded before the per-layer schedules are built from it
+    n = _int("num_hidden_layers", out["num_hidden_layers"], 1, LIMITS["num_hidden_layers"])
     out["layer_types"], out["csa_ratio"], out["hca_ratio"] = _attention_schedule(d, n)
     out["mlp_layer_types"] = _mlp_schedule(d, n)
     out.update(_rope(d, _int("head_dim", out["head_dim"], 1)))
@@ -307,7 +343,7 @@ def _compress_rates(d: Mapping) -> tuple[int | None, int | None]:
     if rates is None:
         rates = {}
     elif not isinstance(rates, Mapping) or set(rates) - {CSA, HCA}:
-        raise ConfigError(f"compress_rates: expected {{{CSA!r}: int, {HCA!r}: int}}, got {rates!r}")
+        raise ConfigError(f"compress_rates: expected {{{CSA!r}: int, {HCA!r}: int}}, got {_show(rates)}")
     return tuple(_pick({"compress_rates": rates.get(kind), legacy: d.get(legacy)}, "compress_rates", legacy, default=None)
                  for kind, legacy in ((CSA, "compress_rate_csa"), (HCA, "compress_rate_hca")))
 
@@ -319,7 +355,7 @@ def _attention_schedule(d: Mapping, n: int) -> tuple[tuple, int, int]:
     ratios = d.get("compress_ratios")
     if lt is None and ratios is not None:
         if isinstance(ratios, (str, bytes)) or not isinstance(ratios, (list, tuple)):
-            raise ConfigError(f"compress_ratios: expected a list of integers, got {ratios!r}")
+            raise ConfigError(f"compress_ratios: expected a list of integers, got {_show(ratios)}")
         if len(ratios) < n:
             raise ConfigError(f"compress_ratios: {len(ratios)} entries but num_hidden_layers={n} "
                               "(need one per layer, plus an optional trailing MTP entry)")
@@ -353,15 +389,15 @@ def _mlp_schedule(d: Mapping, n: int):
 def _scaling(name: str, block) -> RopeScaling | None:
     """A rope_scaling / rope_parameters block -> RopeScaling (yarn) or None (plain RoPE)."""
     if not isinstance(block, Mapping):
-        raise ConfigError(f"{name}: expected an object, got {block!r}")
+        raise ConfigError(f"{name}: expected an object, got {_show(block)}")
     kind = block.get("rope_type", block.get("type"))
     if kind in _NO_SCALING:
         return None
     if kind != "yarn":
-        raise ConfigError(f"{name}.type: {kind!r} is not supported (only 'yarn' or no scaling)")
+        raise ConfigError(f"{name}.type: {_show(kind)} is not supported (only 'yarn' or no scaling)")
     # mscale / mscale_all_dim are ignored: V4 has no magnitude scaling. An explicit non-unit one is refused.
     if block.get("attention_factor", 1.0) != 1.0:
-        raise ConfigError(f"{name}.attention_factor: {block['attention_factor']!r} is not supported (V4 uses 1.0)")
+        raise ConfigError(f"{name}.attention_factor: {_show(block['attention_factor'])} is not supported (V4 uses 1.0)")
     if block.get("truncate", True) is not True:
         raise ConfigError(f"{name}.truncate: only the truncated (floor/ceil) YaRN ramp of V4 is supported")
     for k in ("factor", "original_max_position_embeddings"):
@@ -386,7 +422,7 @@ def _rope(d: Mapping, head_dim: int) -> dict:
         for key, block in (("rope_theta", main), ("compress_rope_theta", comp)):
             extra = block.get("rope_theta")
             if extra is not None and thetas[key] is not None and extra != thetas[key]:
-                raise ConfigError(f"{key}: conflicting values {thetas[key]!r} and rope_parameters={extra!r}")
+                raise ConfigError(f"{key}: conflicting values {_show(thetas[key])} and rope_parameters={_show(extra)}")
             thetas[key] = extra if extra is not None else thetas[key]
         factors += [(f"rope_parameters.{s}.partial_rotary_factor", b.get("partial_rotary_factor"))
                     for s, b in (("main", main), ("compress", comp))]
@@ -407,7 +443,7 @@ def _rope(d: Mapping, head_dim: int) -> dict:
     given = [(k, v) for k, v in dims if v is not None]
     for k, v in given[1:]:
         if v != given[0][1]:
-            raise ConfigError(f"rope_head_dim: conflicting values {given[0][0]} -> {given[0][1]!r}, {k} -> {v!r}")
+            raise ConfigError(f"rope_head_dim: conflicting values {given[0][0]} -> {_show(given[0][1])}, {k} -> {_show(v)}")
     return {
         "rope_head_dim": given[0][1] if given else 64,
         "rope_theta": _DEFAULTS["rope_theta"] if thetas["rope_theta"] is None else thetas["rope_theta"],
