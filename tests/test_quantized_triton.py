@@ -112,9 +112,10 @@ def test_a_tampered_qgemm_module_is_refused(art, tmp_path):
         f.write("\nimport os  # injected\n")
     with pytest.raises(ArtifactError, match=f"{rel}: content differs from the manifest"):
         v4c.load(a, device="cpu", backend="triton")
-    # with the file list forged too, the kernel loader's own check still refuses to import it
+    # with the file list forged too (and the manifest resealed), the kernel loader's own check still refuses it
+    from v4c.artifact.manifest import write_manifest
     man["files"][rel] = hashlib.sha256((a / rel).read_bytes()).hexdigest()
-    (a / "manifest.json").write_text(json.dumps(man))
+    write_manifest(a, man)
     with pytest.raises(ArtifactError, match="kernel source does not match its manifest hash; refusing"):
         v4c.load(a, device="cpu", backend="triton")
 

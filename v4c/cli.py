@@ -136,13 +136,16 @@ def _cache(a) -> int:
     from .autotune.store import TuningStore
     store = TuningStore(a.cache)
 
+    def safe(x) -> str:  # received text may hold terminal escapes or lone surrogates
+        return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(x))
+
     def report(r):
         print(f"{r.added} added, {r.updated} updated, {r.kept} kept, {len(r.rejected)} rejected, "
-              f"{len(r.conflicts)} conflicts" + ("" if r.ok else f" (not done: {r.error})"))
+              f"{len(r.conflicts)} conflicts" + ("" if r.ok else f" (not done: {safe(r.error)})"))
         for idx, why in r.rejected[:20]:
-            print(f"  rejected {idx}: {why}")
+            print(f"  rejected {safe(idx)}: {safe(why)}")
         for c in r.conflicts[:20]:
-            print(f"  conflict: {c}")
+            print(f"  conflict: {safe(c)}")
         return 0 if r.ok else 1
 
     if a.cache_cmd == "export":
@@ -152,7 +155,7 @@ def _cache(a) -> int:
     if a.cache_cmd == "import":
         return report(sharing.import_bundle(store, a.bundle))
     if a.cache_cmd == "merge":
-        return report(sharing.merge_stores(store, *[TuningStore(p) for p in a.sources]))
+        return report(sharing.merge_stores(store, *a.sources))  # paths: opened read-only
     if a.cache_cmd in ("push", "pull"):
         import warnings
         with warnings.catch_warnings():  # the report below says it once, without a Python warning's source line
@@ -356,8 +359,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminate_cleanly() -> None:
+    """SIGTERM (kill, a scheduler's timeout) unwinds like Ctrl-C, so a compile or tune removes its
+    partial files; only SIGKILL leaves them, for the next compile to the same place to remove."""
+    import signal
+    import threading
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+def _plain_warnings(cmd: str) -> None:
+    """Warnings reach a CLI user as one line each, like errors, not with Python's source line."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"v4c {cmd}: warning: {message}", file=file or sys.stderr)
+
+    warnings.showwarning = show
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    _terminate_cleanly()
+    _plain_warnings(args.cmd)
     try:
         return args.fn(args)
     except (V4CError, ValueError, FileExistsError, FileNotFoundError) as e:

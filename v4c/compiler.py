@@ -10,7 +10,6 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -18,10 +17,11 @@ from typing import Callable
 import torch
 
 from . import __version__
-from .artifact.manifest import FORMAT, FORMAT_VERSION, MANIFEST, header_sha256
+from .artifact.manifest import FORMAT, FORMAT_VERSION, reference_entries, write_manifest
+from .artifact.output import check_output, partial_dir, put_in_place, remove_stale
 from .artifact.shapes import default_buckets, parse_bucket
 from .autotune.choose import choose_configs, summarize_ops
-from .autotune.store import TuningStore
+from .autotune.store import open_for_lookup
 from .codegen.emit import emit
 from .errors import CheckpointError, ConfigError
 from .graph.text import print_graph
@@ -90,8 +90,7 @@ def compile(model: str | os.PathLike, output: str | os.PathLike, *, target: str 
         raise ConfigError(f"{model}: no config.json found")
     if weights not in ("auto", "copy", "reference", "none"):
         raise ValueError(f"weights must be auto, copy, reference or none, got {weights!r}")
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"{output} exists; pass overwrite=True (--force) to replace it")
+    check_output(output, model, overwrite)  # before any work: --force replaces only a v4c artifact
     cfg = V4Config.from_json_file(cfg_path)
     tgt = resolve_target(target)
     # quantised weights (FP8 / MXFP4 in the checkpoint, or in the config's release layout) stay quantised
@@ -118,8 +117,8 @@ def compile(model: str | os.PathLike, output: str | os.PathLike, *, target: str 
     total = sum(f.stat().st_size for f in files)
     mode = "none" if ckpt is None else weights if weights != "auto" else ("copy" if total <= COPY_LIMIT else "reference")
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    remove_stale(output, log)
+    tmp = partial_dir(output)
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the artifact gets the user's usual permissions
     try:
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, sort_keys=True) + "\n")
@@ -132,7 +131,7 @@ def compile(model: str | os.PathLike, output: str | os.PathLike, *, target: str 
         kernels = emit(graph, tgt)
         buckets = [parse_bucket(b) for b in buckets] if buckets else default_buckets()
         ctx = int(context or cfg.max_position_embeddings)
-        choose_configs(graph, kernels, tgt, TuningStore(tuning_cache) if tuning_cache is not False else None,
+        choose_configs(graph, kernels, tgt, open_for_lookup(tuning_cache) if tuning_cache is not False else None,
                        buckets, ctx)
         for name, src in kernels.modules.values():
             (tmp / name).parent.mkdir(exist_ok=True)
@@ -166,8 +165,7 @@ def compile(model: str | os.PathLike, output: str | os.PathLike, *, target: str 
             log(f"weights: copied {total / 2**20:.1f} MiB")
         elif mode == "reference":
             wmeta["location"] = str(model.resolve())
-            wmeta["files"] = [{"path": str(f.resolve()), "size": f.stat().st_size, "header_sha256": header_sha256(f),
-                               "sha256": sha256_file(f)} for f in files]
+            wmeta["files"] = reference_entries(ckpt)  # exactly these files, in this layout, are loaded
             log(f"weights: referenced {len(files)} file(s) in place ({total / 2**30:.1f} GiB)")
         hashes = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {
@@ -182,14 +180,8 @@ def compile(model: str | os.PathLike, output: str | os.PathLike, *, target: str 
             manifest["aot"] = aot_entry
         if rank_graphs:
             manifest["parallel"] = parallel_manifest(par, rank_graphs)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        if output.exists():  # overwrite: move the old one aside first so a failure keeps it
-            old = output.with_name(f".{output.name}.old-{os.getpid()}")
-            os.replace(output, old)
-            os.replace(tmp, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, output)
+        write_manifest(tmp, manifest)  # sealed with its digest
+        put_in_place(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -12,7 +12,6 @@ done, so an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import socket
 import statistics
@@ -23,9 +22,10 @@ from typing import Callable
 
 import torch
 
-from ..artifact.manifest import MANIFEST, verify_artifact
+from ..artifact.manifest import update_manifest, verify_artifact
 from ..artifact.shapes import Bucket, default_buckets, parse_bucket
 from ..codegen.emit import template
+from ..errors import ArtifactError
 from ..graph.ir import Node
 from ..graph.registry import get_op
 from ..graph.sites import call_sites
@@ -309,15 +309,18 @@ def tune(path, strategy: str = "tpe", budget: int | None = None, store: TuningSt
 
 
 def _write_manifest(man, chosen: dict) -> None:
-    """Record the tuned configs in the artifact's per-site tables (the manifest is rewritten atomically)."""
-    data = json.loads(json.dumps(man.data))
-    sites = data["kernels"].get("sites", {})
-    for (sid, bkey), (meta, tier) in chosen.items():
-        sites[sid].setdefault("configs", {})[bkey] = {"meta": meta, "config_source": tier}
-    for op in data["kernels"].get("ops", {}).values():
-        for k in ("meta", "config_source", "quantized"):
-            op.pop(k, None)
-    summarize_ops(data["kernels"]["ops"], sites)
-    tmp = man.root / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, man.root / MANIFEST)
+    """Record the tuned configs in the artifact's per-site tables. The artifact package rewrites the
+    manifest under its lock, atomically and sealed with a new digest, merging into the manifest as it
+    is now: concurrent tunes of one artifact keep each other's configs."""
+    def edit(data):
+        if data["files"] != man.data["files"]:  # e.g. recompiled in place while this tune ran
+            raise ArtifactError(f"{man.root}: the artifact changed while it was being tuned; its manifest is left "
+                                f"as it is (tune it again)")
+        sites = data["kernels"].get("sites", {})
+        for (sid, bkey), (meta, tier) in chosen.items():
+            sites[sid].setdefault("configs", {})[bkey] = {"meta": meta, "config_source": tier}
+        for op in data["kernels"].get("ops", {}).values():
+            for k in ("meta", "config_source", "quantized"):
+                op.pop(k, None)
+        summarize_ops(data["kernels"]["ops"], sites)
+    update_manifest(man.root, edit)

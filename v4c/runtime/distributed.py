@@ -12,14 +12,15 @@ so a rank that never starts is an error on the others, not a hang.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
-import json
 import os
+import re
 from pathlib import Path
 
 import torch
 
-from ..artifact.manifest import verify_artifact
+from ..artifact.manifest import open_weights, verify_artifact
 from ..errors import ArtifactError, V4CError
 from ..graph.text import parse_graph
 from ..graph.verify import verify
@@ -64,6 +65,40 @@ def init_distributed(device=None, timeout_s: float | None = None) -> tuple[int, 
     return dist.get_rank(), dist.get_world_size(), dev
 
 
+# how a lost peer shows in torch.distributed's errors: gloo's socket closes or resets, or the wait times out
+_PEER_LOST = ("connection closed", "connection reset", "broken pipe", "connection refused", "timed out", "timeout",
+              "communicator was aborted")
+
+
+def _peer_lost(e: RuntimeError) -> bool:
+    dist = _dist()
+    if isinstance(e, getattr(dist, "DistError", ())):  # DistBackendError, DistNetworkError, ...
+        return True
+    text = str(e).lower()
+    return any(k in text for k in _PEER_LOST)
+
+
+@contextlib.contextmanager
+def _collective(what: str):
+    """Inside: collectives. A peer that exits, crashes or stops answering becomes a V4CError naming this rank,
+    the rank(s) it was waiting on and ``what`` it was doing, instead of gloo's raw traceback."""
+    try:
+        yield
+    except RuntimeError as e:
+        dist = _dist()
+        if not _peer_lost(e) or not dist.is_initialized():
+            raise
+        rank, world = dist.get_rank(), dist.get_world_size()
+        others = [r for r in range(world) if r != rank]
+        peer = (f"rank {others[0]}" if len(others) == 1 else f"one of ranks {', '.join(map(str, others))}"
+                if len(others) <= 8 else f"one of the other {len(others)} ranks")
+        lines = str(e).strip().splitlines()
+        # gloo's first sentence, without its [file:line] prefix or the advice that follows
+        detail = re.sub(r"^\[[^\]]*\]\s*", "", lines[0] if lines else "").split(". ")[0][:200]
+        raise V4CError(f"rank {rank} of {world}: a collective failed while {what}: {peer} exited, crashed or stopped "
+                       f"answering (check that rank's output; {type(e).__name__}: {detail})") from e
+
+
 def _device(device, local_rank: int) -> torch.device:
     if device is not None:
         return torch.device(device)
@@ -79,7 +114,8 @@ def agree_ok(error: str | None, device: torch.device) -> None:
     buf[1:1 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else buf[1:1]
     buf = buf.to(device)
     got = [torch.zeros_like(buf) for _ in range(dist.get_world_size())]
-    dist.all_gather(got, buf)
+    with _collective("checking that every rank loaded the artifact"):
+        dist.all_gather(got, buf)
     failed = {r: bytes(g[1:].cpu().tolist()).rstrip(b"\0").decode(errors="replace") for r, g in enumerate(got)
               if int(g[0])}
     if failed:
@@ -122,13 +158,14 @@ def load_distributed(path, device=None, backend: str | None = None, timeout_s: f
                                 f"--world-size {world}")
         entry = par["ranks"][rank]
         root = man.root
-        config = json.loads((root / man.data["config"]).read_text())
-        graph = verify(parse_graph((root / entry["graph"]).read_text()))
+        # read through the manifest: each file's bytes are checked against its hash right before use
+        config = man.read_json(man.data["config"])
+        graph = verify(parse_graph(man.read_text(entry["graph"])))
         if not man.has_weights:
             raise ArtifactError(f"{root}: weight-free artifact (compiled from a config only); it can be inspected "
                                 f"but not run")
-        full = parse_graph((root / man.data["graph"]).read_text())
-        ckpt = Checkpoint.open(man.weights_location())
+        full = parse_graph(man.read_text(man.data["graph"]))
+        ckpt = open_weights(man)  # exactly the files the manifest names, never an index found beside them
         params = load_shards(ckpt, dict(full.params), graph, dev)
         kernels = man.data.get("kernels", {})
         backend = backend or ("triton" if dev.type == "cuda" and kernels.get("ops") else "torch")
@@ -138,8 +175,9 @@ def load_distributed(path, device=None, backend: str | None = None, timeout_s: f
         error = f"{type(e).__name__}: {e}"
     agree_ok(error, dev)  # nobody goes on into a collective that a failed rank will never join
     # triton: rank 0's kernel configs on every rank (broadcast), so no two ranks run different kernels
-    impls = {"triton": lambda: load_kernels(root, kernels, dev.type), "torch": lambda: dict(TORCH_IMPLS),
-             "reference": dict}[backend]()
+    with _collective("taking rank 0's kernel configs"):
+        impls = {"triton": lambda: load_kernels(root, kernels, dev.type), "torch": lambda: dict(TORCH_IMPLS),
+                 "reference": dict}[backend]()
     model = Model(root, config, graph, params, dev, man.data, impls=impls, backend=backend, cuda_graphs=False)
     return DistributedModel(model, rank, world, par["attn"])
 
@@ -166,7 +204,8 @@ class DistributedModel:
         peer still holds the group can make gloo abort that peer's exit)."""
         dist = _dist()
         if dist.is_initialized():
-            dist.barrier()
+            with _collective("leaving the process group"):
+                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -224,17 +263,20 @@ class DistributedSession:
 
     @torch.inference_mode()
     def forward(self, ids=None, lengths=None) -> torch.Tensor:
-        ids, lengths = self._from_rank0(ids, lengths)
+        with _collective("sharing rank 0's request"):
+            ids, lengths = self._from_rank0(ids, lengths)
         n = Session._check(self, ids, lengths)  # the whole batch, on every rank: all raise or none does
         lo, hi = self.lo, self.hi
-        if self.idle:
-            logits = self.local.forward(ids[:1].clamp(0, 0), torch.zeros(1, dtype=torch.int64))
-        else:
-            logits = self.local.forward(ids[lo:hi], None if lengths is None else lengths[lo:hi])
+        with _collective("running the forward pass (expert all-to-all / all-reduce)"):
+            if self.idle:
+                logits = self.local.forward(ids[:1].clamp(0, 0), torch.zeros(1, dtype=torch.int64))
+            else:
+                logits = self.local.forward(ids[lo:hi], None if lengths is None else lengths[lo:hi])
         self.lengths += n
         if self.model.attn == "tp":
             return logits
-        return self._gather(logits)
+        with _collective("gathering every rank's logits"):
+            return self._gather(logits)
 
     __call__ = forward
 

@@ -9,6 +9,7 @@ import types
 from pathlib import Path
 from typing import Callable
 
+from ..artifact.manifest import artifact_path
 from ..artifact.shapes import parse_bucket, pick_bucket
 from ..autotune.agree import agree
 from ..errors import ArtifactError
@@ -37,11 +38,12 @@ def _import_verified(path: Path, digest: str, name: str):
     return mod
 
 
-def install_binaries(root: Path, aot: dict | None, device_target: str | None) -> int:
+def install_binaries(root: Path, aot: dict | None, device_target: str | None, files: dict | None = None) -> int:
     """Put the artifact's ahead-of-time compiled kernels into Triton's cache, so that launching them
     finds them compiled, when they were built for this GPU (``device_target``, e.g. "sm90") by this very
     Triton build (its cache key covers the compiler's own sources); returns how many were installed.
-    The files were checked against the manifest when the artifact was opened."""
+    Every path must stay inside the artifact; with ``files`` (the manifest's path -> sha256), each
+    binary's bytes must also match their hash (these bytes, read once, are what is installed)."""
     if not aot or not aot.get("binaries") or aot.get("target") != device_target:
         return 0
     import triton
@@ -56,7 +58,11 @@ def install_binaries(root: Path, aot: dict | None, device_target: str | None) ->
             continue
         group = {}
         for f in b["files"]:
-            data = (root / b["dir"] / f).read_bytes()
+            rel = f"{b['dir']}/{f}"
+            data = artifact_path(root, rel, f"aot.binaries[{key!r}]").read_bytes()
+            if files is not None and hashlib.sha256(data).hexdigest() != files.get(rel):
+                raise ArtifactError(f"{root}: {rel}: AOT binary does not match its manifest hash; refusing to "
+                                    f"install it")
             group[f] = mgr.put(data if not f.endswith(".json") else data.decode(), f, binary=not f.endswith(".json"))
         mgr.put_group(meta, group)
         n += 1
@@ -77,7 +83,9 @@ def load_modules(root: Path, entry: dict, device_type: str) -> dict:
         raise ArtifactError(str(e)) from None
     modules = {}
     for fam, m in entry.get("modules", {}).items():
-        modules[fam] = _import_verified(root / m["file"], m["sha256"], f"v4c_kernels_{fam}_{m['sha256'][:12]}")
+        # the path must stay inside the artifact (no "../x.py", absolute path or symlink out of it)
+        path = artifact_path(root, m["file"], f"kernels.modules[{fam!r}].file")
+        modules[fam] = _import_verified(path, m["sha256"], f"v4c_kernels_{fam}_{m['sha256'][:12]}")
     return modules
 
 

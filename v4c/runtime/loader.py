@@ -1,16 +1,14 @@
 """``v4c.load``: verify an artifact's manifest, then map its weights and build a Model."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
-from ..artifact.manifest import verify_artifact
+from ..artifact.manifest import open_weights, verify_artifact
 from ..graph.text import parse_graph
 from ..graph.verify import verify
-from ..io.checkpoint import Checkpoint
 from ..settings import configure_threads
 from ..io.naming import plan_sources
 from .kernels import install_binaries, load_kernels
@@ -53,21 +51,22 @@ def load(path: str | os.PathLike, device=None, verify_weights: bool = False, bac
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     man = verify_artifact(Path(path), full_weights=verify_weights)
     root = man.root
-    config = json.loads((root / man.data["config"]).read_text())
-    graph = verify(parse_graph((root / man.data["graph"]).read_text()))
+    # read through the manifest: each file's bytes are checked against its hash right before use
+    config = man.read_json(man.data["config"])
+    graph = verify(parse_graph(man.read_text(man.data["graph"])))
     dev = _device(device)
     if dev.type == "cpu":
         configure_threads()
     params = None
     if man.has_weights:
-        ckpt = Checkpoint.open(man.weights_location())
+        ckpt = open_weights(man)  # exactly the files the manifest names, never an index found beside them
         sources = plan_sources(ckpt, dict(graph.params))
         params = {n: cast_param(sources[n].load(ckpt), t.dtype, dev) for n, t in graph.params}
     kernels = man.data.get("kernels", {})
     backend = backend or ("triton" if dev.type == "cuda" and kernels.get("ops") else "torch")
     if backend == "triton" and dev.type == "cuda":
         major, minor = torch.cuda.get_device_capability(dev)
-        install_binaries(root, man.data.get("aot"), f"sm{major}{minor}")
+        install_binaries(root, man.data.get("aot"), f"sm{major}{minor}", files=man.data["files"])
     impls = {"triton": lambda: load_kernels(root, kernels, dev.type), "torch": lambda: dict(TORCH_IMPLS),
              "reference": dict}[backend]()
     return Model(root, config, graph, params, dev, man.data, impls=impls, backend=backend, cuda_graphs=cuda_graphs)
