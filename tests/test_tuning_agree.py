@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from v4c.autotune.agree import agree
+from v4c.collective import agree
 
 
 def _free_port():

@@ -31,7 +31,7 @@ from ..graph.registry import get_op
 from ..graph.sites import call_sites
 from ..graph.text import parse_graph
 from ..runtime.kernels import load_modules
-from .agree import agree
+from ..collective import agree
 from .buckets import bucket_for
 from .choose import graph_dtypes, concrete, site_shapes, source_hash, summarize_ops
 from .costmodel import predict

@@ -11,7 +11,7 @@ from typing import Callable
 
 from ..artifact.manifest import artifact_path
 from ..artifact.shapes import parse_bucket, pick_bucket
-from ..autotune.agree import agree
+from ..collective import agree
 from ..errors import ArtifactError
 from ..graph.registry import get_op
 from ..settings import check_triton_mode

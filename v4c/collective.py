@@ -1,5 +1,6 @@
 """Ranks agree on kernel configs: under torch.distributed, rank 0 decides and broadcasts, so
-every rank runs the same kernels. The configs travel as JSON bytes in a tensor (never pickled)."""
+every rank runs the same kernels. The configs travel as JSON bytes in a tensor (never pickled).
+Below both the runtime and the tuner, which use it, so that neither imports the other."""
 from __future__ import annotations
 
 import json
