@@ -274,3 +274,34 @@ def test_a_cgroup_limit_counts_its_droppable_page_cache_as_free(tmp_path):
     (tmp_path / "memory.max").write_text("max\n")
     assert free_memory._cgroup_level(tmp_path, *files) is None
     assert free_memory._cgroup_level(tmp_path / "absent", *files) is None
+
+
+# --- what forward returns is the caller's ---------------------------------------------------------
+
+class _StaticOutputGraph:
+    """Stands in for a captured CUDA graph (which needs a GPU): every replay runs the step and writes
+    its logits into one static f32 buffer, which it returns, exactly as a replay does."""
+
+    def __init__(self, executor, states):
+        self.executor, self.states, self.out = executor, states, None
+
+    def run(self, ids, pos):
+        (logits,) = self.executor.run({"ids": ids, "pos": pos}, self.states)
+        if self.out is None:
+            self.out = torch.empty_like(logits, dtype=torch.float32)
+        self.out.copy_(logits)
+        return self.out
+
+
+def test_decode_logits_are_never_a_buffer_the_next_step_writes(model):
+    ids = torch.randint(0, 1024, (2, 6), generator=torch.Generator().manual_seed(5))
+    ref = model.new_session(2)
+    ref.forward(ids)
+    want = [ref.forward(ids[:, i:i + 1]).clone() for i in range(3)]
+    s = model.new_session(2)
+    s.forward(ids)
+    s._graph = _StaticOutputGraph(model.executor, s.states)
+    got = [s.forward(ids[:, i:i + 1]) for i in range(3)]  # held across later steps, as a caller would
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert len({g.data_ptr() for g in got} | {s._graph.out.data_ptr()}) == 4

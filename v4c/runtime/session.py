@@ -183,7 +183,9 @@ class Session:
         self._broken = "a forward call did not finish"
         try:
             if self._graph is not None and ids.shape[1] == 1 and lengths is None:
-                logits = self._graph.run(ids, pos)  # a captured CUDA graph, replayed
+                # a captured CUDA graph, replayed: its output is a static buffer the next replay rewrites,
+                # so the caller gets a copy (float() alone returns that very buffer for an f32 model)
+                logits = self._graph.run(ids, pos).to(torch.float32, copy=True)
             else:
                 (logits,) = self.model.executor.run({"ids": ids, "pos": pos}, self.states)
             self.lengths += t if n is None else n
