@@ -193,6 +193,26 @@ PRESETS = ("tiny", "v4-flash", "v4-pro")
 RANDOM_WEIGHTS_LIMIT = 4 << 30  # bytes of random fp32 weights `v4c init --weights random` writes at most
 
 
+def _opt(a) -> int:
+    from .graph import parse_graph, print_graph, verify
+    from .passes import PassManager
+    from .passes.named import parse_pipeline
+    passes = parse_pipeline(a.passes) if a.passes.strip() else []
+    text = sys.stdin.read() if a.graph == "-" else Path(a.graph).read_text()
+    graph = verify(parse_graph(text))
+    pm = PassManager(passes, out=lambda s: print(s, file=sys.stderr))  # verifies after every pass
+    out = print_graph(pm.run(graph))
+    if a.notes:
+        for r in pm.records:
+            for n in r.notes:
+                print(f"{r.name}: {n}", file=sys.stderr)
+    if a.output:
+        Path(a.output).write_text(out)
+    else:
+        sys.stdout.write(out)
+    return 0
+
+
 def _init(a) -> int:
     import json as _json
 
@@ -351,6 +371,14 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     n.add_argument("--force", action="store_true", help="replace the config.json / model.safetensors already there")
     n.set_defaults(fn=_init)
+    o = sub.add_parser("opt", help="run named passes on IR text and print the result (as mlir-opt does)")
+    o.add_argument("graph", help="a graph's IR text file (e.g. an artifact's graph.v4c), or - for standard input")
+    o.add_argument("-p", "--passes", default="",
+                   help="comma-separated pass names, options in braces: fuse-moe,fuse-attention, "
+                        "quantize-kv-cache{kv=fp8_ds indexer=mxfp4}, shard{world=2 rank=0 parallel=attn=tp}")
+    o.add_argument("-o", "--output", help="write the IR here instead of standard output")
+    o.add_argument("--notes", action="store_true", help="print each pass's notes (why something was not fused)")
+    o.set_defaults(fn=_opt)
     d = sub.add_parser("demo", help="tiny random model: compile, load, generate")
     d.add_argument("--prompt-len", type=int, default=12, help="random prompt tokens (default 12)")
     d.add_argument("--new-tokens", type=int, default=16, help="tokens to generate (default 16)")

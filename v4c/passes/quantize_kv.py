@@ -41,6 +41,13 @@ class QuantizeKVCache(Pass):
             raise ValueError(f"indexer cache format must be one of {', '.join(KEY_FORMATS)}, got {self.indexer!r}")
 
     def run(self, g: Graph) -> PassResult:
+        meta = dict(g.meta)
+        if "kv_cache" in meta or "indexer_cache" in meta:  # the caches were laid out already
+            if (meta.get("kv_cache"), meta.get("indexer_cache")) == (self.kv, self.indexer):
+                return PassResult(g, False)
+            raise GraphError(f"{self.name}: the caches are already {meta.get('kv_cache')}/"
+                             f"{meta.get('indexer_cache')}; re-laying them out as {self.kv}/{self.indexer} "
+                             "needs the unquantised graph")
         root = _roots(g)
         kv_roots, key_roots = set(), set()
         rope_dims = {n.attr["rope_dim"] for n in g.nodes if "rope_dim" in n.attr}
