@@ -387,13 +387,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _terminate_cleanly() -> None:
-    """SIGTERM (kill, a scheduler's timeout) unwinds like Ctrl-C, so a compile or tune removes its
-    partial files; only SIGKILL leaves them, for the next compile to the same place to remove."""
+def _terminate_cleanly(cmd: str) -> None:
+    """On SIGTERM (kill, a scheduler's timeout) a compile removes its partial directory and the process
+    exits at once with 128+15; only SIGKILL leaves a partial, for the next compile to the same place to
+    remove. The handler does not raise into the running code: an exception raised inside an extension
+    module's import or callback aborts the process before any cleanup."""
     import signal
     import threading
+    from .artifact.output import remove_live_partials
+
+    def on_term(signum, frame):
+        remove_live_partials()
+        print(f"v4c {cmd}: terminated", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        signal.signal(signal.SIGTERM, on_term)
 
 
 def _plain_warnings(cmd: str) -> None:
@@ -408,7 +417,7 @@ def _plain_warnings(cmd: str) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    _terminate_cleanly()
+    _terminate_cleanly(args.cmd)
     _plain_warnings(args.cmd)
     try:
         return args.fn(args)

@@ -18,7 +18,7 @@ import torch
 
 from . import __version__
 from .artifact.manifest import FORMAT, FORMAT_VERSION, reference_entries, write_manifest
-from .artifact.output import check_output, partial_dir, put_in_place, remove_stale
+from .artifact.output import check_output, discard_partial, partial_dir, put_in_place, remove_stale
 from .artifact.shapes import default_buckets, parse_bucket
 from .autotune.choose import choose_configs, summarize_ops
 from .autotune.store import open_for_lookup
@@ -183,7 +183,7 @@ def compile(model: str | os.PathLike, output: str | os.PathLike, *, target: str 
         write_manifest(tmp, manifest)  # sealed with its digest
         put_in_place(tmp, output)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_partial(tmp)
         raise
     finally:
         if ckpt is not None:

@@ -8,6 +8,7 @@ removes partials whose process is gone, and says so.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -89,10 +90,34 @@ def remove_stale(output: Path, log: Callable[[str], None]) -> list[Path]:
     return removed
 
 
+_LIVE: set[Path] = set()  # this process's partial directories, for remove_live_partials
+_OUTPUTS: set[Path] = set()  # outputs it is making one for (registered first: no window for a signal)
+
+
 def partial_dir(output: Path) -> Path:
     """A fresh private directory beside ``output``, named so that a later compile can tell whose it was."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{output.name}.{os.getpid()}.", suffix=".partial", dir=output.parent))
+    _OUTPUTS.add(output)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.{os.getpid()}.", suffix=".partial", dir=output.parent))
+    _LIVE.add(tmp)
+    return tmp
+
+
+def discard_partial(tmp: Path) -> None:
+    """Remove a compile's partial directory (after a failure)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    _LIVE.discard(tmp)
+
+
+def remove_live_partials() -> None:
+    """Remove every partial directory this process still has: for a SIGTERM handler, which exits at once
+    instead of raising into whatever runs (an exception raised inside an extension module's import or
+    callback can abort the process before any cleanup)."""
+    for out in list(_OUTPUTS):  # also one made but not yet recorded when the signal came
+        for p in out.parent.glob(f".{glob.escape(out.name)}.{os.getpid()}.*.partial"):
+            _LIVE.add(p)
+    for tmp in list(_LIVE):
+        discard_partial(tmp)
 
 
 def put_in_place(tmp: Path, output: Path) -> None:
@@ -100,6 +125,7 @@ def put_in_place(tmp: Path, output: Path) -> None:
     removed only after the new one is in place (restored if the rename fails)."""
     if not (output.exists() or output.is_symlink()):
         os.replace(tmp, output)
+        _LIVE.discard(tmp)
         return
     if not is_artifact(output):  # it changed since check_output
         raise ArtifactError(f"{output} is no longer a v4c artifact; not replacing it")
@@ -110,4 +136,5 @@ def put_in_place(tmp: Path, output: Path) -> None:
     except BaseException:
         os.replace(old, output)
         raise
+    _LIVE.discard(tmp)
     shutil.rmtree(old, ignore_errors=True)
