@@ -8,10 +8,9 @@ go stale; a result whose binary has gone is recompiled.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
+from ..io.atomic import atomic_write_text
 from ..settings import cache_dir
 
 
@@ -34,9 +33,4 @@ class ResultCache:
         return r
 
     def put(self, key: str, result: dict) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(result, f, sort_keys=True)
-        os.replace(tmp, path)
+        atomic_write_text(self._path(key), json.dumps(result, sort_keys=True))

@@ -11,8 +11,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from ..artifact.shapes import Bucket
@@ -20,6 +18,7 @@ from ..codegen.emit import Emitted, render, template
 from ..graph.ir import Graph, Node
 from ..graph.registry import Concrete, get_op
 from ..graph.sites import call_sites
+from ..io.atomic import atomic_write_text
 from .buckets import bucket_for
 from .costmodel import rank
 from .problems import Shapes, hardware_for, signature, toolchain
@@ -68,11 +67,7 @@ class _PicksCache:
 
     def put(self, key: str, value: dict) -> None:
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-")
-            with os.fdopen(fd, "w") as f:
-                json.dump(value, f, sort_keys=True)
-            os.replace(tmp, self.root / f"{key}.json")
+            atomic_write_text(self.root / f"{key}.json", json.dumps(value, sort_keys=True))
         except OSError:  # a read-only cache only costs time
             pass
 

@@ -32,13 +32,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
 from v4c.errors import V4CError
+from v4c.io.atomic import atomic_write_text
 
 from .records import (MAX_RECORD_BYTES, SCHEMA_VERSION, RecordError, TuningRecord,
                       canonical_json, loads_strict)
@@ -123,23 +122,6 @@ def _put_all(store: TuningStore, records: list[TuningRecord], report: ImportRepo
     return report
 
 
-def _atomic_write_text(path: Path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 # ----------------------------------------------------------------------------- bundles
 
 def bundle_text(records) -> str:
@@ -167,7 +149,7 @@ def export_bundle(store: TuningStore, path, filter=None) -> int:
     if len(text.encode("utf-8")) > MAX_BUNDLE_BYTES or _json_items(text) > MAX_BUNDLE_ITEMS:
         raise BundleError(f"{path}: bundle would be over {MAX_BUNDLE_BYTES} bytes or "
                           f"{MAX_BUNDLE_ITEMS} JSON values; export fewer records (filter=...)")
-    _atomic_write_text(Path(path), text)
+    atomic_write_text(Path(path), text)
     return len(recs)
 
 
