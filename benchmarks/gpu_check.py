@@ -96,7 +96,7 @@ def main():
     from v4c.graph.registry import Concrete
     from v4c.graph.sites import call_sites
     from v4c.graph.text import parse_graph
-    from v4c.runtime.kernels import install_binaries, load_kernels
+    from v4c.backends.triton import install_binaries, load_kernels
 
     device = torch.device("cpu" if a.smoke else "cuda")
     target = "cpu" if a.smoke else "sm%d%d" % torch.cuda.get_device_capability()

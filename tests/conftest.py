@@ -6,6 +6,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests import their helper modules by name
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# kernels run on this CPU under Triton's interpreter, which triton reads when it is imported: v4c
+# itself never writes the environment (the v4c command does, for its own process)
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 _OWN_CACHE = None
 if "V4C_CACHE_DIR" not in os.environ:  # tests never read or write the user's caches (tuning, AOT, C helpers)
     import tempfile

@@ -115,7 +115,7 @@ def test_shipped_binaries_are_the_ones_a_launch_of_the_same_toolchain_finds(tiny
         from v4c.aot.launches import _source_and_options
         from v4c.aot.targets import gpu_target
         from v4c.autotune.choose import concrete
-        from v4c.runtime.kernels import install_binaries
+        from v4c.backends.triton import install_binaries
         root = Path({str(tiny_sm90)!r})
         man = json.loads((root / "manifest.json").read_text())
         assert install_binaries(root, man["aot"], "sm90") == len(man["aot"]["binaries"]) > 0
@@ -151,7 +151,7 @@ def test_two_buckets_with_different_configs_give_the_results_of_one(tmp_path, mo
     """Per-shape configs under the interpreter: prefill calls take one bucket's config, decode calls the
     other's; the logits equal those of an artifact with a single config."""
     from v4c.autotune import choose
-    from v4c.runtime import kernels as K
+    from v4c.backends import triton as K
     ck = write_random_checkpoint(tiny_config_dict(), tmp_path / "ck", seed=1)
     one = v4c.compile(ck, tmp_path / "one", target="cpu", tuning_cache=False, buckets=["B=1,T=1"])
     real = choose.site_candidates

@@ -117,7 +117,7 @@ def test_a_kernel_module_outside_the_artifact_is_never_executed(art, tmp_path, h
 
 
 def test_the_kernel_loader_itself_refuses_paths_out_of_the_artifact(art, tmp_path, monkeypatch):
-    from v4c.runtime.kernels import load_modules
+    from v4c.backends.triton import load_modules
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # load_modules sets it for the CPU; restored after the test
     marker = tmp_path / "marker"
     _, digest = _evil_module(tmp_path, marker)
@@ -170,7 +170,7 @@ def test_aot_binaries_are_read_inside_the_artifact_and_against_their_hash(art, t
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))  # never the user's Triton cache
     from triton.runtime.cache import triton_key
 
-    from v4c.runtime.kernels import install_binaries
+    from v4c.backends.triton import install_binaries
     key = "ab" * 32  # Triton cache keys are hex
     (art / "aot" / "k").mkdir(parents=True)
     (art / "aot" / "k" / "x.json").write_text("{}")

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from v4c.graph.registry import get_op
-from v4c.runtime.torch_ops import attention as fast_attention
-from v4c.runtime.torch_ops import native
+from impls import CPU, chosen, run
+from v4c.backends.cpu import native
 
 H, D, W = 4, 32, 16  # heads, head dim, window (= ring rows)
 pytestmark = pytest.mark.skipif(native.library() is None, reason=f"C helpers unavailable: {native.why()}")
@@ -66,11 +66,11 @@ def _case(kind, dtype, case, t=23, seed=0, D=D):
 @pytest.mark.parametrize("case", ["prefill", "padded", "gaps", "decode"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["sliding", "hca", "csa"])
-def test_native_attention_equals_reference(monkeypatch, kind, dtype, case):
+def test_native_attention_equals_reference(kind, dtype, case):
     args, attrs = _case(kind, dtype, case)
     ref = get_op("attention").ref
-    q, kv, ring, ring_pos, sinks, pos, *extra = args
-    assert native.attention_supported(q, kv, ring, ring_pos, pos, *(extra + [None] * (2 - len(extra))), kind, None)
+    pos = args[5]
+    assert chosen("attention", *args, **attrs) == "native"
     want = ref(*args, **attrs)
     got = native.attention(*args, **attrs)
     assert got.dtype == want.dtype == dtype and got.shape == want.shape
@@ -83,11 +83,12 @@ def test_native_attention_equals_reference(monkeypatch, kind, dtype, case):
         assert err_got <= err_want + 2 ** -8, f"bf16 error {err_got:.2e} vs the reference's {err_want:.2e}"
     if case == "padded":
         assert (got[1][pos[1] < 0] == 0).all()  # a padding query sees nothing but the sink
-    # the op through the torch backend takes this path; its PyTorch paths agree with it
-    assert torch.equal(fast_attention.attend(*args, **attrs), got)
-    monkeypatch.setattr(native, "attention_supported", lambda *a: False)
+    # the op through the cpu backend takes this path; its PyTorch paths agree with it
+    assert torch.equal(run("attention", *args, **attrs), got)
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: one rounding step of the output
-    assert torch.allclose(fast_attention.attend(*args, **attrs).float(), got.float(), rtol=tol, atol=tol)
+    paths = ["blocked"] + (["decode"] if case == "decode" else [])
+    for path in paths:
+        assert torch.allclose(run("attention", *args, impl=path, **attrs).float(), got.float(), rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("kind", ["sliding", "hca", "csa"])
@@ -119,10 +120,14 @@ def test_native_attention_splits_a_rows_heads_across_threads(kind):
 def test_native_attention_declines_what_it_does_not_take():
     args, attrs = _case("csa", torch.bfloat16, "prefill")
     q, kv, ring, ring_pos, sinks, pos, rows, idx = args
-    assert native.attention_supported(q, kv, ring, ring_pos, pos, rows, idx, "csa", None)
-    assert not native.attention_supported(q, kv, ring, ring_pos, pos, rows, idx, "csa", "fp8_ds")  # a packed cache
-    assert not native.attention_supported(q, kv.float(), ring, ring_pos, pos, rows, idx, "csa", None)  # mixed dtypes
-    assert not native.attention_supported(q.transpose(1, 2), kv, ring, ring_pos, pos, rows, idx, "csa", None)
-    assert not native.attention_supported(q, kv, ring, ring_pos, pos.int(), rows, idx, "csa", None)
+    assert chosen("attention", *args, **attrs) == "native"
+    with pytest.raises(ValueError, match="stored as fp8_ds"):  # a packed cache
+        CPU.callable("attention", args, {**attrs, "kv_format": "fp8_ds"}, name="native")
+    with pytest.raises(ValueError, match="a cache is f32, not the activations' bf16"):  # mixed dtypes
+        CPU.callable("attention", (q, kv.float(), *args[2:]), attrs, name="native")
+    assert chosen("attention", q, kv.float(), *args[2:], **attrs) == "blocked"
+    # a strided query is made contiguous for the C call, not passed as it lies
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)
+    assert torch.equal(run("attention", qt, *args[1:], impl="native", **attrs), run("attention", *args, **attrs))
     with pytest.raises(ValueError, match="attention: kind 'hca' with ratio 0"):
         native.attention(q, kv, ring, ring_pos, sinks, pos, rows, kind="hca", window=W, ratio=0, scale=1.0)

@@ -21,7 +21,7 @@ from v4c.model.build import build_graph
 from v4c.model.config import V4Config
 from v4c.model.presets import tiny_config_dict
 from v4c.model.random_weights import random_params
-from v4c.runtime import kernels as K
+from v4c.backends import triton as K
 
 pytest.importorskip("triton")
 

@@ -56,12 +56,12 @@ class _Raise:
         return op
 
     def __enter__(self):
-        self.saved = list(self.executor.plan)
-        self.executor.plan = [(self._wrap(e[0]), *e[1:]) for e in self.saved]
+        self.saved = dict(self.executor.plans)
+        self.executor.plans = {ph: [(self._wrap(e[0]), *e[1:]) for e in plan] for ph, plan in self.saved.items()}
         return self
 
     def __exit__(self, *exc):
-        self.executor.plan = self.saved
+        self.executor.plans = self.saved
         return False
 
 
@@ -75,7 +75,7 @@ def test_interrupted_forward_marks_the_session_until_reset(model, exc):
 
     s = model.new_session(2, max_context=64)
     s.forward(ids)
-    n_ops = len(model.executor.plan)
+    n_ops = len(model.executor.plans["decode"])
     with _Raise(model, n_ops // 2, exc):  # half-way through the decode step: some states written, some not
         with pytest.raises(type(exc)):
             s.forward(more)
@@ -113,14 +113,15 @@ def test_interrupt_in_a_prefill_and_an_error_before_any_state_write(model):
 def test_one_session_refuses_a_second_thread(model):
     s = model.new_session(1, max_context=64)
     inside, go_on = threading.Event(), threading.Event()
-    first = model.executor.plan[0]
+    plan = model.executor.plans["decode"]  # 4 tokens: a decode-sized call
+    first = plan[0]
 
     def blocking(*args, **kw):
         inside.set()
         go_on.wait(10)
         return first[0](*args, **kw)
 
-    model.executor.plan[0] = (blocking, *first[1:])
+    plan[0] = (blocking, *first[1:])
     errors = []
     try:
         t = threading.Thread(target=lambda: s.forward(_ids(model, (1, 4), 4)))
@@ -133,7 +134,7 @@ def test_one_session_refuses_a_second_thread(model):
         go_on.set()
         t.join(30)
     finally:
-        model.executor.plan[0] = first
+        plan[0] = first
     assert errors and "another thread" in errors[0]
     assert s.lengths.tolist() == [4] and s.broken is None  # the first thread's call finished untouched
 
@@ -305,3 +306,21 @@ def test_decode_logits_are_never_a_buffer_the_next_step_writes(model):
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
     assert len({g.data_ptr() for g in got} | {s._graph.out.data_ptr()}) == 4
+
+
+def test_a_replayed_step_never_returns_the_buffer_the_next_step_writes(model):
+    """On CUDA a decode step replays a graph whose logits live in one static buffer; what ``forward``
+    returns must be the caller's own (an f32 model's ``.float()`` would be that very buffer)."""
+    from v4c.runtime.cuda_graphs import StaticOutputStep
+    eager = model.new_session(1, max_context=64)
+    s = model.new_session(1, max_context=64)
+    s._graph = StaticOutputStep(model.executor, s.states)  # what a CUDA session holds, run eagerly
+    prompt = _ids(model, (1, 5), 7)
+    eager.forward(prompt)
+    s.forward(prompt)
+    steps = [_ids(model, (1, 1), 8 + i) for i in range(3)]
+    got = [s.forward(x) for x in steps]
+    want = [eager.forward(x) for x in steps]
+    assert all(g.data_ptr() != s._graph.out.data_ptr() for g in got)
+    for g, w in zip(got, want):  # earlier steps' logits were not overwritten by later steps
+        assert torch.equal(g, w)

@@ -6,9 +6,9 @@ import torch
 
 from v4c.graph.registry import get_op
 from v4c.graph.storage import encode, stored_width
-from v4c.runtime.torch_ops import attention as fast_attention
-from v4c.runtime.torch_ops import attention_decode as few
-from v4c.runtime.torch_ops.rope import rope, rope_
+from impls import run
+from v4c.backends.cpu import attention_decode as few
+from v4c.backends.cpu.rope import rope, rope_
 
 W, D, H, R, TOPK = 8, 64, 4, 32, 6  # ring rows, head dim, heads, rope dims, CSA top-k
 
@@ -73,7 +73,7 @@ def test_few_token_sparse_attention_equals_reference(kind, fmt, dtype):
         args, attrs = _case(kind, fmt, dtype, start, t, pad_row=pad)
         assert len(start) * t <= few.TOKENS
         want = ref(*[a.clone() for a in args], **attrs)
-        got = fast_attention.sparse_attention(*[a.clone() for a in args], **attrs)
+        got = run("sparse_attention", *[a.clone() for a in args], impl="decode", **attrs)
         assert got[0].dtype == want[0].dtype
         assert torch.allclose(got[0].float(), want[0].float(), rtol=tol, atol=tol), (start, t, pad)
         assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2]), (start, t, pad)  # ring, ring_pos
@@ -81,13 +81,12 @@ def test_few_token_sparse_attention_equals_reference(kind, fmt, dtype):
             assert (got[0][pad] == 0).all()  # a padding query attends to nothing: only the sink
 
 
-def test_few_token_path_agrees_with_the_block_path(monkeypatch):
-    """Just above and below the threshold the two PyTorch paths give the same outputs."""
-    monkeypatch.setattr(fast_attention.native, "attention_supported", lambda *a: False)
+def test_few_token_path_agrees_with_the_block_path():
+    """On a decode-sized call the two PyTorch paths give the same outputs."""
     args, attrs = _case("csa", None, torch.float32, [30, 14], 3)
-    got = fast_attention.attend(*args[:6], *args[6:], **{k: v for k, v in attrs.items() if k not in ("rope_dim", "theta")})
-    monkeypatch.setattr(few, "TOKENS", 0)
-    blocks = fast_attention.attend(*args[:6], *args[6:], **{k: v for k, v in attrs.items() if k not in ("rope_dim", "theta")})
+    attrs = {k: v for k, v in attrs.items() if k not in ("rope_dim", "theta")}
+    got = run("attention", *args, impl="decode", **attrs)
+    blocks = run("attention", *args, impl="blocked", **attrs)
     assert torch.allclose(got, blocks, rtol=1e-5, atol=1e-5)
 
 
@@ -103,7 +102,7 @@ def test_few_token_indexer_selects_the_reference_rows(fmt):
         b, t = pos.shape
         q = torch.randn(b, t, h, d, generator=g)
         w = torch.randn(b, t, h, generator=g)
-        got = fast_attention.indexer_topk(q, w, keys[:b], pos, **kw)
+        got = run("indexer_topk", q, w, keys[:b], pos, impl="decode", **kw)
         want = ref(q, w, keys[:b], pos, **kw)
         assert torch.equal(got.sort(-1).values, want.sort(-1).values)
         assert (got[pos < ratio - 1] == -1).all()  # nothing is complete before `ratio` tokens
@@ -124,7 +123,6 @@ def test_rope_in_place_and_half_precision_are_bit_identical_to_the_reference():
 @pytest.mark.parametrize("start", [[0], [5, 5, 5], [9, 2, 30]])
 def test_compressor_decode_steps_equal_reference(ratio, overlap, store, start):
     """Every sequence at one position (the slice path) or ragged, across several window closes."""
-    from v4c.runtime.torch_ops.compressor import compressor
     ref = get_op("compressor").ref
     g = torch.Generator().manual_seed(6)
     b, hid, d, c = len(start), 32, 64, 2 if overlap else 1
@@ -138,7 +136,7 @@ def test_compressor_decode_steps_equal_reference(ratio, overlap, store, start):
         pos = torch.tensor(start)[:, None] + step
         h = torch.randn(b, 1, hid, generator=g)
         want = ref(h, wkv, wgate, ape, norm_w, *states, pos, **attrs)
-        got = compressor(h, wkv, wgate, ape, norm_w, *fast_states, pos, **attrs)
+        got = run("compressor", h, wkv, wgate, ape, norm_w, *fast_states, pos, **attrs)
         assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2]), f"step {step}"
         if store:  # packed rows: a last-bit difference may move one fp8 rounding step
             assert (got[0] != want[0]).float().mean() < 0.01, f"step {step}"

@@ -16,11 +16,10 @@ from v4c.graph.ops.fused import moe_ffn as ref_ffn
 from v4c.graph.ops.fused import moe_router as ref_router
 from v4c.graph.weight_formats import quantize_fp8_block
 from v4c.graph.weights import QuantizedWeight
-from v4c.runtime.torch_ops import IMPLS
-from v4c.runtime.torch_ops import moe as fast_moe
-from v4c.runtime.torch_ops import native
-from v4c.runtime.torch_ops import weight_views
-from v4c.runtime.torch_ops.router import moe_router
+from impls import CPU, chosen, run
+from v4c.backends.cpu import native
+from v4c.backends.cpu.router import moe_router
+from v4c.backends.cpu.weight_views import WeightViews
 
 E, D, I, K = 16, 64, 32, 4
 SHAPES = [(1, 1), (8, 1), (2, 3)]  # B=1 and B=8 decode steps, a short chunk
@@ -46,7 +45,8 @@ def _check(got, want, args):
 
 
 def test_router_is_registered():
-    assert IMPLS["moe_router"] is moe_router
+    assert CPU.impl("moe_router", "torch").fn is moe_router
+    assert chosen("moe_router", torch.zeros(1, 1, D), torch.zeros(E, D), torch.zeros(E), topk=K, scaling=1.0) == "torch"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -80,15 +80,13 @@ def test_moe_router_quantised_weight_equals_reference():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("case", ["shared", "no_shared", "wide_shared", "ep", "ep_idle", "no_budget"])
-@pytest.mark.parametrize("path", ["native", "torch"])
-def test_moe_ffn_decode_path_equals_reference(monkeypatch, dtype, shape, case, path):
+@pytest.mark.parametrize("path", ["native-decode", "decode"])
+def test_moe_ffn_decode_path_equals_reference(dtype, shape, case, path):
     """The decode path (bf16: the C call where the CPU has AVX512-BF16, and the PyTorch one) for
     every shape of the shared expert and expert-parallel share of the routing (``ep_idle``: a
     rank none of the tokens routes to; ``no_budget``: shared gate/up not concatenated)."""
-    if path == "native" and not (dtype == torch.bfloat16 and native.moe_decode_available()):
+    if path == "native-decode" and not (dtype == torch.bfloat16 and native.moe_decode_available()):
         pytest.skip("the C MoE takes bf16 on CPUs with AVX512-BF16")
-    if path == "torch":
-        monkeypatch.setattr(native, "moe_decode_supported", lambda *a: False)
     g = torch.Generator().manual_seed(2)
     w13, w2, shared = _weights(g, dtype, 2 * I if case == "wide_shared" else I)
     h = torch.randn(*shape, D, generator=g).to(dtype)
@@ -101,13 +99,13 @@ def test_moe_ffn_decode_path_equals_reference(monkeypatch, dtype, shape, case, p
         w13, w2 = w13[lo:hi], w2[lo:hi]
     if case == "no_shared":
         shared = []
-    if case == "no_budget":
-        monkeypatch.setattr(weight_views, "CONCAT_BUDGET", 0)
-        monkeypatch.setattr(weight_views, "_concats", weight_views.PerWeight())
+    views = WeightViews(budget=0 if case == "no_budget" else 1 << 30)
     args = (h, idx, w, perm, offsets, w13, w2, *shared)
     want = ref_ffn(*args, limit=2.0)
-    for _ in range(2):  # the second call reuses the cached expert views and [gate; up]
-        got = fast_moe.moe_ffn(*args, limit=2.0)
+    fn = CPU.callable("moe_ffn", args, {"limit": 2.0}, name=path, ctx=views)
+    assert (views.concat_bytes > 0) == (path == "decode" and case not in ("no_shared", "no_budget"))
+    for _ in range(2):  # the second call reuses the expert views and [gate; up] made when it was bound
+        got = fn(*args, limit=2.0)
         assert got.shape == want.shape and got.dtype == want.dtype
         _check(got, want, args)
 
@@ -119,20 +117,26 @@ def test_moe_ffn_decode_native_threads_and_what_it_declines():
     w13, w2, shared = _weights(g, torch.bfloat16)
     h = torch.randn(8, 1, D, generator=g).to(torch.bfloat16)
     routing = ref_router(h, torch.randn(E, D, generator=g).to(torch.bfloat16), torch.zeros(E), topk=K, scaling=1.5)
-    flat = h.reshape(8, D)
-    assert not native.moe_decode_supported(flat.float(), w13.float(), w2.float(), [s.float() for s in shared])
-    assert not native.moe_decode_supported(flat, w13[:, :48].contiguous(), w2[:, :, :24].contiguous(), [])
-    if not native.moe_decode_available():
+    fp32 = (h.float(), *routing, w13.float(), w2.float(), *[s.float() for s in shared])
+    with pytest.raises(ValueError, match="native-decode declines .*activations are f32"):
+        CPU.callable("moe_ffn", fp32, {"limit": 2.0}, name="native-decode")
+    assert chosen("moe_ffn", *fp32, limit=2.0) == "decode"
+    narrow = (h, *routing, w13[:, :48].contiguous(), w2[:, :, :24].contiguous())
+    assert chosen("moe_ffn", *narrow, limit=2.0) == "decode"
+    if native.moe_decode_available():
+        with pytest.raises(ValueError, match="not all multiples of 32"):
+            CPU.callable("moe_ffn", narrow, {"limit": 2.0}, name="native-decode")
+    else:
         pytest.skip("the C MoE needs AVX512-BF16")
-    assert native.moe_decode_supported(flat, w13, w2, shared)
     args = (h, *routing, w13, w2, *shared)
+    assert chosen("moe_ffn", *args, limit=2.0) == "native-decode"
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = fast_moe.moe_ffn(*args, limit=2.0)
+        one = run("moe_ffn", *args, limit=2.0)
         for threads in (2, 3, 4):
             torch.set_num_threads(threads)
-            assert torch.equal(fast_moe.moe_ffn(*args, limit=2.0), one), threads
+            assert torch.equal(run("moe_ffn", *args, limit=2.0), one), threads
     finally:
         torch.set_num_threads(before)
     _check(one, ref_ffn(*args, limit=2.0), args)
@@ -149,12 +153,12 @@ def test_moe_ffn_decode_repeated_expert_and_idle_rank(dtype):
     idx, w, perm, offsets = ref_router(h, torch.randn(E, D, generator=g).to(dtype), table,
                                        torch.zeros(1, 1, dtype=torch.long), hash=True, scaling=1.5)
     args = (h, idx, w, perm, offsets, w13, w2, *shared)
-    _check(fast_moe.moe_ffn(*args, limit=2.0), ref_ffn(*args, limit=2.0), args)
+    _check(run("moe_ffn", *args, limit=2.0), ref_ffn(*args, limit=2.0), args)
     idx, w, perm, offsets = ep_select(idx, w, experts=(8, 12))
     assert int(offsets[-1]) == 0
     for sh in (shared, []):
         args = (h, idx, w, perm, offsets, w13[8:12], w2[8:12], *sh)
-        got = fast_moe.moe_ffn(*args, limit=2.0)
+        got = run("moe_ffn", *args, limit=2.0)
         if sh:
             _check(got, ref_ffn(*args, limit=2.0), args)
         else:  # no assignment and no shared expert: zeros
@@ -169,7 +173,7 @@ def test_moe_ffn_decode_rejects_unsorted_offsets():
     offsets = offsets.clone()
     offsets[3] = 50
     with pytest.raises(ValueError, match="moe_ffn: expert offsets must be non-decreasing"):
-        fast_moe.moe_ffn(h, idx, w, perm, offsets, w13, w2, *shared, limit=2.0)
+        run("moe_ffn", h, idx, w, perm, offsets, w13, w2, *shared, limit=2.0)
 
 
 @pytest.mark.parametrize("tokens", [1, 24])  # a decode step, a prefill
@@ -184,29 +188,31 @@ def test_moe_ffn_quantised_experts_take_the_general_path(tokens):
     routing = ref_router(h, torch.randn(E, D, generator=g), torch.zeros(E), topk=K, scaling=1.5)
     args = (h, *routing, w13q, w2q, *shared)
     want = ref_ffn(*args, limit=2.0)
-    assert torch.allclose(fast_moe.moe_ffn(*args, limit=2.0), want, rtol=1e-5, atol=1e-5)
+    assert chosen("moe_ffn", *args, limit=2.0) == "per-expert"
+    assert torch.allclose(run("moe_ffn", *args, limit=2.0), want, rtol=1e-5, atol=1e-5)
     # the quantised product differs from the plain one: the weights really went through weights.linear
     assert not torch.allclose(ref_ffn(h, *routing, w13, w2, *shared, limit=2.0), want, rtol=1e-4, atol=1e-4)
 
 
-def test_weight_views_are_made_once_and_die_with_their_weight():
-    gc.collect()
-    before = weight_views._concat_bytes[0]
+def test_weight_views_are_made_once_per_model_within_its_budget():
+    views, other = WeightViews(), WeightViews(budget=0)
     w, a, b = torch.randn(4, 3, 2), torch.randn(3, 2), torch.randn(5, 2)
-    views = weight_views.transposed(w)
-    assert weight_views.transposed(w) is views and all(torch.equal(v, w[e].T) for e, v in enumerate(views))
-    assert torch.equal(weight_views.transposed(a), a.T)
-    both = weight_views.rows_concat_t(a, b)
-    assert weight_views.rows_concat_t(a, b) is both and torch.equal(both, torch.cat((a, b)).T)
-    assert weight_views.rows_concat_t(a, torch.randn(5, 2)) is None  # `a` is already paired with `b`
-    assert weight_views._concat_bytes[0] == before + both.nbytes
+    t = views.transposed(w)
+    assert views.transposed(w) is t and all(torch.equal(v, w[e].T) for e, v in enumerate(t))
+    assert torch.equal(views.transposed(a), a.T)
+    both = views.rows_concat_t(a, b)
+    assert views.rows_concat_t(a, b) is both and torch.equal(both, torch.cat((a, b)).T)
+    assert views.rows_concat_t(a, torch.randn(5, 2)) is None  # `a` is already paired with `b`
+    assert views.concat_bytes == both.nbytes
+    # another model's views: its own entries and budget, whatever this one holds
+    assert other.rows_concat_t(a, b) is None and other.concat_bytes == 0
+    assert other.transposed(w) is not t
     with pytest.raises(ValueError, match="expected a 2-D or stacked 3-D weight"):
-        weight_views.transposed(torch.zeros(2, 2, 2, 2))
-    refs = [weakref.ref(x) for x in (w, a)]
-    del w, a, views, both
+        views.transposed(torch.zeros(2, 2, 2, 2))
+    ref = weakref.ref(views)
+    del views, t, both
     gc.collect()
-    assert all(r() is None for r in refs)
-    assert weight_views._concat_bytes[0] == before  # the copy's bytes went back to the budget
+    assert ref() is None  # nothing global holds a model's views
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -214,8 +220,8 @@ def test_weight_views_are_made_once_and_die_with_their_weight():
 def test_linear_rms_norm_equals_reference_bitwise(dtype, rows):
     """Not MoE, but the other per-layer op of a decode step this file's module set covers."""
     from v4c.graph.registry import get_op
-    from v4c.runtime.torch_ops.linear_norm import linear_rms_norm
-    assert IMPLS["linear_rms_norm"] is linear_rms_norm
+    from v4c.backends.cpu.linear_norm import linear_rms_norm
+    assert CPU.impl("linear_rms_norm", "torch").fn is linear_rms_norm
     ref = get_op("linear_rms_norm").ref
     g = torch.Generator().manual_seed(5)
     x = torch.randn(rows, 1, 96, generator=g).to(dtype)

@@ -1,6 +1,6 @@
-"""The torch backend's fast ops (v4c/runtime/torch_ops) against the ops' references.
+"""The cpu backend's fast ops (v4c/backends/cpu) against the ops' references.
 
-End to end: the same artifact loaded with backend "torch" and "reference" gives the same logits
+End to end: the same artifact loaded with backend "cpu" and "reference" gives the same logits
 through ragged prefills, decode steps and prefill chunks, for every tiny variant and for the
 production cache formats. Block-wise attention/indexer are forced into many small blocks so
 their block boundaries are exercised on tiny shapes.
@@ -12,9 +12,11 @@ import v4c
 from hf_reference import VARIANTS
 from v4c.graph.ops.attention import indexer_topk as ref_indexer_topk
 from v4c.model.random_weights import write_random_checkpoint
-from v4c.runtime.torch_ops import attention as fast_attention
-from v4c.runtime.torch_ops import rope as fast_rope
+from v4c.backends.cpu import attention as fast_attention
+from v4c.backends.cpu import native
+from v4c.backends.cpu import rope as fast_rope
 from v4c.graph.ops.core import rope as ref_rope
+from impls import CPU, run
 
 
 @pytest.fixture(autouse=True)
@@ -51,9 +53,10 @@ def _drive(model, vocab, seed=0):
 ])
 def test_torch_backend_equals_references(tmp_path, variant, opts, tol):
     art = _compile(tmp_path, variant, **opts)
-    fast = v4c.load(art, backend="torch")
+    fast = v4c.load(art, backend="cpu")
     ref = v4c.load(art, backend="reference")
-    assert fast.executor.plan[0][0] is not None
+    assert {r["backend"] for r in ref.implementations()} == {"reference"}
+    assert "cpu" in {r["backend"] for r in fast.implementations()}
     vocab = fast.config.vocab_size
     a, _ = _drive(fast, vocab)
     b, _ = _drive(ref, vocab)
@@ -64,13 +67,20 @@ def test_torch_backend_equals_references(tmp_path, variant, opts, tol):
         assert err < tol, f"call {i}: relative error {err:.2e}"
 
 
-def test_torch_backend_is_the_default_on_cpu_and_uses_fast_ops(tiny_artifact):
+def test_cpu_backend_is_the_default_on_cpu_and_uses_fast_ops(tiny_artifact):
     m = v4c.load(tiny_artifact)
-    assert m.backend == "torch"
-    used = {f for f, *_ in m.executor.plan}
-    assert fast_attention.sparse_attention in used and fast_attention.indexer in used
-    assert not any(f is fast_attention.sparse_attention for f, *_ in v4c.load(tiny_artifact, backend="reference")
-                   .executor.plan)
+    assert m.backend == "cpu" and v4c.load(tiny_artifact, backend="torch").backend == "cpu"  # the former name
+    rows = m.implementations()
+    by = {}
+    for r in rows:
+        by.setdefault((r["op"], r["phase"]), set()).add((r["backend"], r["implementation"]))
+    assert by[("indexer", "decode")] == {("cpu", "decode")} and by[("indexer", "prefill")] == {("cpu", "blocked")}
+    attn = by[("sparse_attention", "prefill")]
+    assert attn == ({("cpu", "native")} if native.library() is not None else {("cpu", "blocked")})
+    if native.library() is not None:  # the decode path was passed over for the C helpers: never silently
+        assert all(not r["declined"] for r in rows if r["op"] == "sparse_attention")
+    else:
+        assert any("not built" in d["reason"] for r in rows for d in r["declined"])
 
 
 def test_rope_tables_are_bit_identical_to_the_reference():
@@ -120,7 +130,6 @@ def test_moe_ffn_equals_reference(experts, dtype):
     from v4c.graph.ops.collective import ep_select
     from v4c.graph.ops.fused import moe_ffn as ref_moe_ffn
     from v4c.graph.ops.fused import moe_router
-    from v4c.runtime.torch_ops.moe import moe_ffn
     g = torch.Generator().manual_seed(2)
     e, d, i, k = 8, 32, 16, 3
     h = torch.randn(2, 9, d, generator=g)
@@ -134,10 +143,10 @@ def test_moe_ffn_equals_reference(experts, dtype):
     args = (h, idx, w, perm, offsets, w13, w2, *shared)
     truth = ref_moe_ffn(*args, limit=2.0)
     if dtype == torch.float32:
-        assert torch.allclose(moe_ffn(*args, limit=2.0), truth, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(run("moe_ffn", *args, limit=2.0, impl="grouped"), truth, rtol=1e-5, atol=1e-5)
         return
     low = tuple(a.to(dtype) if a.is_floating_point() and a is not w else a for a in args)
-    got, want = moe_ffn(*low, limit=2.0), ref_moe_ffn(*low, limit=2.0)
+    got, want = run("moe_ffn", *low, limit=2.0, impl="grouped"), ref_moe_ffn(*low, limit=2.0)
     assert got.dtype == want.dtype == dtype
     err_got, err_want = [float((x.float() - truth).abs().max() / truth.abs().max()) for x in (got, want)]
     assert err_got <= err_want + 2 ** -8, f"bf16 error {err_got:.2e} vs the reference's {err_want:.2e}"
@@ -146,16 +155,13 @@ def test_moe_ffn_equals_reference(experts, dtype):
 @pytest.mark.parametrize("tokens,path,n", [
     (1, "native", 4), (3, "native", 4), (8, "native", 2),  # decode sizes: one C call
     (100, "native", 4), (300, "native", 3),  # prefill sizes: the same C call, rows across threads
-    (3, "torch", 4), (100, "torch", 4),  # without the C helpers (no compiler, V4C_NATIVE=0)
+    (3, "small", 4), (100, "streamed", 4),  # without the C helpers (no compiler, V4C_NATIVE=0)
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_mhc_mixes_equal_references(monkeypatch, tokens, path, n, dtype):
+def test_mhc_mixes_equal_references(tokens, path, n, dtype):
     from v4c.graph.registry import get_op
-    from v4c.runtime.torch_ops import mhc, native
     if path == "native" and native.library() is None:
         pytest.skip(f"C helpers unavailable: {native.why()}")
-    if path == "torch":
-        monkeypatch.setattr(native, "hc_mix_supported", lambda *a: False)
     ref_head, ref_post_pre = get_op("hc_head").ref, get_op("hc_post_pre").ref
     g = torch.Generator().manual_seed(4 + tokens + n)
     d = 48
@@ -166,15 +172,16 @@ def test_mhc_mixes_equal_references(monkeypatch, tokens, path, n, dtype):
     scale, norm_w = torch.rand(3, generator=g) + 0.5, (torch.rand(d, generator=g) + 0.5).to(dtype)
     kw = dict(n=n, eps=1e-6, hc_eps=1e-6, iters=20)
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: one rounding step of the stored streams
-    for got, want in zip(mhc.hc_post_pre(x, y, post, comb, fn, base, scale, norm_w, **kw),
+    for got, want in zip(run("hc_post_pre", x, y, post, comb, fn, base, scale, norm_w, impl=path, **kw),
                          ref_post_pre(x, y, post, comb, fn, base, scale, norm_w, **kw)):
         assert got.dtype == want.dtype and got.shape == want.shape
         assert torch.allclose(got.float(), want.float(), rtol=tol, atol=tol)
-    for got, want in zip(mhc.hc_pre(x, fn, base, scale, norm_w, **kw),
+    for got, want in zip(run("hc_pre", x, fn, base, scale, norm_w, impl=path, **kw),
                          get_op("hc_pre").ref(x, fn, base, scale, norm_w, **kw)):
         assert got.dtype == want.dtype and got.shape == want.shape
         assert torch.allclose(got.float(), want.float(), rtol=tol, atol=tol)
-    got = mhc.hc_head(x, y, post, comb, fn[:n], base[:n], scale[:1], norm_w, eps=1e-6, hc_eps=1e-6)
+    head = {"small": "reference"}.get(path, path)  # a decode step without the C helpers: the reference's few ops
+    got = run("hc_head", x, y, post, comb, fn[:n], base[:n], scale[:1], norm_w, impl=head, eps=1e-6, hc_eps=1e-6)
     want = ref_head(x, y, post, comb, fn[:n], base[:n], scale[:1], norm_w, eps=1e-6, hc_eps=1e-6)
     assert torch.allclose(got.float(), want.float(), rtol=tol, atol=tol)
 
@@ -184,7 +191,6 @@ def test_compressor_decode_steps_equal_reference(ratio, overlap):
     """Step by step through several windows (some steps close one, in one row or both, one carries a
     padding row)."""
     from v4c.graph.registry import get_op
-    from v4c.runtime.torch_ops.compressor import compressor
     g = torch.Generator().manual_seed(5)
     b, hid, d, c = 2, 32, 16, 2 if overlap else 1
     wkv, wgate = torch.randn(c * d, hid, generator=g), torch.randn(c * d, hid, generator=g)
@@ -200,7 +206,7 @@ def test_compressor_decode_steps_equal_reference(ratio, overlap):
             pos[1, 0] = -1  # a padding row: falls back to the reference path
         h = torch.randn(b, 1, hid, generator=g)
         want = ref(h, wkv, wgate, ape, norm_w, *states, pos, **attrs)
-        got = compressor(h, wkv, wgate, ape, norm_w, *fast_states, pos, **attrs)
+        got = run("compressor", h, wkv, wgate, ape, norm_w, *fast_states, pos, impl="decode", **attrs)
         # pending slots exactly; rows pooled for several sequences at once may differ in the last bit
         assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2]), f"step {step}"
         assert torch.allclose(got[0], want[0], rtol=1e-6, atol=1e-6), f"step {step}"
@@ -210,17 +216,19 @@ def test_compressor_decode_steps_equal_reference(ratio, overlap):
 
 def test_native_helpers_can_be_switched_off(monkeypatch):
     """V4C_NATIVE=0: no compiler is run and the callers keep their PyTorch paths."""
-    from v4c.runtime.torch_ops import native
+    from v4c.backends.cpu import native
     monkeypatch.setattr(native, "_state", {})
     monkeypatch.setenv("V4C_NATIVE", "0")
-    assert native.library() is None and native.why() == "disabled by V4C_NATIVE=0"
+    with pytest.warns(native.NativeUnavailableWarning, match="disabled by V4C_NATIVE=0"):
+        assert native.library() is None
+    assert native.why() == "disabled by V4C_NATIVE=0"
     assert not native.hc_mix_supported(torch.zeros(1, 1, 4, 8), None, None)
 
 
 def test_native_build_failure_is_reported_and_falls_back(monkeypatch, tmp_path):
     """A compiler that fails: no library, the reason kept for ``why()``, no compiler left running,
     and the ops take their PyTorch paths."""
-    from v4c.runtime.torch_ops import native
+    from v4c.backends.cpu import native
     monkeypatch.setattr(native, "_state", {})
     monkeypatch.setenv("CC", "false")
     assert native.library() is None and native.why().startswith("building the C helpers failed")
@@ -235,7 +243,7 @@ def test_native_helpers_are_built_once_per_content_hash_into_the_users_cache(mon
     running a compiler; a cached library that others could have replaced (group/world-writable) is rebuilt."""
     import subprocess
 
-    from v4c.runtime.torch_ops import native
+    from v4c.backends.cpu import native
     monkeypatch.setenv("V4C_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(native, "_state", {})
     if native.library() is None:
@@ -256,7 +264,7 @@ def test_native_helpers_are_built_once_per_content_hash_into_the_users_cache(mon
 
 def test_sinkhorn_one_matrix_path_equals_reference():
     from v4c.graph.ops.mhc import sinkhorn
-    from v4c.runtime.torch_ops.mhc import sinkhorn_
+    from v4c.backends.cpu.mhc import sinkhorn_
     for seed in range(5):
         c = torch.rand(1, 1, 4, 4, generator=torch.Generator().manual_seed(seed)) + 1e-3
         want = sinkhorn(c.clone(), iters=20, eps=1e-6)
@@ -287,14 +295,11 @@ def test_decode_loop_touches_no_new_memory(tiny_artifact, batch):
 @pytest.mark.parametrize("tokens", [1, 5, 130])  # decode sizes and a prefill split across threads
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("path", ["native", "torch"])
-def test_projection_epilogues_equal_references(monkeypatch, tokens, dtype, path):
+def test_projection_epilogues_equal_references(tokens, dtype, path):
     """q_proj / kv_proj: GEMM, RMSNorm (per head for q), RoPE on the last dims, YaRN tables, padding rows."""
     from v4c.graph.registry import get_op
-    from v4c.runtime.torch_ops import native, projections
     if path == "native" and native.library() is None:
         pytest.skip(f"C helpers unavailable: {native.why()}")
-    if path == "torch":
-        monkeypatch.setattr(native, "norm_rope_supported", lambda *a: False)
     g = torch.Generator().manual_seed(tokens)
     b, hid, heads, d, rope_dim = 2, 64, 4, 32, 16
     x = torch.randn(b, tokens, hid, generator=g).to(dtype)
@@ -305,11 +310,11 @@ def test_projection_epilogues_equal_references(monkeypatch, tokens, dtype, path)
     wkv, norm_w = (torch.randn(d, hid, generator=g) * 0.2).to(dtype), (torch.rand(d, generator=g) + 0.5).to(dtype)
     tol = 1e-6 if dtype == torch.float32 else 1e-2  # bf16: one rounding step of an output element
     qa = dict(shape=(b, tokens, heads, d), eps=1e-6, rope_dim=rope_dim, theta=10000.0, yarn=yarn)
-    got, want = projections.q_proj(x, wq, pos, **qa), get_op("q_proj").ref(x, wq, pos, **qa)
+    got, want = run("q_proj", x, wq, pos, impl=path, **qa), get_op("q_proj").ref(x, wq, pos, **qa)
     assert got.dtype == want.dtype and got.shape == want.shape
     assert torch.allclose(got.float(), want.float(), rtol=tol, atol=tol)
     ka = dict(eps=1e-6, rope_dim=rope_dim, theta=10000.0, yarn=yarn)
-    got, want = projections.kv_proj(x, wkv, norm_w, pos, **ka), get_op("kv_proj").ref(x, wkv, norm_w, pos, **ka)
+    got, want = run("kv_proj", x, wkv, norm_w, pos, impl=path, **ka), get_op("kv_proj").ref(x, wkv, norm_w, pos, **ka)
     assert got.dtype == want.dtype and got.shape == want.shape
     assert torch.allclose(got.float(), want.float(), rtol=tol, atol=tol)
 
@@ -323,7 +328,7 @@ def test_native_helpers_after_fork():
     import signal
     import sys
     import time
-    from v4c.runtime.torch_ops import native
+    from v4c.backends.cpu import native
     if native.library() is None or not hasattr(os, "fork"):
         pytest.skip("needs the C helpers and fork")
     g = torch.Generator().manual_seed(9)

@@ -1,9 +1,6 @@
 """v4c: a compiler and runtime for DeepSeek-V4-class language models."""
 __version__ = "0.1.0"
 
-from .settings import configure_triton as _configure_triton
-
-_configure_triton()
 
 
 def compile(model, output, **options):
@@ -13,7 +10,7 @@ def compile(model, output, **options):
 
 
 def load(path, device=None, **options):
-    """Load a compiled artifact; returns a ``v4c.runtime.Model`` (options: backend="triton"|"torch",
+    """Load a compiled artifact; returns a ``v4c.runtime.Model`` (options: backend="cpu"|"triton"|"reference",
     verify_weights=True)."""
     from .runtime.loader import load as _load
     return _load(path, device=device, **options)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .errors import V4CError
+from .settings import configure_triton
 
 
 def _compile(a) -> int:
@@ -23,12 +24,13 @@ def _compile(a) -> int:
 
 
 def _tokenizer(artifact: Path):
-    path = artifact / "tokenizer.json"
-    if not path.is_file():
+    from .artifact import open_artifact
+    text = open_artifact(artifact, verify=False).tokenizer()  # checked against its hash
+    if text is None:
         raise V4CError(f"{artifact}: --prompt needs a tokenizer.json in the checkpoint directory at compile time; "
                        f"use --prompt-ids instead")
     from tokenizers import Tokenizer
-    return Tokenizer.from_file(str(path))
+    return Tokenizer.from_str(text)
 
 
 def _run(a) -> int:
@@ -84,10 +86,11 @@ def _run_argv(a) -> list[str]:
 
 def _inspect(a) -> int:
     from .inspect import format_report, inspect_artifact
-    r = inspect_artifact(a.artifact, context=a.context, batch=a.batch,
+    r = inspect_artifact(a.artifact, context=a.context, batch=a.batch, backend=a.backend,
                          **({"gpu_sizes": tuple(a.gpu_memory)} if a.gpu_memory else {}))
     if a.graph:
-        print((Path(a.artifact) / "graph.v4c").read_text(), end="")
+        from .artifact import open_artifact
+        print(open_artifact(a.artifact, verify=False).graph_text(), end="")  # checked against its hash
         return 0
     print(json.dumps(r, indent=1) if a.json else format_report(r))
     return 0
@@ -127,8 +130,8 @@ def _tune(a) -> int:
 
 
 def _artifact_target(path) -> str:
-    from .artifact.manifest import read_manifest
-    return read_manifest(Path(path)).data["target"]
+    from .artifact import open_artifact
+    return open_artifact(path, verify=False).target
 
 
 def _cache(a) -> int:
@@ -301,9 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
     r.add_argument("--seed", type=int, default=None, help="sampling seed, for reproducible samples")
     r.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if there is a GPU)")
-    r.add_argument("--backend", default=None, choices=["torch", "triton", "reference"],
-                   help="torch: fast PyTorch ops (default on CPU); triton: the artifact's kernels (default on "
-                        "CUDA; interpreted on CPU); reference: the ops' definitions")
+    r.add_argument("--backend", default=None, choices=["cpu", "triton", "reference", "torch"],
+                   help="cpu: fast PyTorch ops and C helpers (default on CPU; 'torch' is its former name); "
+                        "triton: the artifact's kernels (default on CUDA; interpreted on CPU); reference: the "
+                        "ops' definitions")
     r.add_argument("--world-size", type=int, default=1,
                    help="run a sharded artifact on N ranks (starts torchrun; under torchrun, join its ranks)")
     r.set_defaults(fn=_run)
@@ -313,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--graph", action="store_true", help="print the IR text")
     i.add_argument("--context", type=int, default=None, help="context length for the costs (default: the model's max)")
     i.add_argument("--batch", type=int, default=1, help="sequences per decode step for the costs")
+    i.add_argument("--backend", default=None, choices=["cpu", "triton", "reference", "torch"],
+                   help="whose implementations to list (default: what `v4c run` would use here)")
     i.add_argument("--gpu-memory", type=float, nargs="+", default=None, metavar="GB",
                    help="card sizes for weights.per_gpu (default: 80 141 192)")
     i.set_defaults(fn=_inspect)
@@ -417,6 +423,7 @@ def _plain_warnings(cmd: str) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    configure_triton()  # a command's own process: Triton's interpreter where there is no GPU
     _terminate_cleanly(args.cmd)
     _plain_warnings(args.cmd)
     try:

@@ -5,11 +5,9 @@ at the end, so an interrupted compile never leaves a half-written artifact.
 """
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import os
 import platform
-import shutil
+import shutil  # noqa: F401 - the artifact writer copies with it (tests interrupt a compile there)
 import time
 from pathlib import Path
 from typing import Callable
@@ -17,9 +15,9 @@ from typing import Callable
 import torch
 
 from . import __version__
-from .artifact.manifest import FORMAT, FORMAT_VERSION, reference_entries, write_manifest
-from .artifact.output import check_output, discard_partial, partial_dir, put_in_place, remove_stale
+from .artifact.output import check_output
 from .artifact.shapes import default_buckets, parse_bucket
+from .artifact.writer import ArtifactWriter
 from .autotune.choose import choose_configs, summarize_ops
 from .autotune.store import open_for_lookup
 from .codegen.emit import emit
@@ -28,22 +26,15 @@ from .graph.text import print_graph
 from .graph.verify import verify
 from .io.checkpoint import Checkpoint
 from .io.naming import plan_sources
-from .io.safetensors import sha256_file
 from .model.build import build_graph
 from .model.config import V4Config
 from .model.weight_quant import quantized_graph
 from .passes import PassManager, default_pipeline
 from .passes.pipeline import resolve_cache_formats
-from .passes.shard import parallel_manifest, shard_all
+from .passes.shard import parallel_plan, shard_all
 from .targets import resolve_target
 
 COPY_LIMIT = 2 << 30  # weights up to this size are copied into the artifact by default
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _has_weights(model: Path) -> bool:
@@ -117,74 +108,46 @@ def compile(model: str | os.PathLike, output: str | os.PathLike, *, target: str 
     total = sum(f.stat().st_size for f in files)
     mode = "none" if ckpt is None else weights if weights != "auto" else ("copy" if total <= COPY_LIMIT else "reference")
 
-    remove_stale(output, log)
-    tmp = partial_dir(output)
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the artifact gets the user's usual permissions
     try:
-        (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, sort_keys=True) + "\n")
-        (tmp / "graph.v4c").write_text(print_graph(graph))
-        if rank_graphs:
-            (tmp / "ranks").mkdir()
-            for r, rg in enumerate(rank_graphs):
-                (tmp / "ranks" / f"rank{r}.v4c").write_text(print_graph(rg))
-            log(f"sharded for {world_size} ranks ({par.spec()})")
-        kernels = emit(graph, tgt)
-        buckets = [parse_bucket(b) for b in buckets] if buckets else default_buckets()
-        ctx = int(context or cfg.max_position_embeddings)
-        choose_configs(graph, kernels, tgt, open_for_lookup(tuning_cache) if tuning_cache is not False else None,
-                       buckets, ctx)
-        for name, src in kernels.modules.values():
-            (tmp / name).parent.mkdir(exist_ok=True)
-            (tmp / name).write_text(src)
-        aot_entry = None
-        if tgt != "cpu" and aot and kernels.sites:
-            from .aot.build import Options, compile_ahead
-            aot_entry = compile_ahead(graph, kernels, tmp, buckets, ctx,
-                                      Options(tgt, workers=workers, allow_fallback=allow_fallback, log=log))
-            n_bad = sum(1 for x in aot_entry["launches"] if x["spill_bytes"])
-            log(f"aot {tgt}: {len(aot_entry['launches'])} launches over {len(buckets)} shape buckets compiled "
-                f"({aot_entry['compiled']} compiled now, the rest cached) in {aot_entry['seconds']:.1f}s"
-                + (f"; {n_bad} spill" if n_bad else ""))
-        summarize_ops(kernels.ops, kernels.sites)
-        log(f"kernels: {len(kernels.modules)} Triton module(s) for {len(kernels.ops)} op kinds, "
-            f"{len(kernels.sites)} call sites"
-            + (f"; on PyTorch references: {', '.join(kernels.fallback)}" if kernels.fallback else ""))
-        if model.is_dir() and (model / "tokenizer.json").is_file():  # for `v4c run --prompt`
-            shutil.copyfile(model / "tokenizer.json", tmp / "tokenizer.json")
-        wmeta: dict = {"mode": mode}
-        if mode == "copy":
-            (tmp / "weights").mkdir()
-            names = []
-            for f in files:
-                shutil.copyfile(f, tmp / "weights" / f.name)
-                names.append(f"weights/{f.name}")
-            index = model / "model.safetensors.index.json" if model.is_dir() else None
-            if index is not None and index.is_file():
-                shutil.copyfile(index, tmp / "weights" / index.name)
-            wmeta["files"] = names
-            log(f"weights: copied {total / 2**20:.1f} MiB")
-        elif mode == "reference":
-            wmeta["location"] = str(model.resolve())
-            wmeta["files"] = reference_entries(ckpt)  # exactly these files, in this layout, are loaded
-            log(f"weights: referenced {len(files)} file(s) in place ({total / 2**30:.1f} GiB)")
-        hashes = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "toolchain": _toolchain(), "target": tgt, "dtype": dtype, "config": "config.json",
-            "graph": "graph.v4c", "passes": pm.applied(), "kv_cache": kv, "indexer_cache": ix, "weights": wmeta,
-            "kernels": {**kernels.manifest_entry(), "buckets": [b.key for b in buckets], "context": ctx},
-            "files": hashes,
-        }
-        if aot_entry is not None:
-            manifest["aot"] = aot_entry
-        if rank_graphs:
-            manifest["parallel"] = parallel_manifest(par, rank_graphs)
-        write_manifest(tmp, manifest)  # sealed with its digest
-        put_in_place(tmp, output)
-    except BaseException:
-        discard_partial(tmp)
-        raise
+        with ArtifactWriter(output, log) as w:
+            w.set_config(cfg.to_dict())
+            w.set_graph(print_graph(graph))
+            if rank_graphs:
+                w.set_parallel(parallel_plan(par, rank_graphs), [print_graph(rg) for rg in rank_graphs])
+                log(f"sharded for {world_size} ranks ({par.spec()})")
+            kernels = emit(graph, tgt)
+            buckets = [parse_bucket(b) for b in buckets] if buckets else default_buckets()
+            ctx = int(context or cfg.max_position_embeddings)
+            choose_configs(graph, kernels, tgt, open_for_lookup(tuning_cache) if tuning_cache is not False else None,
+                           buckets, ctx)
+            w.add_kernel_modules(kernels.modules.values())
+            if tgt != "cpu" and aot and kernels.sites:
+                from .aot.build import Options, compile_ahead
+                aot_entry = compile_ahead(graph, kernels, w.root, buckets, ctx,
+                                          Options(tgt, workers=workers, allow_fallback=allow_fallback, log=log))
+                n_bad = sum(1 for x in aot_entry["launches"] if x["spill_bytes"])
+                log(f"aot {tgt}: {len(aot_entry['launches'])} launches over {len(buckets)} shape buckets compiled "
+                    f"({aot_entry['compiled']} compiled now, the rest cached) in {aot_entry['seconds']:.1f}s"
+                    + (f"; {n_bad} spill" if n_bad else ""))
+                w.set_aot(aot_entry)
+            summarize_ops(kernels.ops, kernels.sites)
+            log(f"kernels: {len(kernels.modules)} Triton module(s) for {len(kernels.ops)} op kinds, "
+                f"{len(kernels.sites)} call sites"
+                + (f"; on PyTorch references: {', '.join(kernels.fallback)}" if kernels.fallback else ""))
+            w.set_kernels(kernels.table(), [b.key for b in buckets], ctx)
+            if model.is_dir() and (model / "tokenizer.json").is_file():  # for `v4c run --prompt`
+                w.add_tokenizer(model / "tokenizer.json")
+            if mode == "copy":
+                w.copy_weights(files, model / "model.safetensors.index.json" if model.is_dir() else None)
+                log(f"weights: copied {total / 2**20:.1f} MiB")
+            elif mode == "reference":
+                w.reference_weights(model, ckpt)  # exactly these files, in this layout, are loaded
+                log(f"weights: referenced {len(files)} file(s) in place ({total / 2**30:.1f} GiB)")
+            else:
+                w.no_weights()
+            w.set_meta(target=tgt, dtype=dtype, toolchain=_toolchain(), passes=pm.applied(), kv_cache=kv,
+                       indexer_cache=ix)
+            w.commit()  # sealed with its digest, then put in place
     finally:
         if ckpt is not None:
             ckpt.close()

@@ -1,13 +1,12 @@
 """What ``v4c inspect`` reports about an artifact (text table or JSON)."""
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
-from .artifact.manifest import verify_artifact
+from .artifact import open_artifact
 from .graph.analysis import cache_footprint, decode_step_kernels
-from .graph.text import parse_graph
+from .inspect_impls import format_implementations, implementations
 from .inspect_ranks import format_ranks, rank_report
 from .model.baselines import v32_bytes_per_token
 from .model.config import V4Config
@@ -22,10 +21,11 @@ KIND_SHORT = {"sliding_attention": "sliding", "compressed_sparse_attention": "cs
 
 
 def inspect_artifact(path: str | Path, context: int | None = None, batch: int = 1,
-                     gpu_sizes=GPU_SIZES_GB) -> dict:
+                     gpu_sizes=GPU_SIZES_GB, backend: str | None = None) -> dict:
     """What is in the artifact and what one decode step costs at ``context`` tokens
     (default: the model's maximum context); ``weights.per_gpu``: how weights + the KV cache of
-    ``batch`` sequences split across GPUs of each size in ``gpu_sizes`` (GB)."""
+    ``batch`` sequences split across GPUs of each size in ``gpu_sizes`` (GB); ``implementations``:
+    what ``backend`` (default: as ``v4c.load`` picks on this machine) runs each node with."""
     lo, hi = GPU_GB_RANGE
     for gb in gpu_sizes:
         # `not lo <= gb` also refuses NaN; bool is not a size
@@ -33,9 +33,9 @@ def inspect_artifact(path: str | Path, context: int | None = None, batch: int = 
             raise ValueError(f"--gpu-memory must be a card size in GB from {lo:g} to {hi:g}, got {gb!r}")
     if batch < 1:
         raise ValueError(f"--batch must be >= 1, got {batch}")
-    man = verify_artifact(Path(path))
-    cfg = V4Config.from_dict(json.loads((man.root / man.data["config"]).read_text()))
-    graph = parse_graph((man.root / man.data["graph"]).read_text())
+    man = open_artifact(Path(path))
+    cfg = V4Config.from_dict(man.config())
+    graph = man.graph()
     total = sum(t.numel() for _, t in graph.params if t.dtype != "e8m0")  # quantisation scales are not params
     embed = sum(t.numel() for n, t in graph.params if n == "model.embed_tokens.weight")
     schedule = [KIND_SHORT[k] for k in cfg.layer_types]
@@ -47,21 +47,23 @@ def inspect_artifact(path: str | Path, context: int | None = None, batch: int = 
         raise ValueError(f"--context {context} is beyond the model's maximum context of "
                          f"{cfg.max_position_embeddings} tokens (max_position_embeddings)")
     kernels = decode_step_kernels(graph, context, batch)
-    kops = man.data.get("kernels", {}).get("ops", {})
+    ktable = man.kernels()
+    kops = ktable.get("ops", {})
+    par = man.parallel()
     cache = cache_footprint(graph, context)
     v32 = v32_bytes_per_token("fp8")
     v32_same = v32_bytes_per_token("fp8", cfg.num_hidden_layers)
     return {
         "path": str(man.root),
-        "format_version": man.data["format_version"],
-        "target": man.data["target"],
-        "dtype": man.data["dtype"],
-        "toolchain": man.data["toolchain"],
+        "format_version": man.format_version,
+        "target": man.target,
+        "dtype": man.dtype,
+        "toolchain": man.toolchain,
         "weights_mode": man.weights_mode,
         "runnable": man.has_weights,
-        "passes": man.data["passes"],
-        "kv_cache_format": man.data.get("kv_cache"),
-        "indexer_cache_format": man.data.get("indexer_cache"),
+        "passes": man.passes,
+        "kv_cache_format": man.kv_cache,
+        "indexer_cache_format": man.indexer_cache,
         "context": context,
         "batch": batch,
         "kernels": [{"name": k.name, "op": k.op, "flops": k.flops, "bytes": k.bytes, "launches": k.launches,
@@ -93,10 +95,11 @@ def inspect_artifact(path: str | Path, context: int | None = None, batch: int = 
         "nodes": len(graph.nodes),
         "ops": dict(sorted(Counter(graph.ops()).items())),
         "states": len(graph.states),
-        "parallel": {k: v for k, v in man.data["parallel"].items() if k != "ranks"} if "parallel" in man.data else None,
+        "parallel": {k: v for k, v in par.items() if k != "ranks"} if par is not None else None,
         "ranks": rank_report(man, context, batch),  # multi-GPU: per-rank weights, KV and collective bytes
-        "sites": _sites(man.data.get("kernels", {})),
-        "aot": _aot(man.data.get("aot")),
+        "sites": _sites(ktable),
+        "implementations": implementations(graph, man.root, ktable, backend),
+        "aot": _aot(man.aot()),
     }
 
 
@@ -175,6 +178,8 @@ def format_report(r: dict) -> str:
         lines.append(f"{op:<18}{n:>6}{la:>10}{fl / 1e9:>12.4f}{by / 1e9:>12.4f}")
     if r.get("sites"):
         lines += ["", *_format_sites(r["sites"])]
+    if r.get("implementations"):
+        lines += ["", *format_implementations(r["implementations"])]
     if r.get("aot"):
         lines += ["", *_format_aot(r["aot"])]
     if r.get("ranks"):

@@ -2,12 +2,9 @@
 sequences at a context, and the bytes each rank sends in the collectives of one decode step."""
 from __future__ import annotations
 
-import json
-
 from .graph.analysis import cache_footprint
 from .graph.ops.collective import ASSIGNED
 from .graph.registry import Concrete, get_op
-from .graph.text import parse_graph
 
 COLLECTIVES = ("all_reduce", "ep_dispatch", "ep_combine")
 
@@ -20,14 +17,15 @@ def sequences_per_rank(batch: int, world: int, attn: str) -> list[int]:
 
 
 def rank_report(man, context: int, batch: int) -> list[dict] | None:
-    par = man.data.get("parallel")
+    """``man``: the artifact (``v4c.artifact.Artifact``); None when it is not sharded."""
+    par = man.parallel()
     if not par:
         return None
-    topk = json.loads((man.root / man.data["config"]).read_text())["num_experts_per_tok"]
+    topk = man.config()["num_experts_per_tok"]
     seqs = sequences_per_rank(batch, par["world_size"], par["attn"])
     out = []
-    for entry, b in zip(par["ranks"], seqs):
-        g = parse_graph((man.root / entry["graph"]).read_text())
+    for r, (entry, b) in enumerate(zip(par["ranks"], seqs)):
+        g = man.graph(rank=r)
         bind = {"B": b, "T": 1, "L": max(context, 1), ASSIGNED: b * topk}  # balanced routing
         types = g.value_types()
         sent, count = 0, 0

@@ -8,8 +8,11 @@ V4C_NATIVE        0 turns off the torch backend's small C helpers (mHC mixes, pr
                   machine's C compiler
 V4C_NUM_THREADS   CPU threads for the torch backend (default: one per physical core, torch's own
                   choice; set it when other work shares the machine)
-TRITON_INTERPRET  on a machine without CUDA, v4c switches Triton's interpreter on when it is
-                  imported, because Triton reads this once, when triton itself is imported.
+TRITON_INTERPRET  Triton kernels run on a CPU only under Triton's interpreter, which Triton reads
+                  once, when triton itself is imported. The ``v4c`` command sets it at start on
+                  a machine without CUDA; importing v4c or loading a model never writes the
+                  environment: a Python program that runs kernels on the CPU (backend "triton",
+                  ``v4c.autotune.tune``) sets it before importing triton, and is told so otherwise.
 """
 from __future__ import annotations
 
@@ -46,7 +49,8 @@ def configure_threads() -> None:
 
 
 def configure_triton() -> None:
-    """Use Triton's interpreter where no CUDA device exists (unless the user said otherwise)."""
+    """Use Triton's interpreter where no CUDA device exists (unless the user said otherwise); called by
+    the ``v4c`` command at start, never on import."""
     if "TRITON_INTERPRET" in os.environ or "triton" in sys.modules:
         return
     import torch
@@ -66,5 +70,5 @@ def check_triton_mode(device_type: str) -> None:
     import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
     if not isinstance(getattr(tl, "cdiv", None), InterpretedFunction):
-        raise RuntimeError("Triton kernels on the CPU need its interpreter, but triton was imported before "
-                           "TRITON_INTERPRET=1 was set: set it in the environment (or import v4c before triton)")
+        raise RuntimeError("Triton kernels on the CPU need its interpreter: set TRITON_INTERPRET=1 in the "
+                           "environment before triton is imported (the v4c command does), or use backend 'cpu'")

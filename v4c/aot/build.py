@@ -17,13 +17,13 @@ target and Triton build to load without compiling.
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from ..artifact.shapes import Bucket
+from ..artifact.writer import put_aot_binary
 from ..autotune.choose import concrete, site_shapes
 from ..autotune.costmodel import predict
 from ..autotune.devices import device_for_target
@@ -80,8 +80,8 @@ def _verdict(results: list[dict], smem_limit: int) -> tuple[str, str | None]:
 def compile_ahead(graph: Graph, emitted: Emitted, root: Path, buckets: list[Bucket], context: int,
                   opts: Options) -> dict:
     """Choose every site's config per bucket by compiling for ``opts.target`` (``emitted.sites[*]
-    ["configs"]`` is replaced), copy the chosen binaries under ``root/aot``, and return the manifest's
-    ``aot`` entry. ``root`` holds the rendered kernel modules already."""
+    ["configs"]`` is replaced), copy the chosen binaries into the artifact being written at ``root``, and
+    return the ``aot`` record. ``root`` holds the rendered kernel modules already."""
     t0 = time.perf_counter()
     target, log = opts.target, opts.log
     cache = opts.cache or ResultCache()
@@ -241,15 +241,9 @@ def _finish(emitted, root, buckets, chosen, failures, opts, cache, compiled, rou
 
 
 def _copy_binary(root: Path, key: str, files: list[str]) -> dict:
-    """The launch's cache entry (kernel metadata JSON and cubin) copied to ``root/aot/<key>/``."""
-    dest = root / "aot" / key
-    dest.mkdir(parents=True, exist_ok=True)
-    names = []
-    for f in files:
-        p = Path(f)
-        shutil.copyfile(p, dest / p.name)
-        names.append(p.name)
-    return {"dir": f"aot/{key}", "files": sorted(names)}
+    """The launch's cache entry (kernel metadata JSON and cubin) copied into the artifact being written at
+    ``root``, where the artifact's layout puts it; returns its entry of the ``aot`` record's binaries."""
+    return put_aot_binary(root, key, files)
 
 
 def _toolchain() -> tuple[str, str]:

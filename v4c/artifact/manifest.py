@@ -1,10 +1,15 @@
-"""Artifact manifest: format version, toolchain, target, config, and the hash of every file.
+"""Artifact manifest: format version, toolchain, target, config, and the hash of every file; and the
+artifact's one reader (``open_artifact`` -> ``Artifact``).
 
-Layout of an artifact directory::
+Layout of an artifact directory (the names live in ``layout.py``; ``writer.py`` lays them out)::
 
     manifest.json   this file's schema (JSON), sealed by its own digest (``manifest_sha256``)
     config.json     the normalised model config
     graph.v4c       the IR text
+    ranks/          each rank's graph of a sharded artifact (``parallel``)
+    kernels/        the rendered Triton modules (``kernels.modules``)
+    aot/            ahead-of-time compiled kernel binaries (``aot.binaries``)
+    tokenizer.json  the checkpoint's tokenizer, when it has one
     weights/        the checkpoint's safetensors files (mode "copy"), absent for "reference"/"none"
 
 ``manifest_sha256`` is the SHA-256 of the manifest's canonical JSON (sorted keys, no whitespace)
@@ -14,7 +19,8 @@ not a signature: whoever can rewrite manifest.json can recompute it.
 
 Every path in the manifest (file hashes, config, graph, kernel modules, AOT binaries, rank graphs,
 copied weights) is relative, normalised, and inside the artifact once symlinks are resolved; the
-runtime reads each such file only through ``Manifest.read_bytes``, which checks its hash first.
+runtime reads each such file only through ``Artifact`` (``read_bytes`` and the accessors built on it,
+``read_kernel_module``, ``aot_binaries``), which checks its hash first.
 
 Weights in mode "reference" stay where they are; the manifest records their absolute
 paths, sizes and the SHA-256 of each file's safetensors header, which pins every
@@ -37,10 +43,10 @@ from typing import Any, Callable
 
 from ..errors import ArtifactError
 from ..io.safetensors import sha256_file
+from .layout import MANIFEST, TOKENIZER, WEIGHTS
 
 FORMAT = "v4c-artifact"
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 DIGEST = "manifest_sha256"  # the manifest's own checksum, a key of the manifest
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 WEIGHT_MODES = ("copy", "reference", "none")
@@ -95,9 +101,47 @@ def artifact_path(root: Path, rel: Any, field: str = "path") -> Path:
 
 
 @dataclass(frozen=True)
-class Manifest:
+class Artifact:
+    """An artifact as its manifest describes it (digest and schema checked when it was read): the
+    fields of the manifest, and every file of the artifact, each read against its hash right before
+    it is returned. ``open_artifact`` gives one; nothing outside this package reads the manifest's
+    keys or the artifact's paths."""
     data: dict[str, Any]
     root: Path
+
+    # ---------------------------------------------------------------------- the manifest's fields
+    @property
+    def format_version(self) -> int:
+        return self.data["format_version"]
+
+    @property
+    def target(self) -> str:
+        return self.data["target"]
+
+    @property
+    def dtype(self) -> str:
+        return self.data["dtype"]
+
+    @property
+    def toolchain(self) -> dict | None:
+        return copy.deepcopy(self.data.get("toolchain"))
+
+    @property
+    def passes(self) -> list | None:
+        return copy.deepcopy(self.data.get("passes"))
+
+    @property
+    def kv_cache(self) -> str | None:
+        return self.data.get("kv_cache")
+
+    @property
+    def indexer_cache(self) -> str | None:
+        return self.data.get("indexer_cache")
+
+    @property
+    def files(self) -> dict[str, str]:
+        """Every file of the artifact (relative path) -> its SHA-256."""
+        return dict(self.data["files"])
 
     @property
     def weights_mode(self) -> str:
@@ -106,6 +150,63 @@ class Manifest:
     @property
     def has_weights(self) -> bool:
         return self.weights_mode != "none"
+
+    def kernels(self) -> dict:
+        """The kernel table (``modules``, ``ops``, per-call-site ``sites`` with their per-bucket configs,
+        ``buckets``, ``context``): a copy, ``{}`` when the artifact has none."""
+        return copy.deepcopy(self.data.get("kernels") or {})
+
+    def aot(self) -> dict | None:
+        """The ahead-of-time compile's record (target, toolchain, launches, binaries), or None."""
+        return copy.deepcopy(self.data.get("aot"))
+
+    def parallel(self) -> dict | None:
+        """The multi-GPU plan (``world_size``, ``ep``, ``attn``, and per rank its ``param_bytes`` and
+        ``shards``), or None for a single-GPU artifact. Each rank's graph: ``graph(rank=r)``."""
+        par = self.data.get("parallel")
+        if par is None:
+            return None
+        out = copy.deepcopy(par)
+        for e in out["ranks"]:
+            e.pop("graph", None)  # a path: read it through graph(rank=...)
+        return out
+
+    @property
+    def world_size(self) -> int:
+        par = self.data.get("parallel")
+        return par["world_size"] if par else 1
+
+    # --------------------------------------------------------------------------- the files, checked
+    def config(self) -> dict:
+        """The normalised model config."""
+        return self.read_json(self.data["config"])
+
+    def graph_text(self, rank: int | None = None) -> str:
+        """The IR text of the graph, or of rank ``rank``'s graph of a sharded artifact."""
+        return self.read_text(self._graph_rel(rank))
+
+    def graph(self, rank: int | None = None):
+        """The graph (parsed, not verified), or rank ``rank``'s of a sharded artifact."""
+        from ..graph.text import parse_graph
+        return parse_graph(self.graph_text(rank))
+
+    def _graph_rel(self, rank: int | None) -> str:
+        if rank is None:
+            return self.data["graph"]
+        par = self.data.get("parallel")
+        if not par:
+            raise ArtifactError(f"{self.root}: not a sharded artifact: it has no rank graphs")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < len(par["ranks"]):
+            raise ArtifactError(f"{self.root}: no rank {rank!r}: compiled for {par['world_size']} rank(s)")
+        return par["ranks"][rank]["graph"]
+
+    def tokenizer(self) -> str | None:
+        """The tokenizer's JSON text, or None when the checkpoint had no tokenizer."""
+        return self.read_text(TOKENIZER) if TOKENIZER in self.data["files"] else None
+
+    def open_weights(self):
+        """The artifact's checkpoint (see ``open_weights``); None when it has no weights."""
+        return open_weights(self)
 
     def path(self, rel: str, field: str = "path") -> Path:
         return artifact_path(self.root, rel, field)
@@ -147,7 +248,36 @@ class Manifest:
         w = self.data["weights"]
         if w["mode"] == "none":
             return None
-        return self.root / "weights" if w["mode"] == "copy" else Path(w["location"])
+        return self.root / WEIGHTS if w["mode"] == "copy" else Path(w["location"])
+
+
+Manifest = Artifact  # the earlier name
+
+
+def read_kernel_module(root: Path, family: str, entry: dict) -> tuple[Path, bytes]:
+    """Path and bytes of the kernel module ``entry`` (``kernels.modules[family]``: its file and SHA-256),
+    once the path stays inside the artifact and these bytes match the entry's hash: what is executed
+    is what was checked, never what the file holds a moment later."""
+    path = artifact_path(root, entry["file"], f"kernels.modules[{family!r}].file")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:  # checked again right before executing it
+        raise ArtifactError(f"{path}: kernel source does not match its manifest hash; refusing to import it")
+    return path, data
+
+
+def aot_binaries(root: Path, aot: dict | None, files: dict | None = None):
+    """For each ahead-of-time binary of ``aot`` (``aot.binaries``): its Triton cache key, its file names,
+    and a function reading one of them, inside the artifact and, with ``files`` (the manifest's path ->
+    sha256), only when its bytes match their hash (those bytes, read once, are returned)."""
+    for key, b in ((aot or {}).get("binaries") or {}).items():
+        def read(name: str, key=key, b=b) -> bytes:
+            rel = f"{b['dir']}/{name}"
+            data = artifact_path(root, rel, f"aot.binaries[{key!r}]").read_bytes()
+            if files is not None and hashlib.sha256(data).hexdigest() != files.get(rel):
+                raise ArtifactError(f"{root}: {rel}: AOT binary does not match its manifest hash; refusing to "
+                                    f"install it")
+            return data
+        yield key, list(b["files"]), read
 
 
 # ----------------------------------------------------------------------------------------- schema
@@ -343,7 +473,7 @@ def _parse(raw: bytes, path: Path) -> Any:
         raise ArtifactError(f"{path}: not valid JSON (nested too deeply)") from None
 
 
-def read_manifest(root: Path) -> Manifest:
+def read_manifest(root: Path) -> Artifact:
     """The artifact's manifest, once its digest matches and every field has the right type and every
     path stays inside the artifact; ArtifactError naming the problem otherwise."""
     root = Path(root)
@@ -371,7 +501,7 @@ def read_manifest(root: Path) -> Manifest:
         raise ArtifactError(f"{path}: the manifest does not match its digest ({DIGEST}): it was edited or "
                             f"corrupted after v4c wrote it; recompile the model")
     check_schema(data, path)
-    return Manifest(data, root)
+    return Artifact(data, root)
 
 
 def _umask() -> int:
@@ -424,7 +554,7 @@ def manifest_lock(root: Path):
         os.close(fd)  # releases the lock
 
 
-def update_manifest(root: Path, edit: Callable[[dict], None]) -> Manifest:
+def update_manifest(root: Path, edit: Callable[[dict], None]) -> Artifact:
     """Under ``manifest_lock``: read the current manifest (digest checked), let ``edit`` change a copy
     in place, and write it back sealed. Concurrent updaters each see the others' changes."""
     root = Path(root)
@@ -432,7 +562,7 @@ def update_manifest(root: Path, edit: Callable[[dict], None]) -> Manifest:
         data = copy.deepcopy(read_manifest(root).data)
         edit(data)
         check_schema(data, root / MANIFEST)  # never seal a manifest that would not load
-        return Manifest(write_manifest(root, data), root)
+        return Artifact(write_manifest(root, data), root)
 
 
 # ----------------------------------------------------------------------------------------- verify
@@ -454,7 +584,7 @@ def _reference_problem(p: Path, f: dict, full: bool) -> str | None:
     return None
 
 
-def verify_artifact(root: Path, full_weights: bool = False) -> Manifest:
+def verify_artifact(root: Path, full_weights: bool = False) -> Artifact:
     """Read the manifest and check every file it names against its recorded hash.
 
     Raises ArtifactError naming each file that is missing, altered, outside the artifact or unexpected.
@@ -485,6 +615,13 @@ def verify_artifact(root: Path, full_weights: bool = False) -> Manifest:
     return man
 
 
+def open_artifact(path, full_weights: bool = False, verify: bool = True) -> Artifact:
+    """The artifact at ``path``: its manifest read (digest and schema checked) and, with ``verify``,
+    every file checked against its hash first (``verify_artifact``; ``full_weights``: referenced
+    weights by their whole content too). Every file read through it is checked again right before use."""
+    return verify_artifact(Path(path), full_weights=full_weights) if verify else read_manifest(Path(path))
+
+
 # ---------------------------------------------------------------------------------------- weights
 
 def reference_entries(ckpt) -> list[dict]:
@@ -505,7 +642,7 @@ def reference_entries(ckpt) -> list[dict]:
     return out
 
 
-def open_weights(man: Manifest):
+def open_weights(man: Artifact):
     """The artifact's checkpoint, opened from exactly the files the manifest names (None when it has
     no weights). Copied weights are read from ``weights/``, every file of which is hashed in the
     manifest; referenced weights from their recorded paths, each checked for its size and header
@@ -517,7 +654,7 @@ def open_weights(man: Manifest):
     if w["mode"] == "none":
         return None
     if w["mode"] == "copy":
-        return Checkpoint.open(man.path("weights", "weights directory"))
+        return Checkpoint.open(man.path(WEIGHTS, "weights directory"))
     opened, where = [], {}
     try:
         for f in w["files"]:

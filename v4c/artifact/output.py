@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import ArtifactError
-from .manifest import FORMAT, MANIFEST
+from .layout import MANIFEST
+from .manifest import FORMAT
 
 
 def is_artifact(path: Path) -> bool:

@@ -1,5 +1,5 @@
 """``v4c tune``: measure kernel candidates for an artifact's ops, keep every measurement in the
-tuning store, and write the winners into the artifact's manifest.
+tuning store, and write the winners into the artifact's kernel table.
 
 On CUDA each candidate is checked against the op's reference before its time counts, then
 timed with CUDA events (median of repeats after warm-up, L2 flushed). Without a GPU the same
@@ -12,7 +12,6 @@ done, so an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import datetime as _dt
-import os
 import socket
 import statistics
 import time
@@ -22,15 +21,14 @@ from typing import Callable
 
 import torch
 
-from ..artifact.manifest import update_manifest, verify_artifact
+from ..artifact import open_artifact, update_kernels
 from ..artifact.shapes import Bucket, default_buckets, parse_bucket
+from ..backends.triton import load_modules
 from ..codegen.emit import template
-from ..errors import ArtifactError
 from ..graph.ir import Node
 from ..graph.registry import get_op
 from ..graph.sites import call_sites
-from ..graph.text import parse_graph
-from ..runtime.kernels import load_modules
+from ..settings import check_triton_mode
 from ..collective import agree
 from .buckets import bucket_for
 from .choose import graph_dtypes, concrete, site_shapes, source_hash, summarize_ops
@@ -85,16 +83,15 @@ class PlanRow:
 
 
 def _setup(path):
-    man = verify_artifact(Path(path))
-    graph = parse_graph((man.root / man.data["graph"]).read_text())
-    return man, graph
+    man = open_artifact(Path(path))
+    return man, man.graph()
 
 
 def units(man, graph, buckets=None) -> list[Unit]:
     """Every kernel site of the artifact at each bucket to tune: ``buckets`` (keys), else the artifact's
     (GPU targets) or ``CPU_BUCKETS``."""
-    target = man.data["target"]
-    kern = man.data["kernels"]
+    target = man.target
+    kern = man.kernels()
     nodes = {sid: ns[0] for sid, ns in call_sites(graph).items()}
     keys = buckets or (CPU_BUCKETS if target == "cpu" else kern.get("buckets") or [b.key for b in default_buckets()])
     ctx = CPU_CONTEXT if target == "cpu" else min(int(kern.get("context") or GPU_CONTEXT), GPU_CONTEXT)
@@ -119,7 +116,7 @@ def plan(path, strategy: str = "tpe", budget: int | None = None, store: TuningSt
          buckets=None) -> list[PlanRow]:
     """Sites x buckets x candidates, what the store already covers, estimated seconds."""
     man, graph = _setup(path)
-    target = man.data["target"]
+    target = man.target
     hw, spec = hardware_for(target)
     rows = []
     for u in units(man, graph, buckets):
@@ -238,14 +235,17 @@ def tune(path, strategy: str = "tpe", budget: int | None = None, store: TuningSt
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return {tuple(k.split("|")): tuple(v) for k, v in agree({}).items()}
     man, graph = _setup(path)
-    target = man.data["target"]
+    target = man.target
     on_gpu = torch.cuda.is_available() and target != "cpu"
     if target != "cpu" and not on_gpu:
         raise ValueError(f"{path} targets {target}: tuning it needs that GPU (compile with --target cpu to "
                          f"exercise the tuner under the interpreter)")
     device = "cuda" if on_gpu else "cpu"
     if not on_gpu:
-        os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            check_triton_mode("cpu")
+        except RuntimeError as e:
+            raise ValueError(f"tuning on the CPU: {e}") from None
         log("no GPU: candidates run under Triton's interpreter; their timings mean nothing (records are marked "
             "'interpreter' and never presented as measured configs): this tests the mechanism only")
     store = TuningStore() if store is None else store
@@ -253,7 +253,7 @@ def tune(path, strategy: str = "tpe", budget: int | None = None, store: TuningSt
     tc = toolchain()
     dtypes, quant = graph_dtypes(graph)
     chosen = {}
-    runnable = load_modules(man.root, man.data["kernels"], device)  # exactly the artifact's kernel code
+    runnable = load_modules(man.root, man.kernels(), device)  # exactly the artifact's kernel code
     todo = units(man, graph, buckets)
     for i, u in enumerate(todo, 1):
         sh = source_hash(u.family, target)
@@ -309,18 +309,16 @@ def tune(path, strategy: str = "tpe", budget: int | None = None, store: TuningSt
 
 
 def _write_manifest(man, chosen: dict) -> None:
-    """Record the tuned configs in the artifact's per-site tables. The artifact package rewrites the
-    manifest under its lock, atomically and sealed with a new digest, merging into the manifest as it
-    is now: concurrent tunes of one artifact keep each other's configs."""
-    def edit(data):
-        if data["files"] != man.data["files"]:  # e.g. recompiled in place while this tune ran
-            raise ArtifactError(f"{man.root}: the artifact changed while it was being tuned; its manifest is left "
-                                f"as it is (tune it again)")
-        sites = data["kernels"].get("sites", {})
+    """Record the tuned configs in the artifact's per-site tables. The artifact's writer rewrites the
+    manifest under its lock, atomically and sealed with a new digest, merging into the kernel table as
+    it is now (concurrent tunes of one artifact keep each other's configs), and refuses an artifact
+    recompiled since ``man`` was read."""
+    def edit(kernels):
+        sites = kernels.get("sites", {})
         for (sid, bkey), (meta, tier) in chosen.items():
             sites[sid].setdefault("configs", {})[bkey] = {"meta": meta, "config_source": tier}
-        for op in data["kernels"].get("ops", {}).values():
+        for op in kernels.get("ops", {}).values():
             for k in ("meta", "config_source", "quantized"):
                 op.pop(k, None)
-        summarize_ops(data["kernels"]["ops"], sites)
-    update_manifest(man.root, edit)
+        summarize_ops(kernels["ops"], sites)
+    update_kernels(man, edit)

@@ -51,14 +51,14 @@ def _serve(artifact, site, bucket, context):
     import torch
 
     from ..graph.registry import get_op
-    from ..runtime.kernels import load_modules
+    from ..backends.triton import load_modules
     from .inputs import node_inputs
     from .tune import _clone, _setup, measure_candidate, site_launcher, units
 
     man, graph = _setup(artifact)
-    on_gpu = torch.cuda.is_available() and man.data["target"] != "cpu"
+    on_gpu = torch.cuda.is_available() and man.target != "cpu"
     device = "cuda" if on_gpu else "cpu"
-    mods = load_modules(man.root, man.data["kernels"], device)
+    mods = load_modules(man.root, man.kernels(), device)
     u = next(x for x in units(man, graph, [bucket]) if x.site == site)
     u = type(u)(**{**u.__dict__, "context": context})
     launcher = site_launcher(mods, u)

@@ -1,9 +1,10 @@
 """Renders the kernel templates an artifact needs into its ``kernels/`` folder, and lists its call sites.
 
-Each template family (``templates/<family>.py``) becomes one module file named by its content hash; the
-manifest lists every module with its SHA-256, and every kernel call site of the graph (``graph/sites.py``)
-with the launcher that runs it: the family's launcher for the op, the ``qgemm`` launcher for calls on
-quantised weights (``quantized.py``), or the op's PyTorch reference where no kernel takes the call.
+Each template family (``templates/<family>.py``) becomes one module file named by its content hash
+(``artifact/layout.py``); the kernel table lists every module with its SHA-256, and every kernel call
+site of the graph (``graph/sites.py``) with the launcher that runs it: the family's launcher for the op,
+the ``qgemm`` launcher for calls on quantised weights (``quantized.py``), or the op's PyTorch reference
+where no kernel takes the call.
 Meta-parameters per site and shape bucket are chosen afterwards (``autotune/choose.py``, checked by
 ``v4c/aot`` for GPU targets). Ops with no kernel at all run on their PyTorch reference.
 """
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 
 from .. import __version__
+from ..artifact.layout import kernel_module
 from ..graph.ir import Graph
 from ..graph.sites import call_sites, token_input
 from .quantized import FAMILY as QFAMILY, KERNEL as QKERNEL, mismatch, quantised_inputs
@@ -53,13 +55,14 @@ class Emitted:
     def add_module(self, family: str, target: str) -> None:
         if family not in self.modules:
             src = render(family, target)
-            self.modules[family] = (f"kernels/{family}-{hashlib.sha256(src.encode()).hexdigest()[:12]}.py", src)
+            self.modules[family] = (kernel_module(family, hashlib.sha256(src.encode()).hexdigest()), src)
 
     def module_entry(self, family: str) -> dict:
         name, src = self.modules[family]
         return {"file": name, "sha256": hashlib.sha256(src.encode()).hexdigest()}
 
-    def manifest_entry(self) -> dict:
+    def table(self) -> dict:
+        """The kernel table the artifact records (``ArtifactWriter.set_kernels``)."""
         sites = {sid: {k: v for k, v in s.items() if k != "candidates"} for sid, s in sorted(self.sites.items())}
         return {"modules": {f: self.module_entry(f) for f in sorted(self.modules)},
                 "ops": dict(sorted(self.ops.items())), "fallback": sorted(self.fallback), "sites": sites}

@@ -10,21 +10,21 @@ tiles fit the site's shapes is the config choice's business (``autotune/choose.p
 from __future__ import annotations
 
 from ..graph.ir import Graph, Node
+from ..graph.registry import get_op
 from ..graph.types import QUANT_DTYPES
 
 FAMILY = "qgemm"
 
-# op -> {input position: format} of the quantised arguments its qgemm launcher takes, in the op's own
-# argument order; every listed position that a node has must be quantised so, no other may be.
-# moe_ffn's shared expert (positions 7-9) may be absent.
+# op -> {operand: format} of the quantised arguments its qgemm launcher takes; every listed operand
+# that a node has must be quantised so, no other may be. moe_ffn's shared expert (sg, su, sd) may be absent.
 ARGS = {
-    "linear": {1: "f8e4m3"},
-    "linear_rms_norm": {1: "f8e4m3"},
-    "q_proj": {1: "f8e4m3"},
-    "kv_proj": {1: "f8e4m3"},
-    "o_proj": {1: "f8e4m3", 2: "f8e4m3"},
-    "moe_ffn": {5: "mxfp4", 6: "mxfp4", 7: "f8e4m3", 8: "f8e4m3", 9: "f8e4m3"},
-    "indexer": {2: "f8e4m3"},
+    "linear": {"w": "f8e4m3"},
+    "linear_rms_norm": {"w": "f8e4m3"},
+    "q_proj": {"w": "f8e4m3"},
+    "kv_proj": {"w": "f8e4m3"},
+    "o_proj": {"wa": "f8e4m3", "wb": "f8e4m3"},
+    "moe_ffn": {"w13": "mxfp4", "w2": "mxfp4", "sg": "f8e4m3", "su": "f8e4m3", "sd": "f8e4m3"},
+    "indexer": {"wq": "f8e4m3"},
 }
 
 # op -> the qgemm META key of its quantised launcher (qgemm.QUANTIZED[op][1])
@@ -32,23 +32,22 @@ KERNEL = {"linear": "fp8_linear", "linear_rms_norm": "fp8_linear_rms_norm", "q_p
           "kv_proj": "fp8_kv_proj", "o_proj": "fp8_o_proj", "moe_ffn": "moe_ffn_fp4", "indexer": "fp8_indexer"}
 
 
-def quantised_inputs(graph: Graph, node: Node) -> dict[int, str]:
-    """{input position: format} of the quantised params ``node`` reads."""
+def quantised_inputs(graph: Graph, node: Node) -> dict[str, str]:
+    """{operand: format} of the quantised params ``node`` reads."""
     ptypes = dict(graph.params)
-    return {i: ptypes[v].dtype for i, v in enumerate(node.inputs)
+    return {o.name: ptypes[v].dtype for o, v in zip(get_op(node.op).operands, node.inputs)
             if v in ptypes and ptypes[v].dtype in QUANT_DTYPES}
 
 
-def mismatch(node: Node, found: dict[int, str]) -> str | None:
+def mismatch(node: Node, found: dict[str, str]) -> str | None:
     """Why ``node``'s quantised arguments ``found`` are not what the op's qgemm launcher takes, or None."""
     op = node.op
     want = ARGS.get(op)
     if want is None:
         return f"no quantised kernel for {op}"
-    for i in sorted(set(want) | set(found)):
-        if i >= len(node.inputs):
-            continue
-        if found.get(i) != want.get(i):
-            return (f"{op} %{node.outputs[0]}: input {i} (%{node.inputs[i]}) is "
-                    f"{found.get(i, 'unquantised')}, the quantised kernel takes {want.get(i, 'it unquantised')}")
+    for i, (o, v) in enumerate(zip(get_op(op).operands, node.inputs)):
+        if found.get(o.name) != want.get(o.name):
+            return (f"{op} %{node.outputs[0]}: operand {o.name}, input {i} (%{v}) is "
+                    f"{found.get(o.name, 'unquantised')}, the quantised kernel takes "
+                    f"{want.get(o.name, 'it unquantised')}")
     return None

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from .ir import Graph
 from .registry import Concrete, get_op
+from .signature import STATE_KINDS
 from .types import DTYPES, eval_dim
 
 
@@ -37,24 +38,11 @@ def decode_step_kernels(g: Graph, context: int, batch: int = 1) -> list[KernelCo
 
 BLOCK_TOKENS = 256  # context is allocated in blocks of this many tokens, as serving stacks page their caches
 
-# what each state buffer holds, from its name (``l3.comp.rows`` -> "compressed_rows")
-STATE_KINDS = ("window", "compressed_rows", "indexer_keys", "compressor_state")
-
-
-def state_kind(name: str) -> str:
-    """The memory kind of a state buffer: window ring (+ positions), compressed KV rows, indexer keys,
-    or compressor state (the pending, not yet pooled, projections of the attention and indexer
-    compressors)."""
-    part = name.split(".", 1)[1]
-    if part.startswith("win"):
-        return "window"
-    if part == "comp.rows":
-        return "compressed_rows"
-    if part == "index.rows":
-        return "indexer_keys"
-    if ".pend_" in part:
-        return "compressor_state"
-    raise ValueError(f"state buffer {name!r} has no known memory kind")
+def state_kind(g: Graph, name: str) -> str:
+    """The memory kind of state buffer ``name`` as ``g`` declares it: window ring (+ positions),
+    compressed KV rows, indexer keys, or compressor state (the pending, not yet pooled, projections
+    of the attention and indexer compressors)."""
+    return g.state_decl(name).kind
 
 
 def planned_context(context: int, block: int = BLOCK_TOKENS) -> int:
@@ -95,7 +83,7 @@ def cache_footprint(g: Graph, context: int, block: int = BLOCK_TOKENS) -> CacheF
         size = t.nbytes(bind)
         total += size
         by_state[name] = size
-        by_kind[state_kind(name)] += size
+        by_kind[state_kind(g, name)] += size
         m = _grows_with_context(t.shape)
         if m is None:
             fixed += size

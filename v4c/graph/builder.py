@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from . import ops as _ops  # noqa: F401
-from .ir import Graph, Node
+from .ir import Graph, Node, StateDecl
 from .registry import get_op
 from .types import TensorType
 
@@ -19,6 +19,7 @@ class GraphBuilder:
         self.types: dict[str, TensorType] = {}
         self._current: dict[str, str] = {}  # state root -> current version
         self._root: dict[str, str] = {}
+        self._decl: dict[str, StateDecl] = {}
 
     def _fresh(self, base: str) -> str:
         if base not in self.types:
@@ -41,8 +42,10 @@ class GraphBuilder:
     def param(self, name, shape, dtype) -> str:
         return self._declare(self.params, name, TensorType(tuple(shape), dtype))
 
-    def state(self, name, shape, dtype) -> str:
+    def state(self, name, shape, dtype, kind: str | None = None, fmt: str = "plain") -> str:
+        """A state buffer holding ``kind`` (None: the kind its uses imply, known at ``finish``)."""
         self._current[name] = self._root[name] = name
+        self._decl[name] = StateDecl(kind or "", fmt)
         return self._declare(self.states, name, TensorType(tuple(shape), dtype))
 
     def cur(self, state: str) -> str:
@@ -64,7 +67,16 @@ class GraphBuilder:
         self.types.update(zip(names, node_types))
         return names[0] if isinstance(out, str) else tuple(names)
 
+    def _kind_from_uses(self, state: str) -> str:
+        kinds = {get_op(n.op).operands[i].kind for n in self.nodes for i, v in enumerate(n.inputs)
+                 if self._root.get(v) == state} - {None}
+        if len(kinds) != 1:
+            raise ValueError(f"state %{state}: its uses imply kinds {sorted(kinds)}; declare its kind")
+        return kinds.pop()
+
     def finish(self, outputs, meta: dict | None = None) -> Graph:
         state_out = tuple((s, v) for s, v in self._current.items() if v != s)
+        decls = tuple((s, d if (d := self._decl[s]).kind else StateDecl(self._kind_from_uses(s), d.format))
+                      for s, _ in self.states)
         return Graph(self.name, tuple(self.inputs), tuple(self.params), tuple(self.states), tuple(self.nodes),
-                     tuple(outputs), state_out, tuple(sorted((meta or {}).items())))
+                     tuple(outputs), state_out, tuple(sorted((meta or {}).items())), decls)

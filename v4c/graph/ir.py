@@ -6,6 +6,7 @@ A node that updates a state takes the current version of the state as an
 input and returns the next version as an output (the op's ``state_io`` says
 which output aliases which input); the runtime updates the buffer in place,
 so the verifier checks that nothing reads a version after it was updated.
+Each state is declared with what it holds (its kind) and how (its storage format).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from ..errors import GraphError
 from .types import TensorType
 
 
@@ -46,6 +48,15 @@ class Node:
 
 
 @dataclass(frozen=True)
+class StateDecl:
+    """What a state buffer holds (``signature.STATE_KINDS``) and its storage format: ``plain`` (values as
+    computed) or a cache format of ``storage.py`` that the ops reading and writing it encode with."""
+
+    kind: str
+    format: str = "plain"
+
+
+@dataclass(frozen=True)
 class Graph:
     name: str
     inputs: tuple[tuple[str, TensorType], ...]
@@ -56,6 +67,8 @@ class Graph:
     # (state name, name of its final version) for every state a node updates
     state_outputs: tuple[tuple[str, str], ...] = ()
     meta: tuple[tuple[str, Any], ...] = field(default=())
+    # (state name, its declaration), in the order of ``states``
+    state_decls: tuple[tuple[str, StateDecl], ...] = ()
 
     def value_types(self) -> dict[str, TensorType]:
         types: dict[str, TensorType] = {}
@@ -64,6 +77,12 @@ class Graph:
         for node in self.nodes:
             types.update(zip(node.outputs, node.types))
         return types
+
+    def state_decl(self, name: str) -> StateDecl:
+        for n, d in self.state_decls:
+            if n == name:
+                return d
+        raise GraphError(f"state %{name} has no declaration")
 
     def param_types(self) -> dict[str, TensorType]:
         return dict(self.params)

@@ -1,9 +1,10 @@
 """The closed registry of IR ops.
 
-Every op declares how its output types follow from its inputs (``infer``), a
-PyTorch reference implementation (``ref``) and its cost (``cost``: FLOPs and
-bytes moved for concrete shapes and a context length).  Nothing outside this
-registry can appear in a graph.
+Every op declares its named operands and typed attributes (``signature.py``),
+how its output types follow from its inputs (``infer``), a PyTorch reference
+implementation (``ref``) and its cost (``cost``: FLOPs and bytes moved for
+concrete shapes and a context length).  Nothing outside this registry can
+appear in a graph.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from ..errors import GraphError
+from .signature import Attr, Operand, parse_operands
 from .types import DTYPES, Dim, TensorType
 
 
@@ -55,28 +57,58 @@ class OpDef:
     infer: InferFn
     ref: Callable[..., Any]
     cost: CostFn
-    min_inputs: int
-    max_inputs: int
+    operands: tuple[Operand, ...]
+    attrs: tuple[Attr, ...] = ()
     # (input index, output index): the output is the next version of that state input
     state_io: tuple[tuple[int, int], ...] = ()
     doc: str = ""
     launches: int = 1  # GPU kernel launches one execution takes (0 for views)
     fused: bool = False  # produced by a fusion pass, never by the builder
+    cache_format: str | None = None  # the attribute naming the storage format of its cache operands
+
+    @property
+    def min_inputs(self) -> int:
+        return sum(not o.optional for o in self.operands)
+
+    @property
+    def max_inputs(self) -> int:
+        return len(self.operands)
+
+    def index(self, name: str) -> int:
+        for i, o in enumerate(self.operands):
+            if o.name == name:
+                return i
+        raise GraphError(f"op {self.name!r} has no operand {name!r}")
+
+    def signature(self) -> str:
+        return f"{self.name}({', '.join(map(str, self.operands))})"
+
+
+def make_opdef(name: str, infer: InferFn, ref, cost: CostFn | None, operands, attrs=(), state_io=(),
+               doc: str = "", launches: int = 1, fused: bool = False, cache_format: str | None = None) -> OpDef:
+    """An OpDef from operand and attribute specs (``signature.py``); ``state_io`` names its state inputs:
+    ``(("ring", 0), ...)``."""
+    ops = parse_operands(operands)
+    names = [o.name for o in ops]
+    io = tuple((names.index(i), o) for i, o in state_io)
+    if any(ops[i].role not in ("cache", "state") for i, _ in io):
+        raise GraphError(f"op {name!r}: a state it updates must be a cache or state operand")
+    return OpDef(name, infer, ref, cost or io_bytes_cost(0), ops, tuple(Attr.parse(a) for a in attrs), io, doc,
+                 launches, fused, cache_format)
 
 
 OPS: dict[str, OpDef] = {}
 
 
-def register(name: str, *, infer: InferFn, cost: CostFn | None = None, inputs: int | tuple[int, int],
-             state_io=(), launches: int = 1, fused: bool = False):
+def register(name: str, *, infer: InferFn, operands, attrs=(), cost: CostFn | None = None, state_io=(),
+             cache_format: str | None = None, launches: int = 1, fused: bool = False):
     """Decorator: register ``fn`` as the reference implementation of op ``name``."""
-    lo, hi = (inputs, inputs) if isinstance(inputs, int) else inputs
 
     def deco(fn):
         if name in OPS:
             raise GraphError(f"op {name!r} registered twice")
-        OPS[name] = OpDef(name, infer, fn, cost or io_bytes_cost(0), lo, hi, tuple(state_io),
-                          (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "", launches, fused)
+        doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        OPS[name] = make_opdef(name, infer, fn, cost, operands, attrs, state_io, doc, launches, fused, cache_format)
         return fn
 
     return deco
@@ -87,6 +119,18 @@ def get_op(name: str) -> OpDef:
         return OPS[name]
     except KeyError:
         raise GraphError(f"unknown op {name!r}") from None
+
+
+def operand(node, name: str) -> str | None:
+    """The value ``node`` passes as its op's operand ``name`` (None: an optional operand left out)."""
+    i = get_op(node.op).index(name)
+    return node.inputs[i] if i < len(node.inputs) else None
+
+
+def operands_with_role(node, role: str, gemm: bool | None = None) -> list[tuple[str, str]]:
+    """(operand name, value) of each operand of ``node`` with ``role`` (and, if given, that ``gemm`` flag)."""
+    ops = get_op(node.op).operands
+    return [(o.name, v) for o, v in zip(ops, node.inputs) if o.role == role and (gemm is None or o.gemm == gemm)]
 
 
 # ---- helpers shared by the op definitions -------------------------------------------------

@@ -44,16 +44,17 @@ class _V4GraphBuilder:
         return u, post, comb
 
     # -- attention --------------------------------------------------------------------------
-    def compressor(self, h, prefix, tag, kind, d, ratio, overlap):
+    def compressor(self, h, prefix, tag, holds, d, ratio, overlap):
+        """``holds``: the kind of its rows, compressed_rows or indexer_keys."""
         c, b = self.cfg, self.b
         width = (2 if overlap else 1) * d
         wkv = b.param(f"{prefix}.kv_proj.weight", (width, c.hidden_size), self.dt)
         wgate = b.param(f"{prefix}.gate_proj.weight", (width, c.hidden_size), self.dt)
         ape = b.param(f"{prefix}.position_bias", (ratio, width), F32)
         norm = b.param(f"{prefix}.kv_norm.weight", (d,), F32)
-        rows = b.state(f"{tag}.rows", ("B", f"L/{ratio}", d), self.dt)
-        pk = b.state(f"{tag}.pend_kv", ("B", width // d * ratio, width), F32)
-        pg = b.state(f"{tag}.pend_gate", ("B", width // d * ratio, width), F32)
+        rows = b.state(f"{tag}.rows", ("B", f"L/{ratio}", d), self.dt, holds)
+        pk = b.state(f"{tag}.pend_kv", ("B", width // d * ratio, width), F32, "compressor_state")
+        pg = b.state(f"{tag}.pend_gate", ("B", width // d * ratio, width), F32, "compressor_state")
         a = b.op("linear", h, wkv, out=f"{tag}.kv")
         g = b.op("linear", h, wgate, out=f"{tag}.gate")
         rows, _, _ = b.op("compress", a, g, ape, norm, rows, pk, pg, "pos", out=(rows, pk, pg), ratio=ratio,
@@ -75,19 +76,19 @@ class _V4GraphBuilder:
         kv = b.op("linear", h, b.param(f"{p}.kv_proj.weight", (Dh, D), dt), out=f"{t}.kv0")
         kv = b.op("rms_norm", kv, b.param(f"{p}.kv_norm.weight", (Dh,), F32), out=f"{t}.kv1", eps=c.rms_norm_eps)
         kv = b.op("rope", kv, "pos", out=f"{t}.kv", **rope)
-        ring = b.state(f"l{i}.win", ("B", c.sliding_window, Dh), dt)
-        ring_pos = b.state(f"l{i}.win_pos", ("B", c.sliding_window), "i64")
+        ring = b.state(f"l{i}.win", ("B", c.sliding_window, Dh), dt, "window")
+        ring_pos = b.state(f"l{i}.win_pos", ("B", c.sliding_window), "i64", "window")
         sinks = b.param(f"{p}.sinks", (H,), F32)
         extra, kw = [], {}
         if kind == HCA:
-            extra = [self.compressor(h, f"{p}.compressor", f"l{i}.comp", kind, Dh, c.hca_ratio, False)]
+            extra = [self.compressor(h, f"{p}.compressor", f"l{i}.comp", "compressed_rows", Dh, c.hca_ratio, False)]
             kw = {"ratio": c.hca_ratio}
         elif kind == CSA:
             m = c.csa_ratio
-            rows = self.compressor(h, f"{p}.compressor", f"l{i}.comp", kind, Dh, m, True)
+            rows = self.compressor(h, f"{p}.compressor", f"l{i}.comp", "compressed_rows", Dh, m, True)
             ip, it = f"{p}.compressor.indexer", f"l{i}.index"
             HI, DI = c.index_n_heads, c.index_head_dim
-            keys = self.compressor(h, ip, it, kind, DI, m, True)
+            keys = self.compressor(h, ip, it, "indexer_keys", DI, m, True)
             iq = b.op("linear", cq, b.param(f"{ip}.q_b_proj.weight", (HI * DI, Q), dt), out=f"{it}.q0")
             iq = b.op("reshape", iq, out=f"{it}.q1", shape=["B", "T", HI, DI])
             iq = b.op("rope", iq, "pos", out=f"{it}.q", **rope)

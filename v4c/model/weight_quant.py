@@ -14,12 +14,10 @@ from typing import Mapping
 
 from ..errors import ConfigError
 from ..graph.ir import Graph
+from ..graph.registry import operands_with_role
 from ..graph.types import TensorType
 from ..graph.weight_formats import FORMATS
 from ..graph.weights import scale_name
-
-# op -> input positions that are weights
-_WEIGHT_INPUTS = {"linear": (1,), "grouped_linear": (1,), "moe_experts": (3, 4)}
 
 _RELEASE_FP8 = re.compile(r"^model\.layers\.\d+\.(self_attn\.(q_a_proj|q_b_proj|kv_proj|o_a_proj|o_b_proj)"
                           r"|self_attn\.compressor\.indexer\.q_b_proj"
@@ -30,7 +28,7 @@ _RELEASE_EXPERTS = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.(gate_up_proj
 def weight_params(graph: Graph) -> list[str]:
     """Params some op multiplies by as a weight (the only ones that may be quantised), in declaration order."""
     params = dict(graph.params)
-    used = {node.inputs[i] for node in graph.nodes for i in _WEIGHT_INPUTS.get(node.op, ()) if node.inputs[i] in params}
+    used = {v for node in graph.nodes for _, v in operands_with_role(node, "weight", gemm=True) if v in params}
     return [n for n, _ in graph.params if n in used]
 
 

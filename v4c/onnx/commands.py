@@ -1,12 +1,11 @@
 """``v4c export-onnx`` and ``v4c import-onnx``: artifacts to ONNX files and back to IR text."""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-from ..artifact.manifest import verify_artifact
-from ..graph.text import parse_graph, print_graph
+from ..artifact import open_artifact
+from ..graph.text import print_graph
 from ..graph.types import DTYPES
 from ..graph.verify import verify
 from .export import EXTERNAL_DATA_LIMIT, graph_to_onnx, save_model
@@ -16,15 +15,14 @@ from .importer import import_onnx
 def artifact_graph(artifact: str | Path, unfused: bool = False):
     """The artifact's manifest and graph; ``unfused``: rebuilt from its config without the fusions
     (with the same cache formats)."""
-    man = verify_artifact(Path(artifact))
-    graph = verify(parse_graph((man.root / man.data["graph"]).read_text()))
+    man = open_artifact(Path(artifact))
+    graph = verify(man.graph())
     if unfused:
         from ..model.build import build_graph
         from ..model.config import V4Config
         from ..passes import PassManager, default_pipeline
-        cfg = V4Config.from_dict(json.loads((man.root / man.data["config"]).read_text()))
-        kv, ix = man.data.get("kv_cache"), man.data.get("indexer_cache")
-        graph = PassManager(default_pipeline(False, kv, ix)).run(build_graph(cfg, man.data["dtype"]))
+        cfg = V4Config.from_dict(man.config())
+        graph = PassManager(default_pipeline(False, man.kv_cache, man.indexer_cache)).run(build_graph(cfg, man.dtype))
     return man, graph
 
 
@@ -35,9 +33,8 @@ def export_artifact(artifact: str | Path, output: str | Path, unfused: bool = Fa
     man, graph = artifact_graph(artifact, unfused)
     params = None
     if man.has_weights:
-        from ..io.checkpoint import Checkpoint
         from ..io.naming import plan_sources
-        ckpt = Checkpoint.open(man.weights_location())
+        ckpt = man.open_weights()  # exactly the files the manifest names, never an index found beside them
         try:
             sources = plan_sources(ckpt, dict(graph.params))
             params = {n: sources[n].load(ckpt).to(DTYPES[t.dtype]) for n, t in graph.params}

@@ -120,7 +120,8 @@ def graph_to_onnx(g: Graph, params: dict[str, torch.Tensor] | None = None, *, pr
                                                     helper.make_opsetid(DOMAIN, DOMAIN_VERSION)],
                               functions=lib.functions, producer_name=producer, ir_version=IR_VERSION)
     decl = {"name": g.name, "meta": dict(g.meta), "inputs": [[n, str(t)] for n, t in g.inputs],
-            "states": [[n, str(t)] for n, t in g.states], "state_outputs": [list(x) for x in g.state_outputs],
+            "states": [[n, str(t), g.state_decl(n).kind, g.state_decl(n).format] for n, t in g.states],
+            "state_outputs": [list(x) for x in g.state_outputs],
             "outputs": list(g.outputs), "params": "initializers" if params is not None else "inputs"}
     helper.set_model_props(model, {"v4c.format": f"{FORMAT}/{FORMAT_VERSION}", "v4c.graph": json.dumps(decl)})
     model.doc_string = ("v4c export: full-sequence forward of a fresh sequence (ids [B, T] -> logits "

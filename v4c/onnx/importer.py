@@ -16,7 +16,7 @@ from pathlib import Path
 import onnx
 
 from ..errors import V4CError
-from ..graph.ir import Graph, Node
+from ..graph.ir import Graph, Node, StateDecl
 from ..graph.registry import get_op
 from ..graph.text import _listify
 from ..graph.types import TensorType
@@ -53,7 +53,8 @@ def onnx_to_graph(model: onnx.ModelProto, source: str = "model") -> Graph:
         params = [(vi.name, TensorType(_shape(vi), IR_DTYPE[vi.type.tensor_type.elem_type])) for vi in g.input
                   if vi.name != "ids"]
     inputs = [(n, TensorType.parse(t)) for n, t in decl["inputs"]]
-    states = [(n, TensorType.parse(t)) for n, t in decl["states"]]
+    states = [(s[0], TensorType.parse(s[1])) for s in decl["states"]]
+    state_decls = tuple((s[0], StateDecl(*s[2:])) for s in decl["states"] if len(s) == 4)  # kind, format
     ids = [vi for vi in g.input if vi.name == "ids"]
     if not ids or TensorType(_shape(ids[0]), IR_DTYPE[ids[0].type.tensor_type.elem_type]) != dict(inputs)["ids"]:
         raise V4CError(f"{source}: graph input ids does not match the declared %ids")
@@ -104,7 +105,7 @@ def onnx_to_graph(model: onnx.ModelProto, source: str = "model") -> Graph:
         raise V4CError(f"{source}: graph outputs {graph_outputs} differ from the declared {decl['outputs']}")
     meta = tuple(sorted((k, _listify(v)) for k, v in decl["meta"].items()))
     return verify(Graph(decl["name"], tuple(inputs), tuple(params), tuple(states), tuple(nodes),
-                        tuple(decl["outputs"]), tuple(tuple(x) for x in decl["state_outputs"]), meta))
+                        tuple(decl["outputs"]), tuple(tuple(x) for x in decl["state_outputs"]), meta, state_decls))
 
 
 def import_onnx(path: str | Path) -> Graph:

@@ -4,17 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import GraphError
-from ..graph.ir import Graph, Node
-from ..graph.registry import get_op
+from ..graph.ir import Graph, Node, StateDecl
+from ..graph.registry import get_op, operands_with_role
 from ..graph.storage import KEY_FORMATS, KV_FORMATS, PLAIN, stored_dtype, stored_width
 from ..graph.types import TensorType
 from .base import Pass, PassResult
-
-# input positions of the cache buffers each reader or writer takes
-RINGS = {"attention": 2, "sparse_attention": 2, "window_append": 0}
-ROWS = {"attention": 6, "sparse_attention": 6}
-KEYS = {"indexer_topk": 2, "indexer": 4}
-WRITERS = {"compress": 4, "compressor": 5}
 
 
 def _roots(g: Graph) -> dict[str, str]:
@@ -49,21 +43,16 @@ class QuantizeKVCache(Pass):
                              f"{meta.get('indexer_cache')}; re-laying them out as {self.kv}/{self.indexer} "
                              "needs the unquantised graph")
         root = _roots(g)
-        kv_roots, key_roots = set(), set()
         rope_dims = {n.attr["rope_dim"] for n in g.nodes if "rope_dim" in n.attr}
         if len(rope_dims) > 1:
             raise GraphError(f"{self.name}: layers disagree on the RoPE width {sorted(rope_dims)}")
         kv_rope = rope_dims.pop() if rope_dims else 0
-        for n in g.nodes:
-            if n.op in RINGS:
-                kv_roots.add(root[n.inputs[RINGS[n.op]]])
-            if n.op in ROWS and len(n.inputs) > ROWS[n.op]:
-                kv_roots.add(root[n.inputs[ROWS[n.op]]])
-            if n.op in KEYS:
-                key_roots.add(root[n.inputs[KEYS[n.op]]])
+        caches = {root[v] for n in g.nodes for _, v in operands_with_role(n, "cache")}
+        decls = dict(g.state_decls)
+        by_kind = {"window": self.kv, "compressed_rows": self.kv, "indexer_keys": self.indexer}
         new_states, fmt_of = [], {}
         for s, t in g.states:
-            fmt = self.kv if s in kv_roots else self.indexer if s in key_roots else None
+            fmt = by_kind.get(decls[s].kind) if s in caches else None
             if fmt is None or (fmt in PLAIN and fmt == t.dtype):
                 new_states.append((s, t))
                 continue
@@ -77,17 +66,17 @@ class QuantizeKVCache(Pass):
         types = dict(g.inputs) | dict(g.params) | dict(new_states)
         nodes = []
         for n in g.nodes:
-            attrs = n.attr
-            ring = RINGS.get(n.op)
-            if ring is not None and root[n.inputs[ring]] in fmt_of:
-                attrs |= {"kv_format": self.kv, "kv_rope_dim": kv_rope if self.kv == "fp8_ds" else 0}
-            if n.op in KEYS and root[n.inputs[KEYS[n.op]]] in fmt_of:
-                attrs |= {"key_format": self.indexer}
-            if n.op in WRITERS and root[n.inputs[WRITERS[n.op]]] in fmt_of:
-                attrs |= {"store": fmt_of[root[n.inputs[WRITERS[n.op]]]]}
+            attrs, key = n.attr, get_op(n.op).cache_format
+            for _, v in operands_with_role(n, "cache"):
+                if root[v] in fmt_of:
+                    attrs[key] = fmt = fmt_of[root[v]]
+                    if key == "kv_format":  # fp8_ds rows keep their RoPE dims in bf16
+                        attrs["kv_rope_dim"] = kv_rope if fmt == "fp8_ds" else 0
             node = Node.make(n.op, n.inputs, n.outputs, (), attrs)
             out = get_op(n.op).infer([types[v] for v in n.inputs], node.attr)
             types.update(zip(n.outputs, out))
             nodes.append(Node(n.op, n.inputs, n.outputs, tuple(out), node.attrs))
         meta = dict(g.meta) | {"kv_cache": self.kv, "indexer_cache": self.indexer}
-        return PassResult(g.replace(states=tuple(new_states), nodes=tuple(nodes), meta=tuple(sorted(meta.items()))), True)
+        state_decls = tuple((s, StateDecl(d.kind, fmt_of.get(s, d.format))) for s, d in g.state_decls)
+        return PassResult(g.replace(states=tuple(new_states), nodes=tuple(nodes), meta=tuple(sorted(meta.items())),
+                                    state_decls=state_decls), True)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from ..errors import ConfigError, GraphError
 from ..graph.ir import Graph, Node
-from ..graph.registry import get_op
+from ..graph.registry import get_op, operand
 from ..graph.types import TensorType
 from .base import Pass, PassManager, PassResult
 
@@ -143,11 +143,11 @@ class Shard(Pass):
                 raise GraphError("shard: attn=tp needs the fused attention (q_proj, sparse_attention, o_proj); "
                                  "compile without --no-fuse")
             if n.op == "o_proj":
-                groups = n.attr["groups"]
+                groups, wa = n.attr["groups"], operand(n, "wa")
                 if groups < self.par.world:
-                    raise ConfigError(f"attn=tp: {groups} output groups ({n.inputs[1]}) cannot be split over "
+                    raise ConfigError(f"attn=tp: {groups} output groups ({wa}) cannot be split over "
                                       f"{self.par.world} ranks; each rank owns whole groups (use attn=dp)")
-                out[_layer(n.inputs[1])] = groups
+                out[_layer(wa)] = groups
         return out
 
     def _heads(self, param: str, heads: int) -> tuple[int, int, int, int]:
@@ -164,21 +164,23 @@ class Shard(Pass):
             return self._emit(n.op, n.inputs, n.outputs, n.attr)
         a = n.attr
         b, t, heads, dh = a["shape"]
-        h0, h1, _, _ = self._heads(n.inputs[1], heads)
-        self._slice(n.inputs[1], 0, h0 * dh, h1 * dh)
+        w = operand(n, "w")
+        h0, h1, _, _ = self._heads(w, heads)
+        self._slice(w, 0, h0 * dh, h1 * dh)
         self._emit(n.op, n.inputs, n.outputs, {**a, "shape": (b, t, h1 - h0, dh)})
 
     def _sparse_attention(self, n: Node) -> None:
         if self.par.attn == "tp":  # the sinks: one per head
-            h0, h1, _, _ = self._heads(n.inputs[4], self.types[n.inputs[4]].shape[0])
-            self._slice(n.inputs[4], 0, h0, h1)
+            sinks = operand(n, "sinks")
+            h0, h1, _, _ = self._heads(sinks, self.types[sinks].shape[0])
+            self._slice(sinks, 0, h0, h1)
         self._emit(n.op, n.inputs, n.outputs, n.attr)
 
     def _o_proj(self, n: Node) -> None:
         if self.par.attn != "tp":
             return self._emit(n.op, n.inputs, n.outputs, n.attr)
         a = n.attr
-        o, wa, wb = n.inputs
+        wa, wb = operand(n, "wa"), operand(n, "wb")
         groups = a["groups"]
         rank_r = self.types[wa].shape[0] // groups
         _, _, g0, g1 = self._heads(wa, groups)
@@ -192,19 +194,21 @@ class Shard(Pass):
 
     # -- experts -------------------------------------------------------------------------------
     def _moe_ffn(self, n: Node) -> None:
-        self._moe(n, n.inputs[5], n.inputs[6], n.inputs[7:])
+        shared = tuple(v for v in (operand(n, s) for s in ("sg", "su", "sd")) if v is not None)
+        self._moe(n, operand(n, "h"), shared)
 
     def _moe_experts(self, n: Node) -> None:
-        self._moe(n, n.inputs[3], n.inputs[4], ())
+        self._moe(n, operand(n, "x"), ())
 
-    def _moe(self, n: Node, w13: str, w2: str, shared) -> None:
+    def _moe(self, n: Node, h: str, shared) -> None:
         if self.par.ep == 1:
             return self._emit(n.op, n.inputs, n.outputs, n.attr)
+        w13, w2 = operand(n, "w13"), operand(n, "w2")
         experts = self.types[w13].shape[0]
         e0, e1 = self._experts(w13)
         self._slice(w13, 0, e0, e1)
         self._slice(w2, 0, e0, e1)
-        h, idx, w = n.inputs[:3]
+        idx, w = operand(n, "idx"), operand(n, "w")
         out = n.outputs[0]
         ffn = n.op == "moe_ffn"
         if self.par.attn == "tp":  # every rank holds every token: run local experts, sum the partial outputs
@@ -245,11 +249,10 @@ def shard_all(g: Graph, world: int, parallel: str | None, log=None) -> tuple[Par
     return par, [shard_graph(g, par, r, log) for r in range(world)]
 
 
-def parallel_manifest(par: Parallel, graphs: list[Graph]) -> dict:
-    """The artifact's per-rank plan: each rank's graph file, its param bytes and its slices."""
-    ranks = []
-    for r, g in enumerate(graphs):
-        ranks.append({"rank": r, "graph": f"ranks/rank{r}.v4c",
-                      "param_bytes": sum(t.nbytes() for _, t in g.params),
-                      "shards": [list(s) for s in dict(g.meta).get("shards", ())]})
+def parallel_plan(par: Parallel, graphs: list[Graph]) -> dict:
+    """The per-rank plan as plain data: the world size and layout, and for each rank its param bytes and
+    its slices (``[name, dim, start, stop]``). Where it and each rank's graph go is the artifact
+    writer's business (``ArtifactWriter.set_parallel``)."""
+    ranks = [{"rank": r, "param_bytes": sum(t.nbytes() for _, t in g.params),
+              "shards": [list(s) for s in dict(g.meta).get("shards", ())]} for r, g in enumerate(graphs)]
     return {"world_size": par.world, "ep": par.ep, "attn": par.attn, "ranks": ranks}

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from ..artifact.manifest import MANIFEST
+from ..artifact import has_manifest
 from ..autotune.devices import DEVICES_BY_PRODUCT, device_for_target
 from ..targets import TARGETS
 from .page import render_page
@@ -45,7 +45,7 @@ def write_report(model, out_dir, *, target: str | None = None, batch: int = 1, c
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a directory")
     with tempfile.TemporaryDirectory(prefix="v4c-report-") as tmp:
-        if (model / MANIFEST).is_file():
+        if has_manifest(model):
             artifact = model
         else:
             from ..compiler import compile as compile_model

@@ -6,13 +6,11 @@ the number ``v4c inspect --json --context N`` prints for that context.
 """
 from __future__ import annotations
 
-import json
 
-from ..artifact.manifest import read_manifest
+from ..artifact import open_artifact
 from ..autotune.devices import device_for_target, normalize_dtype
 from ..graph.analysis import cache_footprint, decode_step_kernels
 from ..graph.terms import TERMS, flops_by_term
-from ..graph.text import parse_graph
 from ..inspect import inspect_artifact
 from ..model.baselines import KEY_BYTES, ROW_BYTES, v32_bytes_per_token
 from ..model.config import V4Config
@@ -57,9 +55,9 @@ def build_series(artifact, *, target: str | None = None, batch: int = 1, context
     if batch < 1:
         raise ValueError(f"--batch must be >= 1, got {batch}")
     inspected = inspect_artifact(artifact, context=context, batch=batch)  # verifies the artifact once
-    man = read_manifest(artifact)
-    cfg = V4Config.from_dict(json.loads((man.root / man.data["config"]).read_text()))
-    graph = parse_graph((man.root / man.data["graph"]).read_text())
+    man = open_artifact(artifact, verify=False)  # verified just above; each file is checked as it is read
+    cfg = V4Config.from_dict(man.config())
+    graph = man.graph()
     # the curves stop at the model's own maximum context: nothing is plotted the model cannot hold
     contexts = [c for c in contexts if c <= cfg.max_position_embeddings] or [cfg.max_position_embeddings]
     layers = cfg.num_hidden_layers

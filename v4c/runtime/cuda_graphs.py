@@ -12,6 +12,21 @@ import warnings
 import torch
 
 
+class StaticOutputStep:
+    """The contract of a replayed step: every ``run`` writes the logits into one static buffer and
+    returns that buffer, which the next ``run`` overwrites (so ``Session.forward`` hands the caller
+    a copy). Here the step runs eagerly: how the CPU tests hold the session to that contract."""
+
+    def __init__(self, executor, states: dict):
+        self.executor, self.states, self.out = executor, states, None
+
+    def run(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        (y,) = self.executor.run({"ids": ids, "pos": pos}, self.states)
+        if self.out is None:
+            self.out = torch.empty_like(y)
+        return self.out.copy_(y)
+
+
 class DecodeGraph:
     def __init__(self, executor, states: dict, batch: int, device: torch.device):
         self.executor, self.states = executor, states

@@ -21,17 +21,16 @@ from pathlib import Path
 import torch
 
 from ..artifact.manifest import open_weights, verify_artifact
+from ..backends import for_artifact
 from ..errors import ArtifactError, V4CError
 from ..graph.text import parse_graph
 from ..graph.verify import verify
 from ..io.checkpoint import Checkpoint
 from ..io.naming import Source, plan_sources
 from ..settings import dist_timeout
-from .kernels import load_kernels
 from .loader import BACKENDS
 from .model import Model, cast_param
 from .session import Session
-from .torch_ops import IMPLS as TORCH_IMPLS
 
 ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 _MSG = 1024  # bytes of each rank's load error shared with the others
@@ -151,34 +150,31 @@ def load_distributed(path, device=None, backend: str | None = None, timeout_s: f
     error, model = None, None
     try:
         man = verify_artifact(Path(path))
-        par = man.data.get("parallel")
+        par = man.parallel()
         if not par or par["world_size"] != world:
             have = par["world_size"] if par else 1
             raise ArtifactError(f"{man.root}: compiled for {have} rank(s), started with {world}; compile with "
                                 f"--world-size {world}")
-        entry = par["ranks"][rank]
         root = man.root
         # read through the manifest: each file's bytes are checked against its hash right before use
-        config = man.read_json(man.data["config"])
-        graph = verify(parse_graph(man.read_text(entry["graph"])))
+        config = man.config()
+        graph = verify(parse_graph(man.graph_text(rank)))
         if not man.has_weights:
             raise ArtifactError(f"{root}: weight-free artifact (compiled from a config only); it can be inspected "
                                 f"but not run")
-        full = parse_graph(man.read_text(man.data["graph"]))
+        full = parse_graph(man.graph_text())
         ckpt = open_weights(man)  # exactly the files the manifest names, never an index found beside them
         params = load_shards(ckpt, dict(full.params), graph, dev)
-        kernels = man.data.get("kernels", {})
-        backend = backend or ("triton" if dev.type == "cuda" and kernels.get("ops") else "torch")
-        if backend not in BACKENDS:
+        kernels = man.kernels()
+        if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
     agree_ok(error, dev)  # nobody goes on into a collective that a failed rank will never join
     # triton: rank 0's kernel configs on every rank (broadcast), so no two ranks run different kernels
-    with _collective("taking rank 0's kernel configs"):
-        impls = {"triton": lambda: load_kernels(root, kernels, dev.type), "torch": lambda: dict(TORCH_IMPLS),
-                 "reference": dict}[backend]()
-    model = Model(root, config, graph, params, dev, man.data, impls=impls, backend=backend, cuda_graphs=False)
+    with _collective("taking rank 0's kernel configs"):  # (the triton backend's kernels are bound here)
+        model = Model(root, config, graph, params, dev, man.data, backend=for_artifact(backend, dev.type, root, kernels),
+                      cuda_graphs=False)
     return DistributedModel(model, rank, world, par["attn"])
 
 

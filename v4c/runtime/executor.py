@@ -1,38 +1,60 @@
-"""Runs a verified graph node by node with the ops' reference implementations."""
+"""Runs a verified graph node by node, each node with the implementation its backend bound it to."""
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import torch
 
+from ..backends import PHASES, Backend, Choice, calls, choose, phase_of
+from ..backends.reference import REFERENCE
 from ..graph.ir import Graph
 from ..graph.registry import get_op
-from ..graph.sites import site_id
 from ..graph.weights import bind_quantized
 
 
 class Executor:
-    """A graph bound to its weights; ``run`` executes one forward call, updating states in place."""
+    """A graph bound to its weights and to one implementation per node and phase (a decode step or a
+    prefill: see ``backends.DECODE_TOKENS``); ``run`` executes one forward call, updating states in
+    place."""
 
-    def __init__(self, graph: Graph, params: Mapping[str, torch.Tensor], impls: Mapping | None = None):
-        """``impls`` (call site id or op -> callable) replaces ops' references, e.g. with the artifact's
-        kernels; a node's site entry wins over its op's."""
+    def __init__(self, graph: Graph, params: Mapping[str, torch.Tensor], backend: Backend | None = None,
+                 device: str = "cpu"):
         self.graph = graph
         self.params = bind_quantized(dict(graph.params), params)  # quantised weights joined with their scales
-        self.plan = []
-        impls = impls or {}
-        types = graph.value_types()
-        for node in graph.nodes:
-            op = get_op(node.op)
-            fn = impls.get(site_id(node, types)) if impls else None
-            self.plan.append((fn or impls.get(node.op, op.ref), node.inputs, node.outputs, node.attr, op.state_io, node.op))
+        self.backend = backend or REFERENCE
+        # this model's own state of its implementations (weight re-layouts, imported kernels)
+        self.context = ctx = self.backend.context()
+        self.choices: dict[str, list[Choice]] = {}
+        self.plans: dict[str, list] = {}
+        made: dict = {}
+        for phase in PHASES:
+            choices, plan = [], []
+            for i, call in enumerate(calls(graph, device, phase, self.params)):
+                c = choose(self.backend, call)
+                key = (i, id(c.impl))
+                if key not in made:  # a node with one implementation for both phases is bound once
+                    made[key] = c.impl.make(call, ctx)
+                n = call.node
+                plan.append((made[key], n.inputs, n.outputs, n.attr, get_op(n.op).state_io, n.op))
+                choices.append(c)
+            self.choices[phase], self.plans[phase] = choices, plan
         self.frees = _last_uses(graph)
+        self._tokens_input = graph.inputs[0][0] if graph.inputs else None
 
-    def run(self, inputs: Mapping[str, torch.Tensor], states: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+    def implementations(self) -> list[dict]:
+        """Per node and phase: the backend and implementation bound, and why the others declined."""
+        return [c.row() for phase in PHASES for c in self.choices[phase]]
+
+    def run(self, inputs: Mapping[str, torch.Tensor], states: Mapping[str, torch.Tensor],
+            phase: str | None = None) -> list[torch.Tensor]:
+        if phase is None:
+            x = inputs.get(self._tokens_input)
+            phase = phase_of(math.prod(x.shape[:2])) if x is not None and x.dim() >= 2 else "prefill"
         env = {**self.params, **states, **inputs}
-        for (ref, ins, outs, attrs, state_io, name), dead in zip(self.plan, self.frees):
+        for (fn, ins, outs, attrs, state_io, name), dead in zip(self.plans[phase], self.frees):
             args = [env[i] for i in ins]
-            res = ref(*args, **attrs)
+            res = fn(*args, **attrs)
             res = res if isinstance(res, tuple) else (res,)
             for ii, oi in state_io:  # states are updated in place: the buffers must not move
                 if res[oi] is not args[ii]:

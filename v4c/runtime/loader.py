@@ -11,9 +11,9 @@ from ..graph.text import parse_graph
 from ..graph.verify import verify
 from ..settings import configure_threads
 from ..io.naming import plan_sources
-from .kernels import install_binaries, load_kernels
+from ..backends import for_artifact
+from ..backends.triton import install_binaries
 from .model import Model, cast_param
-from .torch_ops import IMPLS as TORCH_IMPLS
 
 
 def _device(device) -> torch.device:
@@ -35,7 +35,7 @@ def _device(device) -> torch.device:
     return dev
 
 
-BACKENDS = ("torch", "triton", "reference")
+BACKENDS = ("cpu", "triton", "reference", "torch")  # "torch": the cpu backend's former name
 
 
 def load(path: str | os.PathLike, device=None, verify_weights: bool = False, backend: str | None = None,
@@ -43,17 +43,18 @@ def load(path: str | os.PathLike, device=None, verify_weights: bool = False, bac
     """Load the artifact at ``path``; every file is checked against the manifest first.
 
     ``backend``: "triton" runs the artifact's kernels (natively on CUDA, through Triton's
-    interpreter on CPU); "torch" the fast PyTorch implementations (``runtime/torch_ops``) where
-    an op has one and its reference elsewhere; "reference" the ops' references only (the
-    definition, for debugging). Default: triton on CUDA, torch on CPU.
+    interpreter on CPU, which needs TRITON_INTERPRET=1 before triton is imported); "cpu" the
+    fast PyTorch implementations and C helpers (``v4c/backends/cpu``) where an op has one and its
+    reference elsewhere; "reference" the ops' references only (the definition, for debugging).
+    Default: triton on CUDA, cpu on CPU. ``Model.implementations()`` says what runs each node.
     """
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     man = verify_artifact(Path(path), full_weights=verify_weights)
     root = man.root
     # read through the manifest: each file's bytes are checked against its hash right before use
-    config = man.read_json(man.data["config"])
-    graph = verify(parse_graph(man.read_text(man.data["graph"])))
+    config = man.config()
+    graph = verify(parse_graph(man.graph_text()))
     dev = _device(device)
     if dev.type == "cpu":
         configure_threads()
@@ -62,11 +63,9 @@ def load(path: str | os.PathLike, device=None, verify_weights: bool = False, bac
         ckpt = open_weights(man)  # exactly the files the manifest names, never an index found beside them
         sources = plan_sources(ckpt, dict(graph.params))
         params = {n: cast_param(sources[n].load(ckpt), t.dtype, dev) for n, t in graph.params}
-    kernels = man.data.get("kernels", {})
-    backend = backend or ("triton" if dev.type == "cuda" and kernels.get("ops") else "torch")
-    if backend == "triton" and dev.type == "cuda":
+    kernels = man.kernels()
+    if backend in ("triton", None) and dev.type == "cuda" and kernels.get("ops"):
         major, minor = torch.cuda.get_device_capability(dev)
-        install_binaries(root, man.data.get("aot"), f"sm{major}{minor}", files=man.data["files"])
-    impls = {"triton": lambda: load_kernels(root, kernels, dev.type), "torch": lambda: dict(TORCH_IMPLS),
-             "reference": dict}[backend]()
-    return Model(root, config, graph, params, dev, man.data, impls=impls, backend=backend, cuda_graphs=cuda_graphs)
+        install_binaries(root, man.aot(), f"sm{major}{minor}", files=man.files)
+    chosen = for_artifact(backend, dev.type, root, kernels)
+    return Model(root, config, graph, params, dev, man.data, backend=chosen, cuda_graphs=cuda_graphs)

@@ -11,6 +11,7 @@ import torch
 from ..errors import ArtifactError
 from ..graph.ir import Graph
 from ..graph.types import DTYPES
+from ..backends import Backend, get_backend
 from .executor import Executor
 from .sampling import check_sampling, sample
 from .session import Session
@@ -22,8 +23,7 @@ class Model:
     """What ``v4c.load`` returns."""
 
     def __init__(self, path: Path, config: dict, graph: Graph, params: dict[str, torch.Tensor] | None,
-                 device: torch.device, manifest: dict, impls: dict | None = None, backend: str = "torch",
-                 cuda_graphs: bool = True):
+                 device: torch.device, manifest: dict, backend: Backend | None = None, cuda_graphs: bool = True):
         self.path = path
         self.config = SimpleNamespace(**config)
         self.config_dict = config
@@ -31,9 +31,17 @@ class Model:
         self.device = device
         self.manifest = manifest
         self.params = params
-        self.backend = backend
+        backend = backend or get_backend("cpu")
+        self.backend = backend.name
         self.cuda_graphs = cuda_graphs  # decode steps on CUDA are captured once and replayed
-        self.executor = Executor(graph, params, impls) if params is not None else None
+        self.executor = Executor(graph, params, backend, device.type) if params is not None else None
+
+    def implementations(self) -> list[dict]:
+        """Per node and phase (decode, prefill): the backend and implementation that run it, and why
+        the ones before it declined (what ``v4c inspect --json`` reports as ``implementations``)."""
+        if self.executor is None:
+            return []
+        return self.executor.implementations()
 
     @property
     def runnable(self) -> bool:

@@ -113,7 +113,7 @@ class Session:
         max_context``'s ``kv_cache.by_kind``."""
         out = dict.fromkeys(STATE_KINDS, 0)
         for name, t in self.states.items():
-            out[state_kind(name)] += t.numel() * t.element_size()
+            out[state_kind(self.model.graph, name)] += t.numel() * t.element_size()
         out["total"] = sum(out.values())
         return out
 

@@ -51,7 +51,14 @@ def _attn_cost(ins, outs, a, ctx):
     return Cost(4 * b * t * h * keys * d, 2 * q.nbytes + b * keys * row_bytes)
 
 
-@register("attention", infer=_attn_infer, cost=_attn_cost, inputs=(6, 8))
+# shared with the fused sparse_attention, which takes the same operands
+ATTENTION_OPERANDS = ("q", "kv", "ring:cache/window", "ring_pos:state/window", "sinks:weight", "pos",
+                      "rows?:cache/compressed_rows", "idx?")
+ATTENTION_ATTRS = ("kind:str", "window:int", "ratio:int?", "scale:float", "kv_format:str?", "kv_rope_dim:int?")
+
+
+@register("attention", infer=_attn_infer, cost=_attn_cost, operands=ATTENTION_OPERANDS, attrs=ATTENTION_ATTRS,
+          cache_format="kv_format")
 def attention(q, kv, ring, ring_pos, sinks, pos, rows=None, idx=None, *, kind, window, ratio=0, scale,
               kv_format=None, kv_rope_dim=0):
     """Softmax with a per-head sink over the window rows plus the visible (HCA) or selected (CSA)
@@ -95,7 +102,9 @@ def _valid_tokens(pos_row: torch.Tensor) -> int:
     return int((pos_row >= 0).sum())
 
 
-@register("window_append", infer=_append_infer, inputs=4, state_io=((0, 0), (1, 1)),
+@register("window_append", infer=_append_infer, operands=("ring:cache/window", "ring_pos:state/window", "kv", "pos"),
+          attrs=("kv_format:str?", "kv_rope_dim:int?"), state_io=(("ring", 0), ("ring_pos", 1)),
+          cache_format="kv_format",
           cost=lambda i, o, a, c: Cost(0, 2 * min(i[2].nbytes, i[0].nbytes)))
 def window_append(ring, ring_pos, kv, pos, *, kv_format=None, kv_rope_dim=0):
     """Write each token's KV row into ring slot ``pos % W`` (only the last W tokens matter)."""
@@ -134,7 +143,15 @@ def _compress_cost(ins, outs, a, ctx):
     return Cost(6 * kv.numel, 2 * kv.nbytes + new_rows * rows.shape[2] * rows.itemsize)  # rows as stored
 
 
-@register("compress", infer=_compress_infer, cost=_compress_cost, inputs=8, state_io=((4, 0), (5, 1), (6, 2)))
+# rows: compressed KV rows or indexer keys, whichever the compressor feeds
+COMPRESS_OPERANDS = ("ape:weight", "norm_w:weight", "rows:cache", "pend_kv:state/compressor_state",
+                     "pend_gate:state/compressor_state", "pos")
+COMPRESS_ATTRS = ("ratio:int", "overlap:bool", "eps:float", "rope_dim:int", "theta:float", "yarn:tuple?", "store:str?")
+COMPRESS_STATES = (("rows", 0), ("pend_kv", 1), ("pend_gate", 2))
+
+
+@register("compress", infer=_compress_infer, cost=_compress_cost, operands=("kv", "gate", *COMPRESS_OPERANDS),
+          attrs=COMPRESS_ATTRS, state_io=COMPRESS_STATES, cache_format="store")
 def compress(kv, gate, ape, norm_w, rows, pend_kv, pend_gate, pos, *, ratio, overlap, eps, rope_dim, theta,
              yarn=None, store=None):
     """Pool every completed window of ``ratio`` tokens into one row: per-channel softmax of the gates
@@ -197,7 +214,11 @@ def _indexer_cost(ins, outs, a, ctx):
     return Cost(2 * b * t * h * d * n + 3 * b * t * h * n, q.nbytes + w.nbytes + b * n * keys.shape[2] * keys.itemsize)
 
 
-@register("indexer_topk", infer=_indexer_infer, cost=_indexer_cost, inputs=4)
+INDEXER_ATTRS = ("topk:int", "ratio:int", "score_scale:float", "weight_scale:float", "key_format:str?")
+
+
+@register("indexer_topk", infer=_indexer_infer, cost=_indexer_cost,
+          operands=("q", "w", "keys:cache/indexer_keys", "pos"), attrs=INDEXER_ATTRS, cache_format="key_format")
 def indexer_topk(q, w, keys, pos, *, topk, ratio, score_scale, weight_scale, key_format=None):
     """Top-k compressed rows by ``sum_h w_h * ReLU(q_h . k)`` among the rows complete at each query;
     unused slots are -1. With MXFP4 keys the queries get the same Hadamard rotation and FP4 rounding."""

@@ -46,7 +46,7 @@ def _all_reduce_cost(ins, outs, a, ctx):
     return Cost(ins[0].numel * (w - 1), 2 * (w - 1) * ins[0].nbytes // w)
 
 
-@register("all_reduce", infer=_same_infer, cost=_all_reduce_cost, inputs=1)
+@register("all_reduce", infer=_same_infer, cost=_all_reduce_cost, operands=("x",), attrs=("world:int",))
 def all_reduce(x, world):
     """Sum of ``x`` over all ranks (the partial outputs of a tensor-parallel or expert-parallel layer)."""
     if _world(world) == 1:
@@ -72,7 +72,7 @@ def _io_cost(ins, outs, a, ctx):
     return Cost(0, sum(i.nbytes for i in ins) + sum(o.nbytes for o in outs))
 
 
-@register("ep_select", infer=_select_infer, cost=_io_cost, inputs=2)
+@register("ep_select", infer=_select_infer, cost=_io_cost, operands=("idx", "w"), attrs=("experts:tuple",))
 def ep_select(idx, w, experts):
     """This rank's share of the routing: local expert ids, weights zeroed for other ranks' experts, and the
     assignment permutation with per-local-expert offsets (other ranks' assignments sort last, unread)."""
@@ -109,7 +109,8 @@ def _dispatch_cost(ins, outs, a, ctx):
     return Cost(0, idx.numel * row * (world - 1) // world + 8 * world)  # 1/W of the assignments stay local
 
 
-@register("ep_dispatch", infer=_dispatch_infer, cost=_dispatch_cost, inputs=3)
+@register("ep_dispatch", infer=_dispatch_infer, cost=_dispatch_cost, operands=("h", "idx", "w"),
+          attrs=("bounds:tuple", "rank:int"))
 def ep_dispatch(h, idx, w, bounds, rank):
     """All-to-all: each token row goes to the ranks owning its selected experts (``bounds``: first expert of
     each rank, then the count). Returns the received rows, their local expert ids and weights, the local
@@ -153,7 +154,7 @@ def _combine_cost(ins, outs, a, ctx):
     return Cost(order.numel * y.shape[2], y.nbytes * (world - 1) // world)
 
 
-@register("ep_combine", infer=_combine_infer, cost=_combine_cost, inputs=3)
+@register("ep_combine", infer=_combine_infer, cost=_combine_cost, operands=("y", "order", "counts"))
 def ep_combine(y, order, counts):
     """All-to-all back: the weighted expert outputs return to their tokens' ranks and are summed per token."""
     world = _world(counts.shape[1])

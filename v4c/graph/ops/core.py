@@ -21,7 +21,7 @@ def _embedding_infer(ins, a):
     return [TensorType((*ids.shape, table.shape[1]), a.get("dtype", table.dtype))]
 
 
-@register("embedding", infer=_embedding_infer, inputs=2,
+@register("embedding", infer=_embedding_infer, operands=("ids", "table:weight"), attrs=("dtype:str?",),
           cost=lambda i, o, a, c: Cost(0, i[0].nbytes + 2 * o[0].nbytes))
 def embedding(ids, table, dtype=None):
     """Row lookup ``table[ids]``; padding ids (< 0) read row 0."""
@@ -42,7 +42,7 @@ def _linear_cost(ins, outs, a, ctx):
     return Cost(2 * m * w.shape[0] * w.shape[1], x.nbytes + w.nbytes + outs[0].nbytes)
 
 
-@register("linear", infer=_linear_infer, cost=_linear_cost, inputs=2)
+@register("linear", infer=_linear_infer, cost=_linear_cost, operands=("x", "w:weight/gemm"))
 def linear(x, w):
     """``x @ w.T`` (weights stored [out, in], as in the checkpoint; quantised ones as in ``weights.linear``)."""
     return weights.linear(x, w)
@@ -57,7 +57,7 @@ def _rms_infer(ins, a):
     return [x]
 
 
-@register("rms_norm", infer=_rms_infer, cost=io_bytes_cost(4), inputs=(1, 2))
+@register("rms_norm", infer=_rms_infer, cost=io_bytes_cost(4), operands=("x", "w?:weight"), attrs=("eps:float?",))
 def rms_norm(x, w=None, eps=1e-6):
     """RMSNorm over the last dim, in fp32; without a weight it is unweighted."""
     xf = x.float()
@@ -80,7 +80,8 @@ def _reshape_infer(ins, a):
     return [TensorType((*x.shape[:lead], *shape[lead:]), x.dtype)]
 
 
-@register("reshape", infer=_reshape_infer, cost=lambda i, o, a, c: Cost(0, 0), inputs=1, launches=0)
+@register("reshape", infer=_reshape_infer, cost=lambda i, o, a, c: Cost(0, 0), operands=("x",), attrs=("shape:tuple",),
+          launches=0)
 def reshape(x, shape):
     """View with new trailing dims (leading symbolic dims are kept)."""
     lead = sum(isinstance(d, str) for d in shape)
@@ -92,13 +93,13 @@ def _same_infer(ins, a):
     return [ins[0]]
 
 
-@register("add", infer=_same_infer, cost=io_bytes_cost(1), inputs=2)
+@register("add", infer=_same_infer, cost=io_bytes_cost(1), operands=("a", "b"))
 def add(a, b):
     """Elementwise sum."""
     return a + b
 
 
-@register("swiglu", infer=_same_infer, cost=io_bytes_cost(6), inputs=2)
+@register("swiglu", infer=_same_infer, cost=io_bytes_cost(6), operands=("gate", "up"), attrs=("limit:float",))
 def swiglu(gate, up, limit):
     """Clamped SwiGLU: ``silu(min(gate, limit)) * clip(up, -limit, limit)``."""
     return F.silu(gate.clamp(max=limit)) * up.clamp(min=-limit, max=limit)
@@ -120,7 +121,8 @@ def _grouped_cost(ins, outs, a, ctx):
     return Cost(2 * m * w.shape[0] * w.shape[1], x.nbytes + w.nbytes + outs[0].nbytes)
 
 
-@register("grouped_linear", infer=_grouped_infer, cost=_grouped_cost, inputs=2)
+@register("grouped_linear", infer=_grouped_infer, cost=_grouped_cost, operands=("x", "w:weight/gemm"),
+          attrs=("groups:int",))
 def grouped_linear(x, w, groups):
     """Block-diagonal projection: group g of ``x`` times rows [g*R, (g+1)*R) of ``w``."""
     return weights.grouped_linear(x, w, groups)
@@ -177,7 +179,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x[..., :-r], rot.to(x.dtype)], dim=-1)
 
 
-@register("rope", infer=_rope_infer, cost=io_bytes_cost(3), inputs=2)
+@register("rope", infer=_rope_infer, cost=io_bytes_cost(3), operands=("x", "pos"),
+          attrs=("rope_dim:int", "theta:float", "yarn:tuple?", "inverse:bool?"))
 def rope(x, pos, rope_dim, theta, yarn=None, inverse=False):
     """Interleaved RoPE on the last ``rope_dim`` dims at ``pos`` (``inverse``: rotate by -pos)."""
     cos, sin = rope_cos_sin(pos, rope_dim, theta, yarn)

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import torch
 
-from ..registry import OPS, Concrete, Cost, OpDef, expect_int, get_op, register, same_dim
+from ..registry import OPS, Concrete, Cost, expect_int, get_op, make_opdef, register, same_dim
 from .. import weights
 from ..types import TensorType
+from .attention import (ATTENTION_ATTRS, ATTENTION_OPERANDS, COMPRESS_ATTRS, COMPRESS_OPERANDS, COMPRESS_STATES,
+                        INDEXER_ATTRS)
 
 
 class _Types:
@@ -52,9 +54,8 @@ def _tuple(x):
 RECIPES: dict = {}  # fused op name -> its recipe, for analyses that split a fused cost by part
 
 
-def fused_op(name: str, inputs, state_io=(), launches: int = 1):
+def fused_op(name: str, operands, attrs=(), state_io=(), cache_format: str | None = None, launches: int = 1):
     """Register a recipe ``fn(k, *inputs, **attrs)`` as the fused op ``name``."""
-    lo, hi = (inputs, inputs) if isinstance(inputs, int) else inputs
 
     def deco(recipe):
         def infer(ins, attrs):
@@ -69,8 +70,8 @@ def fused_op(name: str, inputs, state_io=(), launches: int = 1):
             recipe(k, *types, **attrs)
             return Cost(k.total.flops, max(k.total.bytes - 2 * k.inner, 0))
 
-        OPS[name] = OpDef(name, infer, ref, cost, lo, hi, tuple(state_io), (recipe.__doc__ or "").strip(),
-                          launches, True)
+        OPS[name] = make_opdef(name, infer, ref, cost, operands, attrs, state_io, (recipe.__doc__ or "").strip(),
+                               launches, True, cache_format)
         RECIPES[name] = recipe
         return recipe
 
@@ -79,7 +80,13 @@ def fused_op(name: str, inputs, state_io=(), launches: int = 1):
 
 # ---- mHC ----------------------------------------------------------------------------------
 
-@fused_op("hc_pre", inputs=5)
+_HC = ("fn:weight", "base:weight", "scale:weight", "norm_w:weight")
+_HC_ATTRS = ("n:int", "eps:float", "hc_eps:float", "iters:int")
+_MIX = ("x", "y", "post", "comb")
+_ROPE = ("rope_dim:int", "theta:float", "yarn:tuple?")
+
+
+@fused_op("hc_pre", operands=("x", *_HC), attrs=_HC_ATTRS)
 def hc_pre(k, x, fn, base, scale, norm_w, *, n, eps, hc_eps, iters):
     """mHC pre-mix: RMS, mixing logits, sigmoid/softmax, Sinkhorn, collapse, then the sublayer's RMSNorm."""
     m = k("hc_logits", x, fn, eps=eps)
@@ -89,14 +96,14 @@ def hc_pre(k, x, fn, base, scale, norm_w, *, n, eps, hc_eps, iters):
     return h, post, comb
 
 
-@fused_op("hc_post_pre", inputs=8)
+@fused_op("hc_post_pre", operands=(*_MIX, *_HC), attrs=_HC_ATTRS)
 def hc_post_pre(k, x, y, post, comb, fn, base, scale, norm_w, *, n, eps, hc_eps, iters):
     """mHC post-mix into the residual streams, then the next sublayer's pre-mix on the new streams."""
     x1 = k("hc_expand_mix", x, y, post, comb)
     return (x1, *hc_pre(k, x1, fn, base, scale, norm_w, n=n, eps=eps, hc_eps=hc_eps, iters=iters))
 
 
-@fused_op("hc_head", inputs=8)
+@fused_op("hc_head", operands=(*_MIX, *_HC), attrs=("eps:float", "hc_eps:float"))
 def hc_head(k, x, y, post, comb, fn, base, scale, norm_w, *, eps, hc_eps):
     """Last post-mix, the head's collapse (sigmoid weights, no Sinkhorn) and the final RMSNorm."""
     x1 = k("hc_expand_mix", x, y, post, comb)
@@ -106,27 +113,28 @@ def hc_head(k, x, y, post, comb, fn, base, scale, norm_w, *, eps, hc_eps):
 
 # ---- projections with their norm / RoPE epilogues -----------------------------------------
 
-@fused_op("linear_rms_norm", inputs=3)
+@fused_op("linear_rms_norm", operands=("x", "w:weight/gemm", "norm_w:weight"), attrs=("eps:float",))
 def linear_rms_norm(k, x, w, norm_w, *, eps):
     """GEMM with the RMSNorm of its output rows in the epilogue."""
     return k("rms_norm", k("linear", x, w), norm_w, eps=eps)
 
 
-@fused_op("q_proj", inputs=3)
+@fused_op("q_proj", operands=("x", "w:weight/gemm", "pos"), attrs=("shape:tuple", "eps:float", *_ROPE))
 def q_proj(k, x, w, pos, *, shape, eps, rope_dim, theta, yarn=None):
     """Query GEMM with the per-head unweighted RMSNorm and RoPE in the epilogue."""
     q = k("rms_norm", k("reshape", k("linear", x, w), shape=shape), eps=eps)
     return k("rope", q, pos, rope_dim=rope_dim, theta=theta, yarn=yarn)
 
 
-@fused_op("kv_proj", inputs=4)
+@fused_op("kv_proj", operands=("x", "w:weight/gemm", "norm_w:weight", "pos"), attrs=("eps:float", *_ROPE))
 def kv_proj(k, x, w, norm_w, pos, *, eps, rope_dim, theta, yarn=None):
     """KV GEMM with RMSNorm and RoPE in the epilogue."""
     kv = k("rms_norm", k("linear", x, w), norm_w, eps=eps)
     return k("rope", kv, pos, rope_dim=rope_dim, theta=theta, yarn=yarn)
 
 
-@fused_op("o_proj", inputs=3)
+@fused_op("o_proj", operands=("o", "wa:weight/gemm", "wb:weight/gemm"),
+          attrs=("shape:tuple", "groups:int", "out_shape:tuple"))
 def o_proj(k, o, wa, wb, *, shape, groups, out_shape):
     """Grouped low-rank output projection: per-group GEMM, then the dense GEMM."""
     z = k("grouped_linear", k("reshape", o, shape=shape), wa, groups=groups)
@@ -135,23 +143,27 @@ def o_proj(k, o, wa, wb, *, shape, groups, out_shape):
 
 # ---- compressed attention -----------------------------------------------------------------
 
-@fused_op("compressor", inputs=9, state_io=((5, 0), (6, 1), (7, 2)))
+@fused_op("compressor", operands=("h", "wkv:weight/gemm", "wgate:weight/gemm", *COMPRESS_OPERANDS),
+          attrs=COMPRESS_ATTRS, state_io=COMPRESS_STATES, cache_format="store")
 def compressor(k, h, wkv, wgate, ape, norm_w, rows, pend_kv, pend_gate, pos, **attrs):
     """Both compressor projections, gated per-channel pooling, RMSNorm, RoPE and the cache append."""
     return k("compress", k("linear", h, wkv), k("linear", h, wgate), ape, norm_w, rows, pend_kv, pend_gate, pos,
              **attrs)
 
 
-@fused_op("indexer", inputs=6)
+@fused_op("indexer", operands=("cq", "h", "wq:weight/gemm", "ww:weight/gemm", "keys:cache/indexer_keys", "pos"),
+          attrs=("shape:tuple", *_ROPE, *INDEXER_ATTRS), cache_format="key_format")
 def indexer(k, cq, h, wq, ww, keys, pos, *, shape, rope_dim, theta, yarn=None, **attrs):
     """Lightning indexer: query GEMM + RoPE, head weights, ReLU-weighted scores, causal mask, top-k."""
     q = k("rope", k("reshape", k("linear", cq, wq), shape=shape), pos, rope_dim=rope_dim, theta=theta, yarn=yarn)
     return k("indexer_topk", q, k("linear", h, ww), keys, pos, **attrs)
 
 
-@fused_op("sparse_attention", inputs=(6, 8), state_io=((2, 1), (3, 2)))
-def sparse_attention(k, q, kv, ring, ring_pos, sinks, pos, *extra, rope_dim, theta, yarn=None, **attrs):
+@fused_op("sparse_attention", operands=ATTENTION_OPERANDS, attrs=(*ATTENTION_ATTRS, *_ROPE),
+          state_io=(("ring", 1), ("ring_pos", 2)), cache_format="kv_format")
+def sparse_attention(k, q, kv, ring, ring_pos, sinks, pos, rows=None, idx=None, *, rope_dim, theta, yarn=None, **attrs):
     """Attention over window + compressed rows with the sink, the ring append, and the output de-rotation."""
+    extra = [x for x in (rows, idx) if x is not None]
     o = k("attention", q, kv, ring, ring_pos, sinks, pos, *extra, **attrs)
     fmt = {a: attrs[a] for a in ("kv_format", "kv_rope_dim") if a in attrs}
     ring, ring_pos = k("window_append", ring, ring_pos, kv, pos, **fmt)
@@ -194,7 +206,9 @@ def _route_infer(ins, a):
     return _route_outputs(h, k, w.shape[0])
 
 
-@register("moe_router", infer=_route_infer, cost=_route_cost, inputs=(3, 4), fused=True)
+@register("moe_router", infer=_route_infer, cost=_route_cost,
+          operands=("h", "w:weight/gemm", "table_or_bias:weight", "ids?"),
+          attrs=("scaling:float", "hash:bool?", "topk:int?"), fused=True)
 def moe_router(h, w, table_or_bias, ids=None, *, scaling, hash=False, topk=None):
     """Router GEMM, sqrt-softplus scores, selection (bias or hash table), renormalised weights, and the
     assignment permutation sorted by expert with per-expert offsets (the grouped GEMM's schedule)."""
@@ -231,7 +245,9 @@ def _ffn_cost(ins, outs, a, ctx):
     return Cost(flops, c.bytes + extra + perm.nbytes)
 
 
-@register("moe_ffn", infer=_ffn_infer, cost=_ffn_cost, inputs=(7, 10), launches=2, fused=True)
+@register("moe_ffn", infer=_ffn_infer, cost=_ffn_cost, operands=("h", "idx", "w", "perm", "offsets", "w13:weight/gemm",
+          "w2:weight/gemm", "sg?:weight/gemm", "su?:weight/gemm", "sd?:weight/gemm"), attrs=("limit:float",),
+          launches=2, fused=True)
 def moe_ffn(h, idx, w, perm, offsets, w13, w2, sg=None, su=None, sd=None, *, limit):
     """Grouped GEMMs over the expert-sorted assignments (clamped SwiGLU fused into the first, the
     weighted combine and scatter-add into the second) with the shared expert riding along."""

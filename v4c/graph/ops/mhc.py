@@ -14,7 +14,8 @@ def _expand_infer(ins, a):
     return [TensorType((x.shape[0], x.shape[1], a["n"], x.shape[2]), x.dtype)]
 
 
-@register("hc_expand", infer=_expand_infer, inputs=1, cost=lambda i, o, a, c: Cost(0, i[0].nbytes + o[0].nbytes))
+@register("hc_expand", infer=_expand_infer, operands=("x",), attrs=("n:int",),
+          cost=lambda i, o, a, c: Cost(0, i[0].nbytes + o[0].nbytes))
 def hc_expand(x, n):
     """Copy one stream into ``n`` identical residual streams."""
     return x.unsqueeze(2).expand(-1, -1, n, -1).contiguous()
@@ -35,7 +36,7 @@ def _logits_cost(ins, outs, a, ctx):
     return Cost(2 * tokens * fn.numel + 3 * x.numel, x.nbytes + fn.nbytes + outs[0].nbytes)
 
 
-@register("hc_logits", infer=_logits_infer, cost=_logits_cost, inputs=2)
+@register("hc_logits", infer=_logits_infer, cost=_logits_cost, operands=("x", "fn:weight"), attrs=("eps:float",))
 def hc_logits(x, fn, eps):
     """Unweighted RMS over the flattened streams, then the linear map to the mixing logits."""
     xf = x.flatten(2).float()
@@ -53,7 +54,8 @@ def _weights_infer(ins, a):
     return [TensorType((b, t, n), "f32"), TensorType((b, t, n), "f32"), TensorType((b, t, n, n), "f32")]
 
 
-@register("hc_weights", infer=_weights_infer, cost=io_bytes_cost(8), inputs=3)
+@register("hc_weights", infer=_weights_infer, cost=io_bytes_cost(8), operands=("m", "base:weight", "scale:weight"),
+          attrs=("n:int", "eps:float"))
 def hc_weights(m, base, scale, n, eps):
     """Split the logits into pre (sigmoid + eps), post (2*sigmoid) and comb (row softmax + eps)."""
     pre_w, post_w, comb_w = m.split([n, n, n * n], dim=-1)
@@ -70,7 +72,7 @@ def _sinkhorn_infer(ins, a):
     return [c]
 
 
-@register("sinkhorn", infer=_sinkhorn_infer, inputs=1,
+@register("sinkhorn", infer=_sinkhorn_infer, operands=("comb",), attrs=("iters:int", "eps:float"),
           cost=lambda i, o, a, c: Cost(4 * a["iters"] * i[0].numel, i[0].nbytes + o[0].nbytes))
 def sinkhorn(comb, iters, eps):
     """Column normalisation, then ``iters - 1`` (row, column) rounds; each divides by sum + eps."""
@@ -87,7 +89,7 @@ def _collapse_infer(ins, a):
     return [TensorType((x.shape[0], x.shape[1], x.shape[3]), x.dtype)]
 
 
-@register("hc_collapse", infer=_collapse_infer, cost=io_bytes_cost(2), inputs=2)
+@register("hc_collapse", infer=_collapse_infer, cost=io_bytes_cost(2), operands=("x", "pre"))
 def hc_collapse(x, pre):
     """Weighted sum of the streams: ``u = sum_j pre_j * X_j``."""
     return (pre.unsqueeze(-1) * x).sum(dim=2).to(x.dtype)
@@ -99,7 +101,8 @@ def _head_infer(ins, a):
     return [m]
 
 
-@register("hc_head_weights", infer=_head_infer, cost=io_bytes_cost(3), inputs=3)
+@register("hc_head_weights", infer=_head_infer, cost=io_bytes_cost(3), operands=("m", "base:weight", "scale:weight"),
+          attrs=("eps:float",))
 def hc_head_weights(m, base, scale, eps):
     """Final collapse weights: ``sigmoid(scale * m + base) + eps`` (no Sinkhorn)."""
     return torch.sigmoid(m * scale.float() + base.float()) + eps
@@ -120,7 +123,7 @@ def _mix_cost(ins, outs, a, ctx):
     return Cost(2 * x.numel * (n + 1), sum(i.nbytes for i in ins) + outs[0].nbytes)
 
 
-@register("hc_expand_mix", infer=_mix_infer, cost=_mix_cost, inputs=4)
+@register("hc_expand_mix", infer=_mix_infer, cost=_mix_cost, operands=("x", "y", "post", "comb"))
 def hc_expand_mix(x, y, post, comb):
     """New streams ``X'_k = post_k * y + sum_j comb[j, k] * X_j``."""
     dt = x.dtype

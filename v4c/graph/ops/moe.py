@@ -32,7 +32,8 @@ def _route_infer(ins, a):
     return [TensorType(shape, "i64"), TensorType(shape, "f32")]
 
 
-@register("moe_route", infer=_route_infer, cost=_route_cost, inputs=2)
+@register("moe_route", infer=_route_infer, cost=_route_cost, operands=("logits", "bias:weight"),
+          attrs=("topk:int", "scaling:float"))
 def moe_route(logits, bias, topk, scaling):
     """sqrt(softplus) scores; top-k of score + bias (bias picks, never weighs); renormalise and scale."""
     scores = _sqrtsoftplus(logits.float())
@@ -49,7 +50,8 @@ def _hash_infer(ins, a):
     return [TensorType(shape, "i64"), TensorType(shape, "f32")]
 
 
-@register("moe_hash_route", infer=_hash_infer, cost=_route_cost, inputs=3)
+@register("moe_hash_route", infer=_hash_infer, cost=_route_cost, operands=("logits", "table:weight", "ids"),
+          attrs=("scaling:float",))
 def moe_hash_route(logits, table, ids, scaling):
     """Experts fixed per token id by ``tid2eid``; weights from the sqrt(softplus) scores."""
     scores = _sqrtsoftplus(logits.float())
@@ -80,7 +82,8 @@ def _experts_cost(ins, outs, a, ctx):
 
 
 # unfused: a gate/up grouped GEMM, the activation, a down grouped GEMM with the scatter
-@register("moe_experts", infer=_experts_infer, cost=_experts_cost, inputs=5, launches=3)
+@register("moe_experts", infer=_experts_infer, cost=_experts_cost,
+          operands=("x", "idx", "w", "w13:weight/gemm", "w2:weight/gemm"), attrs=("limit:float",), launches=3)
 def moe_experts(x, idx, w, w13, w2, limit):
     """Weighted sum over each token's selected experts of ``W2 swiglu_clamped(W1 x, W3 x)``."""
     shape = x.shape

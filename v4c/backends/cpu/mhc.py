@@ -17,13 +17,7 @@ import torch.nn.functional as F
 
 from ...graph.ops.core import rms_norm
 from ...graph.ops.mhc import hc_collapse, hc_expand_mix, hc_head_weights, hc_logits, hc_weights
-from ...graph.registry import get_op
 from . import native
-
-# below this many tokens per call (decode steps) per-op overhead, not memory passes, dominates:
-# the references' fewer, larger ops win there
-_STREAMED_MIN_TOKENS = 64
-
 
 def _sinkhorn_one(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """One n x n matrix (a batch-1 decode step) in Python floats: 20 iterations of tensor ops cost
@@ -77,36 +71,55 @@ def _expand_mix(x: torch.Tensor, y: torch.Tensor, post: torch.Tensor, comb: torc
     return out
 
 
-def _streamed(x: torch.Tensor) -> bool:
-    return x.shape[0] * x.shape[1] >= _STREAMED_MIN_TOKENS
+# Three implementations of each mix, chosen per node and phase by the cpu backend (``registry``):
+# the C helpers (``*_native``, any size), and without them the references' few large ops for a
+# decode step (``*_small``: per-op overhead dominates there) or one pass per stream for a prefill
+# (``*_streamed``: memory passes dominate there).
+
+def _c(t):
+    return t if t is None or t.is_contiguous() else t.contiguous()
 
 
-def hc_pre(x, fn, base, scale, norm_w, *, n, eps, hc_eps, iters):
-    if native.hc_mix_supported(x, None, norm_w):
-        _, h, post, comb = native.hc_mix(x, None, None, None, fn, base, scale, norm_w, eps=eps, hc_eps=hc_eps, iters=iters)
-        return h, post, comb
-    if not _streamed(x):
-        pre, post, comb = hc_weights(hc_logits(x, fn, eps=eps), base, scale, n=n, eps=hc_eps)
-        comb = sinkhorn_(comb.contiguous(), iters, hc_eps)
-        return rms_norm(hc_collapse(x, pre), norm_w, eps=eps), post, comb
+def hc_pre_native(x, fn, base, scale, norm_w, *, n, eps, hc_eps, iters):
+    x, norm_w = _c(x), _c(norm_w)
+    _, h, post, comb = native.hc_mix(x, None, None, None, fn, base, scale, norm_w, eps=eps, hc_eps=hc_eps, iters=iters)
+    return h, post, comb
+
+
+def hc_pre_small(x, fn, base, scale, norm_w, *, n, eps, hc_eps, iters):
+    pre, post, comb = hc_weights(hc_logits(x, fn, eps=eps), base, scale, n=n, eps=hc_eps)
+    comb = sinkhorn_(comb.contiguous(), iters, hc_eps)
+    return rms_norm(hc_collapse(x, pre), norm_w, eps=eps), post, comb
+
+
+def hc_pre_streamed(x, fn, base, scale, norm_w, *, n, eps, hc_eps, iters):
     xf = x.float()
     pre, post, comb = hc_weights(_logits(xf, fn, eps), base, scale, n=n, eps=hc_eps)
     comb = sinkhorn_(comb.contiguous(), iters, hc_eps)
     return rms_norm(_collapse(xf, pre, x.dtype), norm_w, eps=eps), post, comb
 
 
-def hc_post_pre(x, y, post, comb, fn, base, scale, norm_w, *, n, eps, hc_eps, iters):
-    if native.hc_mix_supported(x, y, norm_w):
-        return native.hc_mix(x, y, post, comb, fn, base, scale, norm_w, eps=eps, hc_eps=hc_eps, iters=iters)
-    x1 = (_expand_mix if _streamed(x) else hc_expand_mix)(x, y, post, comb)
-    return (x1, *hc_pre(x1, fn, base, scale, norm_w, n=n, eps=eps, hc_eps=hc_eps, iters=iters))
+def hc_post_pre_native(x, y, post, comb, fn, base, scale, norm_w, *, n, eps, hc_eps, iters):
+    x, y, norm_w = _c(x), _c(y), _c(norm_w)
+    return native.hc_mix(x, y, post, comb, fn, base, scale, norm_w, eps=eps, hc_eps=hc_eps, iters=iters)
 
 
-def hc_head(x, y, post, comb, fn, base, scale, norm_w, *, eps, hc_eps):
-    if native.hc_mix_supported(x, y, norm_w):
-        return native.hc_mix(x, y, post, comb, fn, base, scale, norm_w, eps=eps, hc_eps=hc_eps, head=True)[1]
-    if not _streamed(x):  # no Sinkhorn here: the reference's few ops are the fast path
-        return get_op("hc_head").ref(x, y, post, comb, fn, base, scale, norm_w, eps=eps, hc_eps=hc_eps)
+def hc_post_pre_small(x, y, post, comb, fn, base, scale, norm_w, *, n, eps, hc_eps, iters):
+    x1 = hc_expand_mix(x, y, post, comb)
+    return (x1, *hc_pre_small(x1, fn, base, scale, norm_w, n=n, eps=eps, hc_eps=hc_eps, iters=iters))
+
+
+def hc_post_pre_streamed(x, y, post, comb, fn, base, scale, norm_w, *, n, eps, hc_eps, iters):
+    x1 = _expand_mix(x, y, post, comb)
+    return (x1, *hc_pre_streamed(x1, fn, base, scale, norm_w, n=n, eps=eps, hc_eps=hc_eps, iters=iters))
+
+
+def hc_head_native(x, y, post, comb, fn, base, scale, norm_w, *, eps, hc_eps):
+    x, y, norm_w = _c(x), _c(y), _c(norm_w)
+    return native.hc_mix(x, y, post, comb, fn, base, scale, norm_w, eps=eps, hc_eps=hc_eps, head=True)[1]
+
+
+def hc_head_streamed(x, y, post, comb, fn, base, scale, norm_w, *, eps, hc_eps):
     x1 = _expand_mix(x, y, post, comb)
     xf = x1.float()
     pre = hc_head_weights(_logits(xf, fn, eps), base, scale, eps=hc_eps)

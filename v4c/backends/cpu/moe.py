@@ -21,26 +21,49 @@ import torch.nn.functional as F
 
 from ...graph.weights import linear
 from . import native
-from .weight_views import rows_concat_t, transposed
-
-DECODE_ROWS = 16  # up to this many tokens a call takes the decode path
 
 
 def _swiglu_(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
     return F.silu(gate.clamp_(max=limit), inplace=True).mul_(up.clamp_(min=-limit, max=limit))
 
 
-def _plain(dtype, *weights) -> bool:
-    """Plain tensors of the activations' dtype (a QuantizedWeight has no ``dtype``: it takes the general path)."""
-    return all(getattr(w, "dtype", None) == dtype for w in weights)
+# Four implementations, chosen per node and phase by the cpu backend (``registry``): a decode
+# step's C path (bf16, AVX512-BF16), a decode step's PyTorch path (only the experts hit), a
+# prefill's grouped GEMMs (plain weights), and one expert at a time through ``weights.linear``
+# (quantised weights). ``views`` holds the model's re-layouts of its weights (``WeightViews``).
+
+def moe_native(h, idx, w, perm, offsets, w13, w2, sg=None, su=None, sd=None, *, limit, views=None):
+    flat = h.reshape(-1, h.shape[-1]).contiguous()
+    shared = (sg, su, sd) if sg is not None else ()
+    _check_offsets(offsets)
+    return native.moe_decode(flat, w.reshape(-1), perm.reshape(-1).contiguous(), offsets.contiguous(), w13, w2,
+                             shared, k=idx.shape[-1], limit=limit).view_as(h)
 
 
-def moe_ffn(h, idx, w, perm, offsets, w13, w2, sg=None, su=None, sd=None, *, limit):
+def moe_decode(h, idx, w, perm, offsets, w13, w2, sg=None, su=None, sd=None, *, limit, views):
+    flat = h.reshape(-1, h.shape[-1])
+    shared = (sg, su, sd) if sg is not None else ()
+    return _decode(flat, idx, w, perm, offsets, w13, w2, shared, limit, views).view_as(h)
+
+
+def moe_grouped(h, idx, w, perm, offsets, w13, w2, sg=None, su=None, sd=None, *, limit, views):
+    return _general(h, idx, w, perm, offsets, w13, w2, sg, su, sd, limit,
+                    lambda xs, spans: _experts(xs, spans, w13, w2, limit, views))
+
+
+def moe_per_expert(h, idx, w, perm, offsets, w13, w2, sg=None, su=None, sd=None, *, limit, views=None):
+    def experts(xs, spans):
+        ys = torch.empty_like(xs)
+        for e, a, b in spans:
+            gate, up = linear(xs[a:b], w13[e]).chunk(2, dim=-1)
+            ys[a:b] = linear(_swiglu_(gate, up, limit), w2[e])
+        return ys
+    return _general(h, idx, w, perm, offsets, w13, w2, sg, su, sd, limit, experts)
+
+
+def _general(h, idx, w, perm, offsets, w13, w2, sg, su, sd, limit, experts):
     shape = h.shape
     flat = h.reshape(-1, shape[-1])
-    shared = (sg, su, sd) if sg is not None else ()
-    if flat.shape[0] <= DECODE_ROWS and _plain(flat.dtype, w13, w2, *shared):
-        return _decode(flat, idx, w, perm, offsets, w13, w2, shared, limit).view_as(h)
     k = idx.shape[-1]
     bounds = offsets.tolist()
     order = perm.reshape(-1)[bounds[0]:bounds[-1]]  # assignments past the last offset are not ours (EP)
@@ -48,13 +71,7 @@ def moe_ffn(h, idx, w, perm, offsets, w13, w2, sg=None, su=None, sd=None, *, lim
     tok = order // k
     xs = flat.index_select(0, tok)  # the assignments' tokens, grouped by expert
     spans = [(e, a, b) for e, (a, b) in enumerate(zip(bounds, bounds[1:])) if a < b]
-    if _plain(flat.dtype, w13, w2):
-        ys = _experts(xs, spans, w13, w2, limit)
-    else:
-        ys = torch.empty_like(xs)
-        for e, a, b in spans:
-            gate, up = linear(xs[a:b], w13[e]).chunk(2, dim=-1)
-            ys[a:b] = linear(_swiglu_(gate, up, limit), w2[e])
+    ys = experts(xs, spans)
     ys.mul_(w.reshape(-1).index_select(0, order)[:, None].to(ys.dtype))
     if sg is not None:
         out = linear(_swiglu_(linear(flat, sg), linear(flat, su), limit), sd)
@@ -64,10 +81,28 @@ def moe_ffn(h, idx, w, perm, offsets, w13, w2, sg=None, su=None, sd=None, *, lim
     return out.view(shape)
 
 
-def _experts(xs, spans, w13, w2, limit):
+def prepare(views, w13, w2, sg=None, su=None, sd=None) -> None:
+    """Make the re-layouts the PyTorch paths read, once, when the node is bound."""
+    views.transposed(w13)
+    views.transposed(w2)
+    if sg is not None:
+        if views.rows_concat_t(sg, su) is None:
+            views.transposed(sg)
+            views.transposed(su)
+        views.transposed(sd)
+
+
+def _check_offsets(offsets) -> list:
+    bounds = offsets.tolist()  # the one host read: the schedule
+    if bounds != sorted(bounds):  # (the bisection below needs them sorted; a C-speed check)
+        raise ValueError(f"moe_ffn: expert offsets must be non-decreasing, got {bounds}")
+    return bounds
+
+
+def _experts(xs, spans, w13, w2, limit, views):
     """Each expert's two GEMMs written straight into shared buffers (``out=`` slices: no copy per
     expert) and one activation over all rows between them, instead of three ops per expert."""
-    up_t, down_t = transposed(w13), transposed(w2)
+    up_t, down_t = views.transposed(w13), views.transposed(w2)
     gu = xs.new_empty(xs.shape[0], w13.shape[1])
     for e, a, b in spans:
         torch.mm(xs[a:b], up_t[e], out=gu[a:b])
@@ -85,15 +120,10 @@ def _products(pairs: list) -> list:
     return [torch.mm(x, wt) for x, wt in pairs]
 
 
-def _decode(flat, idx, w, perm, offsets, w13, w2, shared, limit):
+def _decode(flat, idx, w, perm, offsets, w13, w2, shared, limit, views):
     """Few tokens: only the experts hit, one activation over all their rows (and the shared expert's)."""
     t, dtype = flat.shape[0], flat.dtype
-    bounds = offsets.tolist()  # the one host read: the schedule
-    if bounds != sorted(bounds):  # (the bisection below needs them sorted; a C-speed check)
-        raise ValueError(f"moe_ffn: expert offsets must be non-decreasing, got {bounds}")
-    if native.moe_decode_supported(flat, w13, w2, shared) and perm.is_contiguous() and offsets.is_contiguous():
-        return native.moe_decode(flat, w.reshape(-1), perm.reshape(-1), offsets, w13, w2, shared, k=idx.shape[-1],
-                                 limit=limit)
+    bounds = _check_offsets(offsets)
     experts, counts, p, hi = [], [], bounds[0], bounds[-1]
     while p < hi:  # the experts hit, found by bisection: as many steps as experts hit, not as experts
         e = bisect_right(bounds, p) - 1
@@ -106,21 +136,21 @@ def _decode(flat, idx, w, perm, offsets, w13, w2, shared, limit):
     else:
         tok = order // idx.shape[-1]
         xs = flat.index_select(0, tok).split_with_sizes(counts)
-    up_t, down_t = transposed(w13), transposed(w2)
+    up_t, down_t = views.transposed(w13), views.transposed(w2)
     pairs = [(x, up_t[e]) for x, e in zip(xs, experts)]
     out = None
     if shared:
         sg, su, sd = shared
-        gate_up_t = rows_concat_t(sg, su)
+        gate_up_t = views.rows_concat_t(sg, su)
         if 2 * sg.shape[0] == w13.shape[1] and gate_up_t is not None:
             pairs.append((flat, gate_up_t))  # the shared expert: one more group of rows
             counts.append(t)
         else:  # another width, or no fused copy: on its own
             if gate_up_t is None:
-                gate, up = _products([(flat, transposed(sg)), (flat, transposed(su))])
+                gate, up = _products([(flat, views.transposed(sg)), (flat, views.transposed(su))])
             else:
                 gate, up = _products([(flat, gate_up_t)])[0].chunk(2, dim=-1)
-            (out,) = _products([(_swiglu_(gate, up, limit), transposed(sd))])
+            (out,) = _products([(_swiglu_(gate, up, limit), views.transposed(sd))])
     if not pairs:
         return torch.zeros_like(flat) if out is None else out
     parts = _products(pairs)
@@ -128,7 +158,7 @@ def _decode(flat, idx, w, perm, offsets, w13, w2, shared, limit):
     acts = _swiglu_(gate, up, limit).split_with_sizes(counts)
     pairs = [(a, down_t[e]) for a, e in zip(acts, experts)]
     if len(acts) > len(experts):
-        pairs.append((acts[-1], transposed(shared[2])))
+        pairs.append((acts[-1], views.transposed(shared[2])))
     ys = _products(pairs)
     if len(acts) > len(experts):
         out = ys.pop()

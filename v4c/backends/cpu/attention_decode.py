@@ -14,7 +14,7 @@ import torch
 from ...graph.storage import PLAIN, decode, encode, round_trip
 from .positions import values
 
-TOKENS = 16  # calls with at most this many tokens (batch x length) take these paths
+from .. import DECODE_TOKENS as TOKENS  # calls with at most this many tokens (batch x length) take these paths
 _STEPS: dict = {}  # (step, device) -> [0, step, 2 step, ...], grown on demand
 _CACHE: dict = {}  # small constant tensors, by what they are and their device
 

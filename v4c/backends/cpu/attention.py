@@ -40,17 +40,31 @@ def _weighted(p: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return torch.bmm(p.view(b, t * h, s), keys).view(b, t, h, -1)
 
 
+def attend_native(q, kv, ring, ring_pos, sinks, pos, rows=None, idx=None, *, kind, window, ratio=0, scale,
+                  kv_format=None, kv_rope_dim=0):
+    """The ``attention`` op in the C helpers (plain caches of q's dtype; the checker makes sure)."""
+    c = _contiguous
+    return native.attention(c(q), c(kv), ring, ring_pos, sinks, c(pos), c(rows), c(idx), kind=kind, window=window,
+                            ratio=ratio, scale=scale)
+
+
+def _contiguous(t):
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
+def attend_decode(q, kv, ring, ring_pos, sinks, pos, rows=None, idx=None, *, kind, window, ratio=0, scale,
+                  kv_format=None, kv_rope_dim=0):
+    """The ``attention`` op for a call of a few tokens (``attention_decode``)."""
+    return few.attend(q, kv, ring, ring_pos, sinks, pos, rows, idx, kind=kind, window=window, ratio=ratio,
+                      scale=scale, kv_format=kv_format, kv_rope_dim=kv_rope_dim, hi=bounds(pos)[1])
+
+
 def attend(q, kv, ring, ring_pos, sinks, pos, rows=None, idx=None, *, kind, window, ratio=0, scale,
            kv_format=None, kv_rope_dim=0):
-    """The ``attention`` op (same signature and result as its reference). Scores are laid out
-    [B, t, H, S] so every product is a plain batched GEMM on the tensors as they are stored."""
+    """The ``attention`` op, blocked over the queries (same signature and result as its reference).
+    Scores are laid out [B, t, H, S] so every product is a plain batched GEMM on the tensors as they
+    are stored."""
     b, t, h, d = q.shape
-    if native.attention_supported(q, kv, ring, ring_pos, pos, rows, idx, kind, kv_format):
-        return native.attention(q, kv, ring, ring_pos, sinks, pos, rows, idx, kind=kind, window=window, ratio=ratio,
-                                scale=scale)
-    if b * t <= few.TOKENS:
-        return few.attend(q, kv, ring, ring_pos, sinks, pos, rows, idx, kind=kind, window=window, ratio=ratio,
-                          scale=scale, kv_format=kv_format, kv_rope_dim=kv_rope_dim, hi=bounds(pos)[1])
     keys_now = round_trip(kv, kv_format, kv_rope_dim).float()  # as the cache will hold them
     ring_keys = decode(ring, kv_format, d, kv_rope_dim)
     qs = q.float() * scale
@@ -112,9 +126,17 @@ def attend(q, kv, ring, ring_pos, sinks, pos, rows=None, idx=None, *, kind, wind
     return out.to(q.dtype)
 
 
-def sparse_attention(q, kv, ring, ring_pos, sinks, pos, *extra, rope_dim, theta, yarn=None, **attrs):
+def fused(attend_fn):
+    """The ``sparse_attention`` op around one of the attention implementations above."""
+    def sparse_attention(q, kv, ring, ring_pos, sinks, pos, *extra, rope_dim, theta, yarn=None, **attrs):
+        return _fused(attend_fn, q, kv, ring, ring_pos, sinks, pos, *extra, rope_dim=rope_dim, theta=theta,
+                      yarn=yarn, **attrs)
+    return sparse_attention
+
+
+def _fused(attend_fn, q, kv, ring, ring_pos, sinks, pos, *extra, rope_dim, theta, yarn=None, **attrs):
     """The fused op: attention, the ring append, the output de-rotation."""
-    o = attend(q, kv, ring, ring_pos, sinks, pos, *extra, **attrs)
+    o = attend_fn(q, kv, ring, ring_pos, sinks, pos, *extra, **attrs)
     fmt = {a: attrs[a] for a in ("kv_format", "kv_rope_dim") if a in attrs}
     t = pos.shape[1]
     if pos.shape[0] * t <= few.TOKENS and t <= ring.shape[1] and bounds(pos)[0] >= 0:  # no padding
@@ -124,13 +146,16 @@ def sparse_attention(q, kv, ring, ring_pos, sinks, pos, *extra, rope_dim, theta,
     return rope_(o, pos, rope_dim, theta, yarn, inverse=True), ring, ring_pos  # o is this call's own
 
 
+def indexer_topk_decode(q, w, keys, pos, *, topk, ratio, score_scale, weight_scale, key_format=None):
+    """The ``indexer_topk`` op for a call of a few tokens (``attention_decode``)."""
+    return few.indexer_topk(q, w, keys, pos, topk=topk, ratio=ratio, score_scale=score_scale,
+                            weight_scale=weight_scale, key_format=key_format, hi=bounds(pos)[1])
+
+
 def indexer_topk(q, w, keys, pos, *, topk, ratio, score_scale, weight_scale, key_format=None):
-    """The ``indexer_topk`` op: the same selected rows as the reference (as a set: the order of the
-    indices within a row may differ)."""
+    """The ``indexer_topk`` op, blocked over the queries: the same selected rows as the reference (as
+    a set: the order of the indices within a row may differ)."""
     b, t, h, d = q.shape
-    if b * t <= few.TOKENS:
-        return few.indexer_topk(q, w, keys, pos, topk=topk, ratio=ratio, score_scale=score_scale,
-                                weight_scale=weight_scale, key_format=key_format, hi=bounds(pos)[1])
     out = torch.full((b, t, topk), -1, dtype=torch.int64, device=q.device)
     nmax = max(0, (int(pos.max()) + 1) // ratio)
     if nmax == 0:
@@ -155,7 +180,10 @@ def indexer_topk(q, w, keys, pos, *, topk, ratio, score_scale, weight_scale, key
     return out
 
 
-def indexer(cq, h, wq, ww, keys, pos, *, shape, rope_dim, theta, yarn=None, **attrs):
-    """The fused op: query GEMM + RoPE, head weights, scores, top-k."""
-    q = rope_(reshape(linear(cq, wq), shape), pos, rope_dim, theta, yarn)  # the product is this call's own
-    return indexer_topk(q, linear(h, ww), keys, pos, **attrs)
+def fused_indexer(topk_fn):
+    """The ``indexer`` op around one of the ``indexer_topk`` implementations above."""
+    def indexer(cq, h, wq, ww, keys, pos, *, shape, rope_dim, theta, yarn=None, **attrs):
+        """The fused op: query GEMM + RoPE, head weights, scores, top-k."""
+        q = rope_(reshape(linear(cq, wq), shape), pos, rope_dim, theta, yarn)  # the product is this call's own
+        return topk_fn(q, linear(h, ww), keys, pos, **attrs)
+    return indexer

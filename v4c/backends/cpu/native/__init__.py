@@ -1,0 +1,356 @@
+"""The cpu backend's native extension: small C kernels bound as PyTorch operators (``torch.ops.v4c_native``).
+
+What it holds: the mHC mixes (``mhc.c``), the projections' RMSNorm + RoPE epilogue (``norm_rope.c``),
+attention over plain caches (``attention.c``) and, on CPUs with AVX512-BF16, a decode step's MoE
+(``moe.c``), all plain C. ``ops.cpp`` declares the operators with typed schemas
+(``TORCH_LIBRARY(v4c_native)``: tensors, optional tensors, ints, floats, bools; ``norm_rope_`` marks its
+in-place argument ``Tensor(a!)``) and registers CPU kernels that check every operand's dtype, shape,
+device and layout (a wrong one is a TypeError or ValueError naming it, never a crash) before calling
+the C code. Row ranges run on PyTorch's own OpenMP team (``parallel.c``), the threads PyTorch's ops
+just used, as many as ``torch.get_num_threads()``.
+
+Why C: a decode step is dispatch-bound, and each mHC mix (post-mix, logits, sigmoid/softmax,
+a 20-round Sinkhorn on a 4x4 matrix, collapse, norm) is ~60 tiny PyTorch calls for a few KFLOP;
+in a prefill the same mix is a dozen memory passes over the streams, and attention's PyTorch
+composition computes about twice the window's products plus half a dozen passes for masks and
+the softmax.
+
+Build: on first use, with the machine's C and C++ compilers and the include and library paths of
+the installed torch (``torch.utils.cpp_extension``), one compiler per source at once, then one link
+against libc10/libtorch_cpu (no ninja, no setuptools step). The library lands in
+``$V4C_CACHE_DIR/native/<content hash>/libv4c_native.so``: the hash covers the sources, the flags,
+both compilers' versions and torch's version, location and C++ ABI, so a change to any of them builds
+a new entry and every later process just loads the existing one (``torch.ops.load_library``). An
+entry is published whole (built in a temporary directory, renamed into place) and loaded only when
+it, its directory and the cache's ``native`` directory belong to this user and nobody else can write
+them; otherwise it is built again. Flags are portable (baseline x86-64 plus an AVX2 clone chosen at
+load time, the MoE's AVX512-BF16 code only called where the CPU has it; no -march=native).
+
+Without a C or C++ compiler, with ``V4C_NATIVE=0``, or when the build fails, ``library()`` is None,
+``why()`` says why, one warning per process says so, and the callers keep their PyTorch paths: the
+same results up to rounding, slower.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from ....settings import cache_dir, native_enabled
+
+_HERE = Path(__file__).parent
+_C_SOURCES = ("mhc.c", "norm_rope.c", "attention.c", "moe.c", "parallel.c")
+_CXX_SOURCE = "ops.cpp"
+_LIB = "libv4c_native.so"
+_CFLAGS = ("-O3", "-std=c99", "-fPIC", "-pthread")
+_CXXFLAGS = ("-O3", "-fPIC", "-pthread")
+_LINK_LIBS = ("-lc10", "-ltorch_cpu", "-lm")
+_state: dict = {}
+_noticed: list = []  # the one unavailability warning of this process (kept when tests reset _state)
+
+
+class NativeUnavailableWarning(UserWarning):
+    """The native extension could not be used: the cpu backend runs its PyTorch paths."""
+
+
+def _private(p: Path) -> bool:
+    """Owned by this user and writable by no one else (so nobody else can have replaced it)."""
+    try:
+        st = p.stat()
+    except OSError:
+        return False
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def _compilers() -> tuple[str | None, str | None]:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    return cc, cxx
+
+
+def _cxx_std() -> str:
+    """The C++ standard torch's own extension builder uses: C++20 from torch 2.12, C++17 before."""
+    try:
+        major, minor = (int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    except ValueError:
+        return "-std=c++20"
+    return "-std=c++20" if (major, minor) >= (2, 12) else "-std=c++17"
+
+
+def _abi() -> str:
+    return f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+
+
+def _build_key(cc: str, cxx: str) -> str:
+    """The cache entry's name: a hash over everything that changes the library. Computed without
+    importing torch.utils.cpp_extension (which pulls in setuptools): its paths follow from torch's
+    location, which is hashed."""
+    h = hashlib.sha256("\0".join((cc, cxx, *_CFLAGS, *_CXXFLAGS, _cxx_std(), _abi(), *_LINK_LIBS, torch.__version__,
+                                  os.path.dirname(torch.__file__), platform.machine())).encode())
+    for compiler in (cc, cxx):
+        try:
+            h.update(subprocess.run([compiler, "--version"], capture_output=True, timeout=30).stdout)
+        except (OSError, subprocess.SubprocessError):
+            pass
+    for name in sorted(p.name for p in _HERE.iterdir() if p.suffix in (".c", ".h", ".cpp")):
+        h.update(name.encode() + b"\0" + (_HERE / name).read_bytes())
+    return h.hexdigest()[:24]
+
+
+def _registered() -> bool:
+    """Whether this process already holds the operators (a library is loaded once per process: a
+    second copy would register the namespace again, which PyTorch refuses)."""
+    try:
+        torch.ops.v4c_native.hc_mix.default
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def _load(path: Path) -> None:
+    if not _registered():
+        torch.ops.load_library(str(path))
+
+
+def _compile_commands(cc: str, cxx: str, tmp: Path) -> tuple[list, list, Path]:
+    try:
+        from torch.utils import cpp_extension  # (only when building: it imports setuptools)
+        includes, libdirs = cpp_extension.include_paths(), cpp_extension.library_paths()
+    except ImportError:  # the same paths, as torch lays them out
+        top = Path(torch.__file__).parent
+        includes, libdirs = [str(top / "include"), str(top / "include" / "torch" / "csrc" / "api" / "include")], \
+            [str(top / "lib")]
+    includes = [f"-I{p}" for p in includes]
+    out = tmp / _LIB
+    compiles, objs = [], []
+    obj = tmp / "ops.o"  # the longest compile (torch's headers) first
+    compiles.append([cxx, *_CXXFLAGS, _cxx_std(), _abi(), *includes, "-c", "-o", str(obj), str(_HERE / _CXX_SOURCE)])
+    objs.append(obj)
+    for src in _C_SOURCES:
+        obj = tmp / (Path(src).stem + ".o")
+        compiles.append([cc, *_CFLAGS, "-c", "-o", str(obj), str(_HERE / src)])
+        objs.append(obj)
+    link = [cxx, "-shared", "-pthread", "-o", str(out), *map(str, objs), *(f"-L{d}" for d in libdirs),
+            *(f"-Wl,-rpath,{d}" for d in libdirs), *_LINK_LIBS]
+    return compiles, link, out
+
+
+def _failed(jobs: list) -> None:
+    """Raise for the first compiler (of those done) that failed, with its messages."""
+    for job, log in jobs:
+        if job.poll():
+            log.seek(0)
+            raise subprocess.CalledProcessError(job.returncode, job.args, stderr=log.read())
+
+
+def _build() -> bool:
+    """Load the library from its cache entry, building the entry first when there is none (or it is
+    not trustworthy). False (and ``_state["why"]``) when it cannot be had."""
+    cc, cxx = _compilers()
+    if cc is None or cxx is None:
+        _state["why"] = "no C/C++ compiler found (cc, gcc or clang; c++, g++ or clang++)"
+        return False
+    root = cache_dir() / "native"
+    final = root / _build_key(cc, cxx)
+    lib_path = final / _LIB
+    if _private(root) and _private(final) and _private(lib_path):
+        try:
+            _load(lib_path)
+            return True
+        except OSError:
+            pass  # a damaged entry: built again below
+    try:
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(root, 0o700)
+    except OSError:
+        root = None  # no usable cache directory: build in a temporary one, as without a cache
+    tmp = Path(tempfile.mkdtemp(prefix="v4c-native-", dir=root))
+    jobs: list = []
+    try:
+        compiles, link, out = _compile_commands(cc, cxx, tmp)
+        # one compiler per source, all at once, then one link
+        for cmd in compiles:  # (output to files: a pipe nobody reads could fill up and stall a compiler)
+            log = tempfile.TemporaryFile(mode="w+", dir=tmp)
+            try:
+                jobs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True), log))
+            except OSError:
+                log.close()
+                raise
+        deadline = time.monotonic() + 300
+        while any(job.poll() is None for job, _ in jobs):  # the first failure ends the build at once
+            _failed(jobs)
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(jobs[0][0].args, 300)
+            time.sleep(0.02)
+        _failed(jobs)
+        subprocess.run(link, check=True, capture_output=True, text=True, timeout=120)
+        _load(out)  # (loaded before it is published: an entry that does not load is never kept)
+        if root is not None:  # keep it for the next process: the entry appears whole or not at all
+            for obj in tmp.glob("*.o"):
+                obj.unlink()
+            os.chmod(out, 0o755)
+            os.chmod(tmp, 0o700)
+            shutil.rmtree(final, ignore_errors=True)
+            try:
+                os.replace(tmp, final)
+            except OSError:
+                pass  # another process published the same build first
+    except (OSError, subprocess.SubprocessError, RuntimeError) as e:
+        err = getattr(e, "stderr", "") or str(e)
+        _state["why"] = f"building the C helpers failed: {err.strip()[:500]}"
+        return False
+    finally:
+        for job, log in jobs:  # after a failure, no compiler is left running
+            if job.poll() is None:
+                job.kill()
+                job.wait()
+            log.close()
+        shutil.rmtree(tmp, ignore_errors=True)  # a loaded library stays mapped; nothing is left behind
+    return True
+
+
+_build_lock = threading.Lock()
+
+
+def library():
+    """The operators (``torch.ops.v4c_native``), or None (``why()`` says why)."""
+    if "lib" not in _state:
+        with _build_lock:  # sessions in several threads at first use: one build, every thread waits for it
+            if "lib" not in _state:
+                if not native_enabled():
+                    _state["why"] = "disabled by V4C_NATIVE=0"
+                    ok = False
+                else:
+                    ok = _build()
+                if ok:
+                    _state["ops"] = _Ops()
+                elif not _noticed:
+                    _noticed.append(_state["why"])
+                    warnings.warn(f"v4c: the cpu backend's native extension is unavailable ({_state['why']}); "
+                                  "its PyTorch paths run instead (the same results, slower)",
+                                  NativeUnavailableWarning, stacklevel=2)
+                _state["lib"] = torch.ops.v4c_native if ok else None
+    return _state["lib"]
+
+
+def why() -> str | None:
+    """Why ``library()`` is None (None when it is not)."""
+    library()
+    return _state.get("why")
+
+
+class _Ops:
+    """The operators' overloads, looked up once (each call then skips the packet's overload lookup)."""
+
+    def __init__(self):
+        ns = torch.ops.v4c_native
+        self.hc_mix = ns.hc_mix.default
+        self.norm_rope_ = ns.norm_rope_.default
+        self.attention = ns.attention.default
+        self.moe_decode = ns.moe_decode.default
+        self.moe_decode_available = ns.moe_decode_available.default
+
+
+def _openmp_entries() -> tuple:
+    """The OpenMP team's entry points the library uses (GOMP_parallel, omp_get_thread_num,
+    omp_get_num_threads of the runtime PyTorch loaded), as addresses, or Nones: then the helpers run
+    single-threaded."""
+    if library() is None:
+        return None, None, None
+    return tuple(a or None for a in torch.ops.v4c_native.openmp_entries())
+
+
+def _ops() -> _Ops:
+    library()
+    return _state["ops"]
+
+
+_FLOATS = (torch.float32, torch.bfloat16)
+
+
+def hc_mix_supported(x: torch.Tensor, y: torch.Tensor | None, norm_w: torch.Tensor | None) -> bool:
+    """Whether the C mixes take these operands: CPU, contiguous, fp32 or bf16 streams (``y`` the same
+    dtype), at most 8 streams."""
+    if library() is None or x.device.type != "cpu" or x.dtype not in _FLOATS or x.shape[2] > 8:
+        return False
+    if y is not None and (y.dtype != x.dtype or y.device.type != "cpu" or not y.is_contiguous()):
+        return False
+    return x.is_contiguous() and (norm_w is None or (norm_w.device.type == "cpu" and norm_w.is_contiguous()))
+
+
+def hc_mix(x, y, post, comb, fn, base, scale, norm_w, *, eps, hc_eps, iters=0, head=False):
+    """The mHC post-mix (when ``y`` is given) and pre-mix (or the head's collapse) of every token row
+    of ``x [B, T, n, D]``, one C call for a decode step or a prefill. Returns (x1 or None, h, post,
+    comb); post and comb are None for the head."""
+    return _ops().hc_mix(x, y, post, comb, fn, base, scale, norm_w, eps, hc_eps, iters, head)
+
+
+def norm_rope_supported(x: torch.Tensor, w: torch.Tensor | None) -> bool:
+    """Whether ``norm_rope_`` takes these: a contiguous CPU fp32/bf16 tensor, a weight of either dtype."""
+    return (library() is not None and x.device.type == "cpu" and x.dtype in _FLOATS and x.is_contiguous()
+            and (w is None or (w.dtype in _FLOATS and w.device.type == "cpu" and w.is_contiguous())))
+
+
+def norm_rope_(x: torch.Tensor, w: torch.Tensor | None, eps: float, rope_dim: int, rot: torch.Tensor | None):
+    """RMSNorm over the last dim (times ``w``), then RoPE on its last ``rope_dim`` dims with the
+    rotations ``rot`` (complex, one row of rope_dim/2 per token), in place on ``x [B, T, (H,) d]``."""
+    return _ops().norm_rope_(x, w, eps, rope_dim, rot)
+
+
+_KINDS = ("sliding", "hca", "csa")
+
+
+def attention_supported(q, kv, ring, ring_pos, pos, rows, idx, kind, kv_format) -> bool:
+    """Whether ``attention`` takes these: plain caches (no storage format) of q's dtype, fp32 or bf16,
+    everything contiguous on the CPU, int64 positions."""
+    if library() is None or kv_format is not None or kind not in _KINDS or q.dtype not in _FLOATS:
+        return False
+    ts = [q, kv, ring] + ([rows] if kind != "sliding" else [])
+    if any(t is None or t.device.type != "cpu" or t.dtype != q.dtype or not t.is_contiguous() for t in ts):
+        return False
+    ints = [ring_pos, pos] + ([idx] if kind == "csa" else [])
+    return all(t is not None and t.dtype == torch.int64 and t.device.type == "cpu" and t.is_contiguous()
+               for t in ints)
+
+
+def attention(q, kv, ring, ring_pos, sinks, pos, rows=None, idx=None, *, kind, window, ratio=0, scale):
+    """The ``attention`` op in C (see attention.c): every query row against exactly its visible
+    keys, rows split across threads. Returns [B, T, H, D] in q's dtype."""
+    return _ops().attention(q, kv, ring, ring_pos, sinks, pos, rows if kind != "sliding" else None,
+                            idx if kind == "csa" else None, kind, window, ratio, scale)
+
+
+def moe_decode_available() -> bool:
+    """Whether this CPU (and compiler) give the C MoE its AVX512-BF16 dot products."""
+    if "moe" not in _state:
+        _state["moe"] = library() is not None and bool(_ops().moe_decode_available())
+    return _state["moe"]
+
+
+def moe_decode_supported(flat, w13, w2, shared) -> bool:
+    """Whether ``moe_decode`` takes these: bf16 activations and plain contiguous bf16 CPU weights
+    whose widths are multiples of 32, on a CPU with AVX512-BF16."""
+    if flat.dtype != torch.bfloat16 or flat.device.type != "cpu" or not flat.is_contiguous():
+        return False
+    ws = [w13, w2, *shared]
+    if any(not isinstance(t, torch.Tensor) or t.dtype != torch.bfloat16 or t.device.type != "cpu"
+           or not t.is_contiguous() for t in ws):
+        return False
+    widths = [flat.shape[-1], w2.shape[-1]] + ([shared[0].shape[0]] if shared else [])
+    return all(v % 32 == 0 for v in widths) and moe_decode_available()
+
+
+def moe_decode(flat, w, perm, offsets, w13, w2, shared, *, k, limit):
+    """The routed experts (and the shared one) for a few bf16 token rows ``flat [t, D]``, one C
+    call (see moe.c). Returns [t, D] bf16."""
+    sg, su, sd = shared if shared else (None, None, None)
+    return _ops().moe_decode(flat, w, perm, offsets, w13, w2, sg, su, sd, k, limit)

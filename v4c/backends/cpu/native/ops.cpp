@@ -1,0 +1,406 @@
+// The C helpers as PyTorch operators: the schemas of the `v4c_native` namespace (TORCH_LIBRARY) and
+// their CPU kernels (TORCH_LIBRARY_IMPL), which check every operand's dtype, shape, device and
+// layout (an error with the operand's name, never a crash), allocate the outputs and hand raw
+// pointers to the C code (mhc.c, norm_rope.c, attention.c, moe.c, compiled as C and linked in).
+//
+// Threads: row ranges still run on PyTorch's own OpenMP team through parallel.c; the team's entry
+// points are looked up once, when this library is loaded (see `find_openmp`), and each call asks
+// for at::get_num_threads() threads, as torch.get_num_threads() reports them.
+// Scratch memory the C code does not allocate itself is one buffer per calling thread, kept
+// across calls (a fresh multi-MB buffer would cost its page faults again on every call); the
+// operators drop the GIL, so two Python threads may call at once.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/view_as_real.h>
+#include <torch/library.h>
+
+#include <dlfcn.h>
+#include <link.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+extern "C" {
+int v4c_hc_mix(int threads, long rows, int n, int D, int mode, int xdt, int wdt, const void *x, const void *y,
+               const float *post_in, const float *comb_in, const float *fn, const float *base, const float *scale,
+               const void *norm_w, float eps, float hc_eps, int iters, void *x1_out, void *h_out, float *post_out,
+               float *comb_out, float *work);
+int v4c_norm_rope(int threads, long rows, int heads, int d, int xdt, void *x, const void *w, int wdt, float eps,
+                  int rope_dim, const float *rot, float *work);
+int v4c_attention(int threads, int B, int T, int H, int D, int dt, int kind, int window, int ratio, const void *q,
+                  const void *kv, const void *ring, const int64_t *ring_pos, int W, const float *sinks,
+                  const int64_t *pos, const void *rows, int N, const int64_t *idx, int K, float scale, void *out);
+int v4c_moe_decode_available(void);
+int v4c_moe_decode(int threads, int t, int D, int I, int Is, int k, int E, const uint16_t *x, const int64_t *offsets,
+                   const int64_t *perm, const float *w, const uint16_t *w13, const uint16_t *w2, const uint16_t *sg,
+                   const uint16_t *su, const uint16_t *sd, float limit, uint16_t *out);
+int v4c_use_openmp(void *parallel, void *thread_num, void *num_threads);
+}
+
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// ---- PyTorch's OpenMP team --------------------------------------------------------------------
+
+struct OmpEntries {
+    void *parallel = nullptr, *thread_num = nullptr, *num_threads = nullptr;
+    bool complete() const { return parallel && thread_num && num_threads; }
+};
+
+OmpEntries entries_in(void *handle) {
+    return {dlsym(handle, "GOMP_parallel"), dlsym(handle, "omp_get_thread_num"), dlsym(handle, "omp_get_num_threads")};
+}
+
+int search_loaded(struct dl_phdr_info *info, size_t, void *data) {
+    auto *found = static_cast<OmpEntries *>(data);
+    const char *name = info->dlpi_name;
+    if (!name || !*name || !std::strstr(name, "omp")) return 0;
+    void *handle = dlopen(name, RTLD_LAZY | RTLD_NOLOAD); // only a library that is already loaded
+    if (!handle) return 0;
+    OmpEntries e = entries_in(handle);
+    dlclose(handle);
+    if (!e.complete()) return 0;
+    *found = e;
+    return 1;
+}
+
+// GOMP_parallel, omp_get_thread_num and omp_get_num_threads of the OpenMP runtime PyTorch already
+// loaded: from the global scope when it is there, else from the loaded library that holds them
+// (the wheels' libgomp can be local to libtorch_cpu). Not found: the helpers run single-threaded.
+OmpEntries find_openmp() {
+    OmpEntries e = entries_in(RTLD_DEFAULT);
+    if (!e.complete()) {
+        e = OmpEntries{};
+        dl_iterate_phdr(search_loaded, &e);
+    }
+    if (v4c_use_openmp(e.parallel, e.thread_num, e.num_threads) != 0) e = OmpEntries{};
+    return e;
+}
+
+const OmpEntries openmp = find_openmp();
+
+// ---- checks -----------------------------------------------------------------------------------
+
+// dtype code of the C helpers: 0 float32, 1 bfloat16
+int float_code(const Tensor &t, const char *op, const char *name) {
+    const auto st = t.scalar_type();
+    TORCH_CHECK_TYPE(st == at::kFloat || st == at::kBFloat16, "v4c_native.", op, ": ", name,
+                     " must be float32 or bfloat16, got ", st);
+    return st == at::kBFloat16 ? 1 : 0;
+}
+
+void check_plain(const Tensor &t, const char *op, const char *name) {
+    TORCH_CHECK(t.device().is_cpu(), "v4c_native.", op, ": ", name, " must be on the CPU, got ", t.device());
+    TORCH_CHECK(t.is_contiguous(), "v4c_native.", op, ": ", name, " must be contiguous");
+}
+
+void check_dtype(const Tensor &t, at::ScalarType want, const char *op, const char *name) {
+    TORCH_CHECK_TYPE(t.scalar_type() == want, "v4c_native.", op, ": ", name, " must be ", want, ", got ",
+                     t.scalar_type());
+}
+
+void check_numel(const Tensor &t, int64_t want, const char *op, const char *name, const char *shape) {
+    TORCH_CHECK_VALUE(t.numel() == want, "v4c_native.", op, ": ", name, " must hold ", shape, " = ", want,
+                      " elements, got shape ", t.sizes());
+}
+
+void check_fits_int(int64_t v, const char *op, const char *what) {
+    TORCH_CHECK_VALUE(v >= 0 && v <= INT32_MAX, "v4c_native.", op, ": ", what, " ", v, " is out of range");
+}
+
+// an fp32 contiguous CPU copy of a float operand (the operand itself when it already is one)
+Tensor as_f32(const Tensor &t, const char *op, const char *name) {
+    TORCH_CHECK(t.device().is_cpu(), "v4c_native.", op, ": ", name, " must be on the CPU, got ", t.device());
+    TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "v4c_native.", op, ": ", name,
+                     " must be a floating-point tensor, got ", t.scalar_type());
+    if (t.scalar_type() == at::kFloat && t.is_contiguous()) return t; // (no dispatch at all: decode calls are short)
+    return t.to(at::kFloat).contiguous();
+}
+
+const void *ptr(const OptTensor &t) { return t.has_value() ? t->data_ptr() : nullptr; }
+
+// this thread's scratch of at least n floats, kept across calls
+float *scratch(int64_t n) {
+    thread_local std::unique_ptr<float[]> buf;
+    thread_local int64_t held = 0;
+    if (held < n) {
+        buf.reset(new float[n]);
+        held = n;
+    }
+    return buf.get();
+}
+
+int threads() { return std::max(1, at::get_num_threads()); }
+
+// ---- kernels ----------------------------------------------------------------------------------
+
+std::tuple<OptTensor, Tensor, OptTensor, OptTensor> hc_mix(const Tensor &x, const OptTensor &y, const OptTensor &post,
+                                                           const OptTensor &comb, const Tensor &fn, const Tensor &base,
+                                                           const Tensor &scale, const OptTensor &norm_w, double eps,
+                                                           double hc_eps, int64_t iters, bool head) {
+    const char *op = "hc_mix";
+    TORCH_CHECK_VALUE(x.dim() == 4, "v4c_native.hc_mix: x must be [B, T, n, D], got shape ", x.sizes());
+    const int xdt = float_code(x, op, "x");
+    check_plain(x, op, "x");
+    const int64_t B = x.size(0), T = x.size(1), n = x.size(2), D = x.size(3), rows = B * T;
+    TORCH_CHECK_VALUE(n >= 1 && n <= 8, "v4c_native.hc_mix: ", n, " streams is more than the C helpers support (1..8)");
+    check_fits_int(D, op, "width D");
+    const bool mix = y.has_value();
+    const int64_t M = head ? n : (n + 2) * n;
+    Tensor fn32 = as_f32(fn, op, "fn"), base32 = as_f32(base, op, "base"), scale32 = as_f32(scale, op, "scale");
+    check_numel(fn32, M * n * D, op, "fn", head ? "[n, n*D]" : "[(n+2)*n, n*D]");
+    check_numel(base32, M, op, "base", head ? "[n]" : "[(n+2)*n]");
+    TORCH_CHECK_VALUE(scale32.numel() >= (head ? 1 : 3), "v4c_native.hc_mix: scale must hold ", head ? 1 : 3,
+                      " values, got shape ", scale32.sizes());
+    Tensor post32, comb32;
+    if (mix) {
+        TORCH_CHECK_TYPE(y->scalar_type() == x.scalar_type(), "v4c_native.hc_mix: y must have x's dtype ",
+                         x.scalar_type(), ", got ", y->scalar_type());
+        check_plain(*y, op, "y");
+        check_numel(*y, rows * D, op, "y", "[B, T, D]");
+        TORCH_CHECK_VALUE(post.has_value() && comb.has_value(),
+                          "v4c_native.hc_mix: the post-mix (y given) needs post and comb");
+        post32 = as_f32(*post, op, "post");
+        comb32 = as_f32(*comb, op, "comb");
+        check_numel(post32, rows * n, op, "post", "[B, T, n]");
+        check_numel(comb32, rows * n * n, op, "comb", "[B, T, n, n]");
+    }
+    OptTensor w;
+    int wdt = 0;
+    if (norm_w.has_value()) {
+        w = norm_w->scalar_type() == at::kBFloat16 ? norm_w->contiguous() : as_f32(*norm_w, op, "norm_w");
+        check_plain(*w, op, "norm_w");
+        check_numel(*w, D, op, "norm_w", "[D]");
+        wdt = float_code(*w, op, "norm_w");
+    }
+    OptTensor x1, post_out, comb_out;
+    if (mix) x1 = at::empty_like(x);
+    Tensor h = at::empty({B, T, D}, x.options());
+    if (!head) {
+        post_out = at::empty({B, T, n}, x.options().dtype(at::kFloat));
+        comb_out = at::empty({B, T, n, n}, x.options().dtype(at::kFloat));
+    }
+    const int nt = threads();
+    float *work = scratch(int64_t(nt) * (2 * n + 2) * D);
+    const int rc = v4c_hc_mix(nt, rows, int(n), int(D), (mix ? 1 : 0) | (head ? 2 : 0), xdt, wdt, x.data_ptr(),
+                              mix ? y->data_ptr() : nullptr, mix ? post32.data_ptr<float>() : nullptr,
+                              mix ? comb32.data_ptr<float>() : nullptr, fn32.data_ptr<float>(),
+                              base32.data_ptr<float>(), scale32.data_ptr<float>(), ptr(w), float(eps), float(hc_eps),
+                              int(iters), x1.has_value() ? x1->data_ptr() : nullptr, h.data_ptr(),
+                              post_out.has_value() ? post_out->data_ptr<float>() : nullptr,
+                              comb_out.has_value() ? comb_out->data_ptr<float>() : nullptr, work);
+    TORCH_CHECK_VALUE(rc == 0, "v4c_native.hc_mix: ", n, " streams is more than the C helpers support (1..8)");
+    return {x1, h, post_out, comb_out};
+}
+
+Tensor norm_rope_(Tensor &x, const OptTensor &w, double eps, int64_t rope_dim, const OptTensor &rot) {
+    const char *op = "norm_rope_";
+    TORCH_CHECK_VALUE(x.dim() == 3 || x.dim() == 4,
+                      "v4c_native.norm_rope_: x must be [B, T, d] or [B, T, H, d], got shape ", x.sizes());
+    const int xdt = float_code(x, op, "x");
+    check_plain(x, op, "x");
+    const int64_t rows = x.size(0) * x.size(1), heads = x.dim() == 4 ? x.size(2) : 1, d = x.size(-1);
+    check_fits_int(d, op, "width d");
+    check_fits_int(heads, op, "heads");
+    TORCH_CHECK_VALUE(rope_dim % 2 == 0 && rope_dim >= 0 && rope_dim <= d, "v4c_native.norm_rope_: rope_dim ", rope_dim,
+                      " must be even and at most ", d);
+    int wdt = 0;
+    if (w.has_value()) {
+        wdt = float_code(*w, op, "w");
+        check_plain(*w, op, "w");
+        check_numel(*w, d, op, "w", "[d]");
+    }
+    Tensor rr;
+    if (rot.has_value()) {
+        TORCH_CHECK(rot->device().is_cpu(), "v4c_native.norm_rope_: rot must be on the CPU, got ", rot->device());
+        rr = *rot;
+        if (rr.is_complex()) rr = at::view_as_real(rr.resolve_conj().to(at::kComplexFloat));
+        check_dtype(rr, at::kFloat, op, "rot (as real (cos, sin) pairs)");
+        rr = rr.contiguous();
+        check_numel(rr, rows * rope_dim, op, "rot", "[B, T, rope_dim/2] complex");
+    }
+    const int nt = threads();
+    const float *rotp = rr.defined() ? rr.data_ptr<float>() : nullptr;
+    const int rc = v4c_norm_rope(nt, rows, int(heads), int(d), xdt, x.data_ptr(), ptr(w), wdt, float(eps),
+                                 int(rope_dim), rotp, scratch(int64_t(nt) * d));
+    TORCH_CHECK_VALUE(rc == 0, "v4c_native.norm_rope_: rope_dim ", rope_dim, " must be even and at most ", d);
+    return x;
+}
+
+Tensor attention(const Tensor &q, const Tensor &kv, const Tensor &ring, const Tensor &ring_pos, const Tensor &sinks,
+                 const Tensor &pos, const OptTensor &rows, const OptTensor &idx, c10::string_view kind_arg,
+                 int64_t window, int64_t ratio, double scale) {
+    const char *op = "attention";
+    const std::string kind(kind_arg.data(), kind_arg.size());
+    int k = -1;
+    if (kind == "sliding") k = 0;
+    else if (kind == "hca") k = 1;
+    else if (kind == "csa") k = 2;
+    TORCH_CHECK_VALUE(k >= 0, "v4c_native.attention: kind must be 'sliding', 'hca' or 'csa', got '", kind, "'");
+    TORCH_CHECK_VALUE(k != 1 || ratio >= 1, "attention: kind '", kind, "' with ratio ", ratio,
+                      " is not one the C helpers take");
+    TORCH_CHECK_VALUE(q.dim() == 4, "v4c_native.attention: q must be [B, T, H, D], got shape ", q.sizes());
+    const int dt = float_code(q, op, "q");
+    const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
+    for (int64_t v : {B, T, H, D}) check_fits_int(v, op, "size");
+    check_plain(q, op, "q");
+    auto same_dtype = [&](const Tensor &t, const char *name) {
+        TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), "v4c_native.attention: ", name, " must have q's dtype ",
+                         q.scalar_type(), ", got ", t.scalar_type());
+        check_plain(t, op, name);
+    };
+    auto int64s = [&](const Tensor &t, const char *name) {
+        check_dtype(t, at::kLong, op, name);
+        check_plain(t, op, name);
+    };
+    same_dtype(kv, "kv");
+    check_numel(kv, B * T * D, op, "kv", "[B, T, D]");
+    same_dtype(ring, "ring");
+    TORCH_CHECK_VALUE(ring.dim() == 3 && ring.size(0) == B && ring.size(2) == D,
+                      "v4c_native.attention: ring must be [B, W, D] = [", B, ", W, ", D, "], got shape ", ring.sizes());
+    const int64_t W = ring.size(1);
+    check_fits_int(W, op, "ring rows W");
+    int64s(ring_pos, "ring_pos");
+    check_numel(ring_pos, B * W, op, "ring_pos", "[B, W]");
+    int64s(pos, "pos");
+    check_numel(pos, B * T, op, "pos", "[B, T]");
+    Tensor s = as_f32(sinks, op, "sinks");
+    check_numel(s, H, op, "sinks", "[H]");
+    int64_t N = 0, K = 0;
+    if (k != 0) {
+        TORCH_CHECK_VALUE(rows.has_value(), "v4c_native.attention: kind '", kind, "' needs the compressed rows");
+        same_dtype(*rows, "rows");
+        TORCH_CHECK_VALUE(rows->dim() == 3 && rows->size(0) == B && rows->size(2) == D,
+                          "v4c_native.attention: rows must be [B, N, D] = [", B, ", N, ", D, "], got shape ",
+                          rows->sizes());
+        N = rows->size(1);
+        check_fits_int(N, op, "compressed rows N");
+    }
+    if (k == 2) {
+        TORCH_CHECK_VALUE(idx.has_value(), "v4c_native.attention: kind 'csa' needs idx");
+        int64s(*idx, "idx");
+        TORCH_CHECK_VALUE(idx->dim() == 3 && idx->size(0) == B && idx->size(1) == T,
+                          "v4c_native.attention: idx must be [B, T, K] = [", B, ", ", T, ", K], got shape ",
+                          idx->sizes());
+        K = idx->size(2);
+        check_fits_int(K, op, "picks K");
+    }
+    check_fits_int(window, op, "window");
+    Tensor out = at::empty_like(q);
+    const int rc = v4c_attention(threads(), int(B), int(T), int(H), int(D), dt, k, int(window), int(ratio),
+                                 q.data_ptr(), kv.data_ptr(), ring.data_ptr(), ring_pos.data_ptr<int64_t>(), int(W),
+                                 s.data_ptr<float>(), pos.data_ptr<int64_t>(), N ? rows->data_ptr() : nullptr, int(N),
+                                 K ? idx->data_ptr<int64_t>() : nullptr, int(K), float(scale), out.data_ptr());
+    TORCH_CHECK_VALUE(rc != -1, "attention: kind '", kind, "' with ratio ", ratio, " is not one the C helpers take");
+    TORCH_CHECK_WITH(OutOfMemoryError, rc == 0, "v4c_native.attention: could not allocate scratch memory");
+    return out;
+}
+
+bool moe_decode_available() { return v4c_moe_decode_available() != 0; }
+
+Tensor moe_decode(const Tensor &x, const Tensor &w, const Tensor &perm, const Tensor &offsets, const Tensor &w13,
+                  const Tensor &w2, const OptTensor &shared_gate, const OptTensor &shared_up,
+                  const OptTensor &shared_down, int64_t k, double limit) {
+    const char *op = "moe_decode";
+    auto bf16 = [&](const Tensor &t, const char *name) {
+        check_dtype(t, at::kBFloat16, op, name);
+        check_plain(t, op, name);
+    };
+    bf16(x, "x");
+    TORCH_CHECK_VALUE(x.dim() == 2, "v4c_native.moe_decode: x must be [t, D], got shape ", x.sizes());
+    const int64_t t = x.size(0), D = x.size(1);
+    TORCH_CHECK_VALUE(k >= 1, "v4c_native.moe_decode: k must be at least 1, got ", k);
+    bf16(w13, "w13");
+    bf16(w2, "w2");
+    TORCH_CHECK_VALUE(w2.dim() == 3 && w2.size(1) == D, "v4c_native.moe_decode: w2 must be [E, D, I] with D = ", D,
+                      ", got shape ", w2.sizes());
+    const int64_t E = w2.size(0), I = w2.size(2);
+    TORCH_CHECK_VALUE(w13.dim() == 3 && w13.size(0) == E && w13.size(1) == 2 * I && w13.size(2) == D,
+                      "v4c_native.moe_decode: w13 must be [E, 2I, D] = [", E, ", ", 2 * I, ", ", D, "], got shape ",
+                      w13.sizes());
+    for (int64_t v : {t, D, I, E}) check_fits_int(v, op, "size");
+    check_dtype(perm, at::kLong, op, "perm");
+    check_plain(perm, op, "perm");
+    check_dtype(offsets, at::kLong, op, "offsets");
+    check_plain(offsets, op, "offsets");
+    check_numel(offsets, E + 1, op, "offsets", "[E + 1]");
+    Tensor w32 = as_f32(w, op, "w");
+    check_numel(w32, t * k, op, "w", "[t * k]");
+    check_numel(perm, t * k, op, "perm", "[t * k]");
+    const bool shared = shared_gate.has_value();
+    TORCH_CHECK_VALUE(shared == shared_up.has_value() && shared == shared_down.has_value(),
+                      "v4c_native.moe_decode: the shared expert needs all of gate, up and down, or none");
+    int64_t Is = 0;
+    if (shared) {
+        bf16(*shared_gate, "shared_gate");
+        bf16(*shared_up, "shared_up");
+        bf16(*shared_down, "shared_down");
+        Is = shared_gate->size(0);
+        check_fits_int(Is, op, "shared width");
+        check_numel(*shared_gate, Is * D, op, "shared_gate", "[Is, D]");
+        check_numel(*shared_up, Is * D, op, "shared_up", "[Is, D]");
+        check_numel(*shared_down, D * Is, op, "shared_down", "[D, Is]");
+    }
+    // every index the C code follows: the assignment range within perm, each slot within w and x
+    const int64_t *off = offsets.data_ptr<int64_t>(), *pm = perm.data_ptr<int64_t>();
+    TORCH_CHECK_VALUE(off[0] >= 0 && off[E] <= perm.numel(), "v4c_native.moe_decode: offsets must lie in [0, ",
+                      perm.numel(), "], got ", off[0], " .. ", off[E]);
+    for (int64_t a = 0; a < t * k; a++)
+        TORCH_CHECK_VALUE(pm[a] >= 0 && pm[a] < t * k, "v4c_native.moe_decode: perm[", a, "] = ", pm[a],
+                          " is outside [0, ", t * k, ")");
+    TORCH_CHECK_VALUE(D % 32 == 0 && I % 32 == 0 && Is % 32 == 0,
+                      "v4c_native.moe_decode: widths must be multiples of 32, got D ", D, ", I ", I, ", shared ", Is);
+    // (after the operand checks: those run, and are tested, on any CPU)
+    TORCH_CHECK(moe_decode_available(), "v4c_native.moe_decode: this CPU (or compiler) has no AVX512-BF16");
+    Tensor out = at::empty_like(x);
+    auto bits = [](const OptTensor &o) {
+        return o.has_value() ? static_cast<const uint16_t *>(o->data_ptr()) : nullptr;
+    };
+    const int rc = v4c_moe_decode(threads(), int(t), int(D), int(I), int(Is), int(k), int(E),
+                                  static_cast<const uint16_t *>(x.data_ptr()), offsets.data_ptr<int64_t>(),
+                                  perm.data_ptr<int64_t>(), w32.data_ptr<float>(),
+                                  static_cast<const uint16_t *>(w13.data_ptr()),
+                                  static_cast<const uint16_t *>(w2.data_ptr()), bits(shared_gate), bits(shared_up),
+                                  bits(shared_down), float(limit), static_cast<uint16_t *>(out.data_ptr()));
+    TORCH_CHECK_VALUE(rc != -1, "moe_ffn: expert offsets must be non-decreasing (and widths multiples of 32)");
+    TORCH_CHECK(rc != -3, "v4c_native.moe_decode: this CPU (or compiler) has no AVX512-BF16");
+    TORCH_CHECK_WITH(OutOfMemoryError, rc == 0, "v4c_native.moe_decode: could not allocate scratch memory");
+    return out;
+}
+
+// the team's entry points in use (addresses; 0 where none was found): a diagnostic for the tests
+std::vector<int64_t> openmp_entries() {
+    auto address = [](void *p) { return int64_t(reinterpret_cast<intptr_t>(p)); };
+    return {address(openmp.parallel), address(openmp.thread_num), address(openmp.num_threads)};
+}
+
+} // namespace
+
+TORCH_LIBRARY(v4c_native, m) {
+    m.def("hc_mix(Tensor x, Tensor? y, Tensor? post, Tensor? comb, Tensor fn, Tensor base, Tensor scale, "
+          "Tensor? norm_w, float eps, float hc_eps, int iters, bool head) -> (Tensor?, Tensor, Tensor?, Tensor?)");
+    m.def("norm_rope_(Tensor(a!) x, Tensor? w, float eps, int rope_dim, Tensor? rot) -> Tensor(a!)");
+    m.def("attention(Tensor q, Tensor kv, Tensor ring, Tensor ring_pos, Tensor sinks, Tensor pos, Tensor? rows, "
+          "Tensor? idx, str kind, int window, int ratio, float scale) -> Tensor");
+    m.def("moe_decode(Tensor x, Tensor w, Tensor perm, Tensor offsets, Tensor w13, Tensor w2, Tensor? shared_gate, "
+          "Tensor? shared_up, Tensor? shared_down, int k, float limit) -> Tensor");
+    m.def("moe_decode_available() -> bool", &moe_decode_available);
+    m.def("openmp_entries() -> int[]", &openmp_entries);
+}
+
+TORCH_LIBRARY_IMPL(v4c_native, CPU, m) {
+    m.impl("hc_mix", &hc_mix);
+    m.impl("norm_rope_", &norm_rope_);
+    m.impl("attention", &attention);
+    m.impl("moe_decode", &moe_decode);
+}

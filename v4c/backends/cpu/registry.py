@@ -1,0 +1,168 @@
+"""The cpu backend: which fast path runs each op, and why the others decline.
+
+Implementations are listed per op in order of preference; the first whose checker accepts a call
+runs it, and an op none of them takes runs its reference. Checkers see only what is known when a
+model is loaded (dtypes, cache formats, the instruction set, the phase, whether a weight is
+quantised), so the choice is made once per node and phase and recorded.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from .. import Backend, Call
+from ..reference import REFERENCE
+from . import attention, compressor, linear_norm, mhc, moe, native, projections, rope, router
+from .weight_views import WeightViews
+
+CPU = Backend("cpu", fallback=REFERENCE, context=WeightViews)
+
+_FLOATS = ("f32", "bf16")
+_KINDS = ("sliding", "hca", "csa")  # what attention.c implements
+_MAX_STREAMS = 8  # mhc.c's per-thread scratch
+
+
+def _all(*checks):
+    def check(call: Call) -> str | None:
+        for c in checks:
+            why = c(call)
+            if why is not None:
+                return why
+        return None
+    return check
+
+
+def _on_cpu(call: Call) -> str | None:
+    return None if call.device == "cpu" else f"the C helpers run on the CPU, not {call.device}"
+
+
+def _library(call: Call) -> str | None:
+    return None if native.library() is not None else f"the C helpers are not built ({native.why()})"
+
+
+def _phase(name: str):
+    def check(call: Call) -> str | None:
+        return None if call.phase == name else f"made for {name} calls"
+    return check
+
+
+def _float(i: int, what: str):
+    def check(call: Call) -> str | None:
+        dt = call.dtype(i)
+        return None if dt in _FLOATS else f"{what} is {dt} (the C helpers take f32 or bf16)"
+    return check
+
+
+def _same_dtype(ref: int, *others: int, what: str):
+    def check(call: Call) -> str | None:
+        bad = [call.dtype(i) for i in others if i < len(call.types) and call.dtype(i) != call.dtype(ref)]
+        return f"{what} is {bad[0]}, not the activations' {call.dtype(ref)}" if bad else None
+    return check
+
+
+def _plain_cache(attr: str):
+    def check(call: Call) -> str | None:
+        fmt = call.attrs.get(attr)
+        return None if fmt is None else f"the cache is stored as {fmt} (the C helpers read plain rows)"
+    return check
+
+
+def _native(*checks):
+    return _all(_on_cpu, _library, *checks)
+
+
+# ---- attention: q, kv, ring, ring_pos, sinks, pos, rows, idx -------------------------------
+
+def _kind(call: Call) -> str | None:
+    return None if call.attrs.get("kind") in _KINDS else f"kind {call.attrs.get('kind')!r}"
+
+
+_attention_native = _native(_plain_cache("kv_format"), _kind, _float(0, "q"),
+                            _same_dtype(0, 1, 2, 6, what="a cache"))
+CPU.add("attention", "native", _attention_native)(attention.attend_native)
+CPU.add("attention", "decode", _phase("decode"))(attention.attend_decode)
+CPU.add("attention", "blocked")(attention.attend)
+CPU.add("sparse_attention", "native", _attention_native)(attention.fused(attention.attend_native))
+CPU.add("sparse_attention", "decode", _phase("decode"))(attention.fused(attention.attend_decode))
+CPU.add("sparse_attention", "blocked")(attention.fused(attention.attend))
+
+CPU.add("indexer_topk", "decode", _phase("decode"))(attention.indexer_topk_decode)
+CPU.add("indexer_topk", "blocked")(attention.indexer_topk)
+CPU.add("indexer", "decode", _phase("decode"))(attention.fused_indexer(attention.indexer_topk_decode))
+CPU.add("indexer", "blocked")(attention.fused_indexer(attention.indexer_topk))
+
+# ---- mHC: x (, y, post, comb), fn, base, scale, norm_w ---------------------------------------
+
+
+def _streams(call: Call) -> str | None:
+    n = call.types[0].shape[2]
+    return None if isinstance(n, int) and n <= _MAX_STREAMS else f"{n} streams (the C helpers take at most " \
+                                                                        f"{_MAX_STREAMS})"
+
+
+CPU.add("hc_pre", "native", _native(_float(0, "x"), _streams))(mhc.hc_pre_native)
+CPU.add("hc_pre", "small", _phase("decode"))(mhc.hc_pre_small)
+CPU.add("hc_pre", "streamed")(mhc.hc_pre_streamed)
+for _op in ("hc_post_pre", "hc_head"):
+    CPU.add(_op, "native", _native(_float(0, "x"), _same_dtype(0, 1, what="y"), _streams))(
+        getattr(mhc, f"{_op}_native"))
+CPU.add("hc_post_pre", "small", _phase("decode"))(mhc.hc_post_pre_small)
+CPU.add("hc_post_pre", "streamed")(mhc.hc_post_pre_streamed)
+CPU.add("hc_head", "streamed", _phase("prefill"))(mhc.hc_head_streamed)  # a decode step: the reference's few ops
+
+# ---- MoE: h, idx, w, perm, offsets, w13, w2 (, sg, su, sd) ----------------------------------
+
+
+def _plain_weights(*which: int):
+    def check(call: Call) -> str | None:
+        idx = [i for i in which if i < len(call.types)]
+        if call.quantized(*idx):
+            return "quantised expert weights"
+        return _same_dtype(0, *idx, what="an expert weight")(call)
+    return check
+
+
+def _moe_native_isa(call: Call) -> str | None:
+    if call.dtype(0) != "bf16":
+        return f"activations are {call.dtype(0)} (the C MoE takes bf16)"
+    widths = [call.types[0].shape[-1], call.types[6].shape[-1]] + ([call.types[7].shape[0]] if len(call.types) > 7 else [])
+    if any(not isinstance(v, int) or v % 32 for v in widths):
+        return f"widths {widths} are not all multiples of 32"
+    return None if native.moe_decode_available() else "this CPU (or compiler) has no AVX512-BF16"
+
+
+def _moe(fn):
+    """Bound with the model's weight views, the re-layouts made now rather than on a first call."""
+    def bind(call: Call, views: WeightViews):
+        ws = [v for v in call.values[5:] if v is not None]
+        if ws and all(isinstance(w, torch.Tensor) for w in ws):
+            moe.prepare(views, *ws)
+        return partial(fn, views=views)
+    return bind
+
+
+CPU.add("moe_ffn", "native-decode", _native(_phase("decode"), _plain_weights(5, 6, 7, 8, 9), _moe_native_isa))(
+    moe.moe_native)
+CPU.add("moe_ffn", "decode", _all(_phase("decode"), _plain_weights(5, 6, 7, 8, 9)), bind=_moe(moe.moe_decode))(
+    moe.moe_decode)
+CPU.add("moe_ffn", "grouped", _plain_weights(5, 6), bind=_moe(moe.moe_grouped))(moe.moe_grouped)
+CPU.add("moe_ffn", "per-expert")(moe.moe_per_expert)
+
+# ---- projections and the rest ----------------------------------------------------------------
+
+CPU.add("q_proj", "native", _native(_float(0, "x")))(projections.q_proj_native)
+CPU.add("q_proj", "torch")(projections.q_proj)
+CPU.add("kv_proj", "native", _native(_float(0, "x"), _float(2, "norm_w")))(projections.kv_proj_native)
+CPU.add("kv_proj", "torch")(projections.kv_proj)
+CPU.add("linear_rms_norm", "torch")(linear_norm.linear_rms_norm)
+CPU.add("moe_router", "torch")(router.moe_router)
+CPU.add("rope", "torch")(rope.rope)
+
+
+def _fp32_pending(call: Call) -> str | None:
+    bad = [call.dtype(i) for i in (6, 7) if call.dtype(i) != "f32"]
+    return f"pending slots are {bad[0]} (this path pools exactly what fp32 slots hold)" if bad else None
+
+
+CPU.add("compressor", "decode", _all(_phase("decode"), _fp32_pending))(compressor.compressor)
