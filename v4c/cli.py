@@ -84,6 +84,23 @@ def _run_argv(a) -> list[str]:
     return argv
 
 
+def _serve(a) -> int:
+    from .serve.app import serve
+    if a.max_batch < 1:
+        raise ValueError(f"--max-batch must be >= 1, got {a.max_batch}")
+    if a.max_context is not None and a.max_context < 2:
+        raise ValueError(f"--max-context must be >= 2, got {a.max_context}")
+    if a.step_tokens < a.max_batch:
+        raise ValueError(f"--step-tokens must be at least --max-batch ({a.max_batch}): every running row takes "
+                         f"one token of each step, got {a.step_tokens}")
+    if not 0 <= a.port < 65536:
+        raise ValueError(f"--port must be in [0, 65535], got {a.port}")
+    return serve(a.artifact, host=a.host, port=a.port, max_batch=a.max_batch, max_context=a.max_context,
+                 max_queue=a.max_queue, api_key=a.api_key or os.environ.get("V4C_API_KEY") or None,
+                 backend=a.backend, device=a.device, reasoning=a.reasoning == "on",
+                 served_model_name=a.served_model_name, log_level=a.log_level, step_tokens=a.step_tokens)
+
+
 def _inspect(a) -> int:
     from .inspect import format_report, inspect_artifact
     r = inspect_artifact(a.artifact, context=a.context, batch=a.batch, backend=a.backend,
@@ -311,6 +328,30 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--world-size", type=int, default=1,
                    help="run a sharded artifact on N ranks (starts torchrun; under torchrun, join its ranks)")
     r.set_defaults(fn=_run)
+    sv = sub.add_parser("serve", help="serve an artifact over HTTP with OpenAI's API (completions, chat)")
+    sv.add_argument("artifact", help="a compiled artifact directory (with weights)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    sv.add_argument("--max-batch", type=int, default=8, help="sequences decoded together per step (default 8)")
+    sv.add_argument("--max-context", type=int, default=None,
+                    help="tokens per sequence, prompt and generated (default: the model's, up to 16384)")
+    sv.add_argument("--max-queue", type=int, default=64,
+                    help="requests waiting for a row before new ones get 429 (default 64)")
+    sv.add_argument("--step-tokens", type=int, default=256,
+                    help="tokens per scheduler step: one per decode row, the rest for prefill chunks (default 256)")
+    sv.add_argument("--api-key", default=None,
+                    help="require 'Authorization: Bearer KEY' on every route but /health (default: $V4C_API_KEY)")
+    sv.add_argument("--backend", default=None, choices=["cpu", "triton", "reference", "torch"],
+                    help="as for `v4c run` (default: triton on CUDA, cpu on CPU)")
+    sv.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if there is a GPU)")
+    sv.add_argument("--reasoning", default="off", choices=["on", "off"],
+                    help="chat's default mode: thinking (on) or not (off); a request picks its own with "
+                         "chat_template_kwargs: {\"thinking\": true}")
+    sv.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the "
+                                                               "artifact directory's name)")
+    sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                    help="uvicorn's log level (default info)")
+    sv.set_defaults(fn=_serve)
     i = sub.add_parser("inspect", help="describe an artifact")
     i.add_argument("artifact", help="a compiled artifact directory")
     i.add_argument("--json", action="store_true", help="everything as JSON (for tools)")

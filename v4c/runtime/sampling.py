@@ -43,3 +43,46 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
         sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)  # the most likely token always stays
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+def sample_rows(logits: torch.Tensor, temperatures, top_ps, generators) -> torch.Tensor:
+    """Next token per row of ``logits`` [B, V], each row with its own ``temperatures[b]``,
+    ``top_ps[b]`` and ``generators[b]`` (a ``torch.Generator`` or None: the global one).
+
+    A greedy row (temperature 0) is the exact argmax of its logits, consuming nothing from any
+    generator; a sampled row gives exactly what ``sample(logits[b:b+1], temperatures[b], top_ps[b],
+    generators[b])`` gives and draws only from its own generator, so a row's token does not depend
+    on the other rows of the batch (what a server batching unrelated requests needs for a seeded
+    request to be reproducible). Returns int64 [B] on the logits' device."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError(f"logits must be a tensor [batch, vocab], got shape {tuple(getattr(logits, 'shape', ()))}")
+    b = logits.shape[0]
+    temperatures, top_ps, generators = list(temperatures), list(top_ps), list(generators)
+    for name, values in (("temperatures", temperatures), ("top_ps", top_ps), ("generators", generators)):
+        if len(values) != b:
+            raise ValueError(f"{name} must hold one value per row ({b}), got {len(values)}")
+    checked = [check_sampling(t, p) for t, p in zip(temperatures, top_ps)]
+    out = torch.empty(b, dtype=torch.int64, device=logits.device)
+    greedy = [i for i, (t, _) in enumerate(checked) if t == 0.0]
+    if greedy:  # one argmax for every greedy row: per row it is the same exact argmax
+        idx = torch.tensor(greedy, dtype=torch.int64, device=logits.device)
+        out[idx] = logits.index_select(0, idx).float().argmax(dim=-1)
+    for i, (t, p) in enumerate(checked):
+        if t != 0.0:  # one row at a time: exactly the single-row computation and its generator draws
+            out[i] = sample(logits[i:i + 1], t, p, generators[i])[0]
+    return out
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int = 0
+                   ) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Per row of ``logits`` [B, V]: the log-probability of ``tokens[b]`` under the model's own
+    distribution (log-softmax of the raw logits: before temperature and top-p, as vLLM and the
+    OpenAI API report them) and the ``top`` most likely tokens with theirs, most likely first."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, tokens.to(lp.device, torch.int64).reshape(-1, 1))[:, 0].tolist()
+    if top > 0:
+        vals, ids = lp.topk(min(top, lp.shape[-1]), dim=-1)
+        alts = [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
+    else:
+        alts = [[] for _ in chosen]
+    return list(zip(chosen, alts))

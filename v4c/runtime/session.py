@@ -42,9 +42,15 @@ class Session:
     tokens of this call (the rest is padding: its ids are never read, any value will do,
     and its logits are meaningless).
 
+    For serving, rows are used independently: ``forward_rows(a, b, ids)`` runs the rows
+    ``a..b-1`` alone (``ids`` [b - a, T]; the other rows are neither read nor written, and
+    the call costs only its own (b - a) x T token slots), and ``reset_rows(rows)`` empties
+    some rows and leaves the others bit for bit as they were.
+
     A call that does not finish (an op's error, Ctrl-C, a signal, a timeout raised into it)
     has written part of the states in place; the session then refuses further calls with
-    ``SessionBrokenError`` until ``reset()``. A session is used by one thread at a time;
+    ``SessionBrokenError`` until ``reset()``, or until ``reset_rows`` has emptied the rows
+    that call was running (``broken_rows``). A session is used by one thread at a time;
     sessions of one model can run in parallel threads.
     """
 
@@ -72,6 +78,7 @@ class Session:
                 f"({format_bytes(need // batch_size)} per sequence), more than the {format_bytes(free)} available on "
                 f"{model.device}; use a smaller batch_size or max_context")
         self._broken: str | None = None  # why the states cannot be trusted (None: they can)
+        self._broken_rows: set[int] = set()  # the rows an unfinished call was running (empty when not broken)
         self._busy = threading.Lock()  # held by the call running: a second thread's call is refused
         self.states = {}
         for name, t in model.graph.states:
@@ -89,11 +96,48 @@ class Session:
         self._claim()
         try:
             self._broken = "reset() was interrupted"  # cleared only once every buffer is refilled
+            self._broken_rows = set(range(self.batch_size))
             for t in self.states.values():
                 t.fill_(-1 if not t.is_floating_point() else 0)
             self.lengths.zero_()
             self._longest = 0
-            self._broken = None
+            self._broken, self._broken_rows = None, set()
+        finally:
+            self._busy.release()
+
+    def _rows(self, rows) -> list[int]:
+        """``rows`` (ints, a 1-d integer tensor or a range) as sorted distinct row indices, each checked."""
+        if isinstance(rows, torch.Tensor):
+            if rows.dim() > 1 or rows.is_floating_point() or rows.dtype == torch.bool:
+                raise ValueError(f"rows must be row indices, got a {rows.dtype} tensor of shape {tuple(rows.shape)}")
+            rows = rows.reshape(-1).tolist()
+        elif isinstance(rows, (int, str, bytes)) or not hasattr(rows, "__iter__"):
+            raise ValueError(f"rows must be a sequence of row indices, got {rows!r}")
+        out = sorted({_int("row", r) for r in rows})
+        bad = [r for r in out if not 0 <= r < self.batch_size]
+        if bad:
+            raise ValueError(f"rows {bad} are outside 0..{self.batch_size - 1} (this session's batch_size)")
+        return out
+
+    def reset_rows(self, rows) -> None:
+        """Empties the sequences in ``rows`` (their states and lengths) and nothing else: every other row
+        keeps its state bit for bit. Emptying every row a broken call was running (``broken_rows``)
+        makes the session usable again."""
+        rows = self._rows(rows)
+        self._claim()
+        try:
+            if not rows:
+                return
+            was = self._broken
+            self._broken = "reset_rows() was interrupted"
+            self._broken_rows |= set(rows)
+            idx = torch.tensor(rows, dtype=torch.int64, device=self.model.device)
+            for t in self.states.values():
+                t.index_fill_(0, idx, -1 if not t.is_floating_point() else 0)
+            self.lengths.index_fill_(0, idx, 0)
+            self._longest = int(self.lengths.max())
+            self._broken_rows -= set(rows)
+            self._broken = None if not self._broken_rows else was
         finally:
             self._busy.release()
 
@@ -101,6 +145,12 @@ class Session:
     def broken(self) -> str | None:
         """Why the session refuses calls until ``reset()`` (None when it is usable)."""
         return self._broken
+
+    @property
+    def broken_rows(self) -> list[int]:
+        """The rows whose state an unfinished call left part-written: ``reset_rows`` of these (or
+        ``reset()``) makes the session usable again. Empty when the session is usable."""
+        return sorted(self._broken_rows)
 
     def _claim(self) -> None:
         if not self._busy.acquire(blocking=False):
@@ -117,14 +167,18 @@ class Session:
         out["total"] = sum(out.values())
         return out
 
-    def _check(self, ids: torch.Tensor, lengths) -> torch.Tensor:
-        """Each row's token count for this call; a clear error for anything malformed."""
+    def _check(self, ids: torch.Tensor, lengths, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Each row's token count for this call (over the row range ``rows``, all rows when None);
+        a clear error for anything malformed. Rows in messages are the session's row numbers."""
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"ids must be an integer tensor [batch, tokens], got "
                              f"{getattr(ids, 'dtype', type(ids))} {tuple(getattr(ids, 'shape', ()))}")
+        lo, hi = rows if rows is not None else (0, self.batch_size)
         b, t = ids.shape
-        if b != self.batch_size:
+        if rows is None and b != self.batch_size:
             raise ValueError(f"ids has batch {b}, the session was created for batch {self.batch_size}")
+        if rows is not None and b != hi - lo:
+            raise ValueError(f"ids has batch {b}, the row range {lo}:{hi} holds {hi - lo} rows")
         if t < 1:
             raise ValueError("ids must hold at least one token")
         if lengths is None:
@@ -139,19 +193,19 @@ class Session:
         if bool(bad.any()):
             r, c = (int(x) for x in bad.nonzero()[0])
             raise ValueError(f"token id {int(ids[r, c])} at [{r}, {c}] is outside the vocabulary 0..{vocab - 1}")
-        ends = self.lengths.cpu() + n
+        ends = self.lengths[lo:hi].cpu() + n
         if bool((ends > self.max_context).any()):
             row = int((ends > self.max_context).nonzero()[0])
-            raise ValueError(f"row {row} would reach {int(ends[row])} tokens, beyond this session's max_context "
-                             f"{self.max_context}")
+            raise ValueError(f"row {lo + row} would reach {int(ends[row])} tokens, beyond this session's "
+                             f"max_context {self.max_context}")
         return n.to(self.model.device)
 
-    def _plain(self, ids) -> bool:
+    def _plain(self, ids, rows: int | None = None) -> bool:
         """The common call, all of ``ids`` appended to every row, checked in a few host reads (a decode
         step is ~100 ops in all: ``_check``'s two dozen small ones would be a measurable share);
-        anything else goes through ``_check`` and its errors."""
+        anything else goes through ``_check`` and its errors. ``_longest`` bounds every row's length."""
         if not (isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.dtype in (torch.int64, torch.int32)
-                and ids.shape[0] == self.batch_size and ids.shape[1] >= 1):
+                and ids.shape[0] == (self.batch_size if rows is None else rows) and ids.shape[1] >= 1):
             return False
         lo, hi = (int(v) for v in torch.aminmax(ids))
         return lo >= 0 and hi < self.model.config.vocab_size and self._longest + ids.shape[1] <= self.max_context
@@ -160,41 +214,77 @@ class Session:
     def forward(self, ids: torch.Tensor, lengths=None) -> torch.Tensor:
         self._claim()
         try:
-            if self._broken is not None:
-                raise SessionBrokenError(f"this session's state is incomplete ({self._broken}), so its logits "
-                                         f"would be wrong; call reset() to start its sequences again")
+            self._refuse_if_broken()
             return self._forward(ids, lengths)
         finally:
             self._busy.release()
 
-    def _forward(self, ids: torch.Tensor, lengths) -> torch.Tensor:
-        n = None if lengths is None and self._plain(ids) else self._check(ids, lengths)
+    __call__ = forward
+
+    @torch.inference_mode()
+    def forward_rows(self, a: int, b: int, ids: torch.Tensor, lengths=None) -> torch.Tensor:
+        """``forward`` on the rows ``a..b-1`` alone: ``ids`` [b - a, T] (and ``lengths`` [b - a]) are
+        appended to those rows, which may each be at its own position; returns float32 logits
+        [b - a, T, vocab]. The other rows are neither read nor written. The states of the range are
+        views of the session's buffers (rows are the outermost dimension), updated in place. A call
+        that does not finish leaves the rows it was appending to part-written (``broken_rows``: those
+        of ``a..b-1`` with a length > 0; a padding row is never written)."""
+        a, b = _int("a", a), _int("b", b)
+        if not 0 <= a < b <= self.batch_size:
+            raise ValueError(f"row range {a}:{b} is not a non-empty range within 0:{self.batch_size}")
+        self._claim()
+        try:
+            self._refuse_if_broken()
+            return self._forward(ids, lengths, (a, b))
+        finally:
+            self._busy.release()
+
+    def _refuse_if_broken(self) -> None:
+        if self._broken is not None:
+            rows = self.broken_rows
+            part = (f" (or reset_rows({rows}), the rows it was running)"
+                    if rows and len(rows) < self.batch_size else "")
+            raise SessionBrokenError(f"this session's state is incomplete ({self._broken}), so its logits "
+                                     f"would be wrong; call reset(){part} to start its sequences again")
+
+    def _forward(self, ids: torch.Tensor, lengths, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        whole = rows is None or rows == (0, self.batch_size)
+        lo, hi = (0, self.batch_size) if rows is None else rows
+        n = (None if lengths is None and self._plain(ids, hi - lo)
+             else self._check(ids, lengths, None if rows is None else rows))
         dev = self.model.device
         ids = ids.to(dev, torch.int64)
         t = ids.shape[1]
+        # a row range runs on views of the buffers: slicing the outermost (row) dimension of a contiguous
+        # tensor is itself contiguous, and the ops' in-place updates land in the session's buffers
+        states = self.states if whole else {k: v[lo:hi] for k, v in self.states.items()}
+        lens = self.lengths if whole else self.lengths[lo:hi]
         if n is None:  # every row appends all t tokens
-            pos = self.lengths[:, None] + torch.arange(t, device=dev)[None, :]
+            pos = lens[:, None] + torch.arange(t, device=dev)[None, :]
         else:
             steps = torch.arange(t, device=dev)[None, :]
-            pos = torch.where(steps < n[:, None], self.lengths[:, None] + steps, torch.full_like(steps, -1))
+            pos = torch.where(steps < n[:, None], lens[:, None] + steps, torch.full_like(steps, -1))
             ids = ids.masked_fill(pos < 0, 0)  # padding may hold any value (even past the vocabulary): never read
         # from here the ops update the states in place; a call stopped part-way (an error, Ctrl-C, a signal)
         # leaves some written and lengths not, so the mark is set first and cleared only once all is done
         self._broken = "a forward call did not finish"
+        self._broken_rows = set(range(lo, hi))
         try:
-            if self._graph is not None and ids.shape[1] == 1 and lengths is None:
+            if self._graph is not None and whole and ids.shape[1] == 1 and lengths is None:
                 # a captured CUDA graph, replayed: its output is a static buffer the next replay rewrites,
                 # so the caller gets a copy (float() alone returns that very buffer for an f32 model)
                 logits = self._graph.run(ids, pos).to(torch.float32, copy=True)
             else:
-                (logits,) = self.model.executor.run({"ids": ids, "pos": pos}, self.states)
-            self.lengths += t if n is None else n
-            self._longest = self._longest + t if n is None else int(self.lengths.max())
+                (logits,) = self.model.executor.run({"ids": ids, "pos": pos}, states)
+            lens += t if n is None else n
+            if whole:
+                self._longest = self._longest + t if n is None else int(self.lengths.max())
+            else:
+                self._longest = int(self.lengths.max())
         except BaseException as e:
             self._broken = f"a forward call was interrupted by {type(e).__name__}" + (f": {e}" if str(e) else "")
+            if n is not None:  # a padding row (length 0: positions -1) is never written, so it stays intact
+                self._broken_rows = {lo + int(r) for r in torch.nonzero(n.cpu() > 0).reshape(-1)} or self._broken_rows
             raise
-        self._broken = None
+        self._broken, self._broken_rows = None, set()
         return logits.float()
-
-    __call__ = forward
-
