@@ -535,3 +535,37 @@ def test_the_v4c_serve_command(served):
         out = p.communicate(timeout=60)[0]
     assert p.returncode in (0, 143, -15), out
     assert f"on http://127.0.0.1:{port}/v1" in out
+
+
+@pytest.mark.parametrize("variant", ["tiny", "pro_like"])
+def test_greedy_over_http_equals_transformers(tmp_path, variant):
+    """An HF-named checkpoint built with transformers' own DeepseekV4ForCausalLM: greedy completions
+    served to concurrent clients (prompts of different lengths, batched together) are transformers'
+    greedy tokens, EOS ignored on both sides."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hf_reference import VARIANTS, hf_greedy, make_hf_model, save_checkpoint
+    cfg = VARIANTS[variant]
+    hf = make_hf_model(cfg, seed=1)
+    save_checkpoint(hf, cfg, tmp_path / "ckpt")
+    art = v4c.compile(tmp_path / "ckpt", tmp_path / "art", target="cpu")
+    engine = Engine(v4c.load(art), max_batch=4, max_context=64, step_tokens=16).start()
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(0, cfg["vocab_size"], (1, n), generator=g) for n in (5, 11, 23)]
+    n_new = 12
+    want = [hf_greedy(hf, p, n_new)[0, p.shape[1]:].tolist() for p in prompts]
+    try:
+        with _uvicorn(create_app(engine, model_name="hf", vocab_size=cfg["vocab_size"])) as base:
+            client = _client(base)
+
+            def ask(p):
+                r = client.completions.create(model="hf", prompt=p[0].tolist(), max_tokens=n_new, temperature=0,
+                                              extra_body={"return_token_ids": True, "ignore_eos": True})
+                return _extra(r.choices[0], "token_ids"), r.choices[0].finish_reason
+
+            with ThreadPoolExecutor(len(prompts)) as pool:
+                got = list(pool.map(ask, prompts))
+    finally:
+        engine.stop()
+    for (tokens, reason), w in zip(got, want):
+        assert reason == "length" and tokens == w
