@@ -11,7 +11,7 @@ from ..graph.text import parse_graph
 from ..graph.verify import verify
 from ..settings import configure_threads
 from ..io.naming import plan_sources
-from ..backends import for_artifact
+from ..backends import ALIASES, NAMES, for_artifact
 from ..backends.triton import install_binaries
 from .model import Model, cast_param
 
@@ -35,7 +35,7 @@ def _device(device) -> torch.device:
     return dev
 
 
-BACKENDS = ("cpu", "triton", "reference", "torch")  # "torch": the cpu backend's former name
+BACKENDS = (*NAMES, *ALIASES)  # every name `backend=` takes (ALIASES: former names)
 
 
 def load(path: str | os.PathLike, device=None, verify_weights: bool = False, backend: str | None = None,

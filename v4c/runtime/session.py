@@ -251,7 +251,7 @@ class Session:
         whole = rows is None or rows == (0, self.batch_size)
         lo, hi = (0, self.batch_size) if rows is None else rows
         n = (None if lengths is None and self._plain(ids, hi - lo)
-             else self._check(ids, lengths, None if rows is None else rows))
+             else self._check(ids, lengths, rows))
         dev = self.model.device
         ids = ids.to(dev, torch.int64)
         t = ids.shape[1]

@@ -12,9 +12,10 @@ from __future__ import annotations
 import torch
 
 from ...graph.storage import PLAIN, decode, encode, round_trip
+from .. import DECODE_TOKENS
 from .positions import values
 
-from .. import DECODE_TOKENS as TOKENS  # calls with at most this many tokens (batch x length) take these paths
+TOKENS = DECODE_TOKENS  # calls with at most this many tokens (batch x length) take these paths
 _STEPS: dict = {}  # (step, device) -> [0, step, 2 step, ...], grown on demand
 _CACHE: dict = {}  # small constant tensors, by what they are and their device
 
