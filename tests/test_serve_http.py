@@ -494,36 +494,17 @@ def test_nothing_below_the_server_imports_it():
     assert not bad, bad
 
 
-def test_cli_serve_refuses_a_sharded_artifact(tmp_path, capsys):
-    from v4c.cli import main
-    from v4c.model.presets import tiny_config_dict
-    (tmp_path / "cfg").mkdir()
-    (tmp_path / "cfg" / "config.json").write_text(json.dumps(tiny_config_dict()))
-    art = v4c.compile(tmp_path / "cfg", tmp_path / "sharded", target="cpu", world_size=2)
-    assert main(["serve", str(art), "--port", "0"]) == 2
-    assert "serving a sharded artifact is not supported yet" in capsys.readouterr().err
-
-
 def test_the_v4c_serve_command(served):
     import subprocess
     import sys
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from serve_process import free_port, wait_healthy
+    port = free_port()
     p = subprocess.Popen([sys.executable, "-m", "v4c.cli", "serve", str(served.art), "--port", str(port),
                           "--max-batch", "2", "--max-context", "64", "--api-key", "k", "--log-level", "warning"],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
-        while True:
-            assert p.poll() is None, p.stdout.read()
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "v4c serve did not come up"
-            time.sleep(0.2)
+        base = f"http://127.0.0.1:{port}"
+        wait_healthy(p, base)
         assert httpx.get(f"{base}/v1/models").status_code == 401
         cl = _client(base, api_key="k")
         assert [m.id for m in cl.models.list().data] == ["tiny-chat"]

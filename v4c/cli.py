@@ -93,8 +93,17 @@ def _serve(a) -> int:
     if a.step_tokens < a.max_batch:
         raise ValueError(f"--step-tokens must be at least --max-batch ({a.max_batch}): every running row takes "
                          f"one token of each step, got {a.step_tokens}")
+    if a.world_size is not None and a.world_size < 1:
+        raise ValueError(f"--world-size must be >= 1, got {a.world_size}")
     if not 0 <= a.port < 65536:
         raise ValueError(f"--port must be in [0, 65535], got {a.port}")
+    if "WORLD_SIZE" not in os.environ:  # a sharded artifact: start its ranks; rank 0 takes the requests
+        from .artifact import open_artifact
+        world = a.world_size or open_artifact(a.artifact, verify=False).world_size
+        if world != 1:
+            from .runtime.distributed import launch
+            # every rank gets this command line (rank 0 serves, the others follow it)
+            return launch(world, [*a.argv, *(() if a.world_size else ("--world-size", str(world)))])
     return serve(a.artifact, host=a.host, port=a.port, max_batch=a.max_batch, max_context=a.max_context,
                  max_queue=a.max_queue, api_key=a.api_key or os.environ.get("V4C_API_KEY") or None,
                  backend=a.backend, device=a.device, reasoning=a.reasoning == "on",
@@ -351,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "artifact directory's name)")
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                     help="uvicorn's log level (default info)")
+    sv.add_argument("--world-size", type=int, default=None,
+                    help="ranks for a sharded artifact (default: the ranks it was compiled for); rank 0 takes "
+                         "the requests")
     sv.set_defaults(fn=_serve)
     i = sub.add_parser("inspect", help="describe an artifact")
     i.add_argument("artifact", help="a compiled artifact directory")
@@ -464,6 +476,7 @@ def _plain_warnings(cmd: str) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as given, for the ranks a command starts
     configure_triton()  # a command's own process: Triton's interpreter where there is no GPU
     _terminate_cleanly(args.cmd)
     _plain_warnings(args.cmd)

@@ -213,12 +213,7 @@ class DistributedSession:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.batch_size = model, batch_size
-        if model.attn == "dp":
-            base, extra = divmod(batch_size, model.world)
-            self.lo = model.rank * base + min(model.rank, extra)
-            self.hi = self.lo + base + (model.rank < extra)
-        else:
-            self.lo, self.hi = 0, batch_size
+        self.lo, self.hi = self._share(model.rank)
         # a rank without a sequence (batch < world) still joins every collective: it runs one row that is
         # all padding (positions -1), which touches no state and whose logits are dropped
         self.idle = self.hi == self.lo
@@ -275,6 +270,87 @@ class DistributedSession:
             return self._gather(logits)
 
     __call__ = forward
+
+    # -- rows used independently (serving): every rank calls these with rank 0's arguments ---------------
+
+    @property
+    def broken(self) -> str | None:
+        return self.local.broken
+
+    @property
+    def broken_rows(self) -> list[int]:
+        return [] if self.idle else [self.lo + r for r in self.local.broken_rows]
+
+    def _share(self, rank: int) -> tuple[int, int]:
+        """The rows rank ``rank`` keeps (attn=dp; every row under tp)."""
+        if self.model.attn != "dp":
+            return 0, self.batch_size
+        base, extra = divmod(self.batch_size, self.model.world)
+        lo = rank * base + min(rank, extra)
+        return lo, lo + base + (rank < extra)
+
+    @torch.inference_mode()
+    def forward_rows(self, a: int, b: int, ids=None, lengths=None) -> torch.Tensor:
+        """``Session.forward_rows`` over ranks: rows ``a..b-1`` (global row numbers; rank 0's ``a``, ``b``,
+        ``ids`` and ``lengths`` count, so every rank must pass the same range). Returns the range's
+        logits on every rank. Under attn=dp each rank runs its part of the range, or one padding row
+        when it holds none of it: the expert exchange needs every rank in every call."""
+        with _collective("sharing rank 0's request"):
+            rng = torch.tensor([a, b], dtype=torch.int64, device=self.model.device)
+            _dist().broadcast(rng, src=0)
+            a, b = (int(x) for x in rng.tolist())
+            ids, lengths = self._from_rank0(ids, lengths)
+        if not 0 <= a < b <= self.batch_size:
+            raise ValueError(f"row range {a}:{b} is not a non-empty range within 0:{self.batch_size}")
+        n = Session._check(self, ids, lengths, (a, b))  # on every rank: all raise or none does
+        t = ids.shape[1]
+        ia, ib = max(a, self.lo), min(b, self.hi)
+        with _collective("running the forward pass (expert all-to-all / all-reduce)"):
+            if ia < ib:
+                part = None if lengths is None else lengths[ia - a:ib - a]
+                logits = self.local.forward_rows(ia - self.lo, ib - self.lo, ids[ia - a:ib - a], part)
+            else:  # all padding (positions -1): touches no state, its logits are dropped
+                logits = self.local.forward_rows(0, 1, torch.zeros(1, t, dtype=torch.int64, device=ids.device),
+                                                 torch.zeros(1, dtype=torch.int64))
+        self.lengths[a:b] += n
+        if self.model.attn == "tp":
+            return logits
+        with _collective("gathering every rank's logits"):
+            return self._gather_range(logits if ia < ib else logits[:0], a, b)
+
+    def _gather_range(self, logits: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        """Rows ``a..b-1`` of the ranks' parts, in order, on every rank."""
+        dist, world = _dist(), self.model.world
+        counts = [max(0, min(b, hi) - max(a, lo)) for lo, hi in map(self._share, range(world))]
+        pad = logits.new_zeros(max(counts), *logits.shape[1:])
+        pad[: logits.shape[0]] = logits
+        got = [torch.empty_like(pad) for _ in range(world)]
+        dist.all_gather(got, pad.contiguous())
+        return torch.cat([g[:c] for g, c in zip(got, counts) if c])
+
+    def reset_rows(self, rows=None) -> None:
+        """``Session.reset_rows`` over ranks (rank 0's ``rows``): each rank empties the ones it keeps."""
+        dev = self.model.device
+        error = None
+        with _collective("sharing rank 0's rows to reset"):
+            try:
+                rows = Session._rows(self, rows) if self.model.rank == 0 else []
+            except ValueError as e:  # the others are waiting for the rows: they learn of it (-1) and raise too
+                error, rows = e, []
+            head = torch.tensor([-1 if error else len(rows)], dtype=torch.int64, device=dev)
+            _dist().broadcast(head, src=0)
+            if int(head) < 0:
+                raise error or ValueError("rank 0 was given rows to reset that are not rows of this session")
+            buf = (torch.tensor(rows, dtype=torch.int64, device=dev) if self.model.rank == 0
+                   else torch.empty(int(head), dtype=torch.int64, device=dev))
+            if len(buf):
+                _dist().broadcast(buf, src=0)
+        rows = buf.tolist()
+        mine = [r - self.lo for r in rows if self.lo <= r < self.hi]
+        if mine and not self.idle:
+            self.local.reset_rows(mine)
+        if rows:
+            self.lengths[torch.tensor(rows, dtype=torch.int64, device=self.lengths.device)] = 0
 
     def _gather(self, logits: torch.Tensor) -> torch.Tensor:
         """Every rank's rows, in order, on every rank (padded to the largest share for the collective)."""

@@ -8,12 +8,14 @@ import asyncio  # (no postponed annotations here: FastAPI reads the routes' anno
 import hmac
 import json
 import math
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 from . import openai_api as api
+from ..runtime.model import DEFAULT_MAX_CONTEXT
 from .engine import Finished, QueueFullError, SamplingParams
 from .metrics_text import render as render_metrics
 from .tokenizer import IncrementalDetokenizer, ServeTokenizer, StopStrings
@@ -681,26 +683,60 @@ def serve(artifact, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int
     from ..artifact import open_artifact
     path = Path(artifact)
     man = open_artifact(path, verify=False)
-    if man.world_size > 1:
-        raise V4CError(f"{path}: serving a sharded artifact is not supported yet (it is compiled for "
-                       f"{man.world_size} ranks); `v4c run --world-size {man.world_size}` runs it")
     if not man.has_weights:
         raise V4CError(f"{path}: weight-free artifact (compiled from a config only); it cannot be served")
-    from ..runtime.loader import load
     from .engine import Engine
     from .tokenizer import load_tokenizer
+    leader = None
+    if man.world_size > 1 or "WORLD_SIZE" in os.environ:  # one of torchrun's ranks (`v4c serve --world-size`)
+        from ..runtime.distributed import load_distributed
+        from .ranks import LeaderSession, control_group, follow
+        model = load_distributed(path, device=device, backend=backend)
+        group = control_group()
+        session = model.new_session(max_batch, max_context or min(model.config.max_position_embeddings,
+                                                                   DEFAULT_MAX_CONTEXT))
+        if model.rank != 0:  # requests come to rank 0; this rank makes the calls rank 0 makes
+            try:
+                follow(session, group)
+            finally:
+                model.close()
+            return 0
+        leader = LeaderSession(session, group)
+    else:
+        from ..runtime.loader import load
+        model = load(path, device=device, backend=backend)
     tok = load_tokenizer(path)
-    model = load(path, device=device, backend=backend)
-    engine = Engine(model, max_batch=max_batch, max_context=max_context, max_queue=max_queue, step_tokens=step_tokens)
+    try:
+        engine = Engine(model, max_batch=max_batch, max_context=max_context, max_queue=max_queue,
+                        step_tokens=step_tokens, session=leader)
+    except BaseException:
+        if leader is not None:
+            leader.stop()
+            model.close()
+        raise
     name = served_model_name or path.resolve().name
     app = create_app(engine, model_name=name, tokenizer=tok, api_key=api_key, reasoning=reasoning,
                      max_context=getattr(engine, "max_context", None) or max_context)
     engine.start()
+    ranks = f", {model.world} ranks" if leader is not None else ""
     try:
         print(f"v4c serve: {name} on http://{host}:{port}/v1 (max batch {max_batch}, context "
-              f"{app.state.server.max_context}, {'a tokenizer' if tok else 'no tokenizer: token-id prompts only'}"
+              f"{app.state.server.max_context}{ranks}, "
+              f"{'a tokenizer' if tok else 'no tokenizer: token-id prompts only'}"
               f"{', API key required' if api_key else ''})", flush=True)
         uvicorn.run(app, host=host, port=port, log_level=log_level)
     finally:
         engine.stop()
+        if leader is not None:
+            leader.stop()
+            _leave(model)
     return 0
+
+
+def _leave(model) -> None:
+    """Rank 0 leaves the process group; when the followers have gone already, say so in one line."""
+    from ..errors import V4CError
+    try:
+        model.close()
+    except (V4CError, RuntimeError) as e:
+        print(f"v4c serve: leaving the process group: {str(e).splitlines()[0][:300]}", flush=True)

@@ -321,7 +321,7 @@ class Engine:
     ``stop`` (or leaving the ``with``) cancels every request and joins the thread."""
 
     def __init__(self, model, max_batch: int = 8, max_context: int | None = None, step_tokens: int = 256,
-                 max_queue: int = 64):
+                 max_queue: int = 64, session=None):
         for name, v, lo in (("max_batch", max_batch, 1), ("step_tokens", step_tokens, 1), ("max_queue", max_queue, 0)):
             if not _integer(v) or v < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
@@ -331,7 +331,11 @@ class Engine:
         if max_context is None:
             max_context = min(model.config.max_position_embeddings, DEFAULT_MAX_CONTEXT)
         self.model = model
-        self.session = model.new_session(max_batch, max_context)  # the memory plan: refused here if it does not fit
+        # the memory plan: refused here if it does not fit (``session``: one made by the caller, e.g. rank 0's
+        # of a sharded model, with max_batch rows)
+        self.session = session if session is not None else model.new_session(max_batch, max_context)
+        if self.session.batch_size != max_batch:
+            raise ValueError(f"the session has {self.session.batch_size} rows, max_batch is {max_batch}")
         self.max_batch, self.max_context = max_batch, self.session.max_context
         self.step_tokens, self.max_queue = step_tokens, max_queue
         self.vocab_size = model.config.vocab_size
