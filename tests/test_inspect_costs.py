@@ -101,3 +101,28 @@ def test_quantised_caches_run_and_stay_close(tmp_path, kv, ix, mean_err, top1):
     s = q.new_session(2)
     chunked = torch.cat([s.forward(ids[:, :13]), s.forward(ids[:, 13:14]), s.forward(ids[:, 14:])], 1)
     assert float((chunked - b).abs().max() / b.abs().max()) < 1e-3
+
+
+def test_fused_bytes_count_the_weights_at_every_token_count(tiny_artifact):
+    """A fused op moves at least its weights, however many tokens it runs: its parts' intermediates
+    (including those only reshaped between parts) come off the sum once, not twice (which left q_proj and
+    o_proj moving 0 bytes at prefill sizes)."""
+    from v4c.artifact import open_artifact
+    from v4c.graph.ops.fused import RECIPES
+    from v4c.graph.registry import Concrete, get_op
+    from v4c.graph.text import parse_graph
+    g = parse_graph(open_artifact(tiny_artifact, verify=False).graph_text())
+    types, params = g.value_types(), dict(g.params)
+    checked = set()
+    for t in (1, 4096):
+        bind = {"B": 1, "T": t, "L": 8192}
+        conc = lambda v: Concrete(types[v].concrete(bind), types[v].dtype)  # noqa: E731
+        for n in g.nodes:
+            # (the compressor reads only the position-bias rows its tokens use: its floor is not all weights)
+            if n.op not in RECIPES or n.op == "compressor":
+                continue
+            c = get_op(n.op).cost([conc(v) for v in n.inputs], [conc(v) for v in n.outputs], n.attr, 8192)
+            floor = sum(conc(v).nbytes for v in n.inputs if v in params)
+            assert c.bytes >= floor, f"{n.op} at T={t}: {c.bytes} bytes, its weights alone are {floor}"
+            checked.add(n.op)
+    assert {"q_proj", "o_proj", "hc_post_pre"} <= checked

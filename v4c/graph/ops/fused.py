@@ -30,21 +30,44 @@ class _Tensors:
 
 
 class _Costs:
-    """Runs a recipe on concrete types, adding up the parts' costs."""
+    """Runs a recipe on concrete types, adding up the parts' costs. An intermediate (produced by one part,
+    read by the next) never goes to memory: its write and each of its reads are taken off the sum. A part
+    that costs nothing (a reshape) makes a view: its output is its operand, not a new intermediate."""
 
     def __init__(self, ctx: int, inputs):
-        self.ctx, self.total, self.inner = ctx, Cost(0, 0), 0
+        self.ctx, self.total = ctx, Cost(0, 0)
         self.external = {id(t) for t in inputs}
+        self.root: dict[int, int] = {}  # id(view) -> id(the tensor it views)
+        self.written: dict[int, int] = {}  # id(intermediate) -> the bytes its producer counted writing it
+        self.reads = 0  # bytes of intermediate reads the parts counted
+        self.alive = list(inputs)  # every type seen, so that no id is reused while the recipe runs
+
+    def _root(self, t) -> int:
+        return self.root.get(id(t), id(t))
 
     def __call__(self, op, *args, **attrs):
         d = get_op(op)
         outs = list(d.infer(list(args), attrs))
         conc = lambda t: Concrete(tuple(t.shape), t.dtype)  # noqa: E731
-        self.total = self.total + d.cost([conc(a) for a in args], [conc(o) for o in outs], attrs, self.ctx)
-        # an intermediate produced here and read by the next part never goes to memory
-        self.inner += sum(conc(a).nbytes for a in args if id(a) not in self.external)
+        part = d.cost([conc(a) for a in args], [conc(o) for o in outs], attrs, self.ctx)
+        self.total = self.total + part
         outs = [TensorType(o.shape, o.dtype) for o in outs]  # fresh objects: identity marks intermediates
+        self.alive += outs
+        if part.bytes == 0 and args:  # a view of its first operand
+            for o in outs:
+                self.root[id(o)] = self._root(args[0])
+        else:
+            self.reads += sum(conc(a).nbytes for a in args if self._root(a) not in self.external)
+            for o in outs:
+                self.written[id(o)] = conc(o).nbytes
         return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def bytes(self, results) -> int:
+        """Bytes moved by the fused op whose recipe returned ``results``: the parts' sum without the
+        intermediates' traffic (a part's output that is a result of the whole is still written)."""
+        kept = {self._root(r) for r in _tuple(results)}
+        inner = self.reads + sum(b for i, b in self.written.items() if i not in kept)
+        return max(self.total.bytes - inner, 0)
 
 
 def _tuple(x):
@@ -67,8 +90,8 @@ def fused_op(name: str, operands, attrs=(), state_io=(), cache_format: str | Non
         def cost(ins, outs, attrs, ctx):
             types = [TensorType(c.shape, c.dtype) for c in ins]
             k = _Costs(ctx, types)
-            recipe(k, *types, **attrs)
-            return Cost(k.total.flops, max(k.total.bytes - 2 * k.inner, 0))
+            moved = k.bytes(recipe(k, *types, **attrs))
+            return Cost(k.total.flops, moved)
 
         OPS[name] = make_opdef(name, infer, ref, cost, operands, attrs, state_io, (recipe.__doc__ or "").strip(),
                                launches, True, cache_format)
