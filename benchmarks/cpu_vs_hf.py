@@ -1,17 +1,21 @@
-"""v4c's torch backend against Hugging Face's DeepseekV4ForCausalLM on the same CPU and checkpoint.
+"""v4c's cpu backend against Hugging Face's DeepseekV4ForCausalLM on the same CPU and checkpoint.
 
-A mid-size random checkpoint (hidden 1024, 8 layers in V4-Flash's pattern: 2 sliding, then
-CSA/HCA alternating; 64 experts top-6, 3 hash layers; 16 heads of 128; window 128; 16 indexer
-heads of 128, top-256) is written at run time; v4c compiles it and both engines load it.
-Every measurement runs in a fresh child process (so peak resident memory is that engine's own),
-and the two engines alternate: v4c, HF, v4c, HF for each measurement.
+A random checkpoint of the chosen configuration (``--config``: a preset of bench_configs.py or a
+JSON file of config fields; by default the 478M-parameter model: hidden 1024, 8 layers in
+V4-Flash's pattern, 64 experts top-6, 16 heads of 128, window 128) is written at run time, once per
+dtype; v4c compiles it and both engines load it. Every measurement runs in a fresh child process
+(so peak resident memory is that engine's own), and the two engines alternate: v4c, HF, v4c, HF for
+each measurement. Both dtypes, fp32 and bf16, are measured by default, one after the other.
 
-    python benchmarks/cpu_vs_hf.py [--dtype f32|bf16] [--json out.json] [--quick]
+    python benchmarks/cpu_vs_hf.py [--config 478m|h512-e32|h64x16-w64|FILE.json] [--dtype f32|bf16]
+                                   [--json out.json] [--quick]
 
-Measured: prefill tokens/s (T = 512, 4096), decode tokens/s (batch 1 and 8, 128 steps after a
-2,048-token prompt), peak RSS of each, their ratios; then v4c alone at contexts 4K/16K/64K
-(prefill time, decode time per token) next to `v4c inspect`'s FLOPs per decoded token and its
-indexer-scan term; and the machine's copy bandwidth and matmul rate.
+Measured, per dtype: prefill tokens/s (T = 512, 4096), decode tokens/s (batch 1 and 8, 128 steps
+after a 2,048-token prompt), peak RSS of each, their ratios; the weight-streaming floor of a batch-1
+decode step (the weight bytes one token reads, over the copy bandwidth measured in the same run);
+then v4c alone at contexts 4K/16K/64K (prefill time, decode time per token) next to `v4c inspect`'s
+FLOPs per decoded token and its indexer-scan term; and the machine's copy bandwidth and matmul rate.
+The JSON holds one section per dtype under ``runs``, each shaped as a single-dtype result.
 """
 from __future__ import annotations
 
@@ -27,25 +31,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-CSA, HCA, SWA = "compressed_sparse_attention", "heavily_compressed_attention", "sliding_attention"
-
-
-def bench_config(quick: bool) -> dict:
-    from v4c.model.presets import tiny_config_dict
-    cfg = dict(vocab_size=16384, hidden_size=1024, moe_intermediate_size=256, num_hidden_layers=8,
-               num_attention_heads=16, head_dim=128, q_lora_rank=512, partial_rotary_factor=0.5, o_groups=4,
-               o_lora_rank=256, n_routed_experts=64, num_experts_per_tok=6, index_n_heads=16, index_head_dim=128,
-               index_topk=256, sliding_window=128, compress_rates={CSA: 4, HCA: 128},
-               layer_types=[SWA, SWA, CSA, HCA, CSA, HCA, CSA, HCA], mlp_layer_types=["hash_moe"] * 3 + ["moe"] * 5,
-               max_position_embeddings=131072,
-               rope_parameters={"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 8192,
-                                "beta_fast": 32, "beta_slow": 1})
-    if quick:  # the same shape of model, small enough for a smoke run
-        cfg.update(vocab_size=2048, hidden_size=256, num_attention_heads=4, head_dim=64, q_lora_rank=128,
-                   o_lora_rank=64, n_routed_experts=16, moe_intermediate_size=64, index_n_heads=4,
-                   index_head_dim=64, index_topk=32, sliding_window=32, compress_rates={CSA: 4, HCA: 32})
-    return tiny_config_dict(**cfg)
-
+from bench_configs import artifact, describe, load_config
 
 # ---- the child process: one engine, one measurement ------------------------------------------
 
@@ -174,14 +160,117 @@ def _timed(f) -> float:
 
 # ---- the driver -------------------------------------------------------------------------------
 
+def active_weight_bytes(graph, topk: int, batch: int = 1) -> int:
+    """Weight bytes a decode step of ``batch`` tokens reads at least: every weight once, but of the
+    embedding only the tokens' rows and of each stacked routed-expert tensor [E, ...] only the
+    ``topk`` experts per token (at most E)."""
+    total = 0
+    for name, t in graph.params:
+        n = t.nbytes()
+        if name == "model.embed_tokens.weight":
+            n = n // t.shape[0] * batch
+        elif ".mlp.experts." in name and t.rank == 3:
+            n = n // t.shape[0] * min(t.shape[0], topk * batch)
+        total += n
+    return total
+
+
+def measure_dtype(dtype: str, cfg: dict, work: Path, quick: bool, context: bool, mach: dict) -> dict:
+    from v4c.graph.terms import flops_by_term
+    from v4c.graph.text import parse_graph
+    from v4c.inspect import inspect_artifact
+
+    print(f"the {dtype} checkpoint and artifact: {work / dtype}", file=sys.stderr)
+    art = artifact(cfg, work, dtype)
+    ckpt = work / dtype / "ckpt"
+    info = inspect_artifact(art, context=2048)
+    graph = parse_graph((art / "graph.v4c").read_text())
+    common = ["--ckpt", str(ckpt), "--art", str(art), "--dtype", dtype]
+    prefill_lengths = [64, 256] if quick else [512, 4096]
+    decode_prompt, steps = (256, 16) if quick else (2048, 128)
+
+    result = {"date": str(date.today()), "command": " ".join(["python", "benchmarks/cpu_vs_hf.py", *sys.argv[1:]]),
+              "machine": mach, "dtype": dtype, "quick": quick,
+              "model": {"params": info["params"], "config": {k: info["config"][k] for k in (
+                  "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim", "n_routed_experts",
+                  "num_experts_per_tok", "sliding_window", "index_n_heads", "index_head_dim", "index_topk",
+                  "moe_intermediate_size", "vocab_size")},
+                  "schedule": info["schedule"]},
+              "prefill": [], "decode": [], "context": []}
+
+    def pair(**kw):
+        rows = {}
+        for engine in ("v4c", "hf", "v4c", "hf"):  # alternating: drift of the machine hits both
+            r = run_child(common, engine=engine, **kw)
+            print(f"  {dtype} {engine:4s} {kw} -> {r['tokens_per_s']:.1f} tok/s, {r['peak_rss_mib']:.0f} MiB",
+                  file=sys.stderr)
+            if engine not in rows or r["tokens_per_s"] > rows[engine]["tokens_per_s"]:
+                rows[engine] = r
+        v, h = rows["v4c"], rows["hf"]
+        return {**kw, "v4c": v, "hf": h, "speedup": v["tokens_per_s"] / h["tokens_per_s"],
+                "rss_ratio": v["peak_rss_mib"] / h["peak_rss_mib"]}
+
+    for t in prefill_lengths:
+        result["prefill"].append(pair(task="prefill", T=t, repeat=1 if t > 1024 else 2))
+    for b in (1, 8):
+        result["decode"].append(pair(task="decode", T=decode_prompt, batch=b, steps=steps))
+    floor_bytes = active_weight_bytes(graph, cfg["num_experts_per_tok"])
+    floor_s = floor_bytes / (mach["copy_gb_per_s"] * 1e9)
+    result["weight_floor"] = {"active_weight_bytes_per_token": floor_bytes, "copy_gb_per_s": mach["copy_gb_per_s"],
+                              "seconds_per_token": floor_s,
+                              "v4c_decode_b1_over_floor": result["decode"][0]["v4c"]["seconds_per_step"] / floor_s}
+
+    if context:
+        for ctx in ([512, 1024] if quick else [4096, 16384, 65536]):
+            r = run_child(common, engine="v4c", task="decode", T=ctx, batch=1, steps=4 if quick else 16)
+            ins = inspect_artifact(art, context=ctx)
+            row = {"context": ctx, "prefill_seconds": r["prefill_seconds"], "decode_seconds_per_token":
+                   r["seconds_per_step"], "peak_rss_mib": r["peak_rss_mib"],
+                   "inspect_flops_per_token": ins["flops_per_token"],
+                   "inspect_bytes_per_step": ins["bytes_per_decode_step"]}
+            row["inspect_flops_by_term"] = flops_by_term(graph, ctx)
+            result["context"].append(row)
+            print(f"  {dtype} context {ctx}: prefill {r['prefill_seconds']:.1f}s, decode "
+                  f"{r['seconds_per_step'] * 1e3:.1f} ms/token", file=sys.stderr)
+    return result
+
+
+def summary(res: dict) -> None:
+    m = res["machine"]
+    print(f"machine: {m['cpu']}, {m['cores']} cores, copy {m['copy_gb_per_s']:.1f} GB/s, matmul f32 "
+          f"{m['matmul_gflop_per_s_f32']:.0f} / bf16 {m['matmul_gflop_per_s_bf16']:.0f} GFLOP/s")
+    for dtype, result in res["runs"].items():
+        print(f"{res['config']} {dtype}: {result['model']['params'] / 1e6:.0f}M params")
+        for r in result["prefill"]:
+            print(f"  prefill T={r['T']:5d}: v4c {r['v4c']['tokens_per_s']:8.1f} tok/s  HF "
+                  f"{r['hf']['tokens_per_s']:8.1f} tok/s  ratio {r['speedup']:5.2f}x   peak RSS "
+                  f"{r['v4c']['peak_rss_mib']:.0f} / {r['hf']['peak_rss_mib']:.0f} MiB")
+        for r in result["decode"]:
+            print(f"  decode B={r['batch']}:     v4c {r['v4c']['tokens_per_s']:8.1f} tok/s  HF "
+                  f"{r['hf']['tokens_per_s']:8.1f} tok/s  ratio {r['speedup']:5.2f}x   peak RSS "
+                  f"{r['v4c']['peak_rss_mib']:.0f} / {r['hf']['peak_rss_mib']:.0f} MiB   page faults/step "
+                  f"{r['v4c']['page_faults_per_step']:.1f} / {r['hf']['page_faults_per_step']:.1f}")
+        f = result["weight_floor"]
+        print(f"  weight-streaming floor, batch 1: {f['active_weight_bytes_per_token'] / 2 ** 20:.1f} MiB/token at "
+              f"{f['copy_gb_per_s']:.1f} GB/s = {f['seconds_per_token'] * 1e3:.2f} ms/token; v4c decode is "
+              f"{f['v4c_decode_b1_over_floor']:.2f}x the floor")
+        for r in result["context"]:
+            scan = r["inspect_flops_by_term"]["indexer_scan"]
+            print(f"  context {r['context']:6d}: prefill {r['prefill_seconds']:7.2f} s, decode "
+                  f"{r['decode_seconds_per_token'] * 1e3:7.2f} ms/token; inspect "
+                  f"{r['inspect_flops_per_token'] / 1e9:.3f} GFLOP/token (indexer scan {scan / 1e9:.3f})")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dtype", choices=["f32", "bf16"], default="bf16",
-                    help="checkpoint and compute dtype of both engines (bf16: the released models' dtype)")
+    ap.add_argument("--config", default=None,
+                    help=f"a preset or a JSON file of config fields (default 478m; quick with --quick). {describe()}")
+    ap.add_argument("--dtype", choices=["f32", "bf16"], default=None,
+                    help="measure one dtype only (default: f32, then bf16; bf16 is the released models' dtype)")
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--quick", action="store_true", help="a small model and short runs (a smoke test)")
+    ap.add_argument("--quick", action="store_true", help="short runs (and, without --config, a small model)")
     ap.add_argument("--no-context", action="store_true", help="skip the 4K/16K/64K context sweep")
-    ap.add_argument("--workdir", type=Path, default=None, help="keep the checkpoint and artifact here")
+    ap.add_argument("--workdir", type=Path, default=None, help="keep the checkpoints and artifacts here")
     # child-process arguments
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for name in ("engine", "task", "ckpt", "art"):
@@ -193,84 +282,20 @@ def main():
         print(json.dumps(_worker(a)))
         return
 
-    import v4c
-    from v4c.graph.terms import flops_by_term
-    from v4c.inspect import inspect_artifact
-    from v4c.graph.text import parse_graph
-    from v4c.model.random_weights import write_random_checkpoint
-
+    name, cfg = load_config(a.config or ("quick" if a.quick else "478m"))
     work = a.workdir or Path(tempfile.mkdtemp(prefix="v4c-bench-"))
-    ckpt, art = work / "ckpt", work / "art"
-    if not (ckpt / "model.safetensors").exists():
-        print(f"writing a random checkpoint to {ckpt}", file=sys.stderr)
-        write_random_checkpoint(bench_config(a.quick), ckpt, seed=0, dtype=a.dtype)
-    if not art.exists():
-        v4c.compile(ckpt, art, target="cpu", dtype=a.dtype, weights="reference")
-    info = inspect_artifact(art, context=2048)
-    common = ["--ckpt", str(ckpt), "--art", str(art), "--dtype", a.dtype]
-    q = a.quick
-    prefill_lengths = [64, 256] if q else [512, 4096]
-    decode_prompt, steps = (256, 16) if q else (2048, 128)
-
-    result = {"date": str(date.today()), "command": " ".join(["python", "benchmarks/cpu_vs_hf.py", *sys.argv[1:]]),
-              "machine": machine(), "dtype": a.dtype, "quick": q,
-              "model": {"params": info["params"], "config": {k: info["config"][k] for k in (
-                  "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim", "n_routed_experts",
-                  "num_experts_per_tok", "sliding_window", "index_n_heads", "index_head_dim", "index_topk")},
-                  "schedule": info["schedule"]},
-              "prefill": [], "decode": [], "context": []}
-    print(json.dumps(result["machine"]), file=sys.stderr)
-
-    def pair(**kw):
-        rows = {}
-        for engine in ("v4c", "hf", "v4c", "hf"):  # alternating: drift of the machine hits both
-            r = run_child(common, engine=engine, **kw)
-            print(f"  {engine:4s} {kw} -> {r['tokens_per_s']:.1f} tok/s, {r['peak_rss_mib']:.0f} MiB", file=sys.stderr)
-            if engine not in rows or r["tokens_per_s"] > rows[engine]["tokens_per_s"]:
-                rows[engine] = r
-        v, h = rows["v4c"], rows["hf"]
-        return {**kw, "v4c": v, "hf": h, "speedup": v["tokens_per_s"] / h["tokens_per_s"],
-                "rss_ratio": v["peak_rss_mib"] / h["peak_rss_mib"]}
-
-    for t in prefill_lengths:
-        result["prefill"].append(pair(task="prefill", T=t, repeat=1 if t > 1024 else 2))
-    for b in (1, 8):
-        result["decode"].append(pair(task="decode", T=decode_prompt, batch=b, steps=steps))
-
-    if not a.no_context:
-        graph = parse_graph((art / "graph.v4c").read_text())
-        for ctx in ([512, 1024] if q else [4096, 16384, 65536]):
-            r = run_child(common, engine="v4c", task="decode", T=ctx, batch=1, steps=4 if q else 16)
-            ins = inspect_artifact(art, context=ctx)
-            row = {"context": ctx, "prefill_seconds": r["prefill_seconds"], "decode_seconds_per_token":
-                   r["seconds_per_step"], "peak_rss_mib": r["peak_rss_mib"],
-                   "inspect_flops_per_token": ins["flops_per_token"],
-                   "inspect_bytes_per_step": ins["bytes_per_decode_step"]}
-            row["inspect_flops_by_term"] = flops_by_term(graph, ctx)
-            result["context"].append(row)
-            print(f"  context {ctx}: prefill {r['prefill_seconds']:.1f}s, decode {r['seconds_per_step'] * 1e3:.1f} ms/token",
-                  file=sys.stderr)
-
+    mach = machine()
+    print(json.dumps(mach), file=sys.stderr)
+    dtypes = [a.dtype] if a.dtype else ["f32", "bf16"]
+    res = {"date": str(date.today()), "command": " ".join(["python", "benchmarks/cpu_vs_hf.py", *sys.argv[1:]]),
+           "machine": mach, "config": name, "config_fields": cfg, "quick": a.quick, "dtypes": dtypes, "runs": {}}
+    for dtype in dtypes:
+        res["runs"][dtype] = measure_dtype(dtype, cfg, work / name, a.quick, not a.no_context, mach)
     print()
-    print(f"machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, "
-          f"copy {result['machine']['copy_gb_per_s']:.1f} GB/s, matmul f32 "
-          f"{result['machine']['matmul_gflop_per_s_f32']:.0f} / bf16 {result['machine']['matmul_gflop_per_s_bf16']:.0f}"
-          f" GFLOP/s; model {info['params'] / 1e6:.0f}M params, {a.dtype}")
-    for r in result["prefill"]:
-        print(f"prefill T={r['T']:5d}: v4c {r['v4c']['tokens_per_s']:8.1f} tok/s  HF {r['hf']['tokens_per_s']:8.1f} tok/s"
-              f"  ratio {r['speedup']:5.2f}x   peak RSS {r['v4c']['peak_rss_mib']:.0f} / {r['hf']['peak_rss_mib']:.0f} MiB")
-    for r in result["decode"]:
-        print(f"decode B={r['batch']}:     v4c {r['v4c']['tokens_per_s']:8.1f} tok/s  HF {r['hf']['tokens_per_s']:8.1f} tok/s"
-              f"  ratio {r['speedup']:5.2f}x   peak RSS {r['v4c']['peak_rss_mib']:.0f} / {r['hf']['peak_rss_mib']:.0f} MiB"
-              f"   page faults/step {r['v4c']['page_faults_per_step']:.1f} / {r['hf']['page_faults_per_step']:.1f}")
-    for r in result["context"]:
-        scan = r["inspect_flops_by_term"]["indexer_scan"]
-        print(f"context {r['context']:6d}: prefill {r['prefill_seconds']:7.2f} s, decode "
-              f"{r['decode_seconds_per_token'] * 1e3:7.2f} ms/token; inspect {r['inspect_flops_per_token'] / 1e9:.3f} "
-              f"GFLOP/token (indexer scan {scan / 1e9:.3f})")
+    summary(res)
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(result, indent=1) + "\n")
+        a.json.write_text(json.dumps(res, indent=1) + "\n")
         print(f"wrote {a.json}", file=sys.stderr)
 
 

@@ -45,12 +45,12 @@ def _port() -> int:
 def prepare(work: Path, quick: bool) -> tuple[Path, Path]:
     """The bf16 checkpoint (with the test tokenizer) and v4c's artifact of it, made once in ``work``."""
     import v4c
-    from cpu_vs_hf import bench_config
+    from bench_configs import load_config
     from serve_tokenizer import write_test_tokenizer
     from v4c.model.random_weights import write_random_checkpoint
     ckpt, art = work / "ckpt", work / "art"
     if not (ckpt / "model.safetensors").exists():
-        cfg = bench_config(quick)
+        cfg = load_config("quick" if quick else "478m")[1]
         print(f"writing a random bf16 checkpoint to {ckpt}", file=sys.stderr)
         write_random_checkpoint(cfg, ckpt, seed=0, dtype="bf16")
         # transformers' server finds the model class from these (its from_pretrained path is AutoModel's)

@@ -25,8 +25,10 @@ SCHEMAS = {
     "attention": "v4c_native::attention(Tensor q, Tensor kv, Tensor ring, Tensor ring_pos, Tensor sinks, Tensor pos, "
                  "Tensor? rows, Tensor? idx, str kind, int window, int ratio, float scale) -> Tensor",
     "moe_decode": "v4c_native::moe_decode(Tensor x, Tensor w, Tensor perm, Tensor offsets, Tensor w13, Tensor w2, "
-                  "Tensor? shared_gate, Tensor? shared_up, Tensor? shared_down, int k, float limit) -> Tensor",
-    "moe_decode_available": "v4c_native::moe_decode_available() -> bool",
+                  "Tensor? shared_gate, Tensor? shared_up, Tensor? shared_down, int k, float limit, "
+                  "str? isa=None) -> Tensor",
+    "dot_isas": "v4c_native::dot_isas(ScalarType dtype) -> str[]",
+    "linear": "v4c_native::linear(Tensor x, Tensor w, int groups=1, str? isa=None) -> Tensor",
 }
 
 
@@ -159,8 +161,8 @@ def test_without_the_extension_one_notice_and_none(tmp_path, setting):
 @needs_lib
 def test_moe_decode_operands_as_the_backend_passes_them_pass_every_check():
     """The MoE call with the operands the backend hands it (routing from the reference router, an
-    expert-parallel share): every check passes, so on a CPU without AVX512-BF16 the one error left is
-    that; wrong operands are named."""
+    expert-parallel share): every check passes, so on a CPU without AVX2 + FMA or AVX-512F the one
+    error left is that; wrong operands are named."""
     from v4c.backends.cpu.moe import moe_native
     from v4c.graph.ops.collective import ep_select
     from v4c.graph.ops.fused import moe_ffn as ref_ffn
@@ -181,7 +183,7 @@ def test_moe_decode_operands_as_the_backend_passes_them_pass_every_check():
             want = ref_ffn(h, *args, limit=2.0)
             assert got.shape == want.shape and torch.allclose(got.float(), want.float(), rtol=3e-2, atol=3e-2)
         else:
-            with pytest.raises(RuntimeError, match="no AVX512-BF16"):
+            with pytest.raises(RuntimeError, match="has neither AVX2 \\+ FMA nor AVX-512F"):
                 moe_native(h, *args, limit=2.0)
     flat = h.reshape(-1, d)
     with pytest.raises(TypeError, match=r"moe_decode: w13 must be BFloat16, got Float"):

@@ -8,6 +8,7 @@ from v4c.graph.registry import get_op
 from v4c.graph.storage import encode, stored_width
 from impls import run
 from v4c.backends.cpu import attention_decode as few
+from v4c.backends.cpu import native
 from v4c.backends.cpu.rope import rope, rope_
 
 W, D, H, R, TOPK = 8, 64, 4, 32, 6  # ring rows, head dim, heads, rope dims, CSA top-k
@@ -121,8 +122,14 @@ def test_rope_in_place_and_half_precision_are_bit_identical_to_the_reference():
 
 @pytest.mark.parametrize("ratio,overlap,store", [(4, True, None), (8, False, None), (4, True, "fp8_ds")])
 @pytest.mark.parametrize("start", [[0], [5, 5, 5], [9, 2, 30]])
-def test_compressor_decode_steps_equal_reference(ratio, overlap, store, start):
-    """Every sequence at one position (the slice path) or ragged, across several window closes."""
+@pytest.mark.parametrize("impl", ["decode", "native-decode"])
+def test_compressor_decode_steps_equal_reference(ratio, overlap, store, start, impl):
+    """Every sequence at one position (the slice path) or ragged, across several window closes. The
+    PyTorch path's products are the reference's own (bit for bit); the C products (``native-decode``)
+    sum in another order: within 1e-5."""
+    if impl == "native-decode" and not native.moe_decode_available(torch.float32):
+        pytest.skip("the C products need AVX2 + FMA or AVX-512F")
+    exact = impl == "decode"
     ref = get_op("compressor").ref
     g = torch.Generator().manual_seed(6)
     b, hid, d, c = len(start), 32, 64, 2 if overlap else 1
@@ -136,10 +143,14 @@ def test_compressor_decode_steps_equal_reference(ratio, overlap, store, start):
         pos = torch.tensor(start)[:, None] + step
         h = torch.randn(b, 1, hid, generator=g)
         want = ref(h, wkv, wgate, ape, norm_w, *states, pos, **attrs)
-        got = run("compressor", h, wkv, wgate, ape, norm_w, *fast_states, pos, **attrs)
-        assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2]), f"step {step}"
+        got = run("compressor", h, wkv, wgate, ape, norm_w, *fast_states, pos, impl=impl, **attrs)
+        if exact:
+            assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2]), f"step {step}"
+        else:
+            assert all(torch.allclose(got[i], want[i], rtol=1e-5, atol=1e-5) for i in (1, 2)), f"step {step}"
         if store:  # packed rows: a last-bit difference may move one fp8 rounding step
             assert (got[0] != want[0]).float().mean() < 0.01, f"step {step}"
         else:
-            assert torch.allclose(got[0], want[0], rtol=1e-6, atol=1e-6), f"step {step}"
+            tol = 1e-6 if exact else 1e-5
+            assert torch.allclose(got[0], want[0], rtol=tol, atol=tol), f"step {step}"
     assert (states[0] != 0).any()  # windows did close

@@ -45,8 +45,13 @@ def _check(got, want, args):
 
 
 def test_router_is_registered():
+    """A decode call's product runs in C where the CPU has the kernels (test_native_dense), a prefill's
+    on PyTorch's GEMM."""
     assert CPU.impl("moe_router", "torch").fn is moe_router
-    assert chosen("moe_router", torch.zeros(1, 1, D), torch.zeros(E, D), torch.zeros(E), topk=K, scaling=1.0) == "torch"
+    args = (torch.zeros(1, 1, D), torch.zeros(E, D), torch.zeros(E))
+    decode = "native-decode" if native.moe_decode_available(torch.float32) else "torch"
+    assert chosen("moe_router", *args, topk=K, scaling=1.0, phase="decode") == decode
+    assert chosen("moe_router", *args, topk=K, scaling=1.0, phase="prefill") == "torch"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -82,11 +87,11 @@ def test_moe_router_quantised_weight_equals_reference():
 @pytest.mark.parametrize("case", ["shared", "no_shared", "wide_shared", "ep", "ep_idle", "no_budget"])
 @pytest.mark.parametrize("path", ["native-decode", "decode"])
 def test_moe_ffn_decode_path_equals_reference(dtype, shape, case, path):
-    """The decode path (bf16: the C call where the CPU has AVX512-BF16, and the PyTorch one) for
+    """The decode paths (the C call where the CPU has AVX2 + FMA or AVX-512, and the PyTorch one) for
     every shape of the shared expert and expert-parallel share of the routing (``ep_idle``: a
     rank none of the tokens routes to; ``no_budget``: shared gate/up not concatenated)."""
-    if path == "native-decode" and not (dtype == torch.bfloat16 and native.moe_decode_available()):
-        pytest.skip("the C MoE takes bf16 on CPUs with AVX512-BF16")
+    if path == "native-decode" and not native.moe_decode_available(dtype):
+        pytest.skip("the C MoE needs AVX2 + FMA or AVX-512F")
     g = torch.Generator().manual_seed(2)
     w13, w2, shared = _weights(g, dtype, 2 * I if case == "wide_shared" else I)
     h = torch.randn(*shape, D, generator=g).to(dtype)
@@ -110,26 +115,22 @@ def test_moe_ffn_decode_path_equals_reference(dtype, shape, case, path):
         _check(got, want, args)
 
 
-def test_moe_ffn_decode_native_threads_and_what_it_declines():
-    """The C call gives the same result on 1-4 threads (each token's sum runs in assignment order);
-    fp32, or widths that are not multiples of 32, take the PyTorch path."""
+def test_moe_ffn_decode_native_takes_both_dtypes_and_any_width():
+    """Where the CPU has a kernel, the C call takes fp32 and bf16 decode steps and widths that are not
+    multiples of the vector length, and gives the same result on 1-4 threads (each token's sum runs
+    in assignment order). (Every instruction set and shape: test_native_moe.)"""
+    if not native.moe_decode_available(torch.float32):
+        pytest.skip("the C MoE needs AVX2 + FMA or AVX-512F")
     g = torch.Generator().manual_seed(5)
     w13, w2, shared = _weights(g, torch.bfloat16)
     h = torch.randn(8, 1, D, generator=g).to(torch.bfloat16)
     routing = ref_router(h, torch.randn(E, D, generator=g).to(torch.bfloat16), torch.zeros(E), topk=K, scaling=1.5)
     fp32 = (h.float(), *routing, w13.float(), w2.float(), *[s.float() for s in shared])
-    with pytest.raises(ValueError, match="native-decode declines .*activations are f32"):
-        CPU.callable("moe_ffn", fp32, {"limit": 2.0}, name="native-decode")
-    assert chosen("moe_ffn", *fp32, limit=2.0) == "decode"
-    narrow = (h, *routing, w13[:, :48].contiguous(), w2[:, :, :24].contiguous())
-    assert chosen("moe_ffn", *narrow, limit=2.0) == "decode"
-    if native.moe_decode_available():
-        with pytest.raises(ValueError, match="not all multiples of 32"):
-            CPU.callable("moe_ffn", narrow, {"limit": 2.0}, name="native-decode")
-    else:
-        pytest.skip("the C MoE needs AVX512-BF16")
+    narrow = (h, *routing, w13[:, :42].contiguous(), w2[:, :, :21].contiguous())
     args = (h, *routing, w13, w2, *shared)
-    assert chosen("moe_ffn", *args, limit=2.0) == "native-decode"
+    for case in (fp32, narrow, args):
+        assert chosen("moe_ffn", *case, limit=2.0) == "native-decode"
+        _check(run("moe_ffn", *case, limit=2.0), ref_ffn(*case, limit=2.0), case)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -139,7 +140,6 @@ def test_moe_ffn_decode_native_threads_and_what_it_declines():
             assert torch.equal(run("moe_ffn", *args, limit=2.0), one), threads
     finally:
         torch.set_num_threads(before)
-    _check(one, ref_ffn(*args, limit=2.0), args)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -180,10 +180,11 @@ def indexer_topk(q, w, keys, pos, *, topk, ratio, score_scale, weight_scale, key
     return out
 
 
-def fused_indexer(topk_fn):
-    """The ``indexer`` op around one of the ``indexer_topk`` implementations above."""
+def fused_indexer(topk_fn, lin=linear):
+    """The ``indexer`` op around one of the ``indexer_topk`` implementations above (``lin``: its
+    products, a decode call's C one from ``dense``)."""
     def indexer(cq, h, wq, ww, keys, pos, *, shape, rope_dim, theta, yarn=None, **attrs):
         """The fused op: query GEMM + RoPE, head weights, scores, top-k."""
-        q = rope_(reshape(linear(cq, wq), shape), pos, rope_dim, theta, yarn)  # the product is this call's own
-        return topk_fn(q, linear(h, ww), keys, pos, **attrs)
+        q = rope_(reshape(lin(cq, wq), shape), pos, rope_dim, theta, yarn)  # the product is this call's own
+        return topk_fn(q, lin(h, ww), keys, pos, **attrs)
     return indexer

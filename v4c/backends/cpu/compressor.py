@@ -18,8 +18,8 @@ from .positions import values
 
 
 def compressor(h, wkv, wgate, ape, norm_w, rows, pend_kv, pend_gate, pos, *, ratio, overlap, eps, rope_dim, theta,
-               yarn=None, store=None):
-    kv, gate = linear(h, wkv), linear(h, wgate)
+               yarn=None, store=None, lin=linear):
+    kv, gate = lin(h, wkv), lin(h, wgate)  # (lin: the C product where the registry binds it, see dense)
     vals = values(pos) if pos.shape[1] == 1 else None  # the call's positions on the host, read once per call
     slots = pend_kv.shape[1]  # the pending ring holds the last (1 + overlap) windows
     closing = [i for i, v in enumerate(vals or ()) if (v + 1) % ratio == 0]

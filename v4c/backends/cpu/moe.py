@@ -28,14 +28,13 @@ def _swiglu_(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor
 
 
 # Four implementations, chosen per node and phase by the cpu backend (``registry``): a decode
-# step's C path (bf16, AVX512-BF16), a decode step's PyTorch path (only the experts hit), a
+# step's C path (fp32 or bf16 on AVX2 + FMA / AVX-512; offsets checked there), a decode step's PyTorch path (only the experts hit), a
 # prefill's grouped GEMMs (plain weights), and one expert at a time through ``weights.linear``
 # (quantised weights). ``views`` holds the model's re-layouts of its weights (``WeightViews``).
 
 def moe_native(h, idx, w, perm, offsets, w13, w2, sg=None, su=None, sd=None, *, limit, views=None):
     flat = h.reshape(-1, h.shape[-1]).contiguous()
     shared = (sg, su, sd) if sg is not None else ()
-    _check_offsets(offsets)
     return native.moe_decode(flat, w.reshape(-1), perm.reshape(-1).contiguous(), offsets.contiguous(), w13, w2,
                              shared, k=idx.shape[-1], limit=limit).view_as(h)
 

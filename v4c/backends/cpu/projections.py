@@ -1,5 +1,6 @@
 """Projections with their RMSNorm + RoPE epilogue: one C pass over the GEMM's output (``*_native``,
-where the C helpers are built), else the norm and the table-driven RoPE in PyTorch."""
+where the C helpers are built; ``lin``: the product, a decode call's C one from ``dense``), else the
+norm and the table-driven RoPE in PyTorch."""
 from __future__ import annotations
 
 from ...graph.ops.core import linear, reshape, rms_norm
@@ -7,8 +8,8 @@ from . import native
 from .rope import rope_, rotations
 
 
-def q_proj_native(x, w, pos, *, shape, eps, rope_dim, theta, yarn=None):
-    y = reshape(linear(x, w), shape).contiguous()  # a fresh tensor: the epilogue works in place
+def q_proj_native(x, w, pos, *, shape, eps, rope_dim, theta, yarn=None, lin=linear):
+    y = reshape(lin(x, w), shape).contiguous()  # a fresh tensor: the epilogue works in place
     return native.norm_rope_(y, None, eps, rope_dim, rotations(pos, rope_dim, theta, yarn))
 
 
@@ -17,8 +18,8 @@ def q_proj(x, w, pos, *, shape, eps, rope_dim, theta, yarn=None):
     return rope_(rms_norm(y, eps=eps), pos, rope_dim, theta, yarn)
 
 
-def kv_proj_native(x, w, norm_w, pos, *, eps, rope_dim, theta, yarn=None):
-    y = linear(x, w).contiguous()
+def kv_proj_native(x, w, norm_w, pos, *, eps, rope_dim, theta, yarn=None, lin=linear):
+    y = lin(x, w).contiguous()
     norm_w = norm_w if norm_w.is_contiguous() else norm_w.contiguous()
     return native.norm_rope_(y, norm_w, eps, rope_dim, rotations(pos, rope_dim, theta, yarn))
 

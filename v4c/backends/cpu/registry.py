@@ -11,9 +11,10 @@ from functools import partial
 
 import torch
 
+from ...graph.types import DTYPES
 from .. import Backend, Call
 from ..reference import REFERENCE
-from . import attention, compressor, linear_norm, mhc, moe, native, projections, rope, router
+from . import attention, compressor, dense, linear_norm, mhc, moe, native, projections, rope, router
 from .weight_views import WeightViews
 
 CPU = Backend("cpu", fallback=REFERENCE, context=WeightViews)
@@ -72,12 +73,30 @@ def _native(*checks):
     return _all(_on_cpu, _library, *checks)
 
 
+def _dots_isa(call: Call) -> str | None:
+    """The C products' kernels (native/dots.c) for the activations' dtype on this CPU."""
+    dt = call.dtype(0)
+    if dt not in _FLOATS:
+        return f"activations are {dt} (the C products take f32 or bf16)"
+    if native.moe_decode_available(DTYPES[dt]):
+        return None
+    return "this CPU (or compiler) has neither AVX2 + FMA nor AVX-512F"
+
+
+def _gemv(*weights: int):
+    """A decode call's C product (``dense``): activations (operand 0) and ``weights`` fp32 or bf16 of
+    one dtype, on a CPU with the kernels' instruction sets."""
+    return _native(_phase("decode"), _same_dtype(0, *weights, what="a weight"), _dots_isa)
+
+
 # ---- attention: q, kv, ring, ring_pos, sinks, pos, rows, idx -------------------------------
 
 def _kind(call: Call) -> str | None:
     return None if call.attrs.get("kind") in _KINDS else f"kind {call.attrs.get('kind')!r}"
 
 
+CPU.add("indexer", "native-decode", _all(_gemv(2, 3), _same_dtype(0, 1, what="h")))(
+    attention.fused_indexer(attention.indexer_topk_decode, lin=dense.gemv))
 _attention_native = _native(_plain_cache("kv_format"), _kind, _float(0, "q"),
                             _same_dtype(0, 1, 2, 6, what="a cache"))
 CPU.add("attention", "native", _attention_native)(attention.attend_native)
@@ -123,15 +142,6 @@ def _plain_weights(*which: int):
     return check
 
 
-def _moe_native_isa(call: Call) -> str | None:
-    if call.dtype(0) != "bf16":
-        return f"activations are {call.dtype(0)} (the C MoE takes bf16)"
-    widths = [call.types[0].shape[-1], call.types[6].shape[-1]] + ([call.types[7].shape[0]] if len(call.types) > 7 else [])
-    if any(not isinstance(v, int) or v % 32 for v in widths):
-        return f"widths {widths} are not all multiples of 32"
-    return None if native.moe_decode_available() else "this CPU (or compiler) has no AVX512-BF16"
-
-
 def _moe(fn):
     """Bound with the model's weight views, the re-layouts made now rather than on a first call."""
     def bind(call: Call, views: WeightViews):
@@ -142,7 +152,7 @@ def _moe(fn):
     return bind
 
 
-CPU.add("moe_ffn", "native-decode", _native(_phase("decode"), _plain_weights(5, 6, 7, 8, 9), _moe_native_isa))(
+CPU.add("moe_ffn", "native-decode", _native(_phase("decode"), _plain_weights(5, 6, 7, 8, 9), _dots_isa))(
     moe.moe_native)
 CPU.add("moe_ffn", "decode", _all(_phase("decode"), _plain_weights(5, 6, 7, 8, 9)), bind=_moe(moe.moe_decode))(
     moe.moe_decode)
@@ -151,11 +161,18 @@ CPU.add("moe_ffn", "per-expert")(moe.moe_per_expert)
 
 # ---- projections and the rest ----------------------------------------------------------------
 
+CPU.add("linear", "native-decode", _gemv(1))(dense.linear)
+CPU.add("o_proj", "native-decode", _gemv(1, 2))(dense.o_proj)
+CPU.add("q_proj", "native-decode", _gemv(1))(partial(projections.q_proj_native, lin=dense.gemv))
 CPU.add("q_proj", "native", _native(_float(0, "x")))(projections.q_proj_native)
 CPU.add("q_proj", "torch")(projections.q_proj)
+CPU.add("kv_proj", "native-decode", _all(_gemv(1), _float(2, "norm_w")))(
+    partial(projections.kv_proj_native, lin=dense.gemv))
 CPU.add("kv_proj", "native", _native(_float(0, "x"), _float(2, "norm_w")))(projections.kv_proj_native)
 CPU.add("kv_proj", "torch")(projections.kv_proj)
+CPU.add("linear_rms_norm", "native-decode", _all(_gemv(1), _float(2, "norm_w")))(dense.linear_rms_norm)
 CPU.add("linear_rms_norm", "torch")(linear_norm.linear_rms_norm)
+CPU.add("moe_router", "native-decode", _gemv(1))(partial(router.moe_router, lin=dense.gemv))
 CPU.add("moe_router", "torch")(router.moe_router)
 CPU.add("rope", "torch")(rope.rope)
 
@@ -165,4 +182,6 @@ def _fp32_pending(call: Call) -> str | None:
     return f"pending slots are {bad[0]} (this path pools exactly what fp32 slots hold)" if bad else None
 
 
+CPU.add("compressor", "native-decode", _all(_gemv(1, 2), _fp32_pending))(
+    partial(compressor.compressor, lin=dense.gemv))
 CPU.add("compressor", "decode", _all(_phase("decode"), _fp32_pending))(compressor.compressor)

@@ -14,9 +14,12 @@ from ...graph.weights import QuantizedWeight, linear
 _edges: dict = {}  # (experts, device) -> arange(experts + 1)
 
 
-def moe_router(h, w, table_or_bias, ids=None, *, scaling, hash=False, topk=None):
-    # a quantised router weight takes weights.linear, as the reference does
-    logits = linear(h, w) if isinstance(w, QuantizedWeight) else F.linear(h, w.to(h.dtype))
+def moe_router(h, w, table_or_bias, ids=None, *, scaling, hash=False, topk=None, lin=None):
+    # a quantised router weight takes weights.linear, as the reference does; lin: a decode call's C product
+    if lin is not None:
+        logits = lin(h, w)
+    else:
+        logits = linear(h, w) if isinstance(w, QuantizedWeight) else F.linear(h, w.to(h.dtype))
     scores = F.softplus(logits.float()).sqrt_()  # sqrt(softplus) of the logits
     if hash:
         idx = table_or_bias[ids.clamp_min(0)].long()  # experts fixed per token id

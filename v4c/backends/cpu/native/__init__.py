@@ -1,8 +1,9 @@
 """The cpu backend's native extension: small C kernels bound as PyTorch operators (``torch.ops.v4c_native``).
 
 What it holds: the mHC mixes (``mhc.c``), the projections' RMSNorm + RoPE epilogue (``norm_rope.c``),
-attention over plain caches (``attention.c``) and, on CPUs with AVX512-BF16, a decode step's MoE
-(``moe.c``), all plain C. ``ops.cpp`` declares the operators with typed schemas
+attention over plain caches (``attention.c``) and, on CPUs with AVX2 + FMA or AVX-512, a decode step's
+MoE (``moe.c``) and dense products (``linear.c``) on dot-product kernels per instruction set (``dots.c``),
+all plain C. ``ops.cpp`` declares the operators with typed schemas
 (``TORCH_LIBRARY(v4c_native)``: tensors, optional tensors, ints, floats, bools; ``norm_rope_`` marks its
 in-place argument ``Tensor(a!)``) and registers CPU kernels that check every operand's dtype, shape,
 device and layout (a wrong one is a TypeError or ValueError naming it, never a crash) before calling
@@ -24,7 +25,8 @@ a new entry and every later process just loads the existing one (``torch.ops.loa
 entry is published whole (built in a temporary directory, renamed into place) and loaded only when
 it, its directory and the cache's ``native`` directory belong to this user and nobody else can write
 them; otherwise it is built again. Flags are portable (baseline x86-64 plus an AVX2 clone chosen at
-load time, the MoE's AVX512-BF16 code only called where the CPU has it; no -march=native).
+load time; the MoE's AVX2, AVX-512F and AVX512-BF16 kernels carry function-level target attributes and
+are only called where the CPU has them; no -march=native).
 
 Without a C or C++ compiler, with ``V4C_NATIVE=0``, or when the build fails, ``library()`` is None,
 ``why()`` says why, one warning per process says so, and the callers keep their PyTorch paths: the
@@ -48,7 +50,7 @@ import torch
 from ....settings import cache_dir, native_enabled
 
 _HERE = Path(__file__).parent
-_C_SOURCES = ("mhc.c", "norm_rope.c", "attention.c", "moe.c", "parallel.c")
+_C_SOURCES = ("mhc.c", "norm_rope.c", "attention.c", "moe.c", "linear.c", "dots.c", "parallel.c")
 _CXX_SOURCE = "ops.cpp"
 _LIB = "libv4c_native.so"
 _CFLAGS = ("-O3", "-std=c99", "-fPIC", "-pthread")
@@ -257,7 +259,8 @@ class _Ops:
         self.norm_rope_ = ns.norm_rope_.default
         self.attention = ns.attention.default
         self.moe_decode = ns.moe_decode.default
-        self.moe_decode_available = ns.moe_decode_available.default
+        self.dot_isas = ns.dot_isas.default
+        self.linear = ns.linear.default
 
 
 def _openmp_entries() -> tuple:
@@ -329,28 +332,44 @@ def attention(q, kv, ring, ring_pos, sinks, pos, rows=None, idx=None, *, kind, w
                             idx if kind == "csa" else None, kind, window, ratio, scale)
 
 
-def moe_decode_available() -> bool:
-    """Whether this CPU (and compiler) give the C MoE its AVX512-BF16 dot products."""
-    if "moe" not in _state:
-        _state["moe"] = library() is not None and bool(_ops().moe_decode_available())
-    return _state["moe"]
+def dot_isas(dtype: torch.dtype = torch.bfloat16) -> tuple:
+    """The instruction sets this CPU (and compiler) run the C MoE and linear with for ``dtype``
+    weights, best first: some of ``avx512bf16`` (bf16 only), ``avx512f``, ``avx2`` (with FMA); empty
+    when none (dots.c)."""
+    key = ("dots", dtype)
+    if key not in _state:
+        ok = library() is not None and dtype in _FLOATS
+        _state[key] = tuple(_ops().dot_isas(dtype)) if ok else ()
+    return _state[key]
+
+
+def moe_decode_available(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether the C MoE (and linear) run here for ``dtype`` weights."""
+    return bool(dot_isas(dtype))
 
 
 def moe_decode_supported(flat, w13, w2, shared) -> bool:
-    """Whether ``moe_decode`` takes these: bf16 activations and plain contiguous bf16 CPU weights
-    whose widths are multiples of 32, on a CPU with AVX512-BF16."""
-    if flat.dtype != torch.bfloat16 or flat.device.type != "cpu" or not flat.is_contiguous():
+    """Whether ``moe_decode`` takes these: fp32 or bf16 activations and plain contiguous CPU weights of
+    the same dtype (any widths), on a CPU with one of its instruction sets."""
+    if flat.dtype not in _FLOATS or flat.device.type != "cpu" or not flat.is_contiguous():
         return False
     ws = [w13, w2, *shared]
-    if any(not isinstance(t, torch.Tensor) or t.dtype != torch.bfloat16 or t.device.type != "cpu"
+    if any(not isinstance(t, torch.Tensor) or t.dtype != flat.dtype or t.device.type != "cpu"
            or not t.is_contiguous() for t in ws):
         return False
-    widths = [flat.shape[-1], w2.shape[-1]] + ([shared[0].shape[0]] if shared else [])
-    return all(v % 32 == 0 for v in widths) and moe_decode_available()
+    return moe_decode_available(flat.dtype)
 
 
-def moe_decode(flat, w, perm, offsets, w13, w2, shared, *, k, limit):
-    """The routed experts (and the shared one) for a few bf16 token rows ``flat [t, D]``, one C
-    call (see moe.c). Returns [t, D] bf16."""
+def moe_decode(flat, w, perm, offsets, w13, w2, shared, *, k, limit, isa=None):
+    """The routed experts (and the shared one) for a few token rows ``flat [t, D]`` (fp32 or bf16,
+    the weights' dtype), one C call (see moe.c); ``isa`` picks an instruction set of
+    ``dot_isas`` (default: the first). Returns [t, D] in ``flat``'s dtype."""
     sg, su, sd = shared if shared else (None, None, None)
-    return _ops().moe_decode(flat, w, perm, offsets, w13, w2, sg, su, sd, k, limit)
+    return _ops().moe_decode(flat, w, perm, offsets, w13, w2, sg, su, sd, k, limit, isa)
+
+
+def linear(x, w, groups: int = 1, isa=None):
+    """``x @ w.T`` for a few token rows (see linear.c): ``x [..., K]`` and ``w [N, K]`` of one dtype, fp32
+    or bf16; with ``groups`` G > 1, ``x [..., G, K]`` and ``w [G * R, K]`` give ``[..., G, R]`` (group g
+    times its R rows of w). ``isa`` as for ``moe_decode``."""
+    return _ops().linear(x, w, groups, isa)

@@ -1,188 +1,212 @@
-/* Routed experts (and the shared expert) for a decode step's few bf16 tokens, in one call, on
- * CPUs with AVX512-BF16 dot products.
+/* Routed experts (and the shared expert) for a decode step's few tokens, in one call: fp32 or bf16
+ * weights, any widths, any expert count and top-k.
  *
- * At decode the MoE is weight streaming: each expert hit is read once for one to a few token
- * rows. Through PyTorch that is two small products per expert plus the joins, activation and
- * scatter between them (about 80 ATen calls per layer at batch 8), and products of 2-8 rows
- * stream the weights at a fraction of the memory's rate. Here each expert is one work item: the
- * up-projection, clamped SwiGLU and down-projection with every weight row read once, as one
- * sequential stream, and dotted with all of the expert's token rows (vdpbf16ps: bf16 pairs,
- * fp32 sums), items split across PyTorch's OpenMP threads. A last pass adds every token's
- * weighted expert outputs in assignment order, so the result does not depend on the threads.
- * Roundings follow the reference's ops: each product's output and each activation step rounded
- * to bf16; the weighted sum is fp32, rounded once at the end.
- * Without the instructions (or the compiler's support for them) `v4c_moe_decode_available`
- * returns 0 and the PyTorch path runs.
+ * At decode the MoE is weight streaming: each expert hit is read once for one to a few token rows.
+ * Through PyTorch that is two small products per expert plus the joins, activation and scatter
+ * between them (about 80 ATen calls per layer at batch 8), and products of 2-8 rows stream the
+ * weights at a fraction of the memory's rate. Here every weight row is read once, as a sequential
+ * stream, and dotted with all of its expert's token rows (dots.c: AVX2 + FMA, AVX-512F or
+ * AVX512-BF16, chosen per call from what the CPU has). Three passes over PyTorch's OpenMP team:
+ *   1. the gate and up rows of every expert hit, the work split by inner index across the threads
+ *      (so an expert's rows are shared out, not one expert per thread: at batch 1 seven items on
+ *      two threads would leave one idle for a seventh of the time), then the clamped SwiGLU of
+ *      those indices;
+ *   2. the down rows, split by output row, weighted by each expert's inner width;
+ *   3. the weighted sum per token, split by columns, adding the assignments in their order, so the
+ *      result does not depend on the thread count.
+ * Roundings follow the reference's ops: fp32 throughout for fp32; for bf16 each product's output and
+ * each activation step rounded to bf16, the weighted sum in fp32, rounded once at the end.
  */
 #include <math.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "common.h"
+#include "dots.h"
 
-#if defined(__GNUC__) && defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 11)
-#define V4C_BF16DOT 1
-#include <immintrin.h>
-#define BF16DOT __attribute__((target("avx512f,avx512bf16")))
-#else
-#define V4C_BF16DOT 0
-#endif
-
-int v4c_moe_decode_available(void) {
-#if V4C_BF16DOT
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
-#else
-    return 0;
-#endif
-}
-
-#if V4C_BF16DOT
-/* Y [c, N] (fp32) = X [c, K] . W [N, K]^T, all bf16 in, K % 32 == 0: one weight row at a time
- * (a single sequential stream), dotted with up to four token rows per pass */
-BF16DOT static void gemv_bf16(const uint16_t *X, int c, const uint16_t *W, long N, long K, float *Y) {
-    for (int r0 = 0; r0 < c; r0 += 4) {
-        const int rc = c - r0 < 4 ? c - r0 : 4;
-        for (long o = 0; o < N; o++) {
-            const uint16_t *w = W + o * K;
-            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-            for (long k = 0; k < K; k += 32) {
-                const __m512i wv = _mm512_loadu_si512((const void *)(w + k));
-                for (int r = 0; r < rc; r++)
-                    acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)wv,
-                                              (__m512bh)_mm512_loadu_si512((const void *)(X + (r0 + r) * K + k)));
-            }
-            for (int r = 0; r < rc; r++) Y[(r0 + r) * N + o] = _mm512_reduce_add_ps(acc[r]);
-        }
-    }
-}
-#endif
-
-struct moe_job {
-    int t, D, I, Is, k, E;
-    const uint16_t *x;
-    const int64_t *offsets, *perm;
-    const uint16_t *w13, *w2, *sg, *su, *sd;
-    float limit;
-    const int *item_expert; /* expert of each item; -1: the shared expert */
-    float *y;               /* [assignments + t, D]: each assignment's expert output, then the shared one's */
-    int failed;
+struct item {   /* one expert hit (or the shared expert) and its token rows */
+    long row;   /* its first row of the per-row buffers: assignments first, then the shared rows */
+    int c;      /* token rows */
+    int inner;  /* inner width */
+    const char *gate, *up, *down;
 };
 
-#if V4C_BF16DOT
-/* one expert over c token rows tok[]: Y [c, D], rounded to bf16 */
-BF16DOT static void expert(const struct moe_job *j, const int64_t *tok, int c, const uint16_t *wg, const uint16_t *wu,
-                           const uint16_t *wd, int inner, float *Y, uint16_t *X, float *H, float *U, uint16_t *A) {
-    const long D = j->D;
-    for (int r = 0; r < c; r++) memcpy(X + r * D, j->x + tok[r] * D, D * sizeof(uint16_t));
-    if (wu) { /* the shared expert: gate and up are separate matrices */
-        gemv_bf16(X, c, wg, inner, D, H);
-        gemv_bf16(X, c, wu, inner, D, U);
-    } else { /* a routed expert: [gate; up] stacked */
-        gemv_bf16(X, c, wg, 2L * inner, D, H);
+struct moe_job {
+    int t, D, dt, x_bf16, nitems, Imax, shared; /* shared: items[0] is the shared expert, rows n .. n + t */
+    long n, lo, k;
+    const int64_t *perm;
+    const float *w;
+    const struct item *items;
+    const long *start1, *start2; /* each item's first index in passes 1 and 2 (prefix sums, +1 entry) */
+    v4c_dots_fn dots;
+    float limit;
+    const void **xrows, **arows; /* per row: its token's input, its activations */
+    float *G, *U, *Y, *acc;      /* [rows, Imax], [rows, Imax], [rows, D] fp32; [t, D] sums */
+    void *A;                     /* [rows, Imax] activations: fp32, or bf16 for a bf16-token kernel */
+    void *out;
+};
+
+static long first_item(const long *start, int nitems, long a) { /* the item whose range holds index a */
+    int lo = 0, hi = nitems - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (start[mid] <= a) lo = mid;
+        else hi = mid - 1;
     }
-    const float lim = j->limit;
-    for (int r = 0; r < c; r++)
-        for (int i = 0; i < inner; i++) {
-            float g = round_to(wu ? H[r * inner + i] : H[r * 2 * inner + i], 1);
-            float u = round_to(wu ? U[r * inner + i] : H[r * 2 * inner + inner + i], 1);
-            g = g < lim ? g : lim;
-            u = u < -lim ? -lim : (u > lim ? lim : u);
-            const float s = round_to(g / (1.0f + expf(-g)), 1);
-            A[r * inner + i] = f2bf(s * u);
-        }
-    gemv_bf16(A, c, wd, D, inner, Y);
-    for (long i = 0; i < (long)c * D; i++) Y[i] = round_to(Y[i], 1);
+    return lo;
 }
 
-BF16DOT static void moe_items(void *p, long a, long e, int tid) {
+static long clampl(long v, long lo, long hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+/* pass 1: gate and up rows [i0, i1) of each item in [a, e), then their activations */
+static void up_rows(void *p, long a, long e, int tid) {
     (void)tid;
-    struct moe_job *j = (struct moe_job *)p;
-    const long D = j->D, lo = j->offsets[0];
-    const int inner = j->I > j->Is ? j->I : j->Is, rows = j->t;
-    float *H = malloc(sizeof(float) * 3L * rows * inner);
-    uint16_t *X = malloc(sizeof(uint16_t) * rows * (D + (long)inner));
-    int64_t *tok = malloc(sizeof(int64_t) * rows);
-    if (!H || !X || !tok) {
-        free(H);
-        free(X);
-        free(tok);
-        j->failed = 1;
-        return;
+    const struct moe_job *j = (const struct moe_job *)p;
+    const long D = j->D, esz = j->dt ? 2 : 4, ld = j->Imax;
+    for (long it = first_item(j->start1, j->nitems, a); it < j->nitems && j->start1[it] < e; it++) {
+        const struct item *m = &j->items[it];
+        const long i0 = clampl(a - j->start1[it], 0, m->inner), i1 = clampl(e - j->start1[it], 0, m->inner);
+        if (i0 >= i1) continue;
+        float *G = j->G + m->row * ld, *U = j->U + m->row * ld;
+        j->dots(m->gate + i0 * D * esz, i1 - i0, D, j->xrows + m->row, m->c, G + i0, ld);
+        j->dots(m->up + i0 * D * esz, i1 - i0, D, j->xrows + m->row, m->c, U + i0, ld);
+        const float lim = j->limit;
+        for (int r = 0; r < m->c; r++)
+            for (long i = i0; i < i1; i++) {
+                float g = round_to(G[r * ld + i], j->dt), u = round_to(U[r * ld + i], j->dt);
+                g = g < lim ? g : lim;
+                u = u < -lim ? -lim : (u > lim ? lim : u);
+                const float v = round_to(g / (1.0f + expf(-g)), j->dt) * u;
+                if (j->x_bf16)
+                    ((uint16_t *)j->A)[(m->row + r) * ld + i] = f2bf(v);
+                else
+                    ((float *)j->A)[(m->row + r) * ld + i] = round_to(v, j->dt);
+            }
     }
-    float *U = H + 2L * rows * inner;
-    uint16_t *A = X + rows * D;
-    for (long it = a; it < e; it++) {
-        const int ex = j->item_expert[it];
-        if (ex < 0) {
-            for (int r = 0; r < rows; r++) tok[r] = r;
-            expert(j, tok, rows, j->sg, j->su, j->sd, j->Is, j->y + (j->offsets[j->E] - lo) * D, X, H, U, A);
-            continue;
-        }
-        const long s1 = j->offsets[ex + 1];
-        for (long s = j->offsets[ex]; s < s1;) { /* at most `rows` assignments at a time (a token may repeat an expert) */
-            const int c = (int)(s1 - s < rows ? s1 - s : rows);
-            for (int r = 0; r < c; r++) tok[r] = j->perm[s + r] / j->k;
-            expert(j, tok, c, j->w13 + (long)ex * 2 * j->I * D, 0, j->w2 + (long)ex * D * j->I, j->I,
-                   j->y + (s - lo) * D, X, H, U, A);
-            s += c;
-        }
-    }
-    free(H);
-    free(X);
-    free(tok);
 }
-#endif
+
+/* pass 2: down rows of each item in [a, e); an item's span is D rows of `inner` units each */
+static void down_rows(void *p, long a, long e, int tid) {
+    (void)tid;
+    const struct moe_job *j = (const struct moe_job *)p;
+    const long D = j->D, esz = j->dt ? 2 : 4;
+    for (long it = first_item(j->start2, j->nitems, a); it < j->nitems && j->start2[it] < e; it++) {
+        const struct item *m = &j->items[it];
+        const long s = j->start2[it], in = m->inner; /* row o belongs to the range holding s + o * in */
+        const long o0 = clampl((a - s + in - 1) / in, 0, D), o1 = clampl((e - s + in - 1) / in, 0, D);
+        if (o0 >= o1) continue;
+        float *Y = j->Y + m->row * D;
+        j->dots(m->down + o0 * in * esz, o1 - o0, in, j->arows + m->row, m->c, Y + o0, D);
+        if (j->dt)
+            for (int r = 0; r < m->c; r++)
+                for (long o = o0; o < o1; o++) Y[r * D + o] = round_to(Y[r * D + o], 1);
+    }
+}
+
+/* pass 3: columns [d0, d1) of every token's weighted sum, assignments in their order */
+static void combine(void *p, long d0, long d1, int tid) {
+    (void)tid;
+    const struct moe_job *j = (const struct moe_job *)p;
+    const long D = j->D, w = d1 - d0;
+    for (int r = 0; r < j->t; r++) {
+        float *o = j->acc + r * D + d0;
+        if (j->shared)
+            memcpy(o, j->Y + (j->n + r) * D + d0, w * sizeof(float));
+        else
+            memset(o, 0, w * sizeof(float));
+    }
+    for (long a = 0; a < j->n; a++) {
+        const int64_t slot = j->perm[j->lo + a];
+        const float wa = j->w[slot], *ya = j->Y + a * D + d0;
+        float *o = j->acc + (slot / j->k) * D + d0;
+        for (long d = 0; d < w; d++) o[d] += wa * ya[d];
+    }
+    for (int r = 0; r < j->t; r++) {
+        const float *o = j->acc + r * D + d0;
+        if (j->dt)
+            for (long d = 0; d < w; d++) ((uint16_t *)j->out)[r * D + d0 + d] = f2bf(o[d]);
+        else
+            memcpy((float *)j->out + r * D + d0, o, w * sizeof(float));
+    }
+}
+
+static long align64(long bytes) { return (bytes + 63) & ~63L; }
+
+static void *take(char **p, long bytes) { /* the next 64-byte aligned piece of the scratch */
+    void *q = *p;
+    *p += align64(bytes);
+    return q;
+}
+
+/* bytes of scratch `v4c_moe_decode` needs (`work`) for these sizes */
+long v4c_moe_decode_work(int t, int D, int I, int Is, int k, int E) {
+    const long rows = (long)t * k + t, Imax = I > Is ? I : Is;
+    return 64 + align64(sizeof(struct item) * (E + 1L)) + 2 * align64(sizeof(long) * (E + 2L)) +
+           2 * align64(sizeof(void *) * rows) + 3 * align64(sizeof(float) * rows * Imax) +
+           align64(sizeof(float) * rows * D) + 2 * align64(sizeof(float) * (long)t * D);
+}
 
 /* out [t, D] = sum over the assignments a in [offsets[0], offsets[E]) of w[perm[a]] *
  * expert_e(x[perm[a] / k]) for the expert e whose range holds a, plus the shared expert's output
- * when sg is given. x, the weights and out bf16; offsets (E + 1, non-decreasing) and perm int64,
- * w fp32. D, I and Is multiples of 32. Returns 0, -1 for bad sizes or unsorted offsets, -2 when
- * memory could not be allocated, -3 without AVX512-BF16. */
-int v4c_moe_decode(int threads, int t, int D, int I, int Is, int k, int E, const uint16_t *x, const int64_t *offsets,
-                   const int64_t *perm, const float *w, const uint16_t *w13, const uint16_t *w2, const uint16_t *sg,
-                   const uint16_t *su, const uint16_t *sd, float limit, uint16_t *out) {
-    if (!v4c_moe_decode_available()) return -3;
-#if V4C_BF16DOT
-    if (t < 1 || D % 32 || I % 32 || (sg && Is % 32) || k < 1 || E < 1) return -1;
+ * when sg is given. x, the weights and out of dtype dt (0 fp32, 1 bf16); offsets (E + 1,
+ * non-decreasing) and perm int64, w fp32. `isa`: the instruction set (V4C_ISA_*), or -1 for the
+ * best this CPU has. `work`: v4c_moe_decode_work(...) bytes. Returns 0, -1 for
+ * bad sizes or unsorted offsets, -3 when this CPU has no kernel for `isa` and dt. */
+int v4c_moe_decode(int threads, int isa, int dt, int t, int D, int I, int Is, int k, int E, const void *x,
+                   const int64_t *offsets, const int64_t *perm, const float *w, const void *w13, const void *w2,
+                   const void *sg, const void *su, const void *sd, float limit, void *out, void *work) {
+    if (t < 1 || D < 1 || I < 1 || (sg && Is < 1) || k < 1 || E < 1) return -1;
     for (int e = 0; e < E; e++)
         if (offsets[e + 1] < offsets[e]) return -1;
-    const long n = offsets[E] - offsets[0];
-    int *item_expert = malloc(sizeof(int) * (E + 1));
-    float *y = malloc(sizeof(float) * (n + t) * (long)D), *acc = malloc(sizeof(float) * (long)t * D);
-    if (!item_expert || !y || !acc) {
-        free(item_expert);
-        free(y);
-        free(acc);
-        return -2;
+    if (isa < 0) isa = v4c_best_isa(dt);
+    int x_bf16;
+    const v4c_dots_fn dots = v4c_isa_supported(isa) ? v4c_dots_kernel(isa, dt, &x_bf16) : 0;
+    if (!dots) return -3;
+    const long lo = offsets[0], n = offsets[E] - lo, rows = n + (sg ? t : 0), esz = dt ? 2 : 4;
+    const int Imax = I > Is ? I : Is;
+    char *p = (char *)(((uintptr_t)work + 63) & ~(uintptr_t)63); /* (the pieces v4c_moe_decode_work counts) */
+    struct item *items = take(&p, sizeof(struct item) * (E + 1L));
+    long *start1 = take(&p, sizeof(long) * (E + 2L)), *start2 = take(&p, sizeof(long) * (E + 2L));
+    const void **xrows = take(&p, sizeof(void *) * rows), **arows = take(&p, sizeof(void *) * rows);
+    float *G = take(&p, sizeof(float) * rows * Imax), *U = take(&p, sizeof(float) * rows * Imax);
+    float *A = take(&p, sizeof(float) * rows * Imax), *Y = take(&p, sizeof(float) * rows * D);
+    float *acc = take(&p, sizeof(float) * (long)t * D), *x32 = take(&p, sizeof(float) * (long)t * D);
+    /* the token rows in the form the kernel reads: fp32 (bf16 widened once here), or bf16 as given */
+    const char *xin = (const char *)x;
+    long xesz = esz;
+    if (dt && !x_bf16) {
+        widen(x, 1, (long)t * D, x32);
+        xin = (const char *)x32;
+        xesz = 4;
     }
-    int items = 0;
-    if (sg) item_expert[items++] = -1;
-    for (int e = 0; e < E; e++)
-        if (offsets[e + 1] > offsets[e]) item_expert[items++] = e;
-    struct moe_job j = {t, D, I, Is, k, E, x, offsets, perm, w13, w2, sg, su, sd, limit, item_expert, y, 0};
-    v4c_parallel_rows(items, threads, 1, moe_items, &j);
-    if (!j.failed) {
-        if (sg)
-            memcpy(acc, y + n * D, sizeof(float) * (long)t * D);
-        else
-            memset(acc, 0, sizeof(float) * (long)t * D);
-        for (long a = 0; a < n; a++) { /* assignment order: the same sums for any thread count */
-            const int64_t slot = perm[offsets[0] + a];
-            const float wa = w[slot], *ya = y + a * D;
-            float *o = acc + (slot / k) * D;
-            for (long d = 0; d < D; d++) o[d] += wa * ya[d];
-        }
-        for (long i = 0; i < (long)t * D; i++) out[i] = f2bf(acc[i]);
+    int nitems = 0;
+    if (sg) {
+        items[nitems++] = (struct item){n, t, Is, (const char *)sg, (const char *)su, (const char *)sd};
+        for (int r = 0; r < t; r++) xrows[n + r] = xin + r * D * xesz;
     }
-    free(item_expert);
-    free(y);
-    free(acc);
-    return j.failed ? -2 : 0;
-#else
-    (void)threads, (void)t, (void)D, (void)I, (void)Is, (void)k, (void)E, (void)x, (void)offsets, (void)perm, (void)w;
-    (void)w13, (void)w2, (void)sg, (void)su, (void)sd, (void)limit, (void)out;
-    return -3;
-#endif
+    for (int e = 0; e < E; e++) {
+        const long a = offsets[e] - lo, c = offsets[e + 1] - offsets[e];
+        if (!c) continue;
+        const char *g = (const char *)w13 + (long)e * 2 * I * D * esz;
+        items[nitems++] = (struct item){a, (int)c, I, g, g + (long)I * D * esz, (const char *)w2 + (long)e * D * I * esz};
+        for (long r = 0; r < c; r++) xrows[a + r] = xin + (perm[lo + a + r] / k) * D * xesz;
+    }
+    const long aesz = x_bf16 ? 2 : 4;
+    for (long r = 0; r < rows; r++) arows[r] = (const char *)A + r * Imax * aesz;
+    start1[0] = start2[0] = 0;
+    for (int i = 0; i < nitems; i++) {
+        start1[i + 1] = start1[i] + items[i].inner;
+        start2[i + 1] = start2[i] + (long)D * items[i].inner;
+    }
+    struct moe_job j = {t, D, dt, x_bf16, nitems, Imax, sg != 0, n, lo, k, perm, w, items, start1, start2, dots, limit,
+                        xrows, arows, G, U, Y, acc, A, out};
+    /* each thread's share at least 64 KiB of weights (pass 1: two rows of D per unit; pass 2: units
+     * of one weight), or 16K multiply-adds of the sums (pass 3): below that a second thread's
+     * wake-up costs more than it saves */
+    if (nitems) {
+        v4c_parallel_rows(start1[nitems], threads, (32768 + D * esz - 1) / (D * esz), up_rows, &j);
+        v4c_parallel_rows(start2[nitems], threads, 65536 / esz, down_rows, &j);
+    }
+    v4c_parallel_rows(D, threads, 16384 / (n + (sg ? t : 0) + 1) + 1, combine, &j);
+    return 0;
 }

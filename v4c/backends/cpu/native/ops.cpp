@@ -1,7 +1,8 @@
 // The C helpers as PyTorch operators: the schemas of the `v4c_native` namespace (TORCH_LIBRARY) and
 // their CPU kernels (TORCH_LIBRARY_IMPL), which check every operand's dtype, shape, device and
 // layout (an error with the operand's name, never a crash), allocate the outputs and hand raw
-// pointers to the C code (mhc.c, norm_rope.c, attention.c, moe.c, compiled as C and linked in).
+// pointers to the C code (mhc.c, norm_rope.c, attention.c, moe.c, linear.c, dots.c, compiled as C and
+// linked in).
 //
 // Threads: row ranges still run on PyTorch's own OpenMP team through parallel.c; the team's entry
 // points are looked up once, when this library is loaded (see `find_openmp`), and each call asks
@@ -38,10 +39,14 @@ int v4c_norm_rope(int threads, long rows, int heads, int d, int xdt, void *x, co
 int v4c_attention(int threads, int B, int T, int H, int D, int dt, int kind, int window, int ratio, const void *q,
                   const void *kv, const void *ring, const int64_t *ring_pos, int W, const float *sinks,
                   const int64_t *pos, const void *rows, int N, const int64_t *idx, int K, float scale, void *out);
-int v4c_moe_decode_available(void);
-int v4c_moe_decode(int threads, int t, int D, int I, int Is, int k, int E, const uint16_t *x, const int64_t *offsets,
-                   const int64_t *perm, const float *w, const uint16_t *w13, const uint16_t *w2, const uint16_t *sg,
-                   const uint16_t *su, const uint16_t *sd, float limit, uint16_t *out);
+int v4c_isa_supported(int isa);
+long v4c_moe_decode_work(int t, int D, int I, int Is, int k, int E);
+int v4c_moe_decode(int threads, int isa, int dt, int t, int D, int I, int Is, int k, int E, const void *x,
+                   const int64_t *offsets, const int64_t *perm, const float *w, const void *w13, const void *w2,
+                   const void *sg, const void *su, const void *sd, float limit, void *out, void *work);
+long v4c_linear_work(int t, int G, long K, long N);
+int v4c_linear(int threads, int isa, int dt, int t, int G, long R, long K, const void *x, const void *W, void *out,
+               void *work);
 int v4c_use_openmp(void *parallel, void *thread_num, void *num_threads);
 }
 
@@ -306,29 +311,61 @@ Tensor attention(const Tensor &q, const Tensor &kv, const Tensor &ring, const Te
     return out;
 }
 
-bool moe_decode_available() { return v4c_moe_decode_available() != 0; }
+// the dot-product kernels' instruction sets (dots.h), by name (best last)
+const char *const ISA_NAMES[] = {"", "avx2", "avx512f", "avx512bf16"};
+constexpr int N_ISAS = 4;
+
+// the instruction sets this CPU runs the dot-product kernels with for weights of `dtype`, best first
+std::vector<std::string> dot_isas(at::ScalarType dtype) {
+    std::vector<std::string> out;
+    if (dtype != at::kFloat && dtype != at::kBFloat16) return out;
+    const int dt = dtype == at::kBFloat16;
+    for (int isa = N_ISAS - 1; isa > 0; isa--)
+        if (v4c_isa_supported(isa) && (dt || isa != 3)) out.push_back(ISA_NAMES[isa]);
+    return out;
+}
+
+// the instruction set a caller named (-1: the best there is), checked against this CPU
+int pick_isa(const std::optional<c10::string_view> &isa_arg, at::ScalarType dtype, const char *op) {
+    const auto have = dot_isas(dtype);
+    int isa = -1;
+    if (isa_arg.has_value()) {
+        const std::string want(isa_arg->data(), isa_arg->size());
+        for (int i = 1; i < N_ISAS; i++)
+            if (want == ISA_NAMES[i]) isa = i;
+        TORCH_CHECK_VALUE(isa > 0, "v4c_native.", op, ": unknown instruction set '", want,
+                          "' (avx2, avx512f, avx512bf16)");
+        TORCH_CHECK(std::find(have.begin(), have.end(), want) != have.end(), "v4c_native.", op,
+                    ": this CPU (or compiler) has no ", want, " kernel for ", dtype, " weights");
+    }
+    TORCH_CHECK(!have.empty(), "v4c_native.", op, ": this CPU (or compiler) has neither AVX2 + FMA nor AVX-512F");
+    return isa;
+}
 
 Tensor moe_decode(const Tensor &x, const Tensor &w, const Tensor &perm, const Tensor &offsets, const Tensor &w13,
                   const Tensor &w2, const OptTensor &shared_gate, const OptTensor &shared_up,
-                  const OptTensor &shared_down, int64_t k, double limit) {
+                  const OptTensor &shared_down, int64_t k, double limit, std::optional<c10::string_view> isa_arg) {
     const char *op = "moe_decode";
-    auto bf16 = [&](const Tensor &t, const char *name) {
-        check_dtype(t, at::kBFloat16, op, name);
+    const int dt = float_code(x, op, "x");
+    check_plain(x, op, "x");
+    auto same = [&](const Tensor &t, const char *name) {
+        check_dtype(t, x.scalar_type(), op, name);
         check_plain(t, op, name);
     };
-    bf16(x, "x");
     TORCH_CHECK_VALUE(x.dim() == 2, "v4c_native.moe_decode: x must be [t, D], got shape ", x.sizes());
     const int64_t t = x.size(0), D = x.size(1);
     TORCH_CHECK_VALUE(k >= 1, "v4c_native.moe_decode: k must be at least 1, got ", k);
-    bf16(w13, "w13");
-    bf16(w2, "w2");
+    same(w13, "w13");
+    same(w2, "w2");
     TORCH_CHECK_VALUE(w2.dim() == 3 && w2.size(1) == D, "v4c_native.moe_decode: w2 must be [E, D, I] with D = ", D,
                       ", got shape ", w2.sizes());
     const int64_t E = w2.size(0), I = w2.size(2);
     TORCH_CHECK_VALUE(w13.dim() == 3 && w13.size(0) == E && w13.size(1) == 2 * I && w13.size(2) == D,
                       "v4c_native.moe_decode: w13 must be [E, 2I, D] = [", E, ", ", 2 * I, ", ", D, "], got shape ",
                       w13.sizes());
-    for (int64_t v : {t, D, I, E}) check_fits_int(v, op, "size");
+    TORCH_CHECK_VALUE(t >= 1 && D >= 1 && I >= 1 && E >= 1, "v4c_native.moe_decode: empty operand (t ", t, ", D ", D,
+                      ", I ", I, ", E ", E, ")");
+    for (int64_t v : {t, D, I, E, k}) check_fits_int(v, op, "size");
     check_dtype(perm, at::kLong, op, "perm");
     check_plain(perm, op, "perm");
     check_dtype(offsets, at::kLong, op, "offsets");
@@ -342,10 +379,12 @@ Tensor moe_decode(const Tensor &x, const Tensor &w, const Tensor &perm, const Te
                       "v4c_native.moe_decode: the shared expert needs all of gate, up and down, or none");
     int64_t Is = 0;
     if (shared) {
-        bf16(*shared_gate, "shared_gate");
-        bf16(*shared_up, "shared_up");
-        bf16(*shared_down, "shared_down");
+        same(*shared_gate, "shared_gate");
+        same(*shared_up, "shared_up");
+        same(*shared_down, "shared_down");
         Is = shared_gate->size(0);
+        TORCH_CHECK_VALUE(Is >= 1, "v4c_native.moe_decode: shared_gate must be [Is, D] with Is >= 1, got shape ",
+                          shared_gate->sizes());
         check_fits_int(Is, op, "shared width");
         check_numel(*shared_gate, Is * D, op, "shared_gate", "[Is, D]");
         check_numel(*shared_up, Is * D, op, "shared_up", "[Is, D]");
@@ -353,28 +392,51 @@ Tensor moe_decode(const Tensor &x, const Tensor &w, const Tensor &perm, const Te
     }
     // every index the C code follows: the assignment range within perm, each slot within w and x
     const int64_t *off = offsets.data_ptr<int64_t>(), *pm = perm.data_ptr<int64_t>();
+    for (int64_t e = 0; e < E; e++)
+        TORCH_CHECK_VALUE(off[e] <= off[e + 1], "moe_ffn: expert offsets must be non-decreasing, got ", offsets);
     TORCH_CHECK_VALUE(off[0] >= 0 && off[E] <= perm.numel(), "v4c_native.moe_decode: offsets must lie in [0, ",
                       perm.numel(), "], got ", off[0], " .. ", off[E]);
     for (int64_t a = 0; a < t * k; a++)
         TORCH_CHECK_VALUE(pm[a] >= 0 && pm[a] < t * k, "v4c_native.moe_decode: perm[", a, "] = ", pm[a],
                           " is outside [0, ", t * k, ")");
-    TORCH_CHECK_VALUE(D % 32 == 0 && I % 32 == 0 && Is % 32 == 0,
-                      "v4c_native.moe_decode: widths must be multiples of 32, got D ", D, ", I ", I, ", shared ", Is);
     // (after the operand checks: those run, and are tested, on any CPU)
-    TORCH_CHECK(moe_decode_available(), "v4c_native.moe_decode: this CPU (or compiler) has no AVX512-BF16");
+    const int isa = pick_isa(isa_arg, x.scalar_type(), op);
     Tensor out = at::empty_like(x);
-    auto bits = [](const OptTensor &o) {
-        return o.has_value() ? static_cast<const uint16_t *>(o->data_ptr()) : nullptr;
-    };
-    const int rc = v4c_moe_decode(threads(), int(t), int(D), int(I), int(Is), int(k), int(E),
-                                  static_cast<const uint16_t *>(x.data_ptr()), offsets.data_ptr<int64_t>(),
-                                  perm.data_ptr<int64_t>(), w32.data_ptr<float>(),
-                                  static_cast<const uint16_t *>(w13.data_ptr()),
-                                  static_cast<const uint16_t *>(w2.data_ptr()), bits(shared_gate), bits(shared_up),
-                                  bits(shared_down), float(limit), static_cast<uint16_t *>(out.data_ptr()));
-    TORCH_CHECK_VALUE(rc != -1, "moe_ffn: expert offsets must be non-decreasing (and widths multiples of 32)");
-    TORCH_CHECK(rc != -3, "v4c_native.moe_decode: this CPU (or compiler) has no AVX512-BF16");
-    TORCH_CHECK_WITH(OutOfMemoryError, rc == 0, "v4c_native.moe_decode: could not allocate scratch memory");
+    const int64_t work = v4c_moe_decode_work(int(t), int(D), int(I), int(Is), int(k), int(E));
+    const int rc = v4c_moe_decode(threads(), isa, dt, int(t), int(D), int(I), int(Is), int(k), int(E), x.data_ptr(),
+                                  off, pm, w32.data_ptr<float>(), w13.data_ptr(), w2.data_ptr(), ptr(shared_gate),
+                                  ptr(shared_up), ptr(shared_down), float(limit), out.data_ptr(),
+                                  scratch(work / int64_t(sizeof(float)) + 16));
+    TORCH_CHECK_VALUE(rc != -1, "v4c_native.moe_decode: bad sizes");
+    TORCH_CHECK(rc != -3, "v4c_native.moe_decode: this CPU (or compiler) has no kernel for these weights");
+    return out;
+}
+
+Tensor linear(const Tensor &x, const Tensor &w, int64_t groups, std::optional<c10::string_view> isa_arg) {
+    const char *op = "linear";
+    const int dt = float_code(x, op, "x");
+    check_plain(x, op, "x");
+    check_dtype(w, x.scalar_type(), op, "w");
+    check_plain(w, op, "w");
+    TORCH_CHECK_VALUE(groups >= 1, "v4c_native.linear: groups must be at least 1, got ", groups);
+    TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) % groups == 0 && w.size(0) >= groups && w.size(1) >= 1,
+                      "v4c_native.linear: w must be [groups * R, K] with groups = ", groups, ", got shape ", w.sizes());
+    const int64_t K = w.size(1), R = w.size(0) / groups;
+    TORCH_CHECK_VALUE(x.dim() >= (groups > 1 ? 2 : 1) && x.size(-1) == K && (groups == 1 || x.size(-2) == groups),
+                      "v4c_native.linear: x must be [..., ", groups > 1 ? "groups, " : "", K, "], got shape ",
+                      x.sizes());
+    const int64_t t = x.numel() / (groups * K);
+    TORCH_CHECK_VALUE(t >= 1, "v4c_native.linear: x holds no rows (shape ", x.sizes(), ")");
+    for (int64_t v : {t, groups}) check_fits_int(v, op, "size");
+    const int isa = pick_isa(isa_arg, x.scalar_type(), op);
+    auto shape = x.sizes().vec();
+    shape.back() = groups > 1 ? R : w.size(0);
+    Tensor out = at::empty(shape, x.options());
+    const int64_t work = v4c_linear_work(int(t), int(groups), K, groups * R);
+    const int rc = v4c_linear(threads(), isa, dt, int(t), int(groups), R, K, x.data_ptr(), w.data_ptr(),
+                              out.data_ptr(), scratch(work / int64_t(sizeof(float)) + 16));
+    TORCH_CHECK(rc != -3, "v4c_native.linear: this CPU (or compiler) has no kernel for these weights");
+    TORCH_CHECK_VALUE(rc == 0, "v4c_native.linear: bad sizes");
     return out;
 }
 
@@ -393,8 +455,9 @@ TORCH_LIBRARY(v4c_native, m) {
     m.def("attention(Tensor q, Tensor kv, Tensor ring, Tensor ring_pos, Tensor sinks, Tensor pos, Tensor? rows, "
           "Tensor? idx, str kind, int window, int ratio, float scale) -> Tensor");
     m.def("moe_decode(Tensor x, Tensor w, Tensor perm, Tensor offsets, Tensor w13, Tensor w2, Tensor? shared_gate, "
-          "Tensor? shared_up, Tensor? shared_down, int k, float limit) -> Tensor");
-    m.def("moe_decode_available() -> bool", &moe_decode_available);
+          "Tensor? shared_up, Tensor? shared_down, int k, float limit, str? isa=None) -> Tensor");
+    m.def("dot_isas(ScalarType dtype) -> str[]", &dot_isas);
+    m.def("linear(Tensor x, Tensor w, int groups=1, str? isa=None) -> Tensor");
     m.def("openmp_entries() -> int[]", &openmp_entries);
 }
 
@@ -403,4 +466,5 @@ TORCH_LIBRARY_IMPL(v4c_native, CPU, m) {
     m.impl("norm_rope_", &norm_rope_);
     m.impl("attention", &attention);
     m.impl("moe_decode", &moe_decode);
+    m.impl("linear", &linear);
 }

@@ -1,0 +1,139 @@
+"""A decode step's dense products in C (native/linear.c on the kernels of dots.c): ``native.linear``
+against PyTorch's product for fp32 and bf16 on every instruction set this CPU has (the others
+skipped), odd widths, groups; and the cpu backend's ``native-decode`` implementations of the ops that
+hold a product (linear, o_proj, q_proj, kv_proj, linear_rms_norm, moe_router, indexer) against their
+references, bound for decode calls only.
+
+fp32: within 1e-5 of the output's scale (the sums run in another order); bf16: each output is the
+fp32 sum rounded once, as PyTorch's product gives it, so within one bf16 rounding step.
+"""
+import pytest
+import torch
+
+from impls import CPU, chosen, run
+from v4c.backends.cpu import native
+from v4c.graph.registry import get_op
+from v4c.graph.weight_formats import quantize_fp8_block
+from v4c.graph.weights import QuantizedWeight
+
+ISAS = ("avx2", "avx512f", "avx512bf16")
+DTYPES = (torch.float32, torch.bfloat16)
+needs_c = pytest.mark.skipif(not native.moe_decode_available(torch.float32),
+                             reason="the C products need AVX2 + FMA or AVX-512F")
+
+
+def _close(got, want, what=""):
+    assert got.shape == want.shape and got.dtype == want.dtype, what
+    scale = float(want.float().abs().max()) or 1.0
+    tol = 1e-5 if want.dtype == torch.float32 else 2 ** -7
+    err = float((got.float() - want.float()).abs().max()) / scale
+    assert err <= tol, f"{what}: error {err:.2e} of the output's scale"
+
+
+@pytest.mark.parametrize("t,n,k,groups", [(1, 37, 45, 1), (3, 300, 7, 1), (16, 5, 130, 1), (2, 1, 1, 1),
+                                          (4, 66, 33, 3), (1, 8, 64, 4)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("isa", ISAS)
+def test_linear_equals_the_product(isa, dtype, t, n, k, groups):
+    if isa not in native.dot_isas(dtype):
+        pytest.skip(f"this CPU has no {isa} kernel for {dtype} (it has {native.dot_isas(dtype) or 'none'})")
+    g = torch.Generator().manual_seed(t * n + k)
+    w = torch.randn(groups * n, k, generator=g).to(dtype)
+    if groups == 1:
+        x = torch.randn(2, t, k, generator=g).to(dtype)
+        want = (x.float() @ w.float().T).to(dtype)
+    else:
+        x = torch.randn(t, groups, k, generator=g).to(dtype)
+        want = torch.einsum("tgk,grk->tgr", x.float(), w.float().view(groups, n, k)).to(dtype)
+    _close(native.linear(x, w, groups, isa=isa), want)
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+def test_linear_does_not_depend_on_the_thread_count_or_the_other_rows(dtype):
+    """Each output is one row's sum in a fixed order, whichever thread computes it and whatever the
+    other token rows of the call (the kernels block rows differently for one or two token rows than
+    for more)."""
+    g = torch.Generator().manual_seed(9)
+    x, w = torch.randn(9, 1, 300, generator=g).to(dtype), torch.randn(1000, 300, generator=g).to(dtype)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.linear(x, w)
+        for threads in (2, 3):
+            torch.set_num_threads(threads)
+            assert torch.equal(native.linear(x, w), one), threads
+    finally:
+        torch.set_num_threads(before)
+    for rows in (slice(0, 1), slice(3, 5), slice(2, 5)):
+        assert torch.equal(native.linear(x[rows].contiguous(), w), one[rows])
+
+
+@needs_c
+def test_linear_names_bad_operands():
+    x, w = torch.randn(2, 8), torch.randn(3, 8)
+    with pytest.raises(TypeError, match="linear: w must be Float, got BFloat16"):
+        native.linear(x, w.bfloat16())
+    with pytest.raises(ValueError, match=r"linear: x must be \[\.\.\., 8\], got shape \[2, 9\]"):
+        native.linear(torch.randn(2, 9), w)
+    with pytest.raises(ValueError, match=r"linear: w must be \[groups \* R, K\] with groups = 2, got shape \[3, 8\]"):
+        native.linear(torch.randn(2, 2, 8), w, 2)
+    with pytest.raises(ValueError, match=r"linear: x must be \[\.\.\., groups, 8\], got shape \[2, 3, 8\]"):
+        native.linear(torch.randn(2, 3, 8), torch.randn(4, 8), 2)
+    with pytest.raises(ValueError, match="unknown instruction set 'neon'"):
+        native.linear(x, w, isa="neon")
+
+
+def _op_cases(dtype, b):
+    """(op, args, attrs, how to compare) for one decode call of b tokens."""
+    g = torch.Generator().manual_seed(b)
+    r = lambda *s, scale=0.2: (torch.randn(*s, generator=g) * scale).to(dtype)  # noqa: E731
+    hid, heads, d, rope_dim, yarn = 72, 4, 32, 16, (4.0, 64, 32, 1)
+    x = r(b, 1, hid, scale=1.0)
+    pos = torch.arange(b)[:, None] * 37 + 100
+    rope = dict(rope_dim=rope_dim, theta=10000.0, yarn=yarn)
+    keys = r(b, 100, d, scale=1.0)  # (rows for every position: up to 359 // 4)
+    return [
+        ("linear", (x, r(50, hid)), {}),
+        ("o_proj", (r(b, 1, heads, d, scale=1.0), r(2 * 24, 2 * d), r(hid, 2 * 24)),
+         dict(shape=(b, 1, 2, 2 * d), groups=2, out_shape=(b, 1, 2 * 24))),
+        ("q_proj", (x, r(heads * d, hid), pos), dict(shape=(b, 1, heads, d), eps=1e-6, **rope)),
+        ("kv_proj", (x, r(d, hid), (torch.rand(d, generator=g) + 0.5).to(dtype), pos), dict(eps=1e-6, **rope)),
+        ("linear_rms_norm", (x, r(40, hid), (torch.rand(40, generator=g) + 0.5).to(dtype)), dict(eps=1e-6)),
+        ("moe_router", (x, r(16, hid), torch.randn(16, generator=g)), dict(topk=4, scaling=1.5)),
+        ("indexer", (r(b, 1, 40, scale=1.0), x, r(heads * d, 40), r(heads, hid), keys, pos),
+         dict(shape=(b, 1, heads, d), topk=8, ratio=4, score_scale=d ** -0.5, weight_scale=heads ** -0.5,
+              key_format=None, **rope)),
+    ]
+
+
+@needs_c
+@pytest.mark.parametrize("b", [1, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+def test_decode_ops_with_c_products_equal_references(dtype, b):
+    if not native.moe_decode_available(dtype):
+        pytest.skip(f"no C products for {dtype} here")
+    for op, args, attrs in _op_cases(dtype, b):
+        assert chosen(op, *args, phase="decode", **attrs) == "native-decode", op
+        got = run(op, *args, impl="native-decode", phase="decode", **attrs)
+        want = get_op(op).ref(*args, **attrs)
+        if op == "moe_router":  # the same experts, weights and schedule
+            assert torch.equal(got[0].sort(-1).values, want[0].sort(-1).values) and torch.equal(got[3], want[3])
+            _close(got[1].gather(-1, got[0].argsort(-1)), want[1].gather(-1, want[0].argsort(-1)), op)
+        elif op == "indexer":  # the same rows selected (as a set)
+            assert torch.equal(got.sort(-1).values, want.sort(-1).values), op
+        else:
+            _close(got, want, op)
+
+
+@needs_c
+def test_c_products_bind_for_decode_calls_of_plain_weights_only():
+    (_, args, attrs), = [c for c in _op_cases(torch.float32, 2) if c[0] == "q_proj"]
+    assert chosen("q_proj", *args, phase="prefill", **attrs) == "native"
+    x, w, pos = args
+    qw = QuantizedWeight("f8e4m3", *quantize_fp8_block(w))
+    assert chosen("q_proj", x, qw, pos, phase="decode", **attrs) == "native"  # the quantised product: weights.linear
+    with pytest.raises(ValueError, match="native-decode declines .*a weight is f8e4m3, not the activations' f32"):
+        CPU.callable("q_proj", (x, qw, pos), attrs, name="native-decode", phase="decode")
+    with pytest.raises(ValueError, match="native-decode declines .*a weight is bf16, not the activations' f32"):
+        CPU.callable("linear", (x, w.bfloat16()), {}, name="native-decode", phase="decode")

@@ -1,0 +1,152 @@
+"""The C MoE decode (native/moe.c, kernels in dots.c) against the op reference, for fp32 and bf16
+weights on every instruction set this CPU has (AVX2 + FMA, AVX-512F, AVX512-BF16; the others are
+skipped, and run on a CPU that has them): widths that are not multiples of the vector length, one to
+hundreds of experts, top-k 1 to 8, 1 to 16 tokens, with and without a shared expert of its own width.
+
+fp32 is held to 1e-5 of the reference (relative to the output's largest value); bf16 to be at least
+as close to an fp32 evaluation of the same inputs as the reference itself is (both round each
+product and activation step to bf16; the C path sums the weighted experts in fp32 and rounds once).
+"""
+import pytest
+import torch
+
+from impls import CPU, chosen
+from v4c.backends.cpu import native
+from v4c.graph.ops.collective import ep_select
+from v4c.graph.ops.fused import moe_ffn as ref_ffn
+from v4c.graph.ops.fused import moe_router as ref_router
+
+ISAS = ("avx2", "avx512f", "avx512bf16")
+DTYPES = (torch.float32, torch.bfloat16)
+# tokens, D, I, shared width (0: none), experts, top-k
+SHAPES = [
+    (1, 37, 13, 19, 5, 2),      # odd widths everywhere, the shared expert wider than the routed ones
+    (1, 64, 32, 32, 1, 1),      # one expert, top-1
+    (3, 100, 24, 24, 2, 2),     # two experts: every token hits both
+    (8, 72, 40, 0, 64, 6),      # the benchmark's routing at batch 8, no shared expert
+    (16, 48, 17, 9, 8, 8),      # top-8 of 8: each expert holds every token
+    (5, 33, 7, 33, 300, 8),     # hundreds of experts, top-8
+    (16, 130, 66, 66, 256, 1),  # 16 tokens, top-1 of 256 (widths past one 64-lane step, with tails)
+    (2, 1, 3, 1, 3, 3),         # widths of one value
+]
+
+
+def _isa(isa: str, dtype) -> None:
+    if isa == "avx512bf16" and dtype == torch.float32:
+        pytest.skip("AVX512-BF16 takes bf16 weights only")
+    if isa not in native.dot_isas(dtype):
+        pytest.skip(f"this CPU has no {isa} (it has {native.dot_isas(dtype) or 'none'})")
+
+
+def _case(shape, dtype, seed=0):
+    t, d, i, s, e, k = shape
+    g = torch.Generator().manual_seed(seed)
+    w13 = (torch.randn(e, 2 * i, d, generator=g) * 0.3).to(dtype)
+    w2 = (torch.randn(e, d, i, generator=g) * 0.3).to(dtype)
+    shared = [(torch.randn(*sz, generator=g) * 0.3).to(dtype) for sz in ((s, d), (s, d), (d, s))] if s else []
+    h = torch.randn(t, 1, d, generator=g).to(dtype)
+    routing = ref_router(h, torch.randn(e, d, generator=g).to(dtype), torch.randn(e, generator=g), topk=k,
+                         scaling=1.5)
+    return (h, *routing, w13, w2, *shared)
+
+
+def _close(got, args, limit=2.0):
+    want = ref_ffn(*args, limit=limit)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    if want.dtype == torch.float32:
+        scale = float(want.abs().max())
+        err = float((got - want).abs().max()) / scale
+        assert err <= 1e-5, f"fp32 error {err:.2e} of the output's scale"
+        return
+    up = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+    truth = ref_ffn(*up, limit=limit)
+    scale = truth.abs().max()
+    err_got, err_want = [float((x.float() - truth).abs().max() / scale) for x in (got, want)]
+    assert err_got <= err_want + 2 ** -9, f"bf16 error {err_got:.2e} vs the reference's {err_want:.2e}"
+
+
+def _run(args, isa=None, limit=2.0):
+    h, idx, w, perm, offsets, w13, w2, *shared = args
+    flat = h.reshape(-1, h.shape[-1])
+    return native.moe_decode(flat, w.reshape(-1), perm.reshape(-1), offsets, w13, w2, shared, k=idx.shape[-1],
+                             limit=limit, isa=isa).view_as(h)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "t{}-D{}-I{}-S{}-E{}-k{}".format(*s))
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("isa", ISAS)
+def test_moe_decode_equals_reference(isa, dtype, shape):
+    _isa(isa, dtype)
+    args = _case(shape, dtype)
+    _close(_run(args, isa), args)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("isa", ISAS)
+def test_moe_decode_expert_parallel_share_and_clamp(isa, dtype):
+    """An expert-parallel rank's share (offsets not starting at 0, assignments past its last
+    expert), a rank no token routes to, and a limit small enough that the clamps bite."""
+    _isa(isa, dtype)
+    h, idx, w, perm, offsets, w13, w2, *shared = _case((6, 45, 21, 21, 12, 3), dtype, seed=1)
+    for lo, hi in ((3, 8), (0, 12)):
+        sidx, sw, sperm, soffsets = ep_select(idx, w, experts=(lo, hi))
+        args = (h, sidx, sw, sperm, soffsets, w13[lo:hi], w2[lo:hi], *shared)
+        _close(_run(args, isa, limit=0.5), args, limit=0.5)
+    bias = torch.zeros(12)
+    bias[6:] = -100.0  # nobody picks experts 6..11: their rank has only the shared expert
+    routing = ref_router(h, torch.randn(12, 45).to(dtype), bias, topk=3, scaling=1.5)
+    sidx, sw, sperm, soffsets = ep_select(*routing[:2], experts=(6, 12))
+    assert int(soffsets[-1] - soffsets[0]) == 0
+    args = (h, sidx, sw, sperm, soffsets, w13[6:], w2[6:], *shared)
+    _close(_run(args, isa), args)
+    got = _run((h, sidx, sw, sperm, soffsets, w13[6:], w2[6:]), isa)
+    assert (got == 0).all()  # no assignment, no shared expert: zeros
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+def test_moe_decode_result_does_not_depend_on_the_thread_count(dtype):
+    if not native.moe_decode_available(dtype):
+        pytest.skip("no C MoE on this CPU")
+    args = _case((8, 96, 48, 48, 16, 4), dtype, seed=2)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run(args)
+        for threads in (2, 3, 4):
+            torch.set_num_threads(threads)
+            assert torch.equal(_run(args), one), threads
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_moe_decode_instruction_sets_are_named_and_checked():
+    for dtype in DTYPES:
+        isas = native.dot_isas(dtype)
+        assert set(isas) <= set(ISAS) and list(isas) == sorted(isas, key=ISAS.index, reverse=True)
+    assert "avx512bf16" not in native.dot_isas(torch.float32)
+    assert native.dot_isas(torch.float16) == ()
+    if not native.moe_decode_available(torch.float32):
+        pytest.skip("no C MoE on this CPU")
+    args = _case((2, 32, 16, 16, 4, 2), torch.float32)
+    with pytest.raises(ValueError, match="unknown instruction set 'sse9' \\(avx2, avx512f, avx512bf16\\)"):
+        _run(args, "sse9")
+    with pytest.raises(RuntimeError, match="has no avx512bf16 kernel for Float weights"):
+        _run(args, "avx512bf16")
+    with pytest.raises(TypeError, match="moe_decode: w2 must be Float, got BFloat16"):
+        h, idx, w, perm, offsets, w13, w2, *shared = args
+        _run((h, idx, w, perm, offsets, w13, w2.bfloat16(), *shared))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+def test_backend_binds_the_c_path_for_decode_calls_of_any_width(dtype):
+    args = _case((4, 37, 13, 19, 5, 2), dtype)
+    want = "native-decode" if native.moe_decode_available(dtype) else "decode"
+    assert chosen("moe_ffn", *args, limit=2.0, phase="decode") == want
+    assert chosen("moe_ffn", *args, limit=2.0, phase="prefill") == "grouped"
+    half = [a.half() if isinstance(a, torch.Tensor) and a.dtype == dtype else a for a in args]
+    with pytest.raises(ValueError, match="native-decode declines .*activations are f16 \\(the C products take f32 or bf16\\)"):
+        CPU.callable("moe_ffn", half, {"limit": 2.0}, name="native-decode", phase="decode")
+    mixed = list(args)
+    mixed[5] = mixed[5].to(torch.bfloat16 if dtype == torch.float32 else torch.float32)
+    with pytest.raises(ValueError, match="native-decode declines .*an expert weight is"):
+        CPU.callable("moe_ffn", mixed, {"limit": 2.0}, name="native-decode", phase="decode")

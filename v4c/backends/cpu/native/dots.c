@@ -1,0 +1,166 @@
+/* The dot-product kernels of a decode step's weight streaming (the MoE's experts, moe.c; the dense
+ * projections, linear.c), one per instruction set and weight dtype (dots_template.h holds their
+ * loops): AVX2 + FMA and AVX-512F for fp32 and bf16 weights (bf16 widened to fp32 in registers, fp32
+ * token rows), AVX512-BF16 for bf16 weights (vdpbf16ps: bf16 pairs, fp32 sums, bf16 token rows).
+ *
+ * Each is compiled with a function-level target attribute, not -march: the library holds all of
+ * them and runs on any x86-64 CPU; `v4c_isa_supported` asks the CPU (and whether the OS saves the
+ * wider registers) before the driver calls one. Elsewhere (another architecture or compiler) no
+ * kernel is built and the PyTorch path runs. */
+#include <stdint.h>
+
+#include "common.h"
+#include "dots.h"
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define V4C_X86 1
+#include <immintrin.h>
+#else
+#define V4C_X86 0
+#endif
+#if V4C_X86 && (defined(__clang__) || __GNUC__ >= 11)
+#define V4C_BF16DOT 1 /* the compiler knows AVX512-BF16 (intrinsics and the CPU-feature name) */
+#else
+#define V4C_BF16DOT 0
+#endif
+
+int v4c_isa_supported(int isa) {
+#if V4C_X86
+    __builtin_cpu_init();
+    switch (isa) {
+    case V4C_ISA_AVX2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case V4C_ISA_AVX512F: return __builtin_cpu_supports("avx512f");
+#if V4C_BF16DOT
+    case V4C_ISA_AVX512BF16: return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+#endif
+    default: return 0;
+    }
+#else
+    (void)isa;
+    return 0;
+#endif
+}
+
+#if V4C_X86
+
+/* ---- AVX2 + FMA: 8 fp32 lanes ------------------------------------------------------------- */
+#define TARGET __attribute__((target("avx2,fma")))
+TARGET static inline __attribute__((always_inline)) float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#define LANES 8
+#define VEC __m256
+#define ZERO() _mm256_setzero_ps()
+#define HSUM(v) hsum256(v)
+#define XT float
+#define XV __m256
+#define XLOAD(p) _mm256_loadu_ps(p)
+#define XF(v) (v)
+#define MAC(acc, w, x) _mm256_fmadd_ps(w, x, acc)
+
+#define NAME dots_avx2_f32
+#define WT float
+#define WV __m256
+#define WLOAD(p) _mm256_loadu_ps(p)
+#define WF(v) (v)
+#include "dots_template.h"
+
+#define NAME dots_avx2_bf16
+#define WT uint16_t
+#define WV __m256
+#define WLOAD(p) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
+#define WF(v) bf2f(v)
+#include "dots_template.h"
+
+#undef TARGET
+#undef LANES
+#undef VEC
+#undef ZERO
+#undef HSUM
+#undef XV
+#undef XLOAD
+#undef MAC
+
+/* ---- AVX-512F: 16 fp32 lanes -------------------------------------------------------------- */
+#define TARGET __attribute__((target("avx512f")))
+#define LANES 16
+#define VEC __m512
+#define ZERO() _mm512_setzero_ps()
+#define HSUM(v) _mm512_reduce_add_ps(v)
+#define XV __m512
+#define XLOAD(p) _mm512_loadu_ps(p)
+#define MAC(acc, w, x) _mm512_fmadd_ps(w, x, acc)
+
+#define NAME dots_avx512_f32
+#define WT float
+#define WV __m512
+#define WLOAD(p) _mm512_loadu_ps(p)
+#define WF(v) (v)
+#include "dots_template.h"
+
+#define NAME dots_avx512_bf16
+#define WT uint16_t
+#define WV __m512
+#define WLOAD(p)                                                                                        \
+    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
+#define WF(v) bf2f(v)
+#include "dots_template.h"
+
+#undef TARGET
+#undef XT
+#undef XV
+#undef XLOAD
+#undef XF
+#undef MAC
+#undef LANES
+
+#if V4C_BF16DOT
+/* ---- AVX512-BF16: 32 bf16 pairs summed into 16 fp32 lanes ----------------------------------- */
+#define TARGET __attribute__((target("avx512f,avx512bf16")))
+#define LANES 32
+#define XT uint16_t
+#define XV __m512bh
+#define XLOAD(p) ((__m512bh)_mm512_loadu_si512((const void *)(p)))
+#define XF(v) bf2f(v)
+#define MAC(acc, w, x) _mm512_dpbf16_ps(acc, w, x)
+
+#define NAME dots_avx512bf16_bf16
+#define WT uint16_t
+#define WV __m512bh
+#define WLOAD(p) ((__m512bh)_mm512_loadu_si512((const void *)(p)))
+#define WF(v) bf2f(v)
+#include "dots_template.h"
+#endif
+
+#endif /* V4C_X86 */
+
+int v4c_best_isa(int wdt) {
+    static const int order[] = {V4C_ISA_AVX512BF16, V4C_ISA_AVX512F, V4C_ISA_AVX2};
+    for (int i = 0; i < 3; i++) {
+        int xb;
+        if (v4c_isa_supported(order[i]) && v4c_dots_kernel(order[i], wdt, &xb)) return order[i];
+    }
+    return V4C_ISA_NONE;
+}
+
+v4c_dots_fn v4c_dots_kernel(int isa, int wdt, int *x_bf16) {
+    *x_bf16 = 0;
+#if V4C_X86
+    switch (isa) {
+    case V4C_ISA_AVX2: return wdt ? dots_avx2_bf16 : dots_avx2_f32;
+    case V4C_ISA_AVX512F: return wdt ? dots_avx512_bf16 : dots_avx512_f32;
+#if V4C_BF16DOT
+    case V4C_ISA_AVX512BF16:
+        if (!wdt) return 0;
+        *x_bf16 = 1;
+        return dots_avx512bf16_bf16;
+#endif
+    default: return 0;
+    }
+#else
+    (void)isa, (void)wdt;
+    return 0;
+#endif
+}

@@ -1,0 +1,22 @@
+/* The dot-product kernels (dots.c), as their callers (moe.c, linear.c) see them. */
+#ifndef V4C_NATIVE_DOTS_H
+#define V4C_NATIVE_DOTS_H
+
+/* Instruction sets a kernel is built for, in order of preference. */
+enum { V4C_ISA_NONE = 0, V4C_ISA_AVX2 = 1, V4C_ISA_AVX512F = 2, V4C_ISA_AVX512BF16 = 3 };
+
+/* Y[r * ldy + o] = dot(W row o, token row x[r]) for o < N, r < c: W [N, K] row-major, each row read
+ * from memory once whatever c is. Token rows are fp32, or bf16 bits for an AVX512-BF16 kernel. */
+typedef void (*v4c_dots_fn)(const void *W, long N, long K, const void *const *x, int c, float *Y, long ldy);
+
+/* Whether this CPU runs code of instruction set `isa` (the OS saves its registers too). */
+int v4c_isa_supported(int isa);
+
+/* The kernel for weights of dtype wdt (0 fp32, 1 bf16) in instruction set `isa`, or NULL when none is
+ * built (AVX512-BF16 takes only bf16 weights); *x_bf16 says whether it wants bf16 token rows. */
+v4c_dots_fn v4c_dots_kernel(int isa, int wdt, int *x_bf16);
+
+/* The best instruction set this CPU has a kernel for, for weights of dtype wdt; V4C_ISA_NONE if none. */
+int v4c_best_isa(int wdt);
+
+#endif
