@@ -14,6 +14,7 @@ from ..artifact import has_manifest
 from ..autotune.devices import DEVICES_BY_PRODUCT, device_for_target
 from ..targets import TARGETS
 from .page import render_page
+from .pareto import load_plan, write_pareto, write_plan_report
 from .plots import require_matplotlib, write_plots
 from .series import CONTEXTS, build_series
 
@@ -29,12 +30,18 @@ def _compile_target(target: str | None) -> str:
 
 
 def write_report(model, out_dir, *, target: str | None = None, batch: int = 1, context: int | None = None,
-                 dtype: str = "bf16", contexts=CONTEXTS, log: Callable[[str], None] | None = None) -> dict[str, Path]:
+                 dtype: str = "bf16", contexts=CONTEXTS, plan=None,
+                 log: Callable[[str], None] | None = None) -> dict[str, Path]:
     """Report on an artifact directory, or on a checkpoint / config directory compiled weight-free
-    (``dtype``, ``target``) into a temporary artifact first. Returns the written files by name."""
+    (``dtype``, ``target``) into a temporary artifact first. Returns the written files by name.
+    ``plan``: a `v4c plan --sweep --json` output (dict or file) or ``GPU:N[:IN/OUT]`` to sweep the model
+    now; its Pareto view joins the report. ``model`` may itself be such a JSON file: a report of the plan."""
     log = log or (lambda s: None)
     require_matplotlib()  # before a compile, not after it
     model = Path(model)
+    if model.suffix == ".json" and model.is_file():
+        return write_plan_report(load_plan(str(model)), out_dir)
+    plan = load_plan(plan, model) if plan is not None else None
     if target is not None:
         device_for_target(target)  # an unknown target fails here, before any work
     if batch < 1:
@@ -56,6 +63,9 @@ def write_report(model, out_dir, *, target: str | None = None, batch: int = 1, c
                               source=str(model))
     out_dir.mkdir(parents=True, exist_ok=True)
     files = write_plots(series, out_dir)
+    if plan is not None:
+        series["plan"] = plan
+        files.update(write_pareto(plan, out_dir))
     files["series.json"] = out_dir / "series.json"
     files["series.json"].write_text(json.dumps(series, indent=1) + "\n")
     files["report.html"] = out_dir / "report.html"

@@ -38,6 +38,7 @@ def _us(seconds: float) -> str:
 
 
 def render_page(series: dict, plots: dict[str, Path]) -> str:
+    from .pareto import pareto_section  # it draws on this module's helpers
     ctx, kv, fl, kt, m = (series["contexts"], series["kv_bytes"], series["decode_flops"], series["kernels"],
                           series["model"])
     kv_rows = [(context_label(c), human_bytes(a), human_bytes(b), f"{a / b:.1%}")
@@ -92,5 +93,6 @@ launch overheads and on-chip limits not included).</p>
 </details>
 <p class="note">Numbers from the same accounting as <code>v4c inspect --json --context N</code>;
 the data are in series.json next to this page.</p>
+{pareto_section(series.get("plan"), plots)}
 </body></html>
 """
