@@ -74,7 +74,17 @@ def test_forward_rows_equals_a_session_of_those_rows_and_leaves_the_others(model
     assert torch.equal(big.forward_rows(3, 4, p[:, :1]), one.forward(p[:, :1]))
 
 
-def test_reset_rows_empties_those_rows_and_nothing_else(model):
+@pytest.fixture(scope="module")
+def fp8_model(tiny_artifact, tmp_path_factory):
+    """The tiny model with fp8 KV rows and MXFP4 indexer keys (u8 storage buffers)."""
+    art = v4c.compile(tiny_artifact.parent / "ckpt", tmp_path_factory.mktemp("fp8") / "art", target="cpu",
+                      kv_cache="fp8", indexer_cache="fp4")
+    return v4c.load(art, device="cpu")
+
+
+@pytest.mark.parametrize("which", ["plain", "fp8"])
+def test_reset_rows_empties_those_rows_and_nothing_else(model, fp8_model, which):
+    model = model if which == "plain" else fp8_model
     s = model.new_session(3, max_context=64)
     s.forward(_ids(model, (3, 17), 3), lengths=[17, 9, 12])
     keep = _snapshot(s, [0, 2])

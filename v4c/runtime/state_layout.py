@@ -61,9 +61,11 @@ class StateLayout:
         return range(max(0, start), length)
 
 
-def fill_value(t: torch.Tensor) -> int:
-    """What an empty slot of ``t`` holds."""
-    return 0 if t.is_floating_point() else -1
+def fill_value(t) -> int:
+    """What an empty slot of ``t`` (a tensor or a torch dtype) holds: -1 in the signed integer buffers (an
+    empty ring slot's position), 0 in the others (float values, and the bytes of fp8 / fp4 storage)."""
+    dtype = t if isinstance(t, torch.dtype) else t.dtype
+    return -1 if dtype in (torch.int64, torch.int32) else 0
 
 
 def _pooling_ratios(graph) -> dict[str, int]:

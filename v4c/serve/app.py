@@ -69,6 +69,7 @@ class _Outcome:
     reason: str = "error"
     completion_tokens: int = 0
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens resumed from the prefix cache
 
 
 async def _steps(handle, text: _Text, out: _Outcome) -> AsyncIterator[_Step]:
@@ -92,6 +93,8 @@ async def _steps(handle, text: _Text, out: _Outcome) -> AsyncIterator[_Step]:
         else:
             out.reason, out.completion_tokens = "error", n
             out.error = out.error or "the engine ended the request without finishing it"
+        # (a request ended by a stop string never sees its Finished: the handle has the count by then)
+        out.cached_tokens = getattr(handle, "cached_tokens", 0)
         tail = text.flush()
         if tail:
             yield _Step(None, tail)
@@ -248,7 +251,7 @@ class _Server:
             logprobs = {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
         finish = "length" if out.reason == "length" else "stop"
         body = api.completion(rid, created, self.model_name, "".join(chunks), finish, logprobs,
-                              api.usage(len(ids), out.completion_tokens),
+                              api.usage(len(ids), out.completion_tokens, out.cached_tokens),
                               token_ids=gen_ids if self.want_ids(req) else None)
         return JSONResponse(body)
 
@@ -298,7 +301,7 @@ class _Server:
                                                "length" if out.reason == "length" else "stop"))
             if req.include_usage:
                 yield api.sse(api.usage_chunk(rid, created, self.model_name, "text_completion",
-                                              api.usage(len(ids), out.completion_tokens)))
+                                              api.usage(len(ids), out.completion_tokens, out.cached_tokens)))
         yield api.sse("[DONE]")
 
     # -- chat --
@@ -339,7 +342,7 @@ class _Server:
         finish = "length" if out.reason == "length" else ("tool_calls" if calls else "stop")
         logprobs = {"content": content_lp} if req.logprobs is not None else None
         return JSONResponse(api.chat_completion(rid, created, self.model_name, message, finish, logprobs,
-                                                api.usage(len(ids), out.completion_tokens)))
+                                                api.usage(len(ids), out.completion_tokens, out.cached_tokens)))
 
     def _chat_lp(self, step: _Step, k: int) -> dict:
         def entry(t, lp):
@@ -377,7 +380,7 @@ class _Server:
             yield api.sse(api.chat_chunk(rid, created, model, {}, finish))
             if req.include_usage:
                 yield api.sse(api.usage_chunk(rid, created, model, "chat.completion.chunk",
-                                              api.usage(len(ids), out.completion_tokens)))
+                                              api.usage(len(ids), out.completion_tokens, out.cached_tokens)))
         yield api.sse("[DONE]")
 
 
@@ -671,8 +674,11 @@ def create_app(engine, *, model_name: str, tokenizer: ServeTokenizer | None = No
 def serve(artifact, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, max_context: int | None = None,
           max_queue: int = 64, api_key: str | None = None, backend: str | None = None, device: str | None = None,
           reasoning: bool = False, served_model_name: str | None = None, log_level: str = "info",
-          step_tokens: int = 256) -> int:
-    """Load ``artifact``, start the engine and serve until interrupted (``v4c serve``)."""
+          step_tokens: int = 256, prefix_cache_bytes: int | None = None, context_cache_dir=None,
+          context_cache_bytes: int | None = None) -> int:
+    """Load ``artifact``, start the engine and serve until interrupted (``v4c serve``). The prefix cache:
+    ``prefix_cache_bytes`` of memory (None: the default, 0: none) and, with ``context_cache_dir``, a disk
+    tier of ``context_cache_bytes``; a sharded artifact is served without one."""
     from ..errors import V4CError
     try:
         import fastapi  # noqa: F401
@@ -706,10 +712,17 @@ def serve(artifact, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int
         from ..runtime.loader import load
         model = load(path, device=device, backend=backend)
     tok = load_tokenizer(path)
+    cache = None
     try:
+        if leader is None:
+            cache = _prefix_cache(model, prefix_cache_bytes, context_cache_dir, context_cache_bytes)
+        elif prefix_cache_bytes or context_cache_dir:
+            print("v4c serve: no prefix cache for a sharded artifact (not implemented yet)", flush=True)
         engine = Engine(model, max_batch=max_batch, max_context=max_context, max_queue=max_queue,
-                        step_tokens=step_tokens, session=leader)
+                        step_tokens=step_tokens, session=leader, prefix_cache=cache)
     except BaseException:
+        if cache is not None:
+            cache.close()
         if leader is not None:
             leader.stop()
             model.close()
@@ -727,10 +740,22 @@ def serve(artifact, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int
         uvicorn.run(app, host=host, port=port, log_level=log_level)
     finally:
         engine.stop()
+        if cache is not None:
+            cache.close()  # the disk tier's queued writes land before the process goes
         if leader is not None:
             leader.stop()
             _leave(model)
     return 0
+
+
+def _prefix_cache(model, memory_bytes: int | None, disk_dir, disk_bytes: int | None):
+    """The engine's prefix cache from ``v4c serve``'s flags; None when both tiers are off."""
+    from ..runtime.prefix_cache import DEFAULT_DISK_BYTES, DEFAULT_MEMORY_BYTES, PrefixCache
+    memory_bytes = DEFAULT_MEMORY_BYTES if memory_bytes is None else memory_bytes
+    if memory_bytes == 0 and disk_dir is None:
+        return None
+    return PrefixCache.for_model(model, memory_bytes=memory_bytes, disk_dir=disk_dir,
+                                 disk_bytes=DEFAULT_DISK_BYTES if disk_bytes is None else disk_bytes)
 
 
 def _leave(model) -> None:

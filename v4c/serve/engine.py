@@ -59,6 +59,16 @@ call when it fits the budget, then one-row steps) and gives its tokens bit for b
 16 token slots runs the decode implementations, a larger one (a decode call over more than 16 rows)
 the prefill ones. Log-probabilities are those of the model (log-softmax of the raw logits).
 
+**Prefix cache** (``prefix_cache=``: a ``v4c.runtime.prefix_cache.PrefixCache``, off by default).
+A request resumes from the longest cached prefix of its prompt (a 256-token block boundary, or the
+exact end of an earlier request it extends: the multi-turn case; ``Finished.cached_tokens``) and
+prefills only the rest. With the cache on a prefill chunk ends at each 256-token boundary it reaches,
+so every boundary a prompt (or a generation) passes is snapshotted there, and a finished request
+(stop, length or cancelled) is snapshotted at its end before its row is emptied. Two requests that
+are about to compute the same block (the same chain hash: the same tokens up to its end) do not
+both compute it: the one further on (the first admitted, at a tie) does, the others wait a step and
+then resume from its snapshot. The cache's failures never fail a request (they are logged).
+
 **Ending.** EOS (the model config's ``eos_token_id``, unless ``ignore_eos``) and ``stop_token_ids``
 end a request with ``"stop"``: the stop token counts in ``completion_tokens`` (the model generated
 it) but is not emitted as a ``TokenEvent`` nor put in ``Completion.tokens`` (``Finished.stop_token``
@@ -80,7 +90,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator
 
 import torch
@@ -88,6 +98,7 @@ import torch
 from ..errors import V4CError
 from ..runtime.model import DEFAULT_MAX_CONTEXT
 from ..runtime.sampling import check_sampling, sample_rows, token_logprobs
+from .prefix import PrefixScheduler
 
 log = logging.getLogger("v4c.serve")
 
@@ -161,6 +172,7 @@ class Finished:
     completion_tokens: int
     error: str | None = None
     stop_token: int | None = None
+    cached_tokens: int = 0  # prompt tokens resumed from the prefix cache, not computed
 
 
 @dataclass
@@ -174,6 +186,7 @@ class Completion:
     top_logprobs: list[list[tuple[int, float]]] | None = None
     error: str | None = None
     stop_token: int | None = None
+    cached_tokens: int = 0
 
 
 class RequestHandle:
@@ -191,6 +204,7 @@ class RequestHandle:
         self._log: list[TokenEvent | Finished] = []
         self._done = False
         self._cancel: str | None = None  # the reason asked for, until the scheduler acts on it
+        self.cached_tokens = 0  # prompt tokens resumed from the prefix cache; final once the first token came
         self._sinks: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = []
 
     @property
@@ -279,7 +293,7 @@ class RequestHandle:
                           prompt_tokens=fin.prompt_tokens, completion_tokens=fin.completion_tokens,
                           logprobs=[e.logprob for e in toks] if want else None,
                           top_logprobs=[e.top_logprobs for e in toks] if want else None,
-                          error=fin.error, stop_token=fin.stop_token)
+                          error=fin.error, stop_token=fin.stop_token, cached_tokens=fin.cached_tokens)
 
 
 @dataclass(eq=False)
@@ -298,6 +312,16 @@ class _Request:
     t_first: float | None = None
     t_last: float | None = None
     final: Finished | None = None  # its last event, sent once its row is free
+    # the prefix cache's view: the chain hashes of the row's whole blocks (prompt, then generated tokens),
+    # the prompt tokens restored, the generated tokens fed to the row, whether it waits on another's block
+    chain: list[str] | None = None
+    cached: int = 0
+    history: list[int] = field(default_factory=list)
+    deferred: bool = False
+
+    def tokens(self) -> list[int]:
+        """The tokens the row holds."""
+        return self.prompt[:self.fed] + self.history
 
 
 class _Histogram:
@@ -321,7 +345,7 @@ class Engine:
     ``stop`` (or leaving the ``with``) cancels every request and joins the thread."""
 
     def __init__(self, model, max_batch: int = 8, max_context: int | None = None, step_tokens: int = 256,
-                 max_queue: int = 64, session=None):
+                 max_queue: int = 64, session=None, prefix_cache=None):
         for name, v, lo in (("max_batch", max_batch, 1), ("step_tokens", step_tokens, 1), ("max_queue", max_queue, 0)):
             if not _integer(v) or v < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
@@ -343,6 +367,8 @@ class Engine:
         self.eos_token_ids = frozenset() if eos is None else frozenset([eos] if _integer(eos) else eos)
         mem = self.session.memory()["total"]
         self.kv_bytes_capacity, self.kv_bytes_per_row = mem, mem // max_batch
+        self.prefix_cache = prefix_cache
+        self._prefix = PrefixScheduler(prefix_cache, self.session) if prefix_cache is not None else None
 
         self._cv = threading.Condition()  # guards the queue, the running list, flags and metrics
         self._waiting: deque[_Request] = deque()
@@ -467,7 +493,9 @@ class Engine:
         (per request, mean time between its tokens after the first), ``e2e_seconds`` (submit to the end, for
         requests that ended with stop or length) and ``batch_size`` (requests per step; also ``last``), each
         ``{"buckets": {le: cumulative count, ..., "+Inf": count}, "sum", "count"}``; ``kv_cache_bytes_in_use``
-        (rows in use x bytes per row) and ``kv_cache_bytes_capacity``, ``steps_total``, and the limits."""
+        (rows in use x bytes per row) and ``kv_cache_bytes_capacity``, ``steps_total``, the limits, and
+        ``prefix_cache`` (None without one): requests that resumed from it (``requests_hit``) or not, their
+        ``hit_tokens`` and ``miss_tokens``, ``errors``, and the cache's own ``stats()``."""
         with self._cv:
             return {
                 "running": len(self._running), "waiting": len(self._waiting),
@@ -481,6 +509,7 @@ class Engine:
                 "batch_size": {**self._batch.snapshot(), "last": self._batch_last},
                 "batch_size_last": self._batch_last, "step_tokens_last": self._step_tokens_last,
                 "steps_total": self._steps_total,
+                "prefix_cache": self._prefix.metrics() if self._prefix is not None else None,
                 "max_batch": self.max_batch, "max_queue": self.max_queue, "max_context": self.max_context,
                 "step_tokens": self.step_tokens,
             }
@@ -511,11 +540,14 @@ class Engine:
                 self._e2e.observe(now - r.t_submit)
                 if r.generated >= 2 and r.t_first is not None:
                     self._tpot.observe((r.t_last - r.t_first) / (r.generated - 1))
-        r.final = Finished(reason, len(r.prompt), r.generated, error, stop_token)
+        r.final = Finished(reason, len(r.prompt), r.generated, error, stop_token, r.cached)
 
     def _release(self, reqs: list[_Request]) -> None:
         """Empties the rows of ``reqs`` (ended: ``_finish``), frees them, then sends their last events (so
         a caller who has seen its ``Finished`` sees the row free in ``metrics()``)."""
+        if self._prefix is not None:
+            for r in reqs:
+                self._prefix.finished(r)
         rows = [r.row for r in reqs if r.row >= 0]
         if rows:
             try:
@@ -575,21 +607,32 @@ class Engine:
         self._release(gone + ended)
         # 2. admissions, in arrival order, into the lowest free rows
         with self._cv:
+            admitted = []
             while self._waiting and self._free:
                 r = self._waiting.popleft()
                 r.row = heapq.heappop(self._free)
                 self._running.append(r)
                 self._prompt_tokens_total += len(r.prompt)
+                admitted.append(r)
             running = list(self._running)
         if not running:
             return
+        if self._prefix is not None:  # resume from the cache: the new requests, and those that waited on a block
+            for r in running:
+                if r in admitted:
+                    self._prefix.admit(r)
+                elif r.deferred:
+                    self._prefix.resume(r)
+            self._prefix.defer([r for r in running if r.fed < len(r.prompt)])
         # 3. the plan: every decode row one token, the prompts the rest of the budget
         decode = [r for r in running if r.fed == len(r.prompt)]
         budget = self.step_tokens - len(decode)
         chunks: list[tuple[_Request, list[int]]] = []
         for r in running:
-            if r.fed < len(r.prompt) and budget > 0:
+            if r.fed < len(r.prompt) and budget > 0 and not r.deferred:
                 n = min(len(r.prompt) - r.fed, budget)
+                if self._prefix is not None:
+                    n = self._prefix.chunk(r, n)
                 chunks.append((r, r.prompt[r.fed:r.fed + n]))
                 budget -= n
         single = [(r, [r.pending]) for r in decode] + [(r, c) for r, c in chunks if len(c) == 1]
@@ -620,6 +663,12 @@ class Engine:
             for r, toks in members:
                 if r.pending is None:
                     r.fed += len(toks)
+                    if r.fed == len(r.prompt) and self._prefix is not None:
+                        self._prefix.prefilled(r)
+                else:
+                    r.history.append(r.pending)
+                if self._prefix is not None:
+                    self._prefix.fed(r)
                 if r.fed == len(r.prompt):
                     want.append((r, logits[r.row - a, len(toks) - 1]))
         self._release(failed)

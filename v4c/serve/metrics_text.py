@@ -1,8 +1,8 @@
 """Prometheus' text exposition format for ``GET /metrics``.
 
 The engine counts (``Engine.metrics()``: requests by finish reason, running and waiting, tokens,
-latency samples, KV-cache bytes, batch size per step); the HTTP layer counts requests by route and
-status code. Latency samples become cumulative histograms over fixed buckets.
+latency samples, KV-cache bytes, batch size per step, the prefix cache's hits and tiers); the HTTP
+layer counts requests by route and status code. Latency samples become cumulative histograms over fixed buckets.
 """
 from __future__ import annotations
 
@@ -114,4 +114,41 @@ def render(engine_metrics: dict, http_requests: dict[tuple[str, str, int], int],
     w.histogram("batch_size", "Sequences per engine step.",
                 _get(m, "batch_sizes", "batch_size", "batch_size_samples", default=()), BATCH_BUCKETS, lab)
     w.metric("steps_total", "counter", "Engine steps run.", _get(m, "steps_total", "steps"), lab)
+    if m.get("prefix_cache"):
+        _prefix_cache(w, m["prefix_cache"], lab)
     return w.text()
+
+
+def _prefix_cache(w: _Writer, pc: dict, lab: dict) -> None:
+    """The prefix cache's series (``Engine.metrics()["prefix_cache"]``): per request, per tier."""
+    w.metric("prefix_cache_hits_total", "counter", "Requests that resumed from a cached prefix.",
+             pc.get("requests_hit", 0), lab)
+    w.metric("prefix_cache_misses_total", "counter", "Requests that found no cached prefix.",
+             pc.get("requests_missed", 0), lab)
+    w.metric("prefix_cache_hit_tokens_total", "counter", "Prompt tokens resumed from the cache, not computed.",
+             pc.get("hit_tokens", 0), lab)
+    w.metric("prefix_cache_miss_tokens_total", "counter", "Prompt tokens computed.", pc.get("miss_tokens", 0), lab)
+    w.metric("prefix_cache_errors_total", "counter", "Cache operations that failed (the request went on).",
+             pc.get("errors", 0), lab)
+    tiers = [(t, pc.get(t)) for t in ("memory", "disk") if pc.get(t)]
+    for key, name, kind, help in (
+            ("bytes", "prefix_cache_bytes", "gauge", "Bytes held by the prefix cache, by tier."),
+            ("capacity", "prefix_cache_capacity_bytes", "gauge", "The prefix cache's byte budget, by tier."),
+            ("entries", "prefix_cache_entries", "gauge", "Snapshots held, by tier."),
+            ("evictions", "prefix_cache_evictions_total", "counter", "Snapshots evicted to stay within the budget.")):
+        full = w.head(name, kind, help)
+        for tier, s in tiers:
+            w.sample(full, s.get(key, 0), {**lab, "tier": tier})
+    disk = pc.get("disk")
+    if disk:
+        full = w.head("prefix_cache_disk_files_ignored_total", "counter",
+                      "Disk cache files not used: corrupt or truncated, written by another artifact, or missing a "
+                      "block.")
+        for reason in ("corrupt", "foreign", "missing"):
+            w.sample(full, disk.get(reason, 0), {**lab, "reason": reason})
+        w.metric("prefix_cache_disk_reads_total", "counter", "Snapshots read back from disk.", disk.get("reads", 0),
+                 lab)
+        w.metric("prefix_cache_disk_writes_total", "counter", "Snapshots written to disk.", disk.get("writes", 0),
+                 lab)
+        w.metric("prefix_cache_disk_write_errors_total", "counter", "Snapshot writes that failed.",
+                 disk.get("write_errors", 0), lab)

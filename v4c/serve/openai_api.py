@@ -358,9 +358,14 @@ def now() -> int:
     return int(time.time())
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage, with the prompt tokens resumed from the prefix cache under OpenAI's name
+    (``prompt_tokens_details.cached_tokens``) and DeepSeek's (``prompt_cache_hit_tokens`` and
+    ``prompt_cache_miss_tokens``)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens},
+            "prompt_cache_hit_tokens": cached_tokens, "prompt_cache_miss_tokens": prompt_tokens - cached_tokens}
 
 
 def completion(rid: str, created: int, model: str, text: str, finish_reason: str | None, logprobs: dict | None,
