@@ -40,9 +40,25 @@ LEAF = {  # model.layers.N.<graph leaf> -> layers.N.<official leaf>
 }
 
 
+MTP_TOP = {  # mtp.0.<graph leaf> -> mtp.0.<official leaf>: the MTP block's own tensors (spec A.10)
+    "e_proj.weight": "e_proj.weight",
+    "h_proj.weight": "h_proj.weight",
+    "enorm.weight": "enorm.weight",
+    "hnorm.weight": "hnorm.weight",
+    "norm.weight": "norm.weight",
+    "hc_head.hc_fn": "hc_head_fn",
+    "hc_head.hc_base": "hc_head_base",
+    "hc_head.hc_scale": "hc_head_scale",
+}
+
+
 def official_name(graph: str) -> str:
-    """``model.layers.N.<leaf>`` -> ``layers.N.<official leaf>``; the top-level names by table."""
+    """``model.layers.N.<leaf>`` -> ``layers.N.<official leaf>``, ``mtp.0.<leaf>`` -> ``mtp.0.<official
+    leaf>`` (its block's leaves as a layer's); the top-level names by table."""
     if graph in TOP:
         return TOP[graph]
+    if graph.startswith("mtp.0."):
+        leaf = graph[len("mtp.0."):]
+        return "mtp.0." + (MTP_TOP.get(leaf) or LEAF[leaf])
     _, _, layer, leaf = graph.split(".", 3)
     return f"layers.{layer}.{LEAF[leaf]}"

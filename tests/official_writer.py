@@ -24,10 +24,10 @@ from official_names import official_name
 from v4c.graph.weight_formats import quantize_fp8_block, quantize_mxfp4
 from v4c.io.safetensors import write_safetensors
 
-FP8 = re.compile(r"^model\.layers\.\d+\.(self_attn\.(q_a_proj|q_b_proj|kv_proj|o_a_proj|o_b_proj)"
+FP8 = re.compile(r"^(model\.layers\.\d+|mtp\.0)\.(self_attn\.(q_a_proj|q_b_proj|kv_proj|o_a_proj|o_b_proj)"
                  r"|self_attn\.compressor\.indexer\.q_b_proj|mlp\.shared_experts\.(gate_proj|up_proj|down_proj))"
-                 r"\.weight$")
-EXPERTS = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)$")
+                 r"\.weight$|^mtp\.0\.(e_proj|h_proj)\.weight$")  # the MTP block's as a layer's, and its e/h_proj
+EXPERTS = re.compile(r"^(model\.layers\.\d+|mtp\.0)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 F32 = re.compile(r"(sinks|position_bias|e_score_correction_bias|_hc\.(fn|base|scale)|hc_head\.hc_(fn|base|scale))$")
 
 HUB_QUANT = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "scale_fmt": "ue8m0",
@@ -54,6 +54,11 @@ def decode_mxfp4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     table = torch.tensor(_FP4 + [-v for v in _FP4])
     vals = table[codes]
     return vals * _decode_e8m0(scale).repeat_interleave(32, dim=-1)
+
+
+def _expert_prefix(name: str) -> str:
+    """``layers.N`` (or ``mtp.0``) for a stacked expert param of layer N (of the MTP block)."""
+    return "mtp.0" if name.startswith("mtp.0.") else f"layers.{name.split('.')[2]}"
 
 
 def _release_dtype(name: str, t: torch.Tensor) -> torch.Tensor:
@@ -85,7 +90,7 @@ def write_official_checkpoint(params: dict[str, torch.Tensor], config: dict, dir
             put(name + "_scale_inv", base + ".scale", scale)
         elif EXPERTS.match(name) and quantize_experts:
             stacked_parts = []
-            layer = name.split(".")[2]
+            layer = _expert_prefix(name)
             parts = (("w1", "w3") if name.endswith("gate_up_proj") else ("w2",))
             if naming == "hf":
                 data, scale = quantize_mxfp4(w)
@@ -97,8 +102,8 @@ def write_official_checkpoint(params: dict[str, torch.Tensor], config: dict, dir
                 rows = []
                 for part, c in zip(parts, chunks):
                     data, scale = quantize_mxfp4(c)
-                    tensors[f"layers.{layer}.ffn.experts.{e}.{part}.weight"] = data
-                    tensors[f"layers.{layer}.ffn.experts.{e}.{part}.scale"] = scale
+                    tensors[f"{layer}.ffn.experts.{e}.{part}.weight"] = data
+                    tensors[f"{layer}.ffn.experts.{e}.{part}.scale"] = scale
                     rows.append(decode_mxfp4(data, scale))
                 stacked_parts.append(torch.cat(rows))
             deq[name] = torch.stack(stacked_parts)
@@ -109,14 +114,15 @@ def write_official_checkpoint(params: dict[str, torch.Tensor], config: dict, dir
                 if naming == "hf":
                     tensors[name] = t
                 else:
-                    layer = name.split(".")[2]
+                    layer = _expert_prefix(name)
                     parts = ("w1", "w3") if name.endswith("gate_up_proj") else ("w2",)
                     for e in range(t.shape[0]):
                         for part, c in zip(parts, t[e].chunk(len(parts))):
-                            tensors[f"layers.{layer}.ffn.experts.{e}.{part}.weight"] = c.clone()
+                            tensors[f"{layer}.ffn.experts.{e}.{part}.weight"] = c.clone()
             else:
                 put(name, official_name(name) if naming == "official" else name, t)
-    if naming == "official":  # the release ships the MTP block; the serving graph ignores it
+    if naming == "official" and not any(n.startswith("mtp.") for n in params):
+        # the release ships an MTP block; a stray tensor of one is an incomplete block, compiled without it
         data, scale = quantize_fp8_block(torch.ones(4, 4))
         tensors["mtp.0.attn.wq_a.weight"], tensors["mtp.0.attn.wq_a.scale"] = data, scale
     cfg = dict(config, quantization_config=dict(HUB_QUANT), expert_dtype="fp4" if expert_format == "mxfp4" else "fp8")

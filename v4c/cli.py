@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from .errors import V4CError
@@ -18,7 +19,7 @@ def _compile(a) -> int:
                   world_size=a.world_size, parallel=a.parallel, print_after=set(a.print_after or ()),
                   print_after_all=a.print_after_all, aot=not a.no_aot, allow_fallback=a.allow_fallback,
                   context=a.context, workers=a.jobs, buckets=a.buckets.split(";") if a.buckets else None,
-                  log=lambda s: print(s, file=sys.stderr))
+                  mtp=a.mtp, log=lambda s: print(s, file=sys.stderr))
     print(a.output)
     return 0
 
@@ -38,6 +39,8 @@ def _run(a) -> int:
 
     from .runtime.loader import load
     rank = 0
+    if a.speculative is not None and (a.world_size != 1 or "WORLD_SIZE" in os.environ):
+        raise ValueError("--speculative runs in one process: sharded artifacts do not hold the MTP block")
     if a.world_size != 1 or "WORLD_SIZE" in os.environ:  # multi-GPU: torchrun's ranks, or start them
         from .runtime.distributed import launch, load_distributed
         if "WORLD_SIZE" not in os.environ:
@@ -64,10 +67,16 @@ def _run(a) -> int:
         text = tok.decode([int(t[0])]) if tok else str(int(t[0]))
         print(text, end=("" if tok else " "), flush=True)
 
-    model.generate(torch.tensor([ids]), a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed,
-                   on_token=show)
+    spec = {} if a.speculative is None else {"speculative": a.speculative, "draft_tokens": a.draft_tokens}
+    t0 = time.perf_counter()
+    out = model.generate(torch.tensor([ids]), a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+                         seed=a.seed, on_token=show, **spec)
     if rank == 0:
         print()
+    if spec:  # the acceptance, on stderr: stdout holds the tokens alone
+        secs = time.perf_counter() - t0
+        print(f"{out.stats.summary()}; {a.max_new_tokens} tokens in {secs:.2f}s "
+              f"({a.max_new_tokens / secs:.1f} tokens/s, prefill included)", file=sys.stderr)
     if hasattr(model, "close"):
         model.close()
     return 0
@@ -82,6 +91,22 @@ def _run_argv(a) -> list[str]:
         if v is not None:
             argv += [flag, str(v)]
     return argv
+
+
+def _byte_count(text: str) -> int:
+    """A byte count: an integer, optionally with a K, M, G or T suffix (powers of 1024)."""
+    import argparse
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = 1
+    if t[-1:] in "KMGT" and t[-1:]:
+        scale, t = 1024 ** ("KMGT".index(t[-1]) + 1), t[:-1]
+    try:
+        n = float(t) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a byte count (e.g. 1073741824, 512M, 2G)") from None
+    if not 0 <= n < 2**63:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a byte count >= 0")
+    return int(n)
 
 
 def _serve(a) -> int:
@@ -107,7 +132,9 @@ def _serve(a) -> int:
     return serve(a.artifact, host=a.host, port=a.port, max_batch=a.max_batch, max_context=a.max_context,
                  max_queue=a.max_queue, api_key=a.api_key or os.environ.get("V4C_API_KEY") or None,
                  backend=a.backend, device=a.device, reasoning=a.reasoning == "on",
-                 served_model_name=a.served_model_name, log_level=a.log_level, step_tokens=a.step_tokens)
+                 served_model_name=a.served_model_name, log_level=a.log_level, step_tokens=a.step_tokens,
+                 prefix_cache_bytes=a.prefix_cache_bytes, context_cache_dir=a.context_cache_dir,
+                 context_cache_bytes=a.context_cache_bytes)
 
 
 def _inspect(a) -> int:
@@ -125,8 +152,20 @@ def _inspect(a) -> int:
 def _report(a) -> int:
     from .report import write_report
     files = write_report(a.model, a.output, target=a.target, batch=a.batch, context=a.context, dtype=a.dtype,
-                         log=lambda s: print(s, file=sys.stderr))
+                         plan=a.plan, log=lambda s: print(s, file=sys.stderr))
     print("\n".join(str(f) for f in files.values()))
+    return 0
+
+
+def _plan(a) -> int:
+    from .plan import make_plan
+    from .plan.output import format_plan
+    r = make_plan(a.model, gpu=a.gpu, gpus=a.gpus, input_len=a.input_len, output_len=a.output_len,
+                  concurrency=a.concurrency, sweep=a.sweep, profile=a.profile, parallel=a.parallel,
+                  speculative=a.speculative, draft_tokens=a.draft_tokens, accept_length=a.accept_length,
+                  price_per_gpu_hour=a.price_per_gpu_hour, disagg=a.disagg, prefill_gpus=a.prefill_gpus,
+                  max_gpus=a.max_gpus, chunk_tokens=a.chunk_tokens, cuda_graphs=not a.no_cuda_graphs)
+    print(json.dumps(r, indent=1) if a.json else format_plan(r))
     return 0
 
 
@@ -317,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--buckets", default=None, metavar="'B=1,T=1;B=1,T=4096'",
                    help="shape buckets to choose and compile configs for, ';'-separated (default: decode batch "
                         "1, 16, 64, 256 and 512- and 4096-token prefill)")
+    c.add_argument("--mtp", default="auto", choices=["auto", "on", "off"],
+                   help="the MTP block (speculative decoding) as a graph of its own: auto when the checkpoint holds "
+                        "a complete one, on always (weight-free: the release layout), off never")
     c.add_argument("-j", "--jobs", type=int, default=None,
                    help="parallel compiler processes for the ahead-of-time compile (default: one per CPU)")
     c.set_defaults(fn=_compile)
@@ -336,6 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "ops' definitions")
     r.add_argument("--world-size", type=int, default=1,
                    help="run a sharded artifact on N ranks (starts torchrun; under torchrun, join its ranks)")
+    r.add_argument("--speculative", default=None, choices=["mtp"],
+                   help="speculative decoding: the artifact's MTP block drafts, one forward verifies (greedy output "
+                        "unchanged); prints the accepted drafts per step on stderr")
+    r.add_argument("--draft-tokens", type=int, default=2, help="tokens drafted per step with --speculative (1..3)")
     r.set_defaults(fn=_run)
     sv = sub.add_parser("serve", help="serve an artifact over HTTP with OpenAI's API (completions, chat)")
     sv.add_argument("artifact", help="a compiled artifact directory (with weights)")
@@ -363,6 +409,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--world-size", type=int, default=None,
                     help="ranks for a sharded artifact (default: the ranks it was compiled for); rank 0 takes "
                          "the requests")
+    sv.add_argument("--prefix-cache-bytes", type=_byte_count, default=None, metavar="N",
+                    help="memory for cached prompt prefixes, resumed instead of computed (e.g. 2G; 0: none; "
+                         "default 1G)")
+    sv.add_argument("--context-cache-dir", default=None, metavar="DIR",
+                    help="also keep cached prefixes on disk here (safetensors files; kept across restarts)")
+    sv.add_argument("--context-cache-bytes", type=_byte_count, default=None, metavar="N",
+                    help="the disk tier's budget (e.g. 50G; default 16G)")
     sv.set_defaults(fn=_serve)
     i = sub.add_parser("inspect", help="describe an artifact")
     i.add_argument("artifact", help="a compiled artifact directory")
@@ -376,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="card sizes for weights.per_gpu (default: 80 141 192)")
     i.set_defaults(fn=_inspect)
     rp = sub.add_parser("report", help="plots and an HTML page: KV cache and decode FLOPs against context, kernels")
-    rp.add_argument("model", help="an artifact, or a checkpoint/config directory (compiled weight-free)")
+    rp.add_argument("model", help="an artifact, a checkpoint/config directory (compiled weight-free), or a "
+                                  "`v4c plan --sweep --json` file")
     rp.add_argument("-o", "--output", required=True, help="directory for the PNGs, report.html and series.json")
     rp.add_argument("--target", default=None, help="device for the kernel table's roofline: sm80 ... sm120, a product "
                     "(h200-sxm) or cpu (default: the artifact's target; sm90 for a model directory)")
@@ -384,7 +438,40 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--context", type=int, default=None, help="context of the kernel table (default: the model's max)")
     rp.add_argument("--dtype", default="bf16", choices=["f32", "bf16", "f16"],
                     help="activation dtype when compiling a model directory")
+    rp.add_argument("--plan", default=None, metavar="PLAN.json|GPU:N[:IN/OUT]",
+                    help="add the Pareto view of a `v4c plan --sweep --json` output, or sweep the model on N GPUs "
+                         "now (b200:4, b200:4:8192/1024); MODEL may also be such a JSON file alone")
     rp.set_defaults(fn=_report)
+    pl = sub.add_parser("plan", help="a serving recipe and its cost on a GPU type, predicted from the compiled model")
+    pl.add_argument("model", help="an artifact, or a checkpoint/config directory (built weight-free)")
+    pl.add_argument("--gpu", required=True, help="h100, h200, h20, b200, b300, gb200 or gb300")
+    pl.add_argument("--gpus", type=int, required=True, help="GPUs serving (the decode pool with --disagg)")
+    pl.add_argument("--input-len", type=int, required=True, help="prompt tokens per request")
+    pl.add_argument("--output-len", type=int, required=True, help="output tokens per request")
+    pc = pl.add_mutually_exclusive_group()
+    pc.add_argument("--concurrency", type=int, default=None,
+                    help="requests in flight (default: the profile's choice)")
+    pc.add_argument("--sweep", action="store_true",
+                    help="every profile over concurrency: tokens/s per user against tokens/s per GPU (Pareto)")
+    pl.add_argument("--profile", default="balanced", choices=["low-latency", "balanced", "max-throughput"],
+                    help="what the plan optimises (default balanced)")
+    pl.add_argument("--parallel", default=None, metavar="ep=N,attn=dp|tp", help="take this layout instead of choosing")
+    pl.add_argument("--speculative", default=None, choices=["mtp", "none"],
+                    help="MTP speculative decoding on or off (default: the profile chooses)")
+    pl.add_argument("--draft-tokens", type=int, default=None,
+                    help="MTP draft tokens per step (SGLang's --speculative-num-steps; verify = this + 1 tokens)")
+    pl.add_argument("--accept-length", type=float, default=None,
+                    help="tokens accepted per verify step, the bonus token included (default: from ~2.5 at 3)")
+    pl.add_argument("--price-per-gpu-hour", type=float, default=None, help="$ per GPU-hour, for the cost per token")
+    pl.add_argument("--disagg", action="store_true", help="prefill on separate GPUs (PD disaggregation)")
+    pl.add_argument("--prefill-gpus", type=int, default=None,
+                    help="with --disagg: prefill GPUs (default: the count that serves best)")
+    pl.add_argument("--max-gpus", type=int, default=None,
+                    help="with --disagg: prefill + decode GPUs at most (an NVL72 rack: 72; default 5 x --gpus)")
+    pl.add_argument("--chunk-tokens", type=int, default=4096, help="prefill chunk size (default 4096)")
+    pl.add_argument("--no-cuda-graphs", action="store_true", help="decode launches eagerly (higher launch cost)")
+    pl.add_argument("--json", action="store_true", help="everything as JSON (for tools and v4c report --plan)")
+    pl.set_defaults(fn=_plan)
     t = sub.add_parser("tune", help="measure kernel configs for an artifact and keep them in the tuning cache")
     t.add_argument("artifact", help="a compiled artifact directory (its manifest gets the tuned configs)")
     t.add_argument("--strategy", default="tpe", choices=["exhaustive", "random", "tpe"],

@@ -29,6 +29,7 @@ from .io.naming import plan_sources
 from .model.build import build_graph
 from .model.config import V4Config
 from .model.weight_quant import quantized_graph
+from .mtp_compile import kernel_view, mtp_graph
 from .passes import PassManager, default_pipeline
 from .passes.pipeline import resolve_cache_formats
 from .passes.shard import parallel_plan, shard_all
@@ -56,7 +57,7 @@ def compile(model: str | os.PathLike, output: str | os.PathLike, *, target: str 
             indexer_cache: str = "auto", tuning_cache=None, world_size: int = 1, parallel: str | None = None,
             print_after: set[str] | None = None, print_after_all: bool = False, aot: bool = True,
             allow_fallback: bool = False, context: int | None = None, workers: int | None = None,
-            buckets: list[str] | None = None,
+            buckets: list[str] | None = None, mtp: str = "auto",
             log: Callable[[str], None] | None = None) -> Path:
     """Compile the checkpoint (or config-only) directory ``model`` into the artifact ``output``.
 
@@ -72,6 +73,10 @@ def compile(model: str | os.PathLike, output: str | os.PathLike, *, target: str 
     from the tuning cache, the cost model or the defaults). A launch that cannot be compiled fails
     the compile unless ``allow_fallback`` routes it to its op's PyTorch reference. ``buckets``: the
     shape buckets ("B=1,T=1", ...) configs are chosen and compiled for (default: ``artifact/shapes.py``).
+
+    ``mtp``: the MTP block as a graph of its own (``mtp_compile.py``): "auto" when the checkpoint holds a
+    complete one, "on" always (an error when it cannot), "off" never. With it, the main graph also
+    outputs its streams before ``hc_head``; both graphs go through the same passes, kernels and AOT.
     """
     log = log or (lambda s: None)
     t0 = time.perf_counter()
@@ -84,15 +89,22 @@ def compile(model: str | os.PathLike, output: str | os.PathLike, *, target: str 
     check_output(output, model, overwrite)  # before any work: --force replaces only a v4c artifact
     cfg = V4Config.from_json_file(cfg_path)
     tgt = resolve_target(target)
+    source = model if weights != "none" and _has_weights(model) else None
+    mtp_g, mtp_note = mtp_graph(cfg, cfg_path, source, mtp, dtype, world_size)
+    log(mtp_note)
     # quantised weights (FP8 / MXFP4 in the checkpoint, or in the config's release layout) stay quantised
-    graph = verify(quantized_graph(build_graph(cfg, dtype), cfg_path,
-                                   model if weights != "none" and _has_weights(model) else None))
+    graph = verify(quantized_graph(build_graph(cfg, dtype, stream_output=mtp_g is not None), cfg_path, source))
     log(f"graph: {len(graph.nodes)} nodes, {len(graph.params)} params, {len(graph.states)} state buffers "
         f"({time.perf_counter() - t0:.2f}s)")
     kv, ix = resolve_cache_formats(cfg, dtype, kv_cache, indexer_cache)
     pm = PassManager(default_pipeline(fuse, kv, ix), print_after=print_after, print_after_all=print_after_all, out=log)
     graph = pm.run(graph)
     log(pm.report())
+    if mtp_g is not None:  # the same pipeline, run on the block's graph
+        pm_mtp = PassManager(default_pipeline(fuse, kv, ix), print_after=print_after, print_after_all=print_after_all,
+                             out=log)
+        mtp_g = pm_mtp.run(mtp_g)
+        log(f"mtp graph: {len(mtp_g.nodes)} nodes, {len(mtp_g.states)} state buffers after the passes")
     par, rank_graphs = shard_all(graph, world_size, parallel) if world_size != 1 else (None, [])  # multi-GPU
 
     ckpt = None
@@ -115,15 +127,17 @@ def compile(model: str | os.PathLike, output: str | os.PathLike, *, target: str 
             if rank_graphs:
                 w.set_parallel(parallel_plan(par, rank_graphs), [print_graph(rg) for rg in rank_graphs])
                 log(f"sharded for {world_size} ranks ({par.spec()})")
-            kernels = emit(graph, tgt)
+            w.set_mtp(print_graph(mtp_g) if mtp_g is not None else None, mtp_note)
+            both = kernel_view(graph, mtp_g)  # every call site of either graph gets its kernel and configs
+            kernels = emit(both, tgt)
             buckets = [parse_bucket(b) for b in buckets] if buckets else default_buckets()
             ctx = int(context or cfg.max_position_embeddings)
-            choose_configs(graph, kernels, tgt, open_for_lookup(tuning_cache) if tuning_cache is not False else None,
+            choose_configs(both, kernels, tgt, open_for_lookup(tuning_cache) if tuning_cache is not False else None,
                            buckets, ctx)
             w.add_kernel_modules(kernels.modules.values())
             if tgt != "cpu" and aot and kernels.sites:
                 from .aot.build import Options, compile_ahead
-                aot_entry = compile_ahead(graph, kernels, w.root, buckets, ctx,
+                aot_entry = compile_ahead(both, kernels, w.root, buckets, ctx,
                                           Options(tgt, workers=workers, allow_fallback=allow_fallback, log=log))
                 n_bad = sum(1 for x in aot_entry["launches"] if x["spill_bytes"])
                 log(f"aot {tgt}: {len(aot_entry['launches'])} launches over {len(buckets)} shape buckets compiled "

@@ -7,10 +7,12 @@ from pathlib import Path
 from .artifact import open_artifact
 from .graph.analysis import cache_footprint, decode_step_kernels
 from .inspect_impls import format_implementations, implementations
+from .inspect_mtp import format_mtp, mtp_report
 from .inspect_ranks import format_ranks, rank_report
 from .model.baselines import v32_bytes_per_token
 from .model.config import V4Config
 from .model.memory import GPU_SIZES_GB, gpu_split, weight_bytes
+from .runtime.snapshot import snapshot_footprint
 
 # --gpu-memory bounds (GB): 0 or a negative size never fits anything (the GPU count search would not end, or
 # end at ~10**330 cards); 1 MB to 100 TB spans every real card with room to spare
@@ -83,6 +85,8 @@ def inspect_artifact(path: str | Path, context: int | None = None, batch: int = 
                      "ratio_to_v32": cache.bytes_per_token / v32,
                      "v32_same_depth_bytes_per_token": v32_same,
                      "ratio_to_v32_same_depth": cache.bytes_per_token / v32_same},
+        # what the prefix cache keeps per 256-token block (its rows, and one boundary's ring slots)
+        "context_cache": snapshot_footprint(graph, context),
         "config": cfg.to_dict(),
         "schedule": schedule,
         "layers": dict(Counter(schedule)),
@@ -100,6 +104,7 @@ def inspect_artifact(path: str | Path, context: int | None = None, batch: int = 
         "sites": _sites(ktable),
         "implementations": implementations(graph, man.root, ktable, backend),
         "aot": _aot(man.aot()),
+        "mtp": mtp_report(man, graph, context, batch),  # the MTP block (speculative decoding): its costs and states
     }
 
 
@@ -164,6 +169,7 @@ def format_report(r: dict) -> str:
             f"{k.replace('_', ' ')} {v / 2**20:.2f} MiB" for k, v in kv["by_kind"].items()),
         f"decode     {r['launches_per_decode_step']} launches, {r['flops_per_token'] / 1e9:.3f} GFLOP/token, "
         f"{r['bytes_per_decode_step'] / 1e9:.3f} GB moved per step (batch {r['batch']}, context {r['context']})",
+        *format_mtp(r),
         "",
         f"{'op':<18}{'count':>6}{'launches':>10}{'GFLOP':>12}{'GB':>12}",
     ]

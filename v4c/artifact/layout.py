@@ -10,6 +10,7 @@ from pathlib import Path
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
 GRAPH = "graph.v4c"
+MTP_GRAPH = "mtp.v4c"           # the MTP block's graph (speculative decoding), when the artifact has one
 TOKENIZER = "tokenizer.json"  # copied from the checkpoint when it has one (``v4c run --prompt``)
 WEIGHTS = "weights"           # copied safetensors files (weights mode "copy")
 KERNELS = "kernels"           # rendered Triton modules, one per template family

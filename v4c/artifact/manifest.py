@@ -6,6 +6,7 @@ Layout of an artifact directory (the names live in ``layout.py``; ``writer.py`` 
     manifest.json   this file's schema (JSON), sealed by its own digest (``manifest_sha256``)
     config.json     the normalised model config
     graph.v4c       the IR text
+    mtp.v4c         the MTP block's IR text, when it was compiled (``mtp``)
     ranks/          each rank's graph of a sharded artifact (``parallel``)
     kernels/        the rendered Triton modules (``kernels.modules``)
     aot/            ahead-of-time compiled kernel binaries (``aot.binaries``)
@@ -176,6 +177,20 @@ class Artifact:
         par = self.data.get("parallel")
         return par["world_size"] if par else 1
 
+    def state_identity(self) -> str:
+        """SHA-256 of what decides a sequence's decode state, for keys of states kept beyond one process
+        (the prefix cache): the config, the graph (its states and their cache formats), the weights'
+        hashes, the dtype and cache formats. Not the kernels' configs nor the manifest's date, so a
+        re-tune or a recompile of the same model keeps its cached states."""
+        d, files = self.data, self.data["files"]
+        w = d["weights"]
+        weights = ([files[f] for f in w.get("files", [])] if w["mode"] == "copy"
+                   else [f["sha256"] for f in w.get("files", [])])
+        body = {"format": FORMAT, "config": files[d["config"]], "graph": files[d["graph"]], "weights": weights,
+                "dtype": d.get("dtype"), "kv_cache": d.get("kv_cache"), "indexer_cache": d.get("indexer_cache"),
+                "world_size": self.world_size}
+        return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
     # --------------------------------------------------------------------------- the files, checked
     def config(self) -> dict:
         """The normalised model config."""
@@ -189,6 +204,16 @@ class Artifact:
         """The graph (parsed, not verified), or rank ``rank``'s of a sharded artifact."""
         from ..graph.text import parse_graph
         return parse_graph(self.graph_text(rank))
+
+    def mtp_graph_text(self) -> str | None:
+        """The MTP block's IR text, or None when the artifact has none (``mtp_note`` says why)."""
+        rel = (self.data.get("mtp") or {}).get("graph")
+        return self.read_text(rel) if rel is not None else None
+
+    @property
+    def mtp_note(self) -> str | None:
+        """The compile's line on the MTP block: compiled, or why not (None for artifacts of older v4c)."""
+        return (self.data.get("mtp") or {}).get("note")
 
     def _graph_rel(self, rank: int | None) -> str:
         if rank is None:
@@ -337,6 +362,7 @@ def check_schema(data: dict, where: Path) -> None:
     _check_kernels(s, data, files)
     _check_aot(s, data, files)
     _check_parallel(s, data, files)
+    _check_mtp(s, data, files)
 
 
 def _check_weights(s: _Schema, data: dict, files: dict) -> None:
@@ -443,6 +469,16 @@ def _check_aot(s: _Schema, data: dict, files: dict) -> None:
         d = check_rel(s.get(b, "dir", f"{field}.dir", str, "a path"), f"{field}.dir", s.where)
         for i, f in enumerate(s.get(b, "files", f"{field}.files", list, "a list of file names")):
             s.listed(files, f"{d}/{check_rel(f, f'{field}.files[{i}]', s.where)}", f"{field}.files[{i}]")
+
+
+def _check_mtp(s: _Schema, data: dict, files: dict) -> None:
+    m = s.get(data, "mtp", "mtp", dict, "an object", optional=True)
+    if m is None:
+        return
+    rel = s.get(m, "graph", "mtp.graph", (str, type(None)), "a path or null", optional=True)
+    if rel is not None:
+        s.listed(files, rel, "mtp.graph")
+    s.get(m, "note", "mtp.note", str, "a string", optional=True)
 
 
 def _check_parallel(s: _Schema, data: dict, files: dict) -> None:

@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 
 from ..errors import ArtifactError
 from ..io.safetensors import sha256_file
-from .layout import CONFIG, GRAPH, MANIFEST, TOKENIZER, WEIGHTS, aot_dir, rank_graph, weight_file
+from .layout import CONFIG, GRAPH, MANIFEST, MTP_GRAPH, TOKENIZER, WEIGHTS, aot_dir, rank_graph, weight_file
 from .manifest import (FORMAT, FORMAT_VERSION, Artifact, check_rel, check_schema, reference_entries,
                        update_manifest, write_manifest)
 from .output import discard_partial, partial_dir, put_in_place, remove_stale
@@ -94,6 +94,10 @@ class ArtifactWriter:
     def set_graph(self, text: str) -> None:
         """The graph's IR text."""
         self._fields["graph"] = self._write_text(GRAPH, text)
+
+    def set_mtp(self, text: str | None, note: str) -> None:
+        """The MTP block's graph text (None: the artifact has none) and the compile's line on why."""
+        self._fields["mtp"] = {"graph": self._write_text(MTP_GRAPH, text) if text is not None else None, "note": note}
 
     def set_parallel(self, plan: dict, graphs: list[str]) -> None:
         """A sharded artifact: ``plan`` (the sharding pass's description: ``world_size``, ``ep``, ``attn``,

@@ -61,10 +61,12 @@ class _V4GraphBuilder:
                           overlap=overlap, eps=c.rms_norm_eps, **_rope_attrs(c, True))
         return rows
 
-    def attention(self, i: int, h: str) -> str:
+    def attention(self, i: int, h: str, lp: str | None = None, tag: str | None = None, kind: str | None = None) -> str:
+        """Layer ``i``'s attention; ``lp`` / ``tag`` / ``kind`` name another block's (the MTP block's)."""
         c, b, dt = self.cfg, self.b, self.dt
-        p, t = f"model.layers.{i}.self_attn", f"l{i}.attn"
-        kind = c.layer_types[i]
+        lp, tag = lp or f"model.layers.{i}", tag or f"l{i}"
+        p, t = f"{lp}.self_attn", f"{tag}.attn"
+        kind = kind or c.layer_types[i]
         H, Dh, D, Q = c.num_attention_heads, c.head_dim, c.hidden_size, c.q_lora_rank
         rope = _rope_attrs(c, kind != SLIDING)
         cq = b.op("linear", h, b.param(f"{p}.q_a_proj.weight", (Q, D), dt), out=f"{t}.cq0")
@@ -76,17 +78,17 @@ class _V4GraphBuilder:
         kv = b.op("linear", h, b.param(f"{p}.kv_proj.weight", (Dh, D), dt), out=f"{t}.kv0")
         kv = b.op("rms_norm", kv, b.param(f"{p}.kv_norm.weight", (Dh,), F32), out=f"{t}.kv1", eps=c.rms_norm_eps)
         kv = b.op("rope", kv, "pos", out=f"{t}.kv", **rope)
-        ring = b.state(f"l{i}.win", ("B", c.sliding_window, Dh), dt, "window")
-        ring_pos = b.state(f"l{i}.win_pos", ("B", c.sliding_window), "i64", "window")
+        ring = b.state(f"{tag}.win", ("B", c.sliding_window, Dh), dt, "window")
+        ring_pos = b.state(f"{tag}.win_pos", ("B", c.sliding_window), "i64", "window")
         sinks = b.param(f"{p}.sinks", (H,), F32)
         extra, kw = [], {}
         if kind == HCA:
-            extra = [self.compressor(h, f"{p}.compressor", f"l{i}.comp", "compressed_rows", Dh, c.hca_ratio, False)]
+            extra = [self.compressor(h, f"{p}.compressor", f"{tag}.comp", "compressed_rows", Dh, c.hca_ratio, False)]
             kw = {"ratio": c.hca_ratio}
         elif kind == CSA:
             m = c.csa_ratio
-            rows = self.compressor(h, f"{p}.compressor", f"l{i}.comp", "compressed_rows", Dh, m, True)
-            ip, it = f"{p}.compressor.indexer", f"l{i}.index"
+            rows = self.compressor(h, f"{p}.compressor", f"{tag}.comp", "compressed_rows", Dh, m, True)
+            ip, it = f"{p}.compressor.indexer", f"{tag}.index"
             HI, DI = c.index_n_heads, c.index_head_dim
             keys = self.compressor(h, ip, it, "indexer_keys", DI, m, True)
             iq = b.op("linear", cq, b.param(f"{ip}.q_b_proj.weight", (HI * DI, Q), dt), out=f"{it}.q0")
@@ -109,12 +111,12 @@ class _V4GraphBuilder:
         return b.op("linear", o, b.param(f"{p}.o_b_proj.weight", (D, G * R), dt), out=f"{t}.out")
 
     # -- MoE --------------------------------------------------------------------------------
-    def moe(self, i: int, h: str) -> str:
+    def moe(self, i: int, h: str, lp: str | None = None, tag: str | None = None, hashed: bool | None = None) -> str:
         c, b, dt = self.cfg, self.b, self.dt
-        p, t = f"model.layers.{i}.mlp", f"l{i}.ffn"
+        p, t = f"{lp or f'model.layers.{i}'}.mlp", f"{tag or f'l{i}'}.ffn"
         E, D, I, k = c.n_routed_experts, c.hidden_size, c.moe_intermediate_size, c.num_experts_per_tok
         logits = b.op("linear", h, b.param(f"{p}.gate.weight", (E, D), dt), out=f"{t}.router")
-        if c.mlp_layer_types[i] == "hash_moe":
+        if c.mlp_layer_types[i] == "hash_moe" if hashed is None else hashed:
             table = b.param(f"{p}.gate.tid2eid", (c.vocab_size, k), "i64")
             idx, w = b.op("moe_hash_route", logits, table, "ids", out=(f"{t}.experts", f"{t}.weights"),
                           scaling=c.routed_scaling_factor)
@@ -136,7 +138,36 @@ class _V4GraphBuilder:
         return y
 
     # -- whole model ------------------------------------------------------------------------
-    def build(self) -> Graph:
+    def block(self, x: str, i: int, lp: str | None = None, tag: str | None = None, kind: str | None = None,
+              hashed: bool | None = None):
+        """One decoder block on the streams ``x``: (its output streams, the operands of its last post-mix)."""
+        c, b = self.cfg, self.b
+        lp, tag = lp or f"model.layers.{i}", tag or f"l{i}"
+        for sub, norm_name in (("attn", "input_layernorm"), ("ffn", "post_attention_layernorm")):
+            u, post, comb = self.hc_pre(x, f"{lp}.{sub}_hc", f"{tag}.{sub}")
+            h = b.op("rms_norm", u, b.param(f"{lp}.{norm_name}.weight", (c.hidden_size,), F32), out=f"{tag}.{sub}.h",
+                     eps=c.rms_norm_eps)
+            y = self.attention(i, h, lp, tag, kind) if sub == "attn" else self.moe(i, h, lp, tag, hashed)
+            mix = (x, y, post, comb)
+            x = b.op("hc_expand_mix", *mix, out=f"{tag}.{sub}.x")
+        return x, mix
+
+    def head(self, x: str, mix, prefix: str, norm: str, tag: str, out: str, stream: str | None) -> list[str]:
+        """hc_head collapse, final norm and LM head on the streams ``x`` (made by the post-mix ``mix``).
+        With ``stream``, the streams are also an output: made by a second copy of that post-mix, since
+        a value read outside the head would keep fuse-mhc from fusing the post-mix into the head."""
+        c, b = self.cfg, self.b
+        D, n, V = c.hidden_size, c.hc_mult, c.vocab_size
+        m = b.op("hc_logits", x, b.param(f"{prefix}.hc_fn", (n, n * D), F32), out=f"{tag}.hc_logits",
+                 eps=c.rms_norm_eps)
+        pre = b.op("hc_head_weights", m, b.param(f"{prefix}.hc_base", (n,), F32),
+                   b.param(f"{prefix}.hc_scale", (1,), F32), out=f"{tag}.hc_pre", eps=c.hc_eps)
+        u = b.op("hc_collapse", x, pre, out=f"{tag}.u")
+        u = b.op("rms_norm", u, b.param(norm, (D,), F32), out=f"{tag}.h", eps=c.rms_norm_eps)
+        logits = b.op("linear", u, b.param("lm_head.weight", (V, D), self.dt), out=out)
+        return [logits] + ([b.op("hc_expand_mix", *mix, out=stream)] if stream else [])
+
+    def build(self, stream_output: bool = False) -> Graph:
         c, b, dt = self.cfg, self.b, self.dt
         D, n, V = c.hidden_size, c.hc_mult, c.vocab_size
         b.input("ids", ("B", "T"), "i64")
@@ -144,25 +175,15 @@ class _V4GraphBuilder:
         e = b.op("embedding", "ids", b.param("model.embed_tokens.weight", (V, D), dt), out="embed")
         x = b.op("hc_expand", e, out="x0", n=n)
         for i in range(c.num_hidden_layers):
-            lp = f"model.layers.{i}"
-            for sub, norm_name in (("attn", "input_layernorm"), ("ffn", "post_attention_layernorm")):
-                u, post, comb = self.hc_pre(x, f"{lp}.{sub}_hc", f"l{i}.{sub}")
-                h = b.op("rms_norm", u, b.param(f"{lp}.{norm_name}.weight", (D,), F32), out=f"l{i}.{sub}.h",
-                         eps=c.rms_norm_eps)
-                y = self.attention(i, h) if sub == "attn" else self.moe(i, h)
-                x = b.op("hc_expand_mix", x, y, post, comb, out=f"l{i}.{sub}.x")
-        m = b.op("hc_logits", x, b.param("model.hc_head.hc_fn", (n, n * D), F32), out="head.hc_logits",
-                 eps=c.rms_norm_eps)
-        pre = b.op("hc_head_weights", m, b.param("model.hc_head.hc_base", (n,), F32),
-                   b.param("model.hc_head.hc_scale", (1,), F32), out="head.hc_pre", eps=c.hc_eps)
-        u = b.op("hc_collapse", x, pre, out="head.u")
-        u = b.op("rms_norm", u, b.param("model.norm.weight", (D,), F32), out="head.h", eps=c.rms_norm_eps)
-        logits = b.op("linear", u, b.param("lm_head.weight", (V, D), dt), out="logits")
-        return b.finish([logits], meta={"dtype": dt, "model": "deepseek_v4"})
+            x, mix = self.block(x, i)
+        outputs = self.head(x, mix, "model.hc_head", "model.norm.weight", "head", "logits",
+                            "stream" if stream_output else None)
+        return b.finish(outputs, meta={"dtype": dt, "model": "deepseek_v4"})
 
 
-def build_graph(cfg: V4Config, dtype: str = "f32") -> Graph:
-    """The unfused graph of one forward call (prefill chunk or decode step) of ``cfg``."""
+def build_graph(cfg: V4Config, dtype: str = "f32", stream_output: bool = False) -> Graph:
+    """The unfused graph of one forward call (prefill chunk or decode step) of ``cfg``. ``stream_output``:
+    the residual streams before ``hc_head`` [B, T, n, D] are a second output (what the MTP block reads)."""
     if dtype not in ("f32", "bf16", "f16"):
         raise ValueError(f"dtype must be f32, bf16 or f16, got {dtype!r}")
-    return _V4GraphBuilder(cfg, dtype).build()
+    return _V4GraphBuilder(cfg, dtype).build(stream_output)

@@ -49,12 +49,18 @@ def random_params(graph: Graph, cfg: V4Config, seed: int = 0) -> dict[str, torch
     return out
 
 
-def write_random_checkpoint(config: dict, directory: str | Path, seed: int = 0, dtype: str = "f32") -> Path:
-    """Write ``config.json`` and a ``model.safetensors`` of random weights into ``directory``."""
+def write_random_checkpoint(config: dict, directory: str | Path, seed: int = 0, dtype: str = "f32",
+                            mtp: bool = False) -> Path:
+    """Write ``config.json`` and a ``model.safetensors`` of random weights into ``directory``; ``mtp``: with an
+    MTP block (``mtp.0.*``, the graph's names), drawn after the main model's (which stay as without it)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     cfg = V4Config.from_dict(config)
-    graph = build_graph(cfg, dtype)
+    params = random_params(build_graph(cfg, dtype), cfg, seed)
+    if mtp:
+        from .mtp import build_mtp_graph
+        block = random_params(build_mtp_graph(cfg, dtype), cfg, seed + 1)
+        params.update({n: v for n, v in block.items() if n not in params})
     (directory / "config.json").write_text(json.dumps(config, indent=1) + "\n")
-    write_safetensors(directory / "model.safetensors", random_params(graph, cfg, seed))
+    write_safetensors(directory / "model.safetensors", params)
     return directory

@@ -19,10 +19,12 @@ from ..graph.types import TensorType
 from ..graph.weight_formats import FORMATS
 from ..graph.weights import scale_name
 
-_RELEASE_FP8 = re.compile(r"^model\.layers\.\d+\.(self_attn\.(q_a_proj|q_b_proj|kv_proj|o_a_proj|o_b_proj)"
+# a layer's or the MTP block's (which also stores its e_proj / h_proj as FP8)
+_RELEASE_FP8 = re.compile(r"^(model\.layers\.\d+|mtp\.\d+)\.(self_attn\.(q_a_proj|q_b_proj|kv_proj|o_a_proj|o_b_proj)"
                           r"|self_attn\.compressor\.indexer\.q_b_proj"
-                          r"|mlp\.shared_experts\.(gate_proj|up_proj|down_proj))\.weight$")
-_RELEASE_EXPERTS = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)$")
+                          r"|mlp\.shared_experts\.(gate_proj|up_proj|down_proj))\.weight$"
+                          r"|^mtp\.\d+\.(e_proj|h_proj)\.weight$")
+_RELEASE_EXPERTS = re.compile(r"^(model\.layers\.\d+|mtp\.\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 
 
 def weight_params(graph: Graph) -> list[str]:
@@ -90,9 +92,10 @@ def apply_formats(graph: Graph, formats: Mapping[str, str]) -> Graph:
     return graph.replace(params=tuple(params))
 
 
-def quantized_graph(graph: Graph, config_path, checkpoint=None) -> Graph:
+def quantized_graph(graph: Graph, config_path, checkpoint=None, part: str = "main") -> Graph:
     """``graph`` with the weight formats of ``checkpoint`` (a path; its dtypes decide) or, without one, of the
-    release layout the config at ``config_path`` describes."""
+    release layout the config at ``config_path`` describes. ``part="mtp"``: ``graph`` is the MTP block's,
+    whose params are its own tensors and the main graph's it shares."""
     import json
     from pathlib import Path
 
@@ -101,5 +104,8 @@ def quantized_graph(graph: Graph, config_path, checkpoint=None) -> Graph:
 
     if checkpoint is not None:
         with Checkpoint.open(checkpoint) as ck:
-            return apply_formats(graph, checkpoint_formats(checkpoint_dtypes(ck), graph))
+            dtypes = checkpoint_dtypes(ck)
+            if part != "main":
+                dtypes.update(checkpoint_dtypes(ck, part))
+            return apply_formats(graph, checkpoint_formats(dtypes, graph))
     return apply_formats(graph, release_formats(json.loads(Path(config_path).read_text()), graph))

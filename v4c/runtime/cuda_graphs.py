@@ -21,7 +21,7 @@ class StaticOutputStep:
         self.executor, self.states, self.out = executor, states, None
 
     def run(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        (y,) = self.executor.run({"ids": ids, "pos": pos}, self.states)
+        y = self.executor.run({"ids": ids, "pos": pos}, self.states)[0]  # logits (an MTP artifact adds its streams)
         if self.out is None:
             self.out = torch.empty_like(y)
         return self.out.copy_(y)
@@ -57,7 +57,7 @@ class DecodeGraph:
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                (self.out,) = self.executor.run({"ids": self.ids, "pos": self.pos}, self.states)
+                self.out = self.executor.run({"ids": self.ids, "pos": self.pos}, self.states)[0]
             self.graph = graph
         except Exception as e:  # an op synchronised with the host: decode eagerly from now on
             self.failed = True

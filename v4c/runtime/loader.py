@@ -14,6 +14,7 @@ from ..io.naming import plan_sources
 from ..backends import ALIASES, NAMES, for_artifact
 from ..backends.triton import install_binaries
 from .model import Model, cast_param
+from .mtp import load_mtp
 
 
 def _device(device) -> torch.device:
@@ -58,14 +59,22 @@ def load(path: str | os.PathLike, device=None, verify_weights: bool = False, bac
     dev = _device(device)
     if dev.type == "cpu":
         configure_threads()
-    params = None
+    params, mtp_text = None, man.mtp_graph_text()
+    mtp_graph = verify(parse_graph(mtp_text)) if mtp_text is not None else None
     if man.has_weights:
         ckpt = open_weights(man)  # exactly the files the manifest names, never an index found beside them
         sources = plan_sources(ckpt, dict(graph.params))
         params = {n: cast_param(sources[n].load(ckpt), t.dtype, dev) for n, t in graph.params}
+        if mtp_graph is not None:  # the MTP block's own tensors; the embedding and LM head are shared
+            mtp_sources, mtp_types = plan_sources(ckpt, dict(mtp_graph.params), part="mtp"), dict(mtp_graph.params)
+            mtp_param = lambda n: cast_param(mtp_sources[n].load(ckpt), mtp_types[n].dtype, dev)  # noqa: E731
     kernels = man.kernels()
     if backend in ("triton", None) and dev.type == "cuda" and kernels.get("ops"):
         major, minor = torch.cuda.get_device_capability(dev)
         install_binaries(root, man.aot(), f"sm{major}{minor}", files=man.files)
     chosen = for_artifact(backend, dev.type, root, kernels)
-    return Model(root, config, graph, params, dev, man.data, backend=chosen, cuda_graphs=cuda_graphs)
+    model = Model(root, config, graph, params, dev, man.data, backend=chosen, cuda_graphs=cuda_graphs)
+    model.mtp_note = man.mtp_note
+    if mtp_graph is not None and params is not None:
+        model.mtp = load_mtp(mtp_graph, params, mtp_param, chosen, dev)
+    return model

@@ -35,6 +35,9 @@ class Model:
         self.backend = backend.name
         self.cuda_graphs = cuda_graphs  # decode steps on CUDA are captured once and replayed
         self.executor = Executor(graph, params, backend, device.type) if params is not None else None
+        self._prefix_cache = None  # made on first use (``prefix_cache``)
+        self.mtp = None  # the MTP block (``runtime/mtp.py``) when the artifact has one: speculative decoding
+        self.mtp_note = None  # the compile's line on the MTP block (why there is none)
 
     def implementations(self) -> list[dict]:
         """Per node and phase (decode, prefill): the backend and implementation that run it, and why
@@ -42,6 +45,20 @@ class Model:
         if self.executor is None:
             return []
         return self.executor.implementations()
+
+    @property
+    def prefix_cache(self):
+        """This model's ``PrefixCache`` (``v4c.runtime.prefix_cache``): sequences' states kept by their
+        token ids. Made on first use with a memory tier of 1 GiB and no disk tier; assign
+        ``PrefixCache.for_model(model, memory_bytes=..., disk_dir=..., disk_bytes=...)`` for others."""
+        if self._prefix_cache is None:
+            from .prefix_cache import PrefixCache
+            self._prefix_cache = PrefixCache.for_model(self)
+        return self._prefix_cache
+
+    @prefix_cache.setter
+    def prefix_cache(self, cache) -> None:
+        self._prefix_cache = cache
 
     @property
     def runnable(self) -> bool:
@@ -57,8 +74,14 @@ class Model:
 
     @torch.inference_mode()
     def generate(self, ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None, on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
-        """Append ``max_new_tokens`` sampled tokens to each row of ``ids`` [B, T]; returns [B, T + N]."""
+                 seed: int | None = None, on_token: Callable[[torch.Tensor], None] | None = None,
+                 speculative: str | None = None, draft_tokens: int = 2, lengths=None):
+        """Append ``max_new_tokens`` sampled tokens to each row of ``ids`` [B, T]; returns [B, T + N].
+
+        ``speculative="mtp"``: the MTP block drafts ``draft_tokens`` (1..3) tokens, one forward of the main
+        model verifies them, and the tokens' distribution is plain decoding's (greedy: the same tokens);
+        returns a ``SpeculativeOutput`` (``tokens`` [B, T + N], acceptance ``stats``). It also takes
+        ``lengths`` [B]: row b's prompt is its first ``lengths[b]`` ids (``v4c.runtime.speculative``)."""
         # every argument is checked before the prefill: a bad one must not cost a whole prompt's compute
         temperature, top_p = check_sampling(temperature, top_p)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
@@ -71,6 +94,10 @@ class Model:
         if ids.dim() == 1:
             ids = ids[None]
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        if speculative is not None or lengths is not None:
+            from .speculative import generate_speculative
+            return generate_speculative(self, ids, max_new_tokens, speculative, draft_tokens, temperature, top_p, gen,
+                                        on_token, lengths)
         total = ids.shape[1] + max_new_tokens
         session = self.new_session(ids.shape[0], max_context=max(total, 1))
         out = [ids.cpu().long()]

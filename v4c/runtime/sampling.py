@@ -33,6 +33,14 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
     logits = logits.float()
     if temperature == 0.0:
         return logits.argmax(dim=-1)
+    probs = distribution(logits, temperature, top_p)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+def distribution(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
+    """The probabilities ``sample`` draws from (temperature > 0): softmax of ``logits / temperature`` [..., V]
+    in float32, cut to the top-``top_p`` nucleus and renormalised by the draw."""
+    logits = logits.float()
     scaled = logits / temperature
     if bool(torch.isinf(scaled).any()):  # a tiny temperature: softmax would meet inf - inf = NaN
         scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # the maximum at 0, the rest -inf
@@ -42,7 +50,7 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
         before = sorted_p.cumsum(dim=-1) - sorted_p  # mass of strictly more likely tokens
         sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)  # the most likely token always stays
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+    return probs
 
 
 def sample_rows(logits: torch.Tensor, temperatures, top_ps, generators) -> torch.Tensor:

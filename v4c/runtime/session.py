@@ -11,9 +11,12 @@ from ..errors import V4CError
 from ..graph.analysis import STATE_KINDS, planned_context, state_kind
 from ..graph.types import DTYPES
 from .free_memory import available_memory, format_bytes
+from .state_layout import fill_value
 
 if TYPE_CHECKING:
     from .model import Model
+    from .rewind import RewindPoint
+    from .snapshot import Snapshot
 
 
 class SessionBrokenError(V4CError, RuntimeError):
@@ -82,10 +85,12 @@ class Session:
         self._busy = threading.Lock()  # held by the call running: a second thread's call is refused
         self.states = {}
         for name, t in model.graph.states:
-            fill = -1 if t.dtype in ("i64", "i32") else 0  # -1 marks an empty ring slot
-            self.states[name] = torch.full(t.concrete(bindings), fill, dtype=DTYPES[t.dtype], device=model.device)
+            dtype = DTYPES[t.dtype]  # empty: -1 in a ring's positions, 0 elsewhere (state_layout.fill_value)
+            self.states[name] = torch.full(t.concrete(bindings), fill_value(dtype), dtype=dtype, device=model.device)
         self.lengths = torch.zeros(batch_size, dtype=torch.int64, device=model.device)
         self._longest = 0  # max(lengths), kept on the host
+        self._state_layouts = None  # how each buffer is indexed by position (snapshot, restore), made on first use
+        self.stream = None  # an MTP artifact's main-graph streams before hc_head, of the last call [B, T, n, D]
         self._graph = None
         if model.device.type == "cuda" and model.backend == "triton" and model.cuda_graphs:
             from .cuda_graphs import DecodeGraph
@@ -98,7 +103,7 @@ class Session:
             self._broken = "reset() was interrupted"  # cleared only once every buffer is refilled
             self._broken_rows = set(range(self.batch_size))
             for t in self.states.values():
-                t.fill_(-1 if not t.is_floating_point() else 0)
+                t.fill_(fill_value(t))
             self.lengths.zero_()
             self._longest = 0
             self._broken, self._broken_rows = None, set()
@@ -133,11 +138,82 @@ class Session:
             self._broken_rows |= set(rows)
             idx = torch.tensor(rows, dtype=torch.int64, device=self.model.device)
             for t in self.states.values():
-                t.index_fill_(0, idx, -1 if not t.is_floating_point() else 0)
+                t.index_fill_(0, idx, fill_value(t))
             self.lengths.index_fill_(0, idx, 0)
             self._longest = int(self.lengths.max())
             self._broken_rows -= set(rows)
             self._broken = None if not self._broken_rows else was
+        finally:
+            self._busy.release()
+
+    def snapshot(self, row: int, blocks=()) -> "Snapshot":
+        """A copy of sequence ``row``'s state at its current length, enough to continue it in an empty
+        row of any session of this model (``restore``): per whole 256-token block its compressed rows
+        and indexer keys, then the rest (``v4c.runtime.snapshot``). ``blocks``: ``Block`` objects (or
+        None) already held for this very sequence's first blocks, used instead of copies (the prefix
+        cache shares them between the snapshots of one prefix)."""
+        from .snapshot import take
+        (row,) = self._rows([row])
+        self._claim()
+        try:
+            self._refuse_if_broken()
+            return take(self.states, self._layouts(), row, int(self.lengths[row]), blocks)
+        finally:
+            self._busy.release()
+
+    def restore(self, row: int, snapshot: "Snapshot") -> None:
+        """Makes the empty row ``row`` (a fresh session's, or after ``reset_rows``) hold the sequence
+        ``snapshot`` was taken of: every slot a later call reads is then bit for bit what the original row
+        held, so the next calls give the original's logits. A snapshot of another model, cache format
+        or a longer sequence than this session allows is refused (``ValueError``) before any write."""
+        from .snapshot import check, put
+        (row,) = self._rows([row])
+        self._claim()
+        try:
+            self._refuse_if_broken()
+            if int(self.lengths[row]) != 0:
+                raise ValueError(f"row {row} holds {int(self.lengths[row])} tokens; restore needs an empty row "
+                                 f"(reset_rows([{row}]) first)")
+            layouts = self._layouts()
+            check(snapshot, self.states, layouts)
+            if snapshot.length > self.max_context:
+                raise ValueError(f"a snapshot of {snapshot.length} tokens is beyond this session's max_context "
+                                 f"{self.max_context}")
+            self._broken, self._broken_rows = "restore() was interrupted", {row}
+            put(self.states, layouts, row, snapshot)
+            self.lengths[row] = snapshot.length
+            self._longest = max(self._longest, snapshot.length)
+            self._broken, self._broken_rows = None, set()
+        finally:
+            self._busy.release()
+
+    def _layouts(self):
+        if self._state_layouts is None:
+            from .state_layout import state_layouts
+            self._state_layouts = state_layouts(self.model.graph, self.states)
+        return self._state_layouts
+
+    def rewind_point(self, counts) -> "RewindPoint":
+        """Copies of the state slots that a coming call appending ``counts[b]`` tokens to row ``b`` will
+        write, for ``rewind`` to take some of those tokens back (``v4c.runtime.rewind``)."""
+        from .rewind import RewindPoint
+        return RewindPoint.take(self.states, self._layouts(), self.lengths,
+                                torch.as_tensor(counts, dtype=torch.int64, device=self.model.device))
+
+    def rewind(self, point: "RewindPoint", keep) -> None:
+        """Keep only the first ``keep[b]`` tokens of row ``b`` of the call ``point`` was taken just before:
+        every state buffer and length then equals, bit for bit, a session's that never saw the others
+        (speculative decoding's rejected drafts)."""
+        keep = torch.as_tensor(keep, dtype=torch.int64, device=self.model.device)
+        self._claim()
+        try:
+            self._refuse_if_broken()
+            if not torch.equal(self.lengths, point.start + point.counts):
+                raise ValueError("rewind: the session is not where the rewind point's call left it")
+            self._broken, self._broken_rows = "rewind() was interrupted", set(range(self.batch_size))
+            self.lengths.copy_(point.restore(self.states, keep))
+            self._longest = int(self.lengths.max())
+            self._broken, self._broken_rows = None, set()
         finally:
             self._busy.release()
 
@@ -274,8 +350,10 @@ class Session:
                 # a captured CUDA graph, replayed: its output is a static buffer the next replay rewrites,
                 # so the caller gets a copy (float() alone returns that very buffer for an f32 model)
                 logits = self._graph.run(ids, pos).to(torch.float32, copy=True)
+                self.stream = None  # a replayed step keeps only the logits
             else:
-                (logits,) = self.model.executor.run({"ids": ids, "pos": pos}, states)
+                logits, *stream = self.model.executor.run({"ids": ids, "pos": pos}, states)
+                self.stream = stream[0] if stream else None
             lens += t if n is None else n
             if whole:
                 self._longest = self._longest + t if n is None else int(self.lengths.max())

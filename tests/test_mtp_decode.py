@@ -1,0 +1,169 @@
+"""Speculative decoding with the MTP block (issue 21): greedy output equals plain decoding token for token,
+at batch 1 and 4 with rows of different lengths, k = 1..3, with rejections inside window, CSA and HCA
+boundaries, for every cache format; acceptance statistics; argument checks; `v4c run --speculative`."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import v4c
+from mtp_drafters import OracleDrafter, SteeredMTPDrafter
+from v4c.model.presets import tiny_config_dict
+from v4c.model.random_weights import write_random_checkpoint
+from v4c.runtime.mtp import MTPState
+from v4c.runtime.speculative import generate_speculative
+
+N = 210  # new tokens per row: the tiny model's window (8), CSA (4) and HCA (16) boundaries many times over
+FORMATS = {"fp32": ("fp32", "fp32"), "bf16": ("bf16", "bf16"), "fp8": ("fp8", "fp8"), "fp8+fp4": ("fp8", "fp4")}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_random_checkpoint(tiny_config_dict(), tmp_path_factory.mktemp("mtp") / "ck", seed=0, mtp=True)
+
+
+def compiled(ckpt, fmt):
+    kv, ix = FORMATS[fmt]
+    return v4c.load(v4c.compile(ckpt, ckpt.parent / f"art-{fmt}", target="cpu", kv_cache=kv, indexer_cache=ix,
+                                overwrite=True))
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    return compiled(ckpt, "fp32")
+
+
+def prompts(lengths, seed=0):
+    ids = torch.randint(0, 1024, (len(lengths), max(lengths)), generator=torch.Generator().manual_seed(seed))
+    return ids, torch.tensor(lengths)
+
+
+@torch.inference_mode()
+def plain_rows(model, ids, lengths):
+    """Plain greedy decoding of the rows together, one token per row and step: per row, prompt + N tokens."""
+    s = model.new_session(len(lengths), int(lengths.max()) + N)
+    rows = torch.arange(len(lengths))
+    x = s.forward(ids, lengths=lengths)[rows, lengths - 1].argmax(-1)
+    cols = [x]
+    for _ in range(N - 1):
+        x = s.forward(x[:, None])[:, 0].argmax(-1)
+        cols.append(x)
+    new = torch.stack(cols, 1)
+    return [ids[b, :n].tolist() + new[b].tolist() for b, n in enumerate(lengths.tolist())]
+
+
+@pytest.fixture(scope="module")
+def rows4(model):
+    ids, lengths = prompts([17, 5, 30, 11], seed=1)
+    return ids, lengths, plain_rows(model, ids, lengths)
+
+
+def check_against_plain(model, ids, lengths, truth, k, drafter):
+    out = generate_speculative(model, ids, N, "mtp", k, 0.0, 1.0, None, lengths=lengths, drafter=drafter)
+    for b, n in enumerate(lengths.tolist()):
+        assert out.tokens[b, :n + N].tolist() == truth[b], f"row {b}"
+        assert not out.tokens[b, n + N:].any()
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_greedy_equals_plain_with_the_models_own_drafts(model, k):
+    """The random MTP block: nearly every draft is rejected, at every offset of every boundary."""
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46]])
+    plain = model.generate(ids, N)
+    out = model.generate(ids, N, speculative="mtp", draft_tokens=k)
+    assert torch.equal(out.tokens, plain)
+    s = out.stats
+    assert s.draft_tokens == k and len(s.histogram) == k + 1
+    assert s.steps == N - 1 - sum(a * n for a, n in enumerate(s.histogram))  # every step gives a + 1 tokens
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_greedy_equals_plain_at_batch_4_with_rows_of_different_lengths(model, rows4, k):
+    """Drafts right 70% of the time through the real MTP drafter's state handling: per-row acceptance is
+    exactly the drafts' agreement, and rejected tokens complete window, CSA and HCA slots."""
+    ids, lengths, truth = rows4
+    oracle = OracleDrafter(truth, miss=0.3, vocab=1024, seed=k)
+    drafter = SteeredMTPDrafter(model, 4, int(lengths.max()) + N + k + 1, oracle)
+    out = check_against_plain(model, ids, lengths, truth, k, drafter)
+    assert out.stats.histogram == oracle.expected
+    assert 0 < oracle.expected[0] and 0 < oracle.expected[k]  # both rejections and full acceptances
+    rej = set(oracle.rejected)
+    assert any((p + 1) % 16 == 0 for p in rej) and any((p + 1) % 4 == 0 for p in rej)  # HCA and CSA rows
+    assert {p % 8 for p in rej} == set(range(8))  # every window ring slot
+
+
+def test_the_mtp_window_after_speculation_is_the_one_of_the_final_sequence(model):
+    """After accepted and rejected drafts and chained steps, the MTP block's own window holds what one pass
+    over the final sequence gives (its entries from the main model's streams at the kept positions)."""
+    ids, lengths = prompts([9], seed=5)
+    truth = plain_rows(model, ids, lengths)
+    oracle = OracleDrafter(truth, miss=0.4, vocab=1024, seed=5)
+    drafter = SteeredMTPDrafter(model, 1, 9 + N + 4, oracle)
+    check_against_plain(model, ids, lengths, truth, 3, drafter)
+    n = int(drafter.state.lengths[0])
+    assert n >= N  # every accepted position got its entry
+    seq = torch.tensor([truth[0]])
+    s = model.new_session(1, n + 1)
+    s.forward(seq[:, :n])
+    fresh = MTPState(model.mtp, 1, n + 1)
+    fresh.forward(seq[:, 1:n + 1], s.stream)
+    got, want = drafter.state.states, fresh.states
+    assert torch.equal(got["mtp.win_pos"], want["mtp.win_pos"])
+    assert torch.allclose(got["mtp.win"], want["mtp.win"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "fp8+fp4"])
+def test_greedy_equals_plain_with_every_cache_format(ckpt, fmt):
+    m = compiled(ckpt, fmt)
+    ids, lengths = prompts([12, 7, 21, 3], seed=11)
+    truth = plain_rows(m, ids, lengths)
+    for k in (1, 2, 3):
+        oracle = OracleDrafter(truth, miss=0.35, vocab=1024, seed=k)
+        out = check_against_plain(m, ids, lengths, truth, k, SteeredMTPDrafter(m, 4, 21 + N + k + 1, oracle))
+        assert out.stats.histogram == oracle.expected
+
+
+def test_tokens_reach_on_token_in_order_and_stats_add_up(model, rows4):
+    ids, lengths, truth = rows4
+    seen = []
+    oracle = OracleDrafter(truth, miss=0.2, vocab=1024, seed=1)
+    out = generate_speculative(model, ids, N, "mtp", 2, 0.0, 1.0, None, on_token=seen.append, lengths=lengths,
+                               drafter=oracle)
+    cols = torch.stack(seen, 1)
+    assert cols.shape == (4, N)
+    for b, n in enumerate(lengths.tolist()):
+        assert cols[b].tolist() == truth[b][n:]
+    d = out.stats.as_dict()
+    assert d["steps"] == sum(d["histogram"]) and d["tokens_per_step"] == pytest.approx(d["mean_accepted"] + 1)
+    assert d["mean_accepted"] > 1.0  # 80% right drafts: most steps keep both
+    assert "2 draft tokens" in out.stats.summary()
+
+
+def test_arguments_are_checked_by_name(model):
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match="draft_tokens must be an integer from 1 to 3"):
+        model.generate(ids, 4, speculative="mtp", draft_tokens=4)
+    with pytest.raises(ValueError, match="draft_tokens must be an integer"):
+        model.generate(ids, 4, speculative="mtp", draft_tokens=True)
+    with pytest.raises(ValueError, match="speculative must be one of mtp"):
+        model.generate(ids, 4, speculative="eagle")
+    with pytest.raises(ValueError, match="lengths= is taken with speculative decoding only"):
+        model.generate(ids, 4, lengths=[3])
+    with pytest.raises(ValueError, match=r"lengths must hold 1 values in 1..3"):
+        model.generate(ids, 4, speculative="mtp", lengths=[4])
+    out = model.generate(ids, 0, speculative="mtp")
+    assert torch.equal(out.tokens, ids) and out.stats.steps == 0
+    assert torch.equal(model.generate(ids, 1, speculative="mtp").tokens, model.generate(ids, 1))
+
+
+def test_run_prints_the_acceptance_summary(model):
+    r = subprocess.run([sys.executable, "-m", "v4c.cli", "run", str(model.path), "--prompt-ids", "1 2 3",
+                        "--max-new-tokens", "12", "--speculative", "mtp", "--draft-tokens", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    plain = model.generate(torch.tensor([[1, 2, 3]]), 12)[0, 3:].tolist()
+    assert r.stdout.split() == [str(t) for t in plain]
+    assert "speculative mtp, 2 draft tokens:" in r.stderr and "tokens per step" in r.stderr
