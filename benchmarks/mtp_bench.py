@@ -102,7 +102,7 @@ def measure(art: Path, prompt: int, steps: int, copy_gb_s: float) -> dict:
     layers = sum(1 for n in graph.nodes if n.op == "moe_router")
     gen = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
-    ctx = prompt + steps * 2 * 5 + 16
+    ctx = prompt + 4 * (3 * steps + 1) + 8  # every step of the 4 rows below advances one token; a verify 4 more
     out = {"prompt": prompt, "steps": steps, "moe_layers": layers}
 
     def tokens(t):

@@ -34,6 +34,8 @@ def _swiglu_(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor
 
 def moe_native(h, idx, w, perm, offsets, w13, w2, sg=None, su=None, sd=None, *, limit, views=None):
     flat = h.reshape(-1, h.shape[-1]).contiguous()
+    if flat.shape[0] == 0:  # an expert-parallel rank that received no tokens this call
+        return torch.zeros_like(h)
     shared = (sg, su, sd) if sg is not None else ()
     return native.moe_decode(flat, w.reshape(-1), perm.reshape(-1).contiguous(), offsets.contiguous(), w13, w2,
                              shared, k=idx.shape[-1], limit=limit).view_as(h)

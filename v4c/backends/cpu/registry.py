@@ -83,10 +83,22 @@ def _dots_isa(call: Call) -> str | None:
     return "this CPU (or compiler) has neither AVX2 + FMA nor AVX-512F"
 
 
+def _contiguous(*weights: int):
+    """The C products read weight rows as dense memory; a tensor-parallel rank's slice of a weight along
+    its input dimension is a strided view of the memory-mapped checkpoint."""
+    def check(call: Call) -> str | None:
+        for i in weights:
+            v = call.values[i] if i < len(call.values) else None
+            if isinstance(v, torch.Tensor) and not v.is_contiguous():
+                return f"operand {i} is a strided view (a rank's slice of a sharded weight)"
+        return None
+    return check
+
+
 def _gemv(*weights: int):
     """A decode call's C product (``dense``): activations (operand 0) and ``weights`` fp32 or bf16 of
-    one dtype, on a CPU with the kernels' instruction sets."""
-    return _native(_phase("decode"), _same_dtype(0, *weights, what="a weight"), _dots_isa)
+    one dtype, dense in memory, on a CPU with the kernels' instruction sets."""
+    return _native(_phase("decode"), _same_dtype(0, *weights, what="a weight"), _contiguous(*weights), _dots_isa)
 
 
 # ---- attention: q, kv, ring, ring_pos, sinks, pos, rows, idx -------------------------------
