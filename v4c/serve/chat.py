@@ -159,13 +159,7 @@ def _tool_calls_block(calls, where: str) -> tuple[str, list[str]]:
             if not isinstance(c["id"], str):
                 raise ChatFormatError(f"{w}.id: expected a string")
             ids.append(c["id"])
-        fn = c.get("function")
-        if not isinstance(fn, dict):
-            raise ChatFormatError(f"{w}.function: expected an object with 'name' and 'arguments'")
-        name = fn.get("name")
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise ChatFormatError(f"{w}.function.name: expected a non-empty name without quotes, '<', '>' "
-                                  f"or newlines, got {name!r}")
+        fn, name = _function(c, w, "'name' and 'arguments'")
         args = fn.get("arguments", "{}")
         if isinstance(args, str):
             try:
@@ -183,6 +177,18 @@ def _tool_calls_block(calls, where: str) -> tuple[str, list[str]]:
     return f"{TOOL_CALLS_START}\n{''.join(invokes)}{TOOL_CALLS_END}", ids
 
 
+def _function(obj: dict, w: str, fields: str) -> tuple[dict, str]:
+    """``obj["function"]`` (a tool or a tool call's) and its name, checked; ``w`` names ``obj`` in errors."""
+    fn = obj.get("function")
+    if not isinstance(fn, dict):
+        raise ChatFormatError(f"{w}.function: expected an object with {fields}")
+    name = fn.get("name")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ChatFormatError(f"{w}.function.name: expected a non-empty name without quotes, '<', '>' "
+                              f"or newlines, got {name!r}")
+    return fn, name
+
+
 def _tools_block(tools) -> str:
     if not isinstance(tools, list):
         raise ChatFormatError("tools: expected a list")
@@ -193,13 +199,7 @@ def _tools_block(tools) -> str:
             raise ChatFormatError(f"{w}: expected an object like {{'type': 'function', 'function': {{...}}}}")
         if t.get("type", "function") != "function":
             raise ChatFormatError(f"{w}.type: only 'function' tools are supported, got {t.get('type')!r}")
-        fn = t.get("function")
-        if not isinstance(fn, dict):
-            raise ChatFormatError(f"{w}.function: expected an object with 'name', 'description', 'parameters'")
-        name = fn.get("name")
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise ChatFormatError(f"{w}.function.name: expected a non-empty name without quotes, '<', '>' "
-                                  f"or newlines, got {name!r}")
+        fn, name = _function(t, w, "'name', 'description', 'parameters'")
         desc = fn.get("description")
         if desc is not None and not isinstance(desc, str):
             raise ChatFormatError(f"{w}.function.description: expected a string")
