@@ -47,9 +47,10 @@ def moe_decode(h, idx, w, perm, offsets, w13, w2, sg=None, su=None, sd=None, *, 
     return _decode(flat, idx, w, perm, offsets, w13, w2, shared, limit, views).view_as(h)
 
 
-def moe_grouped(h, idx, w, perm, offsets, w13, w2, sg=None, su=None, sd=None, *, limit, views):
+def moe_grouped(h, idx, w, perm, offsets, w13, w2, sg=None, su=None, sd=None, *, limit, views, mm=None, lin=linear):
+    """``mm`` / ``lin``: the routed experts' and the shared expert's products (``wide``'s for a bf16 prefill)."""
     return _general(h, idx, w, perm, offsets, w13, w2, sg, su, sd, limit,
-                    lambda xs, spans: _experts(xs, spans, w13, w2, limit, views))
+                    lambda xs, spans: _experts(xs, spans, w13, w2, limit, views, mm), lin)
 
 
 def moe_per_expert(h, idx, w, perm, offsets, w13, w2, sg=None, su=None, sd=None, *, limit, views=None):
@@ -62,7 +63,7 @@ def moe_per_expert(h, idx, w, perm, offsets, w13, w2, sg=None, su=None, sd=None,
     return _general(h, idx, w, perm, offsets, w13, w2, sg, su, sd, limit, experts)
 
 
-def _general(h, idx, w, perm, offsets, w13, w2, sg, su, sd, limit, experts):
+def _general(h, idx, w, perm, offsets, w13, w2, sg, su, sd, limit, experts, lin=linear):
     shape = h.shape
     flat = h.reshape(-1, shape[-1])
     k = idx.shape[-1]
@@ -75,7 +76,7 @@ def _general(h, idx, w, perm, offsets, w13, w2, sg, su, sd, limit, experts):
     ys = experts(xs, spans)
     ys.mul_(w.reshape(-1).index_select(0, order)[:, None].to(ys.dtype))
     if sg is not None:
-        out = linear(_swiglu_(linear(flat, sg), linear(flat, su), limit), sd)
+        out = lin(_swiglu_(lin(flat, sg), lin(flat, su), limit), sd)
     else:
         out = torch.zeros_like(flat)
     out.index_add_(0, tok, ys)
@@ -100,19 +101,20 @@ def _check_offsets(offsets) -> list:
     return bounds
 
 
-def _experts(xs, spans, w13, w2, limit, views):
+def _experts(xs, spans, w13, w2, limit, views, mm=None):
     """Each expert's two GEMMs written straight into shared buffers (``out=`` slices: no copy per
     expert) and one activation over all rows between them, instead of three ops per expert."""
     up_t, down_t = views.transposed(w13), views.transposed(w2)
     gu = xs.new_empty(xs.shape[0], w13.shape[1])
+    mm = mm or (lambda x, wt, out: torch.mm(x, wt, out=out))
     for e, a, b in spans:
-        torch.mm(xs[a:b], up_t[e], out=gu[a:b])
+        mm(xs[a:b], up_t[e], gu[a:b])
     gate, up = gu.chunk(2, dim=-1)
     act = torch.mul(F.silu(gate.clamp_(max=limit), inplace=True), up.clamp_(min=-limit, max=limit),
                     out=xs.new_empty(gate.shape))  # contiguous: the down GEMMs read it as plain rows
     ys = torch.empty_like(xs)
     for e, a, b in spans:
-        torch.mm(act[a:b], down_t[e], out=ys[a:b])
+        mm(act[a:b], down_t[e], ys[a:b])
     return ys
 
 

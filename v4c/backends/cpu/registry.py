@@ -14,7 +14,7 @@ import torch
 from ...graph.types import DTYPES
 from .. import Backend, Call
 from ..reference import REFERENCE
-from . import attention, compressor, dense, linear_norm, mhc, moe, native, projections, rope, router
+from . import attention, compressor, dense, linear_norm, mhc, moe, native, projections, rope, router, wide
 from .weight_views import WeightViews
 
 CPU = Backend("cpu", fallback=REFERENCE, context=WeightViews)
@@ -101,6 +101,13 @@ def _gemv(*weights: int):
     return _native(_phase("decode"), _same_dtype(0, *weights, what="a weight"), _contiguous(*weights), _dots_isa)
 
 
+def _wide(*weights: int):
+    """A bf16 prefill call's products widened to fp32 (``wide``): activations and ``weights`` bf16."""
+    def bf16(call: Call) -> str | None:
+        return None if call.dtype(0) == "bf16" else f"activations are {call.dtype(0)} (fp32 GEMMs already)"
+    return _all(_on_cpu, _phase("prefill"), bf16, _same_dtype(0, *weights, what="a weight"))
+
+
 # ---- attention: q, kv, ring, ring_pos, sinks, pos, rows, idx -------------------------------
 
 def _kind(call: Call) -> str | None:
@@ -120,6 +127,8 @@ CPU.add("sparse_attention", "blocked")(attention.fused(attention.attend))
 
 CPU.add("indexer_topk", "decode", _phase("decode"))(attention.indexer_topk_decode)
 CPU.add("indexer_topk", "blocked")(attention.indexer_topk)
+CPU.add("indexer", "wide-prefill", _all(_wide(2, 3), _same_dtype(0, 1, what="h")))(
+    attention.fused_indexer(attention.indexer_topk, lin=wide.linear))
 CPU.add("indexer", "decode", _phase("decode"))(attention.fused_indexer(attention.indexer_topk_decode))
 CPU.add("indexer", "blocked")(attention.fused_indexer(attention.indexer_topk))
 
@@ -168,23 +177,32 @@ CPU.add("moe_ffn", "native-decode", _native(_phase("decode"), _plain_weights(5, 
     moe.moe_native)
 CPU.add("moe_ffn", "decode", _all(_phase("decode"), _plain_weights(5, 6, 7, 8, 9)), bind=_moe(moe.moe_decode))(
     moe.moe_decode)
+_moe_wide = partial(moe.moe_grouped, mm=wide.expert_mm, lin=wide.linear)
+CPU.add("moe_ffn", "wide-prefill", _all(_wide(5, 6), _plain_weights(5, 6, 7, 8, 9)), bind=_moe(_moe_wide))(_moe_wide)
 CPU.add("moe_ffn", "grouped", _plain_weights(5, 6), bind=_moe(moe.moe_grouped))(moe.moe_grouped)
 CPU.add("moe_ffn", "per-expert")(moe.moe_per_expert)
 
 # ---- projections and the rest ----------------------------------------------------------------
 
 CPU.add("linear", "native-decode", _gemv(1))(dense.linear)
+CPU.add("linear", "wide-prefill", _wide(1))(wide.linear)
 CPU.add("o_proj", "native-decode", _gemv(1, 2))(dense.o_proj)
+CPU.add("o_proj", "wide-prefill", _wide(1, 2))(wide.o_proj)
 CPU.add("q_proj", "native-decode", _gemv(1))(partial(projections.q_proj_native, lin=dense.gemv))
+CPU.add("q_proj", "wide-prefill", _all(_wide(1), _library))(partial(projections.q_proj_native, lin=wide.linear))
 CPU.add("q_proj", "native", _native(_float(0, "x")))(projections.q_proj_native)
 CPU.add("q_proj", "torch")(projections.q_proj)
 CPU.add("kv_proj", "native-decode", _all(_gemv(1), _float(2, "norm_w")))(
     partial(projections.kv_proj_native, lin=dense.gemv))
+CPU.add("kv_proj", "wide-prefill", _all(_wide(1), _library, _float(2, "norm_w")))(
+    partial(projections.kv_proj_native, lin=wide.linear))
 CPU.add("kv_proj", "native", _native(_float(0, "x"), _float(2, "norm_w")))(projections.kv_proj_native)
 CPU.add("kv_proj", "torch")(projections.kv_proj)
 CPU.add("linear_rms_norm", "native-decode", _all(_gemv(1), _float(2, "norm_w")))(dense.linear_rms_norm)
+CPU.add("linear_rms_norm", "wide-prefill", _wide(1))(wide.linear_rms_norm)
 CPU.add("linear_rms_norm", "torch")(linear_norm.linear_rms_norm)
 CPU.add("moe_router", "native-decode", _gemv(1))(partial(router.moe_router, lin=dense.gemv))
+CPU.add("moe_router", "wide-prefill", _wide(1))(partial(router.moe_router, lin=wide.linear))
 CPU.add("moe_router", "torch")(router.moe_router)
 CPU.add("rope", "torch")(rope.rope)
 
@@ -197,3 +215,4 @@ def _fp32_pending(call: Call) -> str | None:
 CPU.add("compressor", "native-decode", _all(_gemv(1, 2), _fp32_pending))(
     partial(compressor.compressor, lin=dense.gemv))
 CPU.add("compressor", "decode", _all(_phase("decode"), _fp32_pending))(compressor.compressor)
+CPU.add("compressor", "wide-prefill", _wide(1, 2))(partial(compressor.compressor, lin=wide.linear))
