@@ -16,6 +16,12 @@ BF = torch.bfloat16
 B, T = 2, 24  # 48 tokens: a prefill call
 
 
+@pytest.fixture(autouse=True)
+def plain_avx2(monkeypatch):
+    """As on a CPU without bf16 arithmetic (this machine's), whatever CPU runs the tests."""
+    monkeypatch.setattr(wide, "native_bf16", lambda: None)
+
+
 def _copy(args, up=False):
     """Fresh copies (states are written in place), floats widened with ``up``."""
     return [(a.float() if up and a.is_floating_point() else a).clone() if isinstance(a, torch.Tensor) else a
@@ -54,6 +60,15 @@ def test_bound_for_bf16_prefill_calls_only():
         call = call_on("linear", args, {}, phase)
         assert choose(CPU, call).impl.name != "wide-prefill"
         assert why in CPU.impl("linear", "wide-prefill").declines(call)
+
+
+def test_not_bound_where_the_cpu_has_bf16_arithmetic(monkeypatch):
+    monkeypatch.setattr(wide, "native_bf16", lambda: "avx512_bf16")
+    g = _g()
+    call = call_on("linear", (_r(g, B, T, 64), _r(g, 48, 64)), {}, "prefill")
+    assert choose(CPU, call).impl.name != "wide-prefill"
+    assert CPU.impl("linear", "wide-prefill").declines(call) == \
+        "this CPU has avx512_bf16: PyTorch's bf16 GEMM is the faster one"
 
 
 def test_linear_widens_only_calls_with_enough_rows():

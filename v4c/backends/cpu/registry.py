@@ -105,7 +105,11 @@ def _wide(*weights: int):
     """A bf16 prefill call's products widened to fp32 (``wide``): activations and ``weights`` bf16."""
     def bf16(call: Call) -> str | None:
         return None if call.dtype(0) == "bf16" else f"activations are {call.dtype(0)} (fp32 GEMMs already)"
-    return _all(_on_cpu, _phase("prefill"), bf16, _same_dtype(0, *weights, what="a weight"))
+
+    def slow_bf16(call: Call) -> str | None:
+        f = wide.native_bf16()
+        return None if f is None else f"this CPU has {f}: PyTorch's bf16 GEMM is the faster one"
+    return _all(_on_cpu, _phase("prefill"), bf16, _same_dtype(0, *weights, what="a weight"), slow_bf16)
 
 
 # ---- attention: q, kv, ring, ring_pos, sinks, pos, rows, idx -------------------------------
