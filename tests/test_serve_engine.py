@@ -8,6 +8,7 @@ import torch
 
 import v4c
 from v4c.serve import Engine, Finished, QueueFullError, SamplingParams, TokenEvent
+from serve_helpers import assert_agrees, greedy_reference
 
 CTX = 128
 
@@ -21,37 +22,6 @@ def _prompt(model, n, seed):
     return torch.randint(0, model.config.vocab_size, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def _reference(model, prompt, n):
-    """Greedy tokens as ``model.generate`` computes them (a one-row session: the prefill in one call,
-    then one decode step per token), with the logits each token was chosen from."""
-    s = model.new_session(1, max_context=len(prompt) + n)
-    logits = s.forward(torch.tensor([prompt]))[0, -1]
-    toks, seen = [], []
-    for i in range(n):
-        toks.append(int(logits.argmax()))
-        seen.append(logits)
-        if i + 1 < n:
-            logits = s.forward(torch.tensor([[toks[-1]]]))[0, -1]
-    return toks, seen
-
-
-def _assert_agrees(got, want, want_logits, what):
-    """``got`` equals ``want`` token for token, except at an exact-argmax tie. The engine computes a row in
-    calls of other shapes than a lone ``generate`` (other rows in its decode calls, its prompt cut into
-    chunks), and a matrix product of another shape rounds differently: its fp32 logits differ from the
-    lone run's by ~1e-6. That can change a greedy token only where the lone run's top two logits are that
-    close; there the engine must have taken the other of the two, and the sequences go on from different
-    contexts, so the comparison ends."""
-    for k, (g, w) in enumerate(zip(got, want)):
-        if g != w:
-            vals, ids = want_logits[k].topk(2)
-            gap = float(vals[0] - vals[1])
-            assert gap <= 1e-5 * abs(float(vals[0])), f"{what}: token {k} is {g}, alone {w} (top-2 gap {gap:.3g})"
-            assert g in ids.tolist(), f"{what}: token {k} is {g}, not one of the lone run's top two {ids.tolist()}"
-            return
-    assert len(got) == len(want), what
-
-
 def _wait(cond, timeout=30.0):
     end = time.monotonic() + timeout
     while not cond():
@@ -62,7 +32,7 @@ def _wait(cond, timeout=30.0):
 def test_a_greedy_request_alone_is_generate_exactly(model):
     prompt = _prompt(model, 10, 1)
     want = model.generate(torch.tensor([prompt]), 8)[0, 10:].tolist()
-    ref, ref_logits = _reference(model, prompt, 8)
+    ref, ref_logits = greedy_reference(model, prompt, 8)
     assert ref == want
     with Engine(model, max_batch=4, max_context=CTX, step_tokens=32) as engine:
         handle = engine.submit(prompt, SamplingParams(max_tokens=8, ignore_eos=True, logprobs=3))
@@ -100,13 +70,13 @@ def test_sixteen_at_once_agree_with_each_alone(model):
     assert m["requests_total"]["length"] == 16 and m["prompt_tokens_total"] == sum(lengths)
     for i, (p, n, c) in enumerate(zip(prompts, news, got)):
         assert c.finish_reason == "length" and c.completion_tokens == n
-        want, logits = _reference(model, p, n)
-        _assert_agrees(c.tokens, want, logits, f"request {i} (prompt of {len(p)})")
+        want, logits = greedy_reference(model, p, n)
+        assert_agrees(c.tokens, want, logits, f"request {i} (prompt of {len(p)})")
 
 
 def test_stop_tokens_and_eos(model):
     prompt = _prompt(model, 7, 2)
-    want, _ = _reference(model, prompt, 6)
+    want, _ = greedy_reference(model, prompt, 6)
     k = 3
     while want[k] in want[:k]:  # a token that first appears at position k
         k += 1
@@ -222,8 +192,8 @@ class _FailingPrefill:
 
 def test_an_op_error_fails_that_call_and_the_engine_goes_on(model):
     short, long_ = _prompt(model, 5, 10), _prompt(model, 40, 11)
-    want_short, _ = _reference(model, short, 30)
-    want_long, long_logits = _reference(model, long_, 5)
+    want_short, _ = greedy_reference(model, short, 30)
+    want_long, long_logits = greedy_reference(model, long_, 5)
     with Engine(model, max_batch=4, max_context=CTX, step_tokens=64) as engine:
         with _FailingPrefill(model):
             a = engine.submit(short, SamplingParams(max_tokens=30, ignore_eos=True))  # 5 tokens: decode-phase calls
@@ -235,7 +205,7 @@ def test_an_op_error_fails_that_call_and_the_engine_goes_on(model):
         # the request in the other rows went on untouched: its lone tokens, exactly
         assert a.result(timeout=60).tokens == want_short
         c = engine.generate(long_, SamplingParams(max_tokens=5, ignore_eos=True), timeout=60)
-        _assert_agrees(c.tokens, want_long, long_logits, "the request after the error")
+        assert_agrees(c.tokens, want_long, long_logits, "the request after the error")
         m = engine.metrics()
     assert m["requests_total"]["error"] == 1 and m["requests_total"]["length"] == 2
 

@@ -2,11 +2,8 @@
 driven by the real OpenAI client (and raw HTTP where the client hides what is checked)."""
 import ast
 import asyncio
-import contextlib
 import json
 import random
-import socket
-import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,6 +23,7 @@ from v4c.serve import Engine, Finished, TokenEvent  # noqa: E402
 from v4c.serve.app import create_app  # noqa: E402
 from v4c.serve.chat import encode_messages, parse_output  # noqa: E402
 from v4c.serve.tokenizer import IncrementalDetokenizer, ServeTokenizer, StopStrings, load_tokenizer  # noqa: E402
+from serve_helpers import uvicorn_server  # noqa: E402
 
 CONTEXT = 128
 EOS = 1  # the tiny config's eos_token_id, and the test tokenizer's <｜end▁of▁sentence｜>
@@ -34,27 +32,6 @@ METRIC_NAMES = ("v4c_http_requests_total", "v4c_requests_total", "v4c_requests_r
                 "v4c_time_per_output_token_seconds_bucket", "v4c_e2e_request_latency_seconds_bucket",
                 "v4c_kv_cache_bytes_in_use", "v4c_kv_cache_bytes_capacity", "v4c_batch_size_bucket",
                 "v4c_steps_total")
-
-
-@contextlib.contextmanager
-def _uvicorn(app):
-    """``app`` served on a free loopback port from a background thread; yields its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +55,7 @@ def served(tmp_path_factory):
     engine = Engine(model, max_batch=8, max_context=CONTEXT, max_queue=64).start()
     app = create_app(engine, model_name=Path(art).name, tokenizer=tok)
     try:
-        with _uvicorn(app) as base:
+        with uvicorn_server(app) as base:
             yield SimpleNamespace(base=base, model=model, tok=tok, engine=engine, art=Path(art),
                                   name=Path(art).name, vocab=config["vocab_size"])
     finally:
@@ -257,7 +234,7 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
 def test_tool_calls_become_openai_tool_calls(served, output, thinking, reasoning, content):
     app = create_app(_ScriptedEngine(served.tok, output), model_name="scripted", tokenizer=served.tok,
                      vocab_size=served.vocab, reasoning=thinking)
-    with _uvicorn(app) as base:
+    with uvicorn_server(app) as base:
         cl = _client(base)
         kw = dict(model="scripted", messages=MESSAGES, tools=TOOLS)
         r = cl.chat.completions.create(**kw)
@@ -283,7 +260,7 @@ def test_malformed_model_output_comes_back_as_text(served):
     bad = 'Sure.<｜DSML｜tool_calls>\n<｜DSML｜invoke name="get_weather">\nnot a parameter'
     app = create_app(_ScriptedEngine(served.tok, bad), model_name="scripted", tokenizer=served.tok,
                      vocab_size=served.vocab)
-    with _uvicorn(app) as base:
+    with uvicorn_server(app) as base:
         cl = _client(base)
         r = cl.chat.completions.create(model="scripted", messages=MESSAGES, tools=TOOLS)
         assert r.choices[0].finish_reason == "stop" and not r.choices[0].message.tool_calls
@@ -347,7 +324,7 @@ def test_bad_requests_name_their_field_and_the_server_goes_on(served):
 
 def test_without_a_tokenizer_token_ids_still_work(served):
     app = create_app(served.engine, model_name="no-tok", tokenizer=None)
-    with _uvicorn(app) as base:
+    with uvicorn_server(app) as base:
         h = httpx.Client(base_url=f"{base}/v1", timeout=60)
         r = h.post("/completions", json={"prompt": "hello", "max_tokens": 2})
         assert r.status_code == 400 and "tokenizer" in r.json()["error"]["message"]
@@ -363,7 +340,7 @@ def test_without_a_tokenizer_token_ids_still_work(served):
 
 def test_api_key(served):
     app = create_app(served.engine, model_name="locked", tokenizer=served.tok, api_key="s3cret")
-    with _uvicorn(app) as base:
+    with uvicorn_server(app) as base:
         assert httpx.get(f"{base}/health").status_code == 200
         for path in ("/v1/models", "/metrics"):
             r = httpx.get(f"{base}{path}")
@@ -389,7 +366,7 @@ def test_queue_full_is_429_with_retry_after(served):
     engine.start()
     app = create_app(engine, model_name="small", tokenizer=served.tok)
     try:
-        with _uvicorn(app) as base, httpx.Client(base_url=f"{base}/v1", timeout=60) as h:
+        with uvicorn_server(app) as base, httpx.Client(base_url=f"{base}/v1", timeout=60) as h:
             body = {"prompt": [5, 6, 7], "max_tokens": CONTEXT - 3, "ignore_eos": True, "stream": True}
             with h.stream("POST", "/completions", json=body) as first:
                 lines = first.iter_lines()  # (kept: a dropped iterator closes the connection)
@@ -536,7 +513,7 @@ def test_greedy_over_http_equals_transformers(tmp_path, variant):
     n_new = 12
     want = [hf_greedy(hf, p, n_new)[0, p.shape[1]:].tolist() for p in prompts]
     try:
-        with _uvicorn(create_app(engine, model_name="hf", vocab_size=cfg["vocab_size"])) as base:
+        with uvicorn_server(create_app(engine, model_name="hf", vocab_size=cfg["vocab_size"])) as base:
             client = _client(base)
 
             def ask(p):

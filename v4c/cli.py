@@ -120,11 +120,16 @@ def _serve(a) -> int:
                          f"one token of each step, got {a.step_tokens}")
     if a.world_size is not None and a.world_size < 1:
         raise ValueError(f"--world-size must be >= 1, got {a.world_size}")
+    if a.speculative is not None and not 1 <= a.draft_tokens <= 3:
+        raise ValueError(f"--draft-tokens must be from 1 to 3, got {a.draft_tokens}")
     if not 0 <= a.port < 65536:
         raise ValueError(f"--port must be in [0, 65535], got {a.port}")
     if "WORLD_SIZE" not in os.environ:  # a sharded artifact: start its ranks; rank 0 takes the requests
         from .artifact import open_artifact
         world = a.world_size or open_artifact(a.artifact, verify=False).world_size
+        if world != 1 and a.speculative is not None:
+            raise ValueError(f"--speculative is not supported for a sharded artifact yet ({world} ranks); serve it "
+                             f"without --speculative")
         if world != 1:
             from .runtime.distributed import launch
             # every rank gets this command line (rank 0 serves, the others follow it)
@@ -134,7 +139,7 @@ def _serve(a) -> int:
                  backend=a.backend, device=a.device, reasoning=a.reasoning == "on",
                  served_model_name=a.served_model_name, log_level=a.log_level, step_tokens=a.step_tokens,
                  prefix_cache_bytes=a.prefix_cache_bytes, context_cache_dir=a.context_cache_dir,
-                 context_cache_bytes=a.context_cache_bytes)
+                 context_cache_bytes=a.context_cache_bytes, speculative=a.speculative, draft_tokens=a.draft_tokens)
 
 
 def _inspect(a) -> int:
@@ -416,6 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also keep cached prefixes on disk here (safetensors files; kept across restarts)")
     sv.add_argument("--context-cache-bytes", type=_byte_count, default=None, metavar="N",
                     help="the disk tier's budget (e.g. 50G; default 16G)")
+    sv.add_argument("--speculative", default=None, choices=["mtp"],
+                    help="speculative decoding: the artifact's MTP block drafts, one forward verifies each "
+                         "decoding row's drafts (greedy output unchanged; not for sharded artifacts yet)")
+    sv.add_argument("--draft-tokens", type=int, default=2,
+                    help="tokens drafted per row and step with --speculative (1..3, default 2)")
     sv.set_defaults(fn=_serve)
     i = sub.add_parser("inspect", help="describe an artifact")
     i.add_argument("artifact", help="a compiled artifact directory")

@@ -675,10 +675,12 @@ def serve(artifact, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int
           max_queue: int = 64, api_key: str | None = None, backend: str | None = None, device: str | None = None,
           reasoning: bool = False, served_model_name: str | None = None, log_level: str = "info",
           step_tokens: int = 256, prefix_cache_bytes: int | None = None, context_cache_dir=None,
-          context_cache_bytes: int | None = None) -> int:
+          context_cache_bytes: int | None = None, speculative: str | None = None, draft_tokens: int = 2) -> int:
     """Load ``artifact``, start the engine and serve until interrupted (``v4c serve``). The prefix cache:
     ``prefix_cache_bytes`` of memory (None: the default, 0: none) and, with ``context_cache_dir``, a disk
-    tier of ``context_cache_bytes``; a sharded artifact is served without one."""
+    tier of ``context_cache_bytes``; a sharded artifact is served without one. ``speculative="mtp"``:
+    speculative decoding with the artifact's MTP block, ``draft_tokens`` per step (not for a sharded
+    artifact yet)."""
     from ..errors import V4CError
     try:
         import fastapi  # noqa: F401
@@ -691,6 +693,15 @@ def serve(artifact, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int
     man = open_artifact(path, verify=False)
     if not man.has_weights:
         raise V4CError(f"{path}: weight-free artifact (compiled from a config only); it cannot be served")
+    if speculative is not None:  # refused before anything is loaded
+        if man.world_size > 1 or "WORLD_SIZE" in os.environ:
+            raise V4CError(f"{path}: --speculative is not supported for a sharded artifact yet "
+                           f"({man.world_size} ranks); serve it without --speculative")
+        if man.mtp_graph_text() is None:
+            note = f" ({man.mtp_note})" if man.mtp_note else ""
+            raise V4CError(f"{path}: --speculative {speculative} needs the artifact's MTP block, and this artifact "
+                           f"has none{note}; compile a checkpoint that holds one (v4c compile --mtp on) or serve "
+                           f"without --speculative")
     from .engine import Engine
     from .tokenizer import load_tokenizer
     leader = None
@@ -718,8 +729,9 @@ def serve(artifact, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int
             cache = _prefix_cache(model, prefix_cache_bytes, context_cache_dir, context_cache_bytes)
         elif prefix_cache_bytes or context_cache_dir:
             print("v4c serve: no prefix cache for a sharded artifact (not implemented yet)", flush=True)
+        spec = {} if speculative is None else {"speculative": speculative, "draft_tokens": draft_tokens}
         engine = Engine(model, max_batch=max_batch, max_context=max_context, max_queue=max_queue,
-                        step_tokens=step_tokens, session=leader, prefix_cache=cache)
+                        step_tokens=step_tokens, session=leader, prefix_cache=cache, **spec)
     except BaseException:
         if cache is not None:
             cache.close()
@@ -736,6 +748,7 @@ def serve(artifact, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int
         print(f"v4c serve: {name} on http://{host}:{port}/v1 (max batch {max_batch}, context "
               f"{app.state.server.max_context}{ranks}, "
               f"{'a tokenizer' if tok else 'no tokenizer: token-id prompts only'}"
+              f"{f', speculative {speculative} ({draft_tokens} draft tokens)' if speculative else ''}"
               f"{', API key required' if api_key else ''})", flush=True)
         uvicorn.run(app, host=host, port=port, log_level=log_level)
     finally:

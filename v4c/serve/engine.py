@@ -69,6 +69,27 @@ are about to compute the same block (the same chain hash: the same tokens up to 
 both compute it: the one further on (the first admitted, at a tie) does, the others wait a step and
 then resume from its snapshot. The cache's failures never fail a request (they are logged).
 
+**Speculative decoding** (``speculative="mtp"``, ``draft_tokens=k``, k = 1..3; the artifact must hold the MTP
+block). The decode rows of a step then run apart from the prefill chunks (``_speculate``): the MTP block
+(``v4c/serve/speculative.py``: its own state, one row per engine row) appends the entries the last step made
+known and drafts k tokens per row, chained on its own streams; one ``forward_rows`` call over the decode
+rows' range verifies them (row r appends its pending token and its drafts: k + 1 tokens, after a
+``RewindPoint``); each row accepts with its own parameters (``runtime.speculative.accept``: the longest
+agreeing prefix when greedy, rejection sampling with its own generator otherwise, so the tokens are
+distributed as plain sampling's) and takes the accepted drafts and the main model's token after them one
+by one as plain decoding takes its tokens: a stop token or ``max_tokens`` ends the row there and nothing
+after it is emitted; with the prefix cache on, a run that would pass a 256-token block boundary is cut at
+it (the rest is drafted again), so the row is snapshotted there as without speculation. The session is
+then rewound to what each row kept (``Session.rewind``), and the kept positions' streams become the MTP
+block's next entries. A row drafts at most ``max_tokens`` - 1 - (tokens generated) tokens, so its last
+token is a plain step. A decode row counts one token of ``step_tokens``, whatever k (a verify call of a
+few tokens per row costs about what a decode step costs where decoding is memory-bound). A prompt's MTP
+entries are appended after each prefill chunk; a request resumed from the prefix cache starts its block
+state empty at the resume point (the cache holds the main model's states), which lowers its first drafts'
+acceptance and nothing else. Greedy requests give the tokens they give without speculation, up to the
+rounding of calls of other shapes (a near-exact tie, as above). ``metrics()["speculative"]`` counts the
+verify steps, drafts proposed and accepted, and accepted drafts per row-step.
+
 **Ending.** EOS (the model config's ``eos_token_id``, unless ``ignore_eos``) and ``stop_token_ids``
 end a request with ``"stop"``: the stop token counts in ``completion_tokens`` (the model generated
 it) but is not emitted as a ``TokenEvent`` nor put in ``Completion.tokens`` (``Finished.stop_token``
@@ -96,6 +117,7 @@ from typing import AsyncIterator, Iterator
 import torch
 
 from ..errors import V4CError
+from ..graph.analysis import BLOCK_TOKENS
 from ..runtime.model import DEFAULT_MAX_CONTEXT
 from ..runtime.sampling import check_sampling, sample_rows, token_logprobs
 from .prefix import PrefixScheduler
@@ -318,10 +340,31 @@ class _Request:
     cached: int = 0
     history: list[int] = field(default_factory=list)
     deferred: bool = False
+    # speculative decoding: the MTP entries made known and not yet appended to the block's state (start,
+    # the main model's streams [T, n, D], the next tokens [T]; the last one missing until it is sampled)
+    mtp: tuple | None = None
 
     def tokens(self) -> list[int]:
         """The tokens the row holds."""
         return self.prompt[:self.fed] + self.history
+
+
+def _check_speculative(model, method, k, session) -> None:
+    """``Engine(speculative=..., draft_tokens=...)``: a ``ValueError`` naming what is wrong."""
+    from ..runtime.speculative import MAX_DRAFT, METHODS
+    if method not in METHODS:
+        raise ValueError(f"speculative must be one of {', '.join(METHODS)} or None, got {method!r}")
+    if not _integer(k) or not 1 <= k <= MAX_DRAFT:
+        raise ValueError(f"draft_tokens must be an integer from 1 to {MAX_DRAFT}, got {k!r}")
+    sharded = hasattr(model, "world")  # a rank's DistributedModel
+    if sharded or (session is not None and not callable(getattr(session, "rewind_point", None))):
+        raise ValueError("speculative decoding is not supported for a sharded artifact yet: serve it without "
+                         "--speculative")
+    if getattr(model, "mtp", None) is None:
+        note = getattr(model, "mtp_note", None)
+        raise ValueError(f"{getattr(model, 'path', 'the model')}: speculative={method!r} needs the artifact's MTP "
+                         f"block, and this artifact has none" + (f" ({note})" if note else "") + "; compile a "
+                         "checkpoint that holds one (v4c compile --mtp on) or serve without speculative decoding")
 
 
 class _Histogram:
@@ -345,7 +388,8 @@ class Engine:
     ``stop`` (or leaving the ``with``) cancels every request and joins the thread."""
 
     def __init__(self, model, max_batch: int = 8, max_context: int | None = None, step_tokens: int = 256,
-                 max_queue: int = 64, session=None, prefix_cache=None):
+                 max_queue: int = 64, session=None, prefix_cache=None, speculative: str | None = None,
+                 draft_tokens: int = 2):
         for name, v, lo in (("max_batch", max_batch, 1), ("step_tokens", step_tokens, 1), ("max_queue", max_queue, 0)):
             if not _integer(v) or v < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
@@ -354,6 +398,8 @@ class Engine:
                              f"token of every decoding row and at least one of a prompt")
         if max_context is None:
             max_context = min(model.config.max_position_embeddings, DEFAULT_MAX_CONTEXT)
+        if speculative is not None:  # refused before the session is allocated
+            _check_speculative(model, speculative, draft_tokens, session)
         self.model = model
         # the memory plan: refused here if it does not fit (``session``: one made by the caller, e.g. rank 0's
         # of a sharded model, with max_batch rows)
@@ -369,6 +415,15 @@ class Engine:
         self.kv_bytes_capacity, self.kv_bytes_per_row = mem, mem // max_batch
         self.prefix_cache = prefix_cache
         self._prefix = PrefixScheduler(prefix_cache, self.session) if prefix_cache is not None else None
+        self.speculative, self.draft_tokens = speculative, draft_tokens if speculative is not None else 0
+        self._drafter = None
+        if speculative is not None:
+            from .speculative import RowDrafter
+            try:  # a ring shorter than a verify call cannot be rewound: refused now, not at the first request
+                self.session.rewind_point(torch.full((max_batch,), draft_tokens + 1))
+            except ValueError as e:
+                raise ValueError(f"speculative decoding with draft_tokens={draft_tokens}: {e}") from None
+            self._drafter = RowDrafter(model.mtp, max_batch, self.max_context)
 
         self._cv = threading.Condition()  # guards the queue, the running list, flags and metrics
         self._waiting: deque[_Request] = deque()
@@ -386,6 +441,9 @@ class Engine:
         self._batch_last = 0
         self._step_tokens_last = 0
         self._steps_total = 0
+        # speculative decoding: verify calls, drafts proposed and accepted, accepted drafts per row-step
+        self._spec_steps = self._spec_drafts = self._spec_accepted = 0
+        self._spec_hist = _Histogram(range(self.draft_tokens + 1))
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -495,7 +553,11 @@ class Engine:
         ``{"buckets": {le: cumulative count, ..., "+Inf": count}, "sum", "count"}``; ``kv_cache_bytes_in_use``
         (rows in use x bytes per row) and ``kv_cache_bytes_capacity``, ``steps_total``, the limits, and
         ``prefix_cache`` (None without one): requests that resumed from it (``requests_hit``) or not, their
-        ``hit_tokens`` and ``miss_tokens``, ``errors``, and the cache's own ``stats()``."""
+        ``hit_tokens`` and ``miss_tokens``, ``errors``, and the cache's own ``stats()``; ``speculative`` (None
+        without it): ``steps`` (verify calls), ``draft_tokens_total`` (drafts proposed),
+        ``accepted_tokens_total`` (drafts the main model accepted), ``histogram`` (row-steps by accepted
+        drafts, 0..k; a row's last token, drafted for by nobody, is not a row-step) and the same as
+        ``accepted_per_step``, a histogram."""
         with self._cv:
             return {
                 "running": len(self._running), "waiting": len(self._waiting),
@@ -510,6 +572,10 @@ class Engine:
                 "batch_size_last": self._batch_last, "step_tokens_last": self._step_tokens_last,
                 "steps_total": self._steps_total,
                 "prefix_cache": self._prefix.metrics() if self._prefix is not None else None,
+                "speculative": None if self._drafter is None else {
+                    "method": self.speculative, "draft_tokens": self.draft_tokens, "steps": self._spec_steps,
+                    "draft_tokens_total": self._spec_drafts, "accepted_tokens_total": self._spec_accepted,
+                    "histogram": list(self._spec_hist.counts), "accepted_per_step": self._spec_hist.snapshot()},
                 "max_batch": self.max_batch, "max_queue": self.max_queue, "max_context": self.max_context,
                 "step_tokens": self.step_tokens,
             }
@@ -555,6 +621,10 @@ class Engine:
             except Exception:
                 log.exception("resetting rows %s failed; resetting the session", rows)
                 self._fail_everything("the session's state was lost")
+            if self._drafter is not None:
+                self._drafter.reset_rows(rows)
+        for r in reqs:
+            r.mtp = None
         with self._cv:
             for r in reqs:
                 if r in self._running:
@@ -581,7 +651,10 @@ class Engine:
             self.session.reset()
         except Exception:
             log.exception("resetting the session failed")
+        if self._drafter is not None:
+            self._drafter.reset()
         for r in reqs:
+            r.mtp = None
             r.handle._emit(r.final)
 
     def _fail_everything(self, msg: str) -> None:
@@ -635,6 +708,12 @@ class Engine:
                     n = self._prefix.chunk(r, n)
                 chunks.append((r, r.prompt[r.fed:r.fed + n]))
                 budget -= n
+        n_spec = spec_tokens = 0
+        if self._drafter is not None and decode:  # the decode rows draft, verify and accept in calls of their own
+            n_spec, spec_tokens = len(decode), self._speculate(decode)
+            decode = []
+            if spec_tokens < 0:  # a rewind failed: every request ended with an error
+                return
         single = [(r, [r.pending]) for r in decode] + [(r, c) for r, c in chunks if len(c) == 1]
         multi = sorted(((r, c) for r, c in chunks if len(c) > 1), key=lambda rc: rc[0].row)
         calls = []
@@ -652,6 +731,8 @@ class Engine:
         for members in calls:
             try:
                 logits = self._run_call(members)
+                if self._drafter is not None:
+                    self._feed_prefill(members)
             except Exception as e:
                 msg = f"{type(e).__name__}: {e}"
                 log.warning("a forward call failed (%s); its %d requests end with an error", msg, len(members))
@@ -677,13 +758,17 @@ class Engine:
             return
         # 5. sampling, events, ends
         done = self._sample(want)
+        if self._drafter is not None:  # a prompt's last MTP entry reads the first token sampled after it
+            for r, _ in want:
+                if r not in done and r.mtp is not None and len(r.mtp[2]) < r.mtp[1].shape[0]:
+                    r.mtp = (r.mtp[0], r.mtp[1], r.mtp[2] + [r.pending])
         self._release(done)
         now = time.perf_counter()
         with self._cv:
             self._steps_total += 1
-            self._batch_last = len(single) + len(multi)
+            self._batch_last = len(single) + len(multi) + n_spec
             self._batch.observe(self._batch_last)
-            self._step_tokens_last = len(single) + sum(len(c) for _, c in multi)
+            self._step_tokens_last = len(single) + sum(len(c) for _, c in multi) + spec_tokens
             dt = now - t0
             self._step_seconds = dt if self._step_seconds is None else 0.8 * self._step_seconds + 0.2 * dt
 
@@ -696,8 +781,148 @@ class Engine:
         for r, c in members:
             ids[r.row - a][:len(c)] = c
             lengths[r.row - a] = len(c)
-        full = all(n == t for n in lengths)
-        return self.session.forward_rows(a, b, torch.tensor(ids, dtype=torch.int64), None if full else lengths)
+        full = all(n == t for n in lengths) and self._drafter is None  # (lengths given: never a CUDA graph,
+        return self.session.forward_rows(a, b, torch.tensor(ids, dtype=torch.int64),  # which keeps no streams)
+                                         None if full else lengths)
+
+    # -- speculative decoding ------------------------------------------------------------------------
+
+    def _feed_prefill(self, members: list[tuple[_Request, list[int]]]) -> None:
+        """After a call of prefill chunks: their MTP entries (the main model's streams at each position, with
+        the token after it) go into the block's state now; a prompt's last entry waits (``_Request.mtp``) for
+        the token sampled after it."""
+        stream = self.session.stream
+        if stream is None:
+            raise RuntimeError("the main graph gave no streams for the MTP block")
+        a = min(r.row for r, _ in members)
+        now = {}
+        for r, toks in members:
+            if r.pending is not None:
+                continue
+            s, e = r.fed, r.fed + len(toks)
+            h = stream[r.row - a, :len(toks)]
+            if e < len(r.prompt):
+                now[r.row] = (s, h, r.prompt[s + 1:e + 1])
+            else:
+                if len(toks) > 1:
+                    now[r.row] = (s, h[:-1], r.prompt[s + 1:e])
+                r.mtp = (e - 1, h[-1:].clone(), [])
+        if now:
+            self._drafter.append(now)
+
+    def _fail_requests(self, reqs: list[_Request], what: str, e: Exception) -> None:
+        msg = f"{type(e).__name__}: {e}"
+        log.warning("%s failed (%s); its %d requests end with an error", what, msg, len(reqs))
+        for r in reqs:
+            if r.final is None:
+                self._finish(r, "error", msg)
+        self._release(reqs)
+
+    def _speculate(self, decode: list[_Request]) -> int:
+        """The decode rows' step with speculative decoding (the module docstring): the MTP block drafts up
+        to ``draft_tokens`` per row, one call over the rows' range verifies them (each row's pending token
+        and its drafts), each row takes its accepted run (and the main model's token after it) up to its
+        first stop, its ``max_tokens`` or, with the prefix cache, the next block boundary, and the session
+        is rewound to what each row kept. Releases the requests that ended; returns the verify call's
+        token count (-1: a rewind failed and every request ended)."""
+        from ..runtime.speculative import accept
+        k = self.draft_tokens
+        plan = []  # (request, tokens in its row, drafts it makes)
+        for r in decode:
+            n = r.fed + len(r.history)
+            kr = min(k, r.params.max_tokens - r.generated - 1, self.max_context - n - 1) if r.mtp is not None else 0
+            plan.append((r, n, max(0, kr)))
+        # 1. drafts (a row's last token is never drafted for: nothing would follow it)
+        try:
+            drafted = self._drafter.draft([(r.row, r.mtp, kr, r.params.temperature, r.params.top_p, r.generator)
+                                           for r, _, kr in plan if kr > 0])
+        except Exception as e:
+            self._fail_requests(decode, "drafting", e)
+            return 0
+        for r, _, kr in plan:
+            if kr > 0:
+                r.mtp = None  # appended by draft
+        # 2. one verify call: row r appends its pending token and its drafts
+        a, b = min(r.row for r in decode), max(r.row for r in decode) + 1
+        t = max(kr for *_, kr in plan) + 1
+        ids = torch.zeros((b - a, t), dtype=torch.int64)
+        lengths = [0] * (b - a)
+        counts = torch.zeros(self.max_batch, dtype=torch.int64)
+        for r, _, kr in plan:
+            ids[r.row - a, :kr + 1] = torch.tensor([r.pending] + (drafted[r.row][0] if kr else []))
+            lengths[r.row - a] = counts[r.row] = kr + 1
+        try:
+            point = self.session.rewind_point(counts)
+            logits = self.session.forward_rows(a, b, ids, lengths)
+            stream = self.session.stream
+            if stream is None:
+                raise RuntimeError("the main graph gave no streams for the MTP block")
+        except Exception as e:
+            self._fail_requests(decode, "a verify call", e)
+            return 0
+        # 3. acceptance, per row with its own sampling parameters and generator; the tokens taken
+        now = time.perf_counter()
+        keep = torch.zeros(self.max_batch, dtype=torch.int64)
+        ended: list[_Request] = []
+        accepted: list[tuple[int, int]] = []  # (drafts, accepted) per row-step that drafted
+        n_tokens = 0
+        for r, n, kr in plan:
+            i, x, p = r.row - a, r.pending, r.params
+            try:
+                if kr:
+                    d, q = drafted[r.row]
+                    acc, y = accept(logits[i:i + 1, :kr + 1], torch.tensor([d], device=logits.device),
+                                    None if q is None else q[None], p.temperature, p.top_p, r.generator)
+                    acc, y = int(acc[0]), int(y[0])
+                    accepted.append((kr, acc))
+                else:
+                    d, acc = [], 0
+                    y = int(sample_rows(logits[i:i + 1, 0], [p.temperature], [p.top_p], [r.generator])[0])
+                new = d[:acc] + [y]
+                if self._prefix is not None:  # land on a block boundary rather than pass it: snapshotted there
+                    new = new[:BLOCK_TOKENS - n % BLOCK_TOKENS]
+                lps = [None] * len(new)
+                if p.logprobs is not None:
+                    got = token_logprobs(logits[i, :len(new)], torch.tensor(new), p.logprobs)
+                    lps = [(lp, alts[:p.logprobs]) for lp, alts in got]
+            except Exception as e:
+                self._finish(r, "error", f"sampling failed: {type(e).__name__}: {e}")
+                ended.append(r)
+                continue
+            for j, tok in enumerate(new):
+                n_tokens += 1
+                if self._take(r, tok, lps[j], now):
+                    ended.append(r)
+                    break
+            keep[r.row] = j + 1  # the row holds x and the tokens before the last one taken
+            r.history += [x] + new[:j]
+            if r not in ended:  # positions n..n + j: entry n + i reads the token after it, new[i]
+                h = stream[i, :j + 1].clone()
+                if r.mtp is not None:  # (not drafted this step: what it had waits with it)
+                    h, nxt = torch.cat([r.mtp[1], h]), r.mtp[2] + new[:j + 1]
+                    r.mtp = (r.mtp[0], h, nxt)
+                else:
+                    r.mtp = (n, h, new[:j + 1])
+        # 4. every state back to what the rows kept
+        try:
+            self.session.rewind(point, keep)
+        except Exception as e:
+            log.exception("rewinding the session failed; every request ends with an error")
+            self._fail_everything(f"rewinding after a verify call failed: {type(e).__name__}: {e}")
+            return -1
+        if self._prefix is not None:
+            for r, *_ in plan:
+                if r.row >= 0 and (r.final is None or r.final.reason != "error"):
+                    self._prefix.fed(r)
+        with self._cv:
+            self._generation_tokens_total += n_tokens
+            self._spec_steps += 1
+            for kr, acc in accepted:
+                self._spec_drafts += kr
+                self._spec_accepted += acc
+                self._spec_hist.observe(acc)
+        self._release(ended)
+        return sum(kr + 1 for *_, kr in plan)
 
     def _sample(self, want: list[tuple[_Request, torch.Tensor]]) -> list[_Request]:
         """Samples a token for each row of ``want``, emits it, and returns the requests that ended."""
@@ -733,23 +958,28 @@ class Engine:
                 self._finish(r, "error", f"sampling failed: {type(tok).__name__}: {tok}")
                 done.append(r)
                 continue
-            r.generated += 1
             n_tokens += 1
-            if r.t_first is None:
-                r.t_first = now
-                with self._cv:
-                    self._ttft.observe(now - r.t_submit)
-            r.t_last = now
-            if tok in r.stops:
-                self._finish(r, "stop", stop_token=tok)
+            if self._take(r, tok, lp, now):
                 done.append(r)
-                continue
-            r.handle._emit(TokenEvent(tok, *(lp if lp is not None else (None, None))))
-            if r.generated >= r.params.max_tokens:
-                self._finish(r, "length")
-                done.append(r)
-            else:
-                r.pending = tok
         with self._cv:
             self._generation_tokens_total += n_tokens
         return done
+
+    def _take(self, r: _Request, tok: int, lp, now: float) -> bool:
+        """One token ``r`` generated: counted, emitted (unless it is a stop token), made the row's pending
+        token; True when it ends ``r`` (a stop token, or ``max_tokens``)."""
+        r.generated += 1
+        if r.t_first is None:
+            r.t_first = now
+            with self._cv:
+                self._ttft.observe(now - r.t_submit)
+        r.t_last = now
+        if tok in r.stops:
+            self._finish(r, "stop", stop_token=tok)
+            return True
+        r.handle._emit(TokenEvent(tok, *(lp if lp is not None else (None, None))))
+        if r.generated >= r.params.max_tokens:
+            self._finish(r, "length")
+            return True
+        r.pending = tok
+        return False

@@ -1,7 +1,8 @@
 """Prometheus' text exposition format for ``GET /metrics``.
 
 The engine counts (``Engine.metrics()``: requests by finish reason, running and waiting, tokens,
-latency samples, KV-cache bytes, batch size per step, the prefix cache's hits and tiers); the HTTP
+latency samples, KV-cache bytes, batch size per step, the prefix cache's hits and tiers, speculative
+decoding's drafts and acceptance); the HTTP
 layer counts requests by route and status code. Latency samples become cumulative histograms over fixed buckets.
 """
 from __future__ import annotations
@@ -116,7 +117,24 @@ def render(engine_metrics: dict, http_requests: dict[tuple[str, str, int], int],
     w.metric("steps_total", "counter", "Engine steps run.", _get(m, "steps_total", "steps"), lab)
     if m.get("prefix_cache"):
         _prefix_cache(w, m["prefix_cache"], lab)
+    if m.get("speculative"):
+        _speculative(w, m["speculative"], lab)
     return w.text()
+
+
+def _speculative(w: _Writer, sp: dict, lab: dict) -> None:
+    """Speculative decoding's series (``Engine.metrics()["speculative"]``)."""
+    w.metric("spec_decode_num_draft_tokens", "gauge", "Tokens the MTP block drafts per row and step (k).",
+             sp.get("draft_tokens", 0), lab)
+    w.metric("spec_decode_steps_total", "counter", "Verify calls (one per engine step with decoding rows).",
+             sp.get("steps", 0), lab)
+    w.metric("spec_decode_draft_tokens_total", "counter", "Draft tokens proposed.",
+             sp.get("draft_tokens_total", 0), lab)
+    w.metric("spec_decode_accepted_tokens_total", "counter", "Draft tokens the main model accepted.",
+             sp.get("accepted_tokens_total", 0), lab)
+    k = int(sp.get("draft_tokens", 0))
+    w.histogram("spec_decode_accepted_per_step", "Draft tokens accepted per row and verify step.",
+                sp.get("accepted_per_step", ()), tuple(range(k + 1)), lab)
 
 
 def _prefix_cache(w: _Writer, pc: dict, lab: dict) -> None:
