@@ -3,6 +3,7 @@ and A/B of ops' implementations inside the same process.
 
     python benchmarks/decode_ops.py [--config 478m|FILE.json] [--dtype f32|bf16] [--batch 1 8]
                                     [--prompt 2048] [--steps 16] [--ab old|moe_ffn=decode] [--json out.json]
+                                    [--experts plain|mxfp4]
 
 The model of ``--config`` (bench_configs.py) is written, compiled and loaded once per dtype (in
 ``--workdir``, shared with cpu_vs_hf.py's layout). For each batch size a session is prefilled with
@@ -14,6 +15,9 @@ to IMPL (the cpu backend's implementation of that name, its checker still asked)
 the steps as bound, and reports the best and median of each: a ratio that a machine busy with other
 work disturbs less than two separate runs would. ``--ab old`` names the implementations bound
 before the C products of issue 22 (the PyTorch MoE and products, the reference output projection).
+``--experts mxfp4`` measures the checkpoint ``cpu_vs_llamacpp.py`` runs instead: routed experts MXFP4 as
+released, every other matrix unquantised (``--ab moe_ffn=per-expert``: the PyTorch path quantised experts
+took before the C kernels of native/quant.c).
 """
 from __future__ import annotations
 
@@ -127,6 +131,24 @@ def report(dtype: str, r: dict) -> None:
               f"{r['ab_ratio_median']:.2f}x median")
 
 
+def release_artifact(cfg: dict, work: Path, dtype: str) -> Path:
+    """``artifact`` for the checkpoint with MXFP4 routed experts (``cpu_vs_llamacpp.write_release_checkpoint``)."""
+    import shutil
+
+    import v4c
+    from cpu_vs_llamacpp import write_release_checkpoint
+    ckpt, art = work / f"{dtype}-mxfp4" / "ckpt", work / f"{dtype}-mxfp4" / "art"
+    stamp = ckpt / "bench_config.json"
+    if not stamp.exists() or json.loads(stamp.read_text()) != cfg:
+        shutil.rmtree(ckpt, ignore_errors=True)
+        write_release_checkpoint(cfg, ckpt, dtype)
+        stamp.write_text(json.dumps(cfg))
+        shutil.rmtree(art, ignore_errors=True)
+    if not art.exists():
+        v4c.compile(ckpt, art, target="cpu", dtype=dtype, weights="reference")
+    return art
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="478m", help=f"a preset or a JSON file of config fields. {describe()}")
@@ -139,6 +161,8 @@ def main():
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: as v4c sets them)")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--experts", choices=["plain", "mxfp4"], default="plain",
+                    help="routed experts unquantised (the preset's checkpoint) or MXFP4 as released")
     a = ap.parse_args()
     ab = None
     if a.ab == "old":
@@ -151,9 +175,10 @@ def main():
     import v4c
     name, cfg = load_config(a.config)
     work = (a.workdir or Path(tempfile.mkdtemp(prefix="v4c-ops-"))) / name
-    result = {"config": name, "command": " ".join(["python", "benchmarks/decode_ops.py", *sys.argv[1:]]), "runs": {}}
+    result = {"config": name, "experts": a.experts,
+              "command": " ".join(["python", "benchmarks/decode_ops.py", *sys.argv[1:]]), "runs": {}}
     for dtype in [a.dtype] if a.dtype else ["f32", "bf16"]:
-        model = v4c.load(artifact(cfg, work, dtype))
+        model = v4c.load((release_artifact if a.experts == "mxfp4" else artifact)(cfg, work, dtype))
         if a.threads:
             import torch
             torch.set_num_threads(a.threads)

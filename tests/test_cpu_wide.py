@@ -6,7 +6,7 @@ import torch
 
 import v4c
 from v4c.backends import call_on, choose
-from v4c.backends.cpu import native, wide
+from v4c.backends.cpu import moe, native, wide
 from v4c.graph.registry import get_op
 from v4c.model.presets import tiny_config_dict
 from v4c.model.random_weights import write_random_checkpoint
@@ -138,8 +138,37 @@ def test_moe_router_and_experts():
     w13, w2 = _r(g, E, 2 * I, D, scale=0.3), _r(g, E, D, I, scale=0.3)
     shared = [_r(g, I, D, scale=0.3), _r(g, I, D, scale=0.3), _r(g, D, I, scale=0.3)]
     args = (h, idx, wts, perm, offsets, w13, w2, *shared)
-    assert chosen("moe_ffn", *args, phase="prefill", limit=2.0) == "wide-prefill"
+    want = "native-wide-prefill" if native.moe_decode_available(BF) else "wide-prefill"
+    assert chosen("moe_ffn", *args, phase="prefill", limit=2.0) == want
     _as_close_as_reference("moe_ffn", args, {"limit": 2.0})
+    from v4c.backends.cpu.weight_views import WeightViews
+    got = moe.moe_grouped(*args, limit=2.0, views=WeightViews(), mm=wide.expert_mm, lin=wide.linear)
+    _as_close_as_reference("moe_ffn", args, {"limit": 2.0}, got=got)  # the widened GEMMs themselves
+
+
+@pytest.mark.skipif(not native.moe_decode_available(torch.float32), reason="no C MoE kernel on this CPU")
+@pytest.mark.parametrize("dtype", [torch.float32, BF])
+@pytest.mark.parametrize("limit_tokens", [10_000, 20])  # the C kernel takes the call / the GEMMs beyond it
+def test_moe_prefill_through_the_c_kernel(monkeypatch, dtype, limit_tokens):
+    """A prefill call of up to NATIVE_PREFILL_TOKENS tokens takes the C MoE kernel (fp32 within 1e-5 of the
+    reference; bf16 as close to fp32 as the reference); a longer one the grouped GEMMs."""
+    monkeypatch.setattr(moe, "NATIVE_PREFILL_TOKENS", limit_tokens)
+    g = _g(6)
+    E, D, I, k = 16, 64, 32, 4
+    h = (torch.randn(B, T, D, generator=g) * 0.5).to(dtype)
+    idx, wts, perm, offsets = get_op("moe_router").ref(h, (torch.randn(E, D, generator=g) * 0.2).to(dtype),
+                                                       torch.randn(E, generator=g) * 0.01, scaling=1.5, topk=k)
+    w13, w2 = [(torch.randn(*s, generator=g) * 0.3).to(dtype) for s in ((E, 2 * I, D), (E, D, I))]
+    shared = [(torch.randn(*s, generator=g) * 0.3).to(dtype) for s in ((I, D), (I, D), (D, I))]
+    args = (h, idx, wts, perm, offsets, w13, w2, *shared)
+    name = chosen("moe_ffn", *args, phase="prefill", limit=2.0)
+    assert name == ("native-wide-prefill" if dtype == BF else "native-prefill")
+    got = run("moe_ffn", *args, phase="prefill", limit=2.0)
+    if dtype == torch.float32:
+        want = get_op("moe_ffn").ref(*args, limit=2.0)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        _as_close_as_reference("moe_ffn", args, {"limit": 2.0}, got=got)
 
 
 def test_a_bf16_model_prefills_through_the_widened_products(tmp_path):
@@ -151,7 +180,7 @@ def test_a_bf16_model_prefills_through_the_widened_products(tmp_path):
     fast = v4c.load(art, backend="cpu")
     bound = {(r["op"], r["phase"]): r["implementation"] for r in fast.implementations()}
     for op in ("linear", "moe_ffn", "moe_router", "compressor"):
-        assert bound[(op, "prefill")] == "wide-prefill", (op, bound[(op, "prefill")])
+        assert bound[(op, "prefill")].endswith("wide-prefill"), (op, bound[(op, "prefill")])
     ids = torch.randint(0, cfg["vocab_size"], (2, 40), generator=_g(5))
 
     def logits(model):

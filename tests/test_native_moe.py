@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from impls import CPU, chosen
-from v4c.backends.cpu import native
+from v4c.backends.cpu import native, wide
 from v4c.graph.ops.collective import ep_select
 from v4c.graph.ops.fused import moe_ffn as ref_ffn
 from v4c.graph.ops.fused import moe_router as ref_router
@@ -142,7 +142,13 @@ def test_backend_binds_the_c_path_for_decode_calls_of_any_width(dtype):
     args = _case((4, 37, 13, 19, 5, 2), dtype)
     want = "native-decode" if native.moe_decode_available(dtype) else "decode"
     assert chosen("moe_ffn", *args, limit=2.0, phase="decode") == want
-    assert chosen("moe_ffn", *args, limit=2.0, phase="prefill") == "grouped"
+    # a prefill: the C kernel too (up to moe.NATIVE_PREFILL_TOKENS tokens), but for bf16 on a CPU with bf16
+    # arithmetic, where PyTorch's GEMMs are taken; bf16 without it widens the GEMMs (`wide`)
+    plain_bf16 = dtype == torch.bfloat16 and wide.native_bf16() is None
+    c = native.moe_decode_available(dtype) and (dtype == torch.float32 or plain_bf16)
+    want = ("native-wide-prefill" if plain_bf16 else "native-prefill") if c else \
+        ("wide-prefill" if plain_bf16 else "grouped")
+    assert chosen("moe_ffn", *args, limit=2.0, phase="prefill") == want
     half = [a.half() if isinstance(a, torch.Tensor) and a.dtype == dtype else a for a in args]
     with pytest.raises(ValueError, match="native-decode declines .*activations are f16 \\(the C products take f32 or bf16\\)"):
         CPU.callable("moe_ffn", half, {"limit": 2.0}, name="native-decode", phase="decode")

@@ -8,6 +8,10 @@ streams each weight row once for every row of the call, where PyTorch's small-M 
 especially, on CPUs without AVX512-BF16) runs far below the memory's rate. The registry binds these
 only for decode calls whose activations and weights are fp32 or bf16 of one dtype, on a CPU with one
 of the kernels' instruction sets; results equal the GEMM's up to the order of the fp32 sums.
+
+``qgemv`` and the ``q_*`` variants take the release's quantised weights (FP8 128x128 blocks, MXFP4) as
+stored (native/quant.c): the registry binds them to decode calls with such weights, where the reference
+path would dequantise every weight tile per call.
 """
 from __future__ import annotations
 
@@ -28,6 +32,26 @@ def o_proj(o, wa, wb, *, shape, groups, out_shape):
     """Per group the low-rank product (one C call for every group), then the dense one."""
     z = native.linear(reshape(o, shape).contiguous(), wa, groups)
     return gemv(reshape(z, out_shape), wb)
+
+
+def qgemv(x, w):
+    """``gemv`` where ``w`` may be a quantised weight (FP8 / MXFP4: native/quant.c, as ``weights.linear``
+    computes it); a plain one takes ``gemv``."""
+    if getattr(w, "fmt", None) is None:
+        return gemv(x, w)
+    return native.qlinear(x if x.is_contiguous() else x.contiguous(), w)
+
+
+def q_o_proj(o, wa, wb, *, shape, groups, out_shape):
+    """``o_proj`` with either weight possibly quantised."""
+    x = reshape(o, shape).contiguous()
+    z = native.qlinear(x, wa, groups) if getattr(wa, "fmt", None) else native.linear(x, wa, groups)
+    return qgemv(reshape(z, out_shape), wb)
+
+
+def q_linear_rms_norm(x, w, norm_w, *, eps):
+    norm_w = norm_w if norm_w.is_contiguous() else norm_w.contiguous()
+    return native.norm_rope_(qgemv(x, w), norm_w, eps, 0, None)
 
 
 def linear_rms_norm(x, w, norm_w, *, eps):

@@ -11,7 +11,7 @@ from functools import partial
 
 import torch
 
-from ...graph.types import DTYPES
+from ...graph.types import DTYPES, QUANT_DTYPES
 from .. import Backend, Call
 from ..reference import REFERENCE
 from . import attention, compressor, dense, linear_norm, mhc, moe, native, projections, rope, router, wide
@@ -101,6 +101,43 @@ def _gemv(*weights: int):
     return _native(_phase("decode"), _same_dtype(0, *weights, what="a weight"), _contiguous(*weights), _dots_isa)
 
 
+def _quant_isa(call: Call) -> str | None:
+    """The C products with quantised weights (native/quant.c) on this CPU."""
+    return None if native.quant_available() else "this CPU (or compiler) has no AVX2 + FMA (the quantised kernels')"
+
+
+def _qweights(*weights: int):
+    """At least one of ``weights`` quantised (all plain: the plain C products take the call), each either
+    quantised or of the activations' dtype."""
+    def check(call: Call) -> str | None:
+        idx = [i for i in weights if i < len(call.types)]
+        if not call.quantized(*idx):
+            return "no quantised weight (the plain C products take such calls)"
+        bad = [call.dtype(i) for i in idx if call.dtype(i) not in QUANT_DTYPES and call.dtype(i) != call.dtype(0)]
+        return f"a weight is {bad[0]}, neither quantised nor the activations' {call.dtype(0)}" if bad else None
+    return check
+
+
+def _q_contiguous(*weights: int):
+    """``_contiguous`` for quantised weights too (their data and their scales)."""
+    def check(call: Call) -> str | None:
+        for i in weights:
+            v = call.values[i] if i < len(call.values) else None
+            parts = (v.data, v.scale) if hasattr(v, "fmt") else (v,)
+            if any(isinstance(t, torch.Tensor) and not t.is_contiguous() for t in parts):
+                return f"operand {i} is a strided view (a rank's slice of a sharded weight)"
+        return None
+    return check
+
+
+def _qgemv(*weights: int):
+    """A C product with quantised weights (``dense.qgemv``): activations fp32 or bf16, each weight quantised
+    (FP8 / MXFP4) or of the activations' dtype, dense in memory, on AVX2 + FMA. Prefill calls too: the
+    PyTorch path dequantises the whole weight per call (4x slower at 64 rows here, 1.1-1.5x at 256)."""
+    return _native(_float(0, "the activations"), _qweights(*weights), _q_contiguous(*weights),
+                   _quant_isa)
+
+
 def _wide(*weights: int):
     """A bf16 prefill call's products widened to fp32 (``wide``): activations and ``weights`` bf16."""
     def bf16(call: Call) -> str | None:
@@ -120,6 +157,10 @@ def _kind(call: Call) -> str | None:
 
 CPU.add("indexer", "native-decode", _all(_gemv(2, 3), _same_dtype(0, 1, what="h")))(
     attention.fused_indexer(attention.indexer_topk_decode, lin=dense.gemv))
+CPU.add("indexer", "native-quant", _all(_qgemv(2, 3), _phase("decode"), _same_dtype(0, 1, what="h")))(
+    attention.fused_indexer(attention.indexer_topk_decode, lin=dense.qgemv))
+CPU.add("indexer", "native-quant-prefill", _all(_qgemv(2, 3), _phase("prefill"), _same_dtype(0, 1, what="h")))(
+    attention.fused_indexer(attention.indexer_topk, lin=dense.qgemv))
 _attention_native = _native(_plain_cache("kv_format"), _kind, _float(0, "q"),
                             _same_dtype(0, 1, 2, 6, what="a cache"))
 CPU.add("attention", "native", _attention_native)(attention.attend_native)
@@ -179,8 +220,38 @@ def _moe(fn):
 
 CPU.add("moe_ffn", "native-decode", _native(_phase("decode"), _plain_weights(5, 6, 7, 8, 9), _dots_isa))(
     moe.moe_native)
+
+
+def _quant_experts(call: Call) -> str | None:
+    """Routed experts quantised (both of one format); the shared expert, if any, all quantised in one format
+    or all of the activations' dtype."""
+    routed = {call.dtype(5), call.dtype(6)}
+    if len(routed) != 1 or not routed <= QUANT_DTYPES:
+        return f"routed expert weights are {'/'.join(sorted(map(str, routed)))} (this path takes f8e4m3 or mxfp4)"
+    shared = {call.dtype(i) for i in (7, 8, 9) if i < len(call.types)}
+    if len(shared) > 1 or not shared <= QUANT_DTYPES | {call.dtype(0)}:
+        return (f"shared expert weights are {'/'.join(sorted(map(str, shared)))} (one quantised format, or the "
+                f"activations' {call.dtype(0)})")
+    return None
+
+
+# prefill calls too: one expert at a time through weights.linear is 10-40x slower at 64-256 tokens here
+CPU.add("moe_ffn", "native-quant", _native(_float(0, "h"), _quant_experts,
+                                            _q_contiguous(5, 6, 7, 8, 9), _quant_isa))(moe.moe_native_q)
 CPU.add("moe_ffn", "decode", _all(_phase("decode"), _plain_weights(5, 6, 7, 8, 9)), bind=_moe(moe.moe_decode))(
     moe.moe_decode)
+
+
+def _c_over_bf16_gemm(call: Call) -> str | None:
+    f = wide.native_bf16() if call.dtype(0) == "bf16" else None
+    return None if f is None else f"this CPU has {f}: PyTorch's bf16 GEMMs for a prefill (the C kernel is not " \
+                                  "measured against them there)"
+
+
+_moe_c_prefill = _native(_phase("prefill"), _plain_weights(5, 6, 7, 8, 9), _dots_isa, _c_over_bf16_gemm)
+_moe_c_wide = partial(moe.moe_prefill, mm=wide.expert_mm, lin=wide.linear)  # beyond the C kernel's share
+CPU.add("moe_ffn", "native-wide-prefill", _all(_moe_c_prefill, _wide(5, 6)), bind=_moe(_moe_c_wide))(_moe_c_wide)
+CPU.add("moe_ffn", "native-prefill", _moe_c_prefill, bind=_moe(moe.moe_prefill))(moe.moe_prefill)
 _moe_wide = partial(moe.moe_grouped, mm=wide.expert_mm, lin=wide.linear)
 CPU.add("moe_ffn", "wide-prefill", _all(_wide(5, 6), _plain_weights(5, 6, 7, 8, 9)), bind=_moe(_moe_wide))(_moe_wide)
 CPU.add("moe_ffn", "grouped", _plain_weights(5, 6), bind=_moe(moe.moe_grouped))(moe.moe_grouped)
@@ -189,23 +260,30 @@ CPU.add("moe_ffn", "per-expert")(moe.moe_per_expert)
 # ---- projections and the rest ----------------------------------------------------------------
 
 CPU.add("linear", "native-decode", _gemv(1))(dense.linear)
+CPU.add("linear", "native-quant", _qgemv(1))(dense.qgemv)
 CPU.add("linear", "wide-prefill", _wide(1))(wide.linear)
 CPU.add("o_proj", "native-decode", _gemv(1, 2))(dense.o_proj)
+CPU.add("o_proj", "native-quant", _qgemv(1, 2))(dense.q_o_proj)
 CPU.add("o_proj", "wide-prefill", _wide(1, 2))(wide.o_proj)
 CPU.add("q_proj", "native-decode", _gemv(1))(partial(projections.q_proj_native, lin=dense.gemv))
+CPU.add("q_proj", "native-quant", _qgemv(1))(partial(projections.q_proj_native, lin=dense.qgemv))
 CPU.add("q_proj", "wide-prefill", _all(_wide(1), _library))(partial(projections.q_proj_native, lin=wide.linear))
 CPU.add("q_proj", "native", _native(_float(0, "x")))(projections.q_proj_native)
 CPU.add("q_proj", "torch")(projections.q_proj)
 CPU.add("kv_proj", "native-decode", _all(_gemv(1), _float(2, "norm_w")))(
     partial(projections.kv_proj_native, lin=dense.gemv))
+CPU.add("kv_proj", "native-quant", _all(_qgemv(1), _float(2, "norm_w")))(
+    partial(projections.kv_proj_native, lin=dense.qgemv))
 CPU.add("kv_proj", "wide-prefill", _all(_wide(1), _library, _float(2, "norm_w")))(
     partial(projections.kv_proj_native, lin=wide.linear))
 CPU.add("kv_proj", "native", _native(_float(0, "x"), _float(2, "norm_w")))(projections.kv_proj_native)
 CPU.add("kv_proj", "torch")(projections.kv_proj)
 CPU.add("linear_rms_norm", "native-decode", _all(_gemv(1), _float(2, "norm_w")))(dense.linear_rms_norm)
+CPU.add("linear_rms_norm", "native-quant", _all(_qgemv(1), _float(2, "norm_w")))(dense.q_linear_rms_norm)
 CPU.add("linear_rms_norm", "wide-prefill", _wide(1))(wide.linear_rms_norm)
 CPU.add("linear_rms_norm", "torch")(linear_norm.linear_rms_norm)
 CPU.add("moe_router", "native-decode", _gemv(1))(partial(router.moe_router, lin=dense.gemv))
+CPU.add("moe_router", "native-quant", _qgemv(1))(partial(router.moe_router, lin=dense.qgemv))
 CPU.add("moe_router", "wide-prefill", _wide(1))(partial(router.moe_router, lin=wide.linear))
 CPU.add("moe_router", "torch")(router.moe_router)
 CPU.add("rope", "torch")(rope.rope)
@@ -218,5 +296,7 @@ def _fp32_pending(call: Call) -> str | None:
 
 CPU.add("compressor", "native-decode", _all(_gemv(1, 2), _fp32_pending))(
     partial(compressor.compressor, lin=dense.gemv))
+CPU.add("compressor", "native-quant", _all(_qgemv(1, 2), _fp32_pending))(
+    partial(compressor.compressor, lin=dense.qgemv))
 CPU.add("compressor", "decode", _all(_phase("decode"), _fp32_pending))(compressor.compressor)
 CPU.add("compressor", "wide-prefill", _wide(1, 2))(partial(compressor.compressor, lin=wide.linear))

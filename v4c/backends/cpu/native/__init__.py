@@ -3,7 +3,8 @@
 What it holds: the mHC mixes (``mhc.c``), the projections' RMSNorm + RoPE epilogue (``norm_rope.c``),
 attention over plain caches (``attention.c``) and, on CPUs with AVX2 + FMA or AVX-512, a decode step's
 MoE (``moe.c``) and dense products (``linear.c``) on dot-product kernels per instruction set (``dots.c``),
-all plain C. ``ops.cpp`` declares the operators with typed schemas
+all plain C, and (``quant.c``, AVX2 + FMA) the same decode products with the release's quantised weights
+(MXFP4 experts, FP8 block-scaled matrices) read as stored. ``ops.cpp`` declares the operators with typed schemas
 (``TORCH_LIBRARY(v4c_native)``: tensors, optional tensors, ints, floats, bools; ``norm_rope_`` marks its
 in-place argument ``Tensor(a!)``) and registers CPU kernels that check every operand's dtype, shape,
 device and layout (a wrong one is a TypeError or ValueError naming it, never a crash) before calling
@@ -50,7 +51,7 @@ import torch
 from ....settings import cache_dir, native_enabled
 
 _HERE = Path(__file__).parent
-_C_SOURCES = ("mhc.c", "norm_rope.c", "attention.c", "moe.c", "linear.c", "dots.c", "parallel.c")
+_C_SOURCES = ("mhc.c", "norm_rope.c", "attention.c", "moe.c", "linear.c", "dots.c", "quant.c", "parallel.c")
 _CXX_SOURCE = "ops.cpp"
 _LIB = "libv4c_native.so"
 _CFLAGS = ("-O3", "-std=c99", "-fPIC", "-pthread")
@@ -261,6 +262,8 @@ class _Ops:
         self.moe_decode = ns.moe_decode.default
         self.dot_isas = ns.dot_isas.default
         self.linear = ns.linear.default
+        self.qlinear = ns.qlinear.default
+        self.moe_decode_q = ns.moe_decode_q.default
 
 
 def _openmp_entries() -> tuple:
@@ -373,3 +376,45 @@ def linear(x, w, groups: int = 1, isa=None):
     or bf16; with ``groups`` G > 1, ``x [..., G, K]`` and ``w [G * R, K]`` give ``[..., G, R]`` (group g
     times its R rows of w). ``isa`` as for ``moe_decode``."""
     return _ops().linear(x, w, groups, isa)
+
+
+# ---- quantised weights (quant.c) ----------------------------------------------------------------
+
+QUANT_FORMATS = ("f8e4m3", "mxfp4")
+
+
+def quant_available() -> bool:
+    """Whether the C products with quantised weights (quant.c: AVX2 + FMA) run here."""
+    if "quant" not in _state:
+        _state["quant"] = library() is not None and bool(torch.ops.v4c_native.quant_supported())
+    return _state["quant"]
+
+
+def _parts(w):
+    """(data, scale, format) of a QuantizedWeight; (w, None, None) for a plain tensor."""
+    fmt = getattr(w, "fmt", None)
+    return (w, None, None) if fmt is None else (w.data, w.scale, fmt)
+
+
+def qlinear(x, w, groups: int = 1):
+    """``x @ w.T`` for a few token rows and a quantised weight ``w`` (a ``QuantizedWeight`` of format
+    f8e4m3 or mxfp4, logical shape [N, K]), as ``weights.linear`` computes it: x quantised to e4m3 per
+    1x128 block, the weight's exact values, fp32 sums, the result in x's dtype (see quant.c). With
+    ``groups`` G > 1, ``x [..., G, K]`` gives ``[..., G, N / G]`` (``weights.grouped_linear``)."""
+    return _ops().qlinear(x, w.data, w.scale, w.fmt, groups)
+
+
+def moe_decode_q(flat, w, perm, offsets, w13, w2, shared, *, k, limit):
+    """``moe_decode`` with quantised routed experts (``w13`` / ``w2``: QuantizedWeights of one format),
+    the shared expert quantised (any format) or plain in ``flat``'s dtype (see quant.c)."""
+    d13, s13, fmt = _parts(w13)
+    d2, s2, fmt2 = _parts(w2)
+    if fmt2 != fmt:
+        raise ValueError(f"moe_decode_q: w13 is {fmt} but w2 is {fmt2}")
+    parts = [_parts(m) for m in shared] if shared else [(None, None, None)] * 3
+    sfmt = {p[2] for p in parts}
+    if len(sfmt) != 1:
+        raise ValueError(f"moe_decode_q: the shared expert's matrices differ in format ({sorted(map(str, sfmt))})")
+    (sg, sgs, _), (su, sus, _), (sd, sds, _) = parts
+    return _ops().moe_decode_q(flat, w, perm, offsets, fmt, d13, s13, d2, s2, sfmt.pop(), sg, sgs, su, sus, sd, sds,
+                               k, limit)

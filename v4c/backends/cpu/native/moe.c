@@ -23,6 +23,7 @@
 
 #include "common.h"
 #include "dots.h"
+#include "moe_common.h"
 
 struct item {   /* one expert hit (or the shared expert) and its token rows */
     long row;   /* its first row of the per-row buffers: assignments first, then the shared rows */
@@ -46,17 +47,7 @@ struct moe_job {
     void *out;
 };
 
-static long first_item(const long *start, int nitems, long a) { /* the item whose range holds index a */
-    int lo = 0, hi = nitems - 1;
-    while (lo < hi) {
-        const int mid = (lo + hi + 1) / 2;
-        if (start[mid] <= a) lo = mid;
-        else hi = mid - 1;
-    }
-    return lo;
-}
 
-static long clampl(long v, long lo, long hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
 /* pass 1: gate and up rows [i0, i1) of each item in [a, e), then their activations */
 static void up_rows(void *p, long a, long e, int tid) {
@@ -107,36 +98,10 @@ static void down_rows(void *p, long a, long e, int tid) {
 static void combine(void *p, long d0, long d1, int tid) {
     (void)tid;
     const struct moe_job *j = (const struct moe_job *)p;
-    const long D = j->D, w = d1 - d0;
-    for (int r = 0; r < j->t; r++) {
-        float *o = j->acc + r * D + d0;
-        if (j->shared)
-            memcpy(o, j->Y + (j->n + r) * D + d0, w * sizeof(float));
-        else
-            memset(o, 0, w * sizeof(float));
-    }
-    for (long a = 0; a < j->n; a++) {
-        const int64_t slot = j->perm[j->lo + a];
-        const float wa = j->w[slot], *ya = j->Y + a * D + d0;
-        float *o = j->acc + (slot / j->k) * D + d0;
-        for (long d = 0; d < w; d++) o[d] += wa * ya[d];
-    }
-    for (int r = 0; r < j->t; r++) {
-        const float *o = j->acc + r * D + d0;
-        if (j->dt)
-            for (long d = 0; d < w; d++) ((uint16_t *)j->out)[r * D + d0 + d] = f2bf(o[d]);
-        else
-            memcpy((float *)j->out + r * D + d0, o, w * sizeof(float));
-    }
+    moe_weighted_sum(j->t, j->D, j->shared, j->n, j->lo, j->k, j->perm, j->w, j->Y, j->acc, j->dt, j->out, d0, d1);
 }
 
-static long align64(long bytes) { return (bytes + 63) & ~63L; }
 
-static void *take(char **p, long bytes) { /* the next 64-byte aligned piece of the scratch */
-    void *q = *p;
-    *p += align64(bytes);
-    return q;
-}
 
 /* bytes of scratch `v4c_moe_decode` needs (`work`) for these sizes */
 long v4c_moe_decode_work(int t, int D, int I, int Is, int k, int E) {

@@ -1,8 +1,8 @@
 // The C helpers as PyTorch operators: the schemas of the `v4c_native` namespace (TORCH_LIBRARY) and
 // their CPU kernels (TORCH_LIBRARY_IMPL), which check every operand's dtype, shape, device and
 // layout (an error with the operand's name, never a crash), allocate the outputs and hand raw
-// pointers to the C code (mhc.c, norm_rope.c, attention.c, moe.c, linear.c, dots.c, compiled as C and
-// linked in).
+// pointers to the C code (mhc.c, norm_rope.c, attention.c, moe.c, linear.c, dots.c, quant.c, compiled as C
+// and linked in).
 //
 // Threads: row ranges still run on PyTorch's own OpenMP team through parallel.c; the team's entry
 // points are looked up once, when this library is loaded (see `find_openmp`), and each call asks
@@ -48,6 +48,16 @@ long v4c_linear_work(int t, int G, long K, long N);
 int v4c_linear(int threads, int isa, int dt, int t, int G, long R, long K, const void *x, const void *W, void *out,
                void *work);
 int v4c_use_openmp(void *parallel, void *thread_num, void *num_threads);
+int v4c_quant_supported(void);
+long v4c_qlinear_work(int threads, int t, int G, long K, long N);
+int v4c_qlinear(int threads, int fmt, int dt, int t, int G, long R, long K, const void *x, const void *W,
+                const uint8_t *S, void *out, void *work);
+long v4c_moe_decode_q_work(int threads, int t, int D, int I, int Is, int k, int E);
+int v4c_moe_decode_q(int threads, int dt, int t, int D, int I, int Is, int k, int E, const void *x,
+                     const int64_t *offsets, const int64_t *perm, const float *w, int fmt, const void *w13,
+                     const uint8_t *w13s, const void *w2, const uint8_t *w2s, int sfmt, const void *sg,
+                     const uint8_t *sgs, const void *su, const uint8_t *sus, const void *sd, const uint8_t *sds,
+                     float limit, void *out, void *work);
 }
 
 namespace {
@@ -342,6 +352,21 @@ int pick_isa(const std::optional<c10::string_view> &isa_arg, at::ScalarType dtyp
     return isa;
 }
 
+// the routing operands of both MoE kernels: perm [t * k] and offsets [E + 1] as plain int64, the
+// assignments' weights [t * k] (returned as fp32)
+Tensor check_routing(const Tensor &perm, const Tensor &offsets, const Tensor &w, int64_t t, int64_t k, int64_t E,
+                     const char *op) {
+    check_dtype(perm, at::kLong, op, "perm");
+    check_plain(perm, op, "perm");
+    check_dtype(offsets, at::kLong, op, "offsets");
+    check_plain(offsets, op, "offsets");
+    check_numel(offsets, E + 1, op, "offsets", "[E + 1]");
+    Tensor w32 = as_f32(w, op, "w");
+    check_numel(w32, t * k, op, "w", "[t * k]");
+    check_numel(perm, t * k, op, "perm", "[t * k]");
+    return w32;
+}
+
 Tensor moe_decode(const Tensor &x, const Tensor &w, const Tensor &perm, const Tensor &offsets, const Tensor &w13,
                   const Tensor &w2, const OptTensor &shared_gate, const OptTensor &shared_up,
                   const OptTensor &shared_down, int64_t k, double limit, std::optional<c10::string_view> isa_arg) {
@@ -366,17 +391,10 @@ Tensor moe_decode(const Tensor &x, const Tensor &w, const Tensor &perm, const Te
     TORCH_CHECK_VALUE(t >= 1 && D >= 1 && I >= 1 && E >= 1, "v4c_native.moe_decode: empty operand (t ", t, ", D ", D,
                       ", I ", I, ", E ", E, ")");
     for (int64_t v : {t, D, I, E, k}) check_fits_int(v, op, "size");
-    check_dtype(perm, at::kLong, op, "perm");
-    check_plain(perm, op, "perm");
-    check_dtype(offsets, at::kLong, op, "offsets");
-    check_plain(offsets, op, "offsets");
-    check_numel(offsets, E + 1, op, "offsets", "[E + 1]");
-    Tensor w32 = as_f32(w, op, "w");
-    check_numel(w32, t * k, op, "w", "[t * k]");
-    check_numel(perm, t * k, op, "perm", "[t * k]");
+    Tensor w32 = check_routing(perm, offsets, w, t, k, E, op);
     const bool shared = shared_gate.has_value();
-    TORCH_CHECK_VALUE(shared == shared_up.has_value() && shared == shared_down.has_value(),
-                      "v4c_native.moe_decode: the shared expert needs all of gate, up and down, or none");
+    TORCH_CHECK_VALUE(shared == shared_up.has_value() && shared == shared_down.has_value(), "v4c_native.", op,
+                      ": the shared expert needs all of gate, up and down, or none");
     int64_t Is = 0;
     if (shared) {
         same(*shared_gate, "shared_gate");
@@ -440,6 +458,164 @@ Tensor linear(const Tensor &x, const Tensor &w, int64_t groups, std::optional<c1
     return out;
 }
 
+// ---- quantised weights (quant.c) --------------------------------------------------------------
+
+// the C code's format codes: 0 float32, 1 bfloat16 (plain weights), 2 FP8 e4m3 128x128, 3 MXFP4
+constexpr int QF_FP8 = 2, QF_MXFP4 = 3;
+
+int quant_code(c10::string_view fmt_arg, const char *op, const char *name) {
+    const std::string fmt(fmt_arg.data(), fmt_arg.size());
+    if (fmt == "f8e4m3") return QF_FP8;
+    if (fmt == "mxfp4") return QF_MXFP4;
+    TORCH_CHECK_VALUE(false, "v4c_native.", op, ": ", name, " format must be 'f8e4m3' or 'mxfp4', got '", fmt, "'");
+    return -1;
+}
+
+// a quantised weight of logical shape [lead..., N, K] as stored (weight_formats.py): FP8 data
+// float8_e4m3fn [..., N, K], scale [..., ceil(N/128), ceil(K/128)]; MXFP4 data int8 [..., N, K/2], scale
+// [..., N, K/32]; scales float8_e8m0fnu (or their uint8 bytes); both contiguous on the CPU
+void check_quant(const Tensor &data, const Tensor &scale, int fmt, std::vector<int64_t> lead, int64_t N, int64_t K,
+                 const char *op, const char *name) {
+    check_plain(data, op, name);
+    check_plain(scale, op, name);
+    const auto st = data.scalar_type(), ss = scale.scalar_type();
+    if (fmt == QF_FP8) {
+        TORCH_CHECK_TYPE(st == at::kFloat8_e4m3fn, "v4c_native.", op, ": ", name, " (f8e4m3) data must be ",
+                         "Float8_e4m3fn, got ", st);
+    } else {
+        TORCH_CHECK_TYPE(st == at::kChar || st == at::kByte, "v4c_native.", op, ": ", name,
+                         " (mxfp4) data must be int8, got ", st);
+        TORCH_CHECK_VALUE(K % 32 == 0, "v4c_native.", op, ": ", name, " (mxfp4) input width ", K,
+                          " is not a multiple of 32");
+    }
+    TORCH_CHECK_TYPE(ss == at::kFloat8_e8m0fnu || ss == at::kByte, "v4c_native.", op, ": ", name,
+                     " scale must be Float8_e8m0fnu (or uint8), got ", ss);
+    auto dshape = lead, sshape = lead;
+    dshape.push_back(N);
+    dshape.push_back(fmt == QF_FP8 ? K : K / 2);
+    sshape.push_back(fmt == QF_FP8 ? (N + 127) / 128 : N);
+    sshape.push_back(fmt == QF_FP8 ? (K + 127) / 128 : K / 32);
+    TORCH_CHECK_VALUE(data.sizes().vec() == dshape, "v4c_native.", op, ": ", name, " data must have shape ",
+                      c10::IntArrayRef(dshape), ", got ", data.sizes());
+    TORCH_CHECK_VALUE(scale.sizes().vec() == sshape, "v4c_native.", op, ": ", name, " scale must have shape ",
+                      c10::IntArrayRef(sshape), ", got ", scale.sizes());
+}
+
+const uint8_t *bytes(const Tensor &t) { return static_cast<const uint8_t *>(t.data_ptr()); }
+
+bool quant_supported() { return v4c_quant_supported() != 0; }
+
+Tensor qlinear(const Tensor &x, const Tensor &data, const Tensor &scale, c10::string_view fmt_arg, int64_t groups) {
+    const char *op = "qlinear";
+    const int dt = float_code(x, op, "x");
+    check_plain(x, op, "x");
+    const int fmt = quant_code(fmt_arg, op, "w");
+    TORCH_CHECK_VALUE(data.dim() == 2, "v4c_native.qlinear: w must be 2-D, got data of shape ", data.sizes());
+    const int64_t N = data.size(0);
+    TORCH_CHECK_VALUE(groups >= 1 && N >= groups && N % groups == 0, "v4c_native.qlinear: ", N,
+                      " output rows do not split into groups = ", groups);
+    const int64_t K = fmt == QF_FP8 ? data.size(1) : 2 * data.size(1), R = N / groups;
+    check_quant(data, scale, fmt, {}, N, K, op, "w");
+    TORCH_CHECK_VALUE(K >= 1 && x.dim() >= (groups > 1 ? 2 : 1) && x.size(-1) == K &&
+                          (groups == 1 || x.size(-2) == groups),
+                      "v4c_native.qlinear: x must be [..., ", groups > 1 ? "groups, " : "", K, "], got shape ",
+                      x.sizes());
+    const int64_t t = x.numel() / (groups * K);
+    TORCH_CHECK_VALUE(t >= 1, "v4c_native.qlinear: x holds no rows (shape ", x.sizes(), ")");
+    for (int64_t v : {t, groups}) check_fits_int(v, op, "size");
+    TORCH_CHECK(quant_supported(), "v4c_native.qlinear: this CPU (or compiler) has no AVX2 + FMA");
+    auto shape = x.sizes().vec();
+    shape.back() = groups > 1 ? R : N;
+    Tensor out = at::empty(shape, x.options());
+    const int nt = threads();
+    const int64_t work = v4c_qlinear_work(nt, int(t), int(groups), K, N);
+    const int rc = v4c_qlinear(nt, fmt, dt, int(t), int(groups), R, K, x.data_ptr(), data.data_ptr(), bytes(scale),
+                               out.data_ptr(), scratch(work / int64_t(sizeof(float)) + 16));
+    TORCH_CHECK(rc != -3, "v4c_native.qlinear: this CPU (or compiler) has no AVX2 + FMA");
+    TORCH_CHECK_VALUE(rc == 0, "v4c_native.qlinear: bad sizes");
+    return out;
+}
+
+Tensor moe_decode_q(const Tensor &x, const Tensor &w, const Tensor &perm, const Tensor &offsets,
+                    c10::string_view fmt_arg, const Tensor &w13, const Tensor &w13_scale, const Tensor &w2,
+                    const Tensor &w2_scale, std::optional<c10::string_view> shared_fmt_arg,
+                    const OptTensor &shared_gate, const OptTensor &shared_gate_scale, const OptTensor &shared_up,
+                    const OptTensor &shared_up_scale, const OptTensor &shared_down,
+                    const OptTensor &shared_down_scale, int64_t k, double limit) {
+    const char *op = "moe_decode_q";
+    const int dt = float_code(x, op, "x");
+    check_plain(x, op, "x");
+    TORCH_CHECK_VALUE(x.dim() == 2, "v4c_native.moe_decode_q: x must be [t, D], got shape ", x.sizes());
+    const int64_t t = x.size(0), D = x.size(1);
+    TORCH_CHECK_VALUE(k >= 1, "v4c_native.moe_decode_q: k must be at least 1, got ", k);
+    const int fmt = quant_code(fmt_arg, op, "the routed experts'");
+    TORCH_CHECK_VALUE(w13.dim() == 3, "v4c_native.moe_decode_q: w13 must be [E, 2I, D], got data of shape ",
+                      w13.sizes());
+    TORCH_CHECK_VALUE(w2.dim() == 3, "v4c_native.moe_decode_q: w2 must be [E, D, I], got data of shape ", w2.sizes());
+    const int64_t E = w13.size(0), I = fmt == QF_FP8 ? w2.size(2) : 2 * w2.size(2);
+    TORCH_CHECK_VALUE(t >= 1 && D >= 1 && I >= 1 && E >= 1, "v4c_native.moe_decode_q: empty operand (t ", t, ", D ",
+                      D, ", I ", I, ", E ", E, ")");
+    check_quant(w13, w13_scale, fmt, {E}, 2 * I, D, op, "w13");
+    check_quant(w2, w2_scale, fmt, {E}, D, I, op, "w2");
+    for (int64_t v : {t, D, I, E, k}) check_fits_int(v, op, "size");
+    Tensor w32 = check_routing(perm, offsets, w, t, k, E, op);
+    const bool shared = shared_gate.has_value();
+    TORCH_CHECK_VALUE(shared == shared_up.has_value() && shared == shared_down.has_value(), "v4c_native.", op,
+                      ": the shared expert needs all of gate, up and down, or none");
+    int sfmt = dt;
+    int64_t Is = 0;
+    if (shared) {
+        Is = shared_gate->dim() >= 1 ? shared_gate->size(0) : 0;
+        TORCH_CHECK_VALUE(Is >= 1, "v4c_native.moe_decode_q: the shared expert's width must be at least 1, got ", Is);
+        check_fits_int(Is, op, "shared width");
+        const OptTensor *parts[3][2] = {{&shared_gate, &shared_gate_scale}, {&shared_up, &shared_up_scale},
+                                        {&shared_down, &shared_down_scale}};
+        const char *names[3] = {"shared_gate", "shared_up", "shared_down"};
+        const int64_t Ns[3] = {Is, Is, D}, Ks[3] = {D, D, Is};
+        if (shared_fmt_arg.has_value()) {
+            sfmt = quant_code(*shared_fmt_arg, op, "the shared expert's");
+            for (int i = 0; i < 3; i++) {
+                TORCH_CHECK_VALUE(parts[i][1]->has_value(), "v4c_native.moe_decode_q: ", names[i],
+                                  " is quantised but has no scale");
+                check_quant(**parts[i][0], **parts[i][1], sfmt, {}, Ns[i], Ks[i], op, names[i]);
+            }
+        } else {
+            for (int i = 0; i < 3; i++) {
+                check_dtype(**parts[i][0], x.scalar_type(), op, names[i]);
+                check_plain(**parts[i][0], op, names[i]);
+                TORCH_CHECK_VALUE(parts[i][0]->value().dim() == 2 && parts[i][0]->value().size(0) == Ns[i] &&
+                                      parts[i][0]->value().size(1) == Ks[i],
+                                  "v4c_native.moe_decode_q: ", names[i], " must be [", Ns[i], ", ", Ks[i],
+                                  "], got shape ", parts[i][0]->value().sizes());
+            }
+        }
+    }
+    // every index the C code follows: the assignment range within perm, each slot within w and x
+    const int64_t *off = offsets.data_ptr<int64_t>(), *pm = perm.data_ptr<int64_t>();
+    for (int64_t e = 0; e < E; e++)
+        TORCH_CHECK_VALUE(off[e] <= off[e + 1], "moe_ffn: expert offsets must be non-decreasing, got ", offsets);
+    TORCH_CHECK_VALUE(off[0] >= 0 && off[E] <= perm.numel(), "v4c_native.moe_decode_q: offsets must lie in [0, ",
+                      perm.numel(), "], got ", off[0], " .. ", off[E]);
+    for (int64_t a = 0; a < t * k; a++)
+        TORCH_CHECK_VALUE(pm[a] >= 0 && pm[a] < t * k, "v4c_native.moe_decode_q: perm[", a, "] = ", pm[a],
+                          " is outside [0, ", t * k, ")");
+    TORCH_CHECK(quant_supported(), "v4c_native.moe_decode_q: this CPU (or compiler) has no AVX2 + FMA");
+    Tensor out = at::empty_like(x);
+    const int nt = threads();
+    const int64_t work = v4c_moe_decode_q_work(nt, int(t), int(D), int(I), int(shared ? Is : 0), int(k), int(E));
+    auto sp = [](const OptTensor &s) { return s.has_value() ? bytes(*s) : nullptr; };
+    const int rc = v4c_moe_decode_q(
+        nt, dt, int(t), int(D), int(I), int(shared ? Is : 0), int(k), int(E), x.data_ptr(), off, pm,
+        w32.data_ptr<float>(), fmt, w13.data_ptr(), bytes(w13_scale), w2.data_ptr(), bytes(w2_scale), sfmt,
+        ptr(shared_gate), shared_fmt_arg ? sp(shared_gate_scale) : nullptr, ptr(shared_up),
+        shared_fmt_arg ? sp(shared_up_scale) : nullptr, ptr(shared_down),
+        shared_fmt_arg ? sp(shared_down_scale) : nullptr, float(limit), out.data_ptr(),
+        scratch(work / int64_t(sizeof(float)) + 16));
+    TORCH_CHECK(rc != -3, "v4c_native.moe_decode_q: this CPU (or compiler) has no AVX2 + FMA");
+    TORCH_CHECK_VALUE(rc == 0, "v4c_native.moe_decode_q: bad sizes or formats");
+    return out;
+}
+
 // the team's entry points in use (addresses; 0 where none was found): a diagnostic for the tests
 std::vector<int64_t> openmp_entries() {
     auto address = [](void *p) { return int64_t(reinterpret_cast<intptr_t>(p)); };
@@ -459,6 +635,12 @@ TORCH_LIBRARY(v4c_native, m) {
     m.def("dot_isas(ScalarType dtype) -> str[]", &dot_isas);
     m.def("linear(Tensor x, Tensor w, int groups=1, str? isa=None) -> Tensor");
     m.def("openmp_entries() -> int[]", &openmp_entries);
+    m.def("quant_supported() -> bool", &quant_supported);
+    m.def("qlinear(Tensor x, Tensor data, Tensor scale, str fmt, int groups=1) -> Tensor");
+    m.def("moe_decode_q(Tensor x, Tensor w, Tensor perm, Tensor offsets, str fmt, Tensor w13, Tensor w13_scale, "
+          "Tensor w2, Tensor w2_scale, str? shared_fmt, Tensor? shared_gate, Tensor? shared_gate_scale, "
+          "Tensor? shared_up, Tensor? shared_up_scale, Tensor? shared_down, Tensor? shared_down_scale, "
+          "int k, float limit) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(v4c_native, CPU, m) {
@@ -467,4 +649,6 @@ TORCH_LIBRARY_IMPL(v4c_native, CPU, m) {
     m.impl("attention", &attention);
     m.impl("moe_decode", &moe_decode);
     m.impl("linear", &linear);
+    m.impl("qlinear", &qlinear);
+    m.impl("moe_decode_q", &moe_decode_q);
 }
