@@ -175,7 +175,8 @@ def active_weight_bytes(graph, topk: int, batch: int = 1) -> int:
     return total
 
 
-def measure_dtype(dtype: str, cfg: dict, work: Path, quick: bool, context: bool, mach: dict) -> dict:
+def measure_dtype(dtype: str, cfg: dict, work: Path, quick: bool, context: bool, mach: dict,
+                  rounds: int = 2) -> dict:
     from v4c.graph.terms import flops_by_term
     from v4c.graph.text import parse_graph
     from v4c.inspect import inspect_artifact
@@ -190,7 +191,7 @@ def measure_dtype(dtype: str, cfg: dict, work: Path, quick: bool, context: bool,
     decode_prompt, steps = (256, 16) if quick else (2048, 128)
 
     result = {"date": str(date.today()), "command": " ".join(["python", "benchmarks/cpu_vs_hf.py", *sys.argv[1:]]),
-              "machine": mach, "dtype": dtype, "quick": quick,
+              "machine": mach, "dtype": dtype, "quick": quick, "rounds": rounds,
               "model": {"params": info["params"], "config": {k: info["config"][k] for k in (
                   "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim", "n_routed_experts",
                   "num_experts_per_tok", "sliding_window", "index_n_heads", "index_head_dim", "index_topk",
@@ -200,7 +201,7 @@ def measure_dtype(dtype: str, cfg: dict, work: Path, quick: bool, context: bool,
 
     def pair(**kw):
         rows = {}
-        for engine in ("v4c", "hf", "v4c", "hf"):  # alternating: drift of the machine hits both
+        for engine in ("v4c", "hf") * rounds:  # alternating: drift of the machine hits both
             r = run_child(common, engine=engine, **kw)
             print(f"  {dtype} {engine:4s} {kw} -> {r['tokens_per_s']:.1f} tok/s, {r['peak_rss_mib']:.0f} MiB",
                   file=sys.stderr)
@@ -270,6 +271,8 @@ def main():
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="short runs (and, without --config, a small model)")
     ap.add_argument("--no-context", action="store_true", help="skip the 4K/16K/64K context sweep")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="runs of each engine per measurement, alternating, the best kept (default 2)")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the checkpoints and artifacts here")
     # child-process arguments
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -282,6 +285,8 @@ def main():
         print(json.dumps(_worker(a)))
         return
 
+    if a.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {a.rounds}")
     name, cfg = load_config(a.config or ("quick" if a.quick else "478m"))
     work = a.workdir or Path(tempfile.mkdtemp(prefix="v4c-bench-"))
     mach = machine()
@@ -290,7 +295,7 @@ def main():
     res = {"date": str(date.today()), "command": " ".join(["python", "benchmarks/cpu_vs_hf.py", *sys.argv[1:]]),
            "machine": mach, "config": name, "config_fields": cfg, "quick": a.quick, "dtypes": dtypes, "runs": {}}
     for dtype in dtypes:
-        res["runs"][dtype] = measure_dtype(dtype, cfg, work / name, a.quick, not a.no_context, mach)
+        res["runs"][dtype] = measure_dtype(dtype, cfg, work / name, a.quick, not a.no_context, mach, a.rounds)
     print()
     summary(res)
     if a.json:
