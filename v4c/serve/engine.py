@@ -70,7 +70,7 @@ both compute it: the one further on (the first admitted, at a tie) does, the oth
 then resume from its snapshot. The cache's failures never fail a request (they are logged).
 
 **Speculative decoding** (``speculative="mtp"``, ``draft_tokens=k``, k = 1..3; the artifact must hold the MTP
-block). The decode rows of a step then run apart from the prefill chunks (``_speculate``): the MTP block
+block). The decode rows of a step then run apart from the prefill chunks (``serve.speculative.speculate``): the MTP block
 (``v4c/serve/speculative.py``: its own state, one row per engine row) appends the entries the last step made
 known and drafts k tokens per row, chained on its own streams; one ``forward_rows`` call over the decode
 rows' range verifies them (row r appends its pending token and its drafts: k + 1 tokens, after a
@@ -117,10 +117,10 @@ from typing import AsyncIterator, Iterator
 import torch
 
 from ..errors import V4CError
-from ..graph.analysis import BLOCK_TOKENS
 from ..runtime.model import DEFAULT_MAX_CONTEXT
 from ..runtime.sampling import check_sampling, sample_rows, token_logprobs
 from .prefix import PrefixScheduler
+from .speculative import feed_prefill, speculate
 
 log = logging.getLogger("v4c.serve")
 
@@ -710,7 +710,7 @@ class Engine:
                 budget -= n
         n_spec = spec_tokens = 0
         if self._drafter is not None and decode:  # the decode rows draft, verify and accept in calls of their own
-            n_spec, spec_tokens = len(decode), self._speculate(decode)
+            n_spec, spec_tokens = len(decode), speculate(self, decode)
             decode = []
             if spec_tokens < 0:  # a rewind failed: every request ended with an error
                 return
@@ -732,7 +732,7 @@ class Engine:
             try:
                 logits = self._run_call(members)
                 if self._drafter is not None:
-                    self._feed_prefill(members)
+                    feed_prefill(self, members)
             except Exception as e:
                 msg = f"{type(e).__name__}: {e}"
                 log.warning("a forward call failed (%s); its %d requests end with an error", msg, len(members))
@@ -785,31 +785,6 @@ class Engine:
         return self.session.forward_rows(a, b, torch.tensor(ids, dtype=torch.int64),  # which keeps no streams)
                                          None if full else lengths)
 
-    # -- speculative decoding ------------------------------------------------------------------------
-
-    def _feed_prefill(self, members: list[tuple[_Request, list[int]]]) -> None:
-        """After a call of prefill chunks: their MTP entries (the main model's streams at each position, with
-        the token after it) go into the block's state now; a prompt's last entry waits (``_Request.mtp``) for
-        the token sampled after it."""
-        stream = self.session.stream
-        if stream is None:
-            raise RuntimeError("the main graph gave no streams for the MTP block")
-        a = min(r.row for r, _ in members)
-        now = {}
-        for r, toks in members:
-            if r.pending is not None:
-                continue
-            s, e = r.fed, r.fed + len(toks)
-            h = stream[r.row - a, :len(toks)]
-            if e < len(r.prompt):
-                now[r.row] = (s, h, r.prompt[s + 1:e + 1])
-            else:
-                if len(toks) > 1:
-                    now[r.row] = (s, h[:-1], r.prompt[s + 1:e])
-                r.mtp = (e - 1, h[-1:].clone(), [])
-        if now:
-            self._drafter.append(now)
-
     def _fail_requests(self, reqs: list[_Request], what: str, e: Exception) -> None:
         msg = f"{type(e).__name__}: {e}"
         log.warning("%s failed (%s); its %d requests end with an error", what, msg, len(reqs))
@@ -817,112 +792,6 @@ class Engine:
             if r.final is None:
                 self._finish(r, "error", msg)
         self._release(reqs)
-
-    def _speculate(self, decode: list[_Request]) -> int:
-        """The decode rows' step with speculative decoding (the module docstring): the MTP block drafts up
-        to ``draft_tokens`` per row, one call over the rows' range verifies them (each row's pending token
-        and its drafts), each row takes its accepted run (and the main model's token after it) up to its
-        first stop, its ``max_tokens`` or, with the prefix cache, the next block boundary, and the session
-        is rewound to what each row kept. Releases the requests that ended; returns the verify call's
-        token count (-1: a rewind failed and every request ended)."""
-        from ..runtime.speculative import accept
-        k = self.draft_tokens
-        plan = []  # (request, tokens in its row, drafts it makes)
-        for r in decode:
-            n = r.fed + len(r.history)
-            kr = min(k, r.params.max_tokens - r.generated - 1, self.max_context - n - 1) if r.mtp is not None else 0
-            plan.append((r, n, max(0, kr)))
-        # 1. drafts (a row's last token is never drafted for: nothing would follow it)
-        try:
-            drafted = self._drafter.draft([(r.row, r.mtp, kr, r.params.temperature, r.params.top_p, r.generator)
-                                           for r, _, kr in plan if kr > 0])
-        except Exception as e:
-            self._fail_requests(decode, "drafting", e)
-            return 0
-        for r, _, kr in plan:
-            if kr > 0:
-                r.mtp = None  # appended by draft
-        # 2. one verify call: row r appends its pending token and its drafts
-        a, b = min(r.row for r in decode), max(r.row for r in decode) + 1
-        t = max(kr for *_, kr in plan) + 1
-        ids = torch.zeros((b - a, t), dtype=torch.int64)
-        lengths = [0] * (b - a)
-        counts = torch.zeros(self.max_batch, dtype=torch.int64)
-        for r, _, kr in plan:
-            ids[r.row - a, :kr + 1] = torch.tensor([r.pending] + (drafted[r.row][0] if kr else []))
-            lengths[r.row - a] = counts[r.row] = kr + 1
-        try:
-            point = self.session.rewind_point(counts)
-            logits = self.session.forward_rows(a, b, ids, lengths)
-            stream = self.session.stream
-            if stream is None:
-                raise RuntimeError("the main graph gave no streams for the MTP block")
-        except Exception as e:
-            self._fail_requests(decode, "a verify call", e)
-            return 0
-        # 3. acceptance, per row with its own sampling parameters and generator; the tokens taken
-        now = time.perf_counter()
-        keep = torch.zeros(self.max_batch, dtype=torch.int64)
-        ended: list[_Request] = []
-        accepted: list[tuple[int, int]] = []  # (drafts, accepted) per row-step that drafted
-        n_tokens = 0
-        for r, n, kr in plan:
-            i, x, p = r.row - a, r.pending, r.params
-            try:
-                if kr:
-                    d, q = drafted[r.row]
-                    acc, y = accept(logits[i:i + 1, :kr + 1], torch.tensor([d], device=logits.device),
-                                    None if q is None else q[None], p.temperature, p.top_p, r.generator)
-                    acc, y = int(acc[0]), int(y[0])
-                    accepted.append((kr, acc))
-                else:
-                    d, acc = [], 0
-                    y = int(sample_rows(logits[i:i + 1, 0], [p.temperature], [p.top_p], [r.generator])[0])
-                new = d[:acc] + [y]
-                if self._prefix is not None:  # land on a block boundary rather than pass it: snapshotted there
-                    new = new[:BLOCK_TOKENS - n % BLOCK_TOKENS]
-                lps = [None] * len(new)
-                if p.logprobs is not None:
-                    got = token_logprobs(logits[i, :len(new)], torch.tensor(new), p.logprobs)
-                    lps = [(lp, alts[:p.logprobs]) for lp, alts in got]
-            except Exception as e:
-                self._finish(r, "error", f"sampling failed: {type(e).__name__}: {e}")
-                ended.append(r)
-                continue
-            for j, tok in enumerate(new):
-                n_tokens += 1
-                if self._take(r, tok, lps[j], now):
-                    ended.append(r)
-                    break
-            keep[r.row] = j + 1  # the row holds x and the tokens before the last one taken
-            r.history += [x] + new[:j]
-            if r not in ended:  # positions n..n + j: entry n + i reads the token after it, new[i]
-                h = stream[i, :j + 1].clone()
-                if r.mtp is not None:  # (not drafted this step: what it had waits with it)
-                    h, nxt = torch.cat([r.mtp[1], h]), r.mtp[2] + new[:j + 1]
-                    r.mtp = (r.mtp[0], h, nxt)
-                else:
-                    r.mtp = (n, h, new[:j + 1])
-        # 4. every state back to what the rows kept
-        try:
-            self.session.rewind(point, keep)
-        except Exception as e:
-            log.exception("rewinding the session failed; every request ends with an error")
-            self._fail_everything(f"rewinding after a verify call failed: {type(e).__name__}: {e}")
-            return -1
-        if self._prefix is not None:
-            for r, *_ in plan:
-                if r.row >= 0 and (r.final is None or r.final.reason != "error"):
-                    self._prefix.fed(r)
-        with self._cv:
-            self._generation_tokens_total += n_tokens
-            self._spec_steps += 1
-            for kr, acc in accepted:
-                self._spec_drafts += kr
-                self._spec_accepted += acc
-                self._spec_hist.observe(acc)
-        self._release(ended)
-        return sum(kr + 1 for *_, kr in plan)
 
     def _sample(self, want: list[tuple[_Request, torch.Tensor]]) -> list[_Request]:
         """Samples a token for each row of ``want``, emits it, and returns the requests that ended."""

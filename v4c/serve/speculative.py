@@ -15,11 +15,18 @@ their acceptance, never change the tokens (every token is the main model's).
 """
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
 
+from ..graph.analysis import BLOCK_TOKENS
 from ..runtime.rewind import RewindPoint
-from ..runtime.speculative import _pick
+from ..runtime.sampling import sample_rows, token_logprobs
+from ..runtime.speculative import _pick, accept
 from ..runtime.state_layout import fill_value
+
+log = logging.getLogger("v4c.serve")
 
 
 class RowDrafter:
@@ -138,3 +145,135 @@ class RowDrafter:
                 states, lens = self._views(a, b)
                 lens.copy_(chain.restore(states, torch.zeros_like(chain.counts)))
         return {row: (toks[row], torch.cat(dists[row]) if spec[row][1] > 0 else None) for row in spec}
+
+
+# ---- the engine's steps with speculation (``Engine`` calls these with itself) -------------------------
+
+def feed_prefill(engine, members: list) -> None:
+    """After a call of prefill chunks: their MTP entries (the main model's streams at each position, with
+    the token after it) go into the block's state now; a prompt's last entry waits (``_Request.mtp``) for
+    the token sampled after it."""
+    stream = engine.session.stream
+    if stream is None:
+        raise RuntimeError("the main graph gave no streams for the MTP block")
+    a = min(r.row for r, _ in members)
+    now = {}
+    for r, toks in members:
+        if r.pending is not None:
+            continue
+        s, e = r.fed, r.fed + len(toks)
+        h = stream[r.row - a, :len(toks)]
+        if e < len(r.prompt):
+            now[r.row] = (s, h, r.prompt[s + 1:e + 1])
+        else:
+            if len(toks) > 1:
+                now[r.row] = (s, h[:-1], r.prompt[s + 1:e])
+            r.mtp = (e - 1, h[-1:].clone(), [])
+    if now:
+        engine._drafter.append(now)
+
+
+def speculate(engine, decode: list) -> int:
+    """The decode rows' step with speculative decoding (the module docstring): the MTP block drafts up
+    to ``draft_tokens`` per row, one call over the rows' range verifies them (each row's pending token
+    and its drafts), each row takes its accepted run (and the main model's token after it) up to its
+    first stop, its ``max_tokens`` or, with the prefix cache, the next block boundary, and the session
+    is rewound to what each row kept. Releases the requests that ended; returns the verify call's
+    token count (-1: a rewind failed and every request ended)."""
+    k = engine.draft_tokens
+    plan = []  # (request, tokens in its row, drafts it makes)
+    for r in decode:
+        n = r.fed + len(r.history)
+        kr = min(k, r.params.max_tokens - r.generated - 1, engine.max_context - n - 1) if r.mtp is not None else 0
+        plan.append((r, n, max(0, kr)))
+    # 1. drafts (a row's last token is never drafted for: nothing would follow it)
+    try:
+        drafted = engine._drafter.draft([(r.row, r.mtp, kr, r.params.temperature, r.params.top_p, r.generator)
+                                       for r, _, kr in plan if kr > 0])
+    except Exception as e:
+        engine._fail_requests(decode, "drafting", e)
+        return 0
+    for r, _, kr in plan:
+        if kr > 0:
+            r.mtp = None  # appended by draft
+    # 2. one verify call: row r appends its pending token and its drafts
+    a, b = min(r.row for r in decode), max(r.row for r in decode) + 1
+    t = max(kr for *_, kr in plan) + 1
+    ids = torch.zeros((b - a, t), dtype=torch.int64)
+    lengths = [0] * (b - a)
+    counts = torch.zeros(engine.max_batch, dtype=torch.int64)
+    for r, _, kr in plan:
+        ids[r.row - a, :kr + 1] = torch.tensor([r.pending] + (drafted[r.row][0] if kr else []))
+        lengths[r.row - a] = counts[r.row] = kr + 1
+    try:
+        point = engine.session.rewind_point(counts)
+        logits = engine.session.forward_rows(a, b, ids, lengths)
+        stream = engine.session.stream
+        if stream is None:
+            raise RuntimeError("the main graph gave no streams for the MTP block")
+    except Exception as e:
+        engine._fail_requests(decode, "a verify call", e)
+        return 0
+    # 3. acceptance, per row with its own sampling parameters and generator; the tokens taken
+    now = time.perf_counter()
+    keep = torch.zeros(engine.max_batch, dtype=torch.int64)
+    ended = []
+    accepted: list[tuple[int, int]] = []  # (drafts, accepted) per row-step that drafted
+    n_tokens = 0
+    for r, n, kr in plan:
+        i, x, p = r.row - a, r.pending, r.params
+        try:
+            if kr:
+                d, q = drafted[r.row]
+                acc, y = accept(logits[i:i + 1, :kr + 1], torch.tensor([d], device=logits.device),
+                                None if q is None else q[None], p.temperature, p.top_p, r.generator)
+                acc, y = int(acc[0]), int(y[0])
+                accepted.append((kr, acc))
+            else:
+                d, acc = [], 0
+                y = int(sample_rows(logits[i:i + 1, 0], [p.temperature], [p.top_p], [r.generator])[0])
+            new = d[:acc] + [y]
+            if engine._prefix is not None:  # land on a block boundary rather than pass it: snapshotted there
+                new = new[:BLOCK_TOKENS - n % BLOCK_TOKENS]
+            lps = [None] * len(new)
+            if p.logprobs is not None:
+                got = token_logprobs(logits[i, :len(new)], torch.tensor(new), p.logprobs)
+                lps = [(lp, alts[:p.logprobs]) for lp, alts in got]
+        except Exception as e:
+            engine._finish(r, "error", f"sampling failed: {type(e).__name__}: {e}")
+            ended.append(r)
+            continue
+        for j, tok in enumerate(new):
+            n_tokens += 1
+            if engine._take(r, tok, lps[j], now):
+                ended.append(r)
+                break
+        keep[r.row] = j + 1  # the row holds x and the tokens before the last one taken
+        r.history += [x] + new[:j]
+        if r not in ended:  # positions n..n + j: entry n + i reads the token after it, new[i]
+            h = stream[i, :j + 1].clone()
+            if r.mtp is not None:  # (not drafted this step: what it had waits with it)
+                h, nxt = torch.cat([r.mtp[1], h]), r.mtp[2] + new[:j + 1]
+                r.mtp = (r.mtp[0], h, nxt)
+            else:
+                r.mtp = (n, h, new[:j + 1])
+    # 4. every state back to what the rows kept
+    try:
+        engine.session.rewind(point, keep)
+    except Exception as e:
+        log.exception("rewinding the session failed; every request ends with an error")
+        engine._fail_everything(f"rewinding after a verify call failed: {type(e).__name__}: {e}")
+        return -1
+    if engine._prefix is not None:
+        for r, *_ in plan:
+            if r.row >= 0 and (r.final is None or r.final.reason != "error"):
+                engine._prefix.fed(r)
+    with engine._cv:
+        engine._generation_tokens_total += n_tokens
+        engine._spec_steps += 1
+        for kr, acc in accepted:
+            engine._spec_drafts += kr
+            engine._spec_accepted += acc
+            engine._spec_hist.observe(acc)
+    engine._release(ended)
+    return sum(kr + 1 for *_, kr in plan)
