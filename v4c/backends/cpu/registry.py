@@ -143,10 +143,13 @@ def _wide(*weights: int):
     def bf16(call: Call) -> str | None:
         return None if call.dtype(0) == "bf16" else f"activations are {call.dtype(0)} (fp32 GEMMs already)"
 
-    def slow_bf16(call: Call) -> str | None:
-        f = wide.native_bf16()
-        return None if f is None else f"this CPU has {f}: PyTorch's bf16 GEMM is the faster one"
-    return _all(_on_cpu, _phase("prefill"), bf16, _same_dtype(0, *weights, what="a weight"), slow_bf16)
+    return _all(_on_cpu, _phase("prefill"), bf16, _same_dtype(0, *weights, what="a weight"), _slow_bf16_gemm)
+
+
+def _slow_bf16_gemm(call: Call) -> str | None:
+    """bf16 activations on a CPU with bf16 arithmetic: PyTorch's GEMMs, not the widened or C products."""
+    f = wide.native_bf16() if call.dtype(0) == "bf16" else None
+    return None if f is None else f"this CPU has {f}: PyTorch's bf16 GEMM is the faster one"
 
 
 # ---- attention: q, kv, ring, ring_pos, sinks, pos, rows, idx -------------------------------
@@ -242,13 +245,7 @@ CPU.add("moe_ffn", "decode", _all(_phase("decode"), _plain_weights(5, 6, 7, 8, 9
     moe.moe_decode)
 
 
-def _c_over_bf16_gemm(call: Call) -> str | None:
-    f = wide.native_bf16() if call.dtype(0) == "bf16" else None
-    return None if f is None else f"this CPU has {f}: PyTorch's bf16 GEMMs for a prefill (the C kernel is not " \
-                                  "measured against them there)"
-
-
-_moe_c_prefill = _native(_phase("prefill"), _plain_weights(5, 6, 7, 8, 9), _dots_isa, _c_over_bf16_gemm)
+_moe_c_prefill = _native(_phase("prefill"), _plain_weights(5, 6, 7, 8, 9), _dots_isa, _slow_bf16_gemm)
 _moe_c_wide = partial(moe.moe_prefill, mm=wide.expert_mm, lin=wide.linear)  # beyond the C kernel's share
 CPU.add("moe_ffn", "native-wide-prefill", _all(_moe_c_prefill, _wide(5, 6)), bind=_moe(_moe_c_wide))(_moe_c_wide)
 CPU.add("moe_ffn", "native-prefill", _moe_c_prefill, bind=_moe(moe.moe_prefill))(moe.moe_prefill)
