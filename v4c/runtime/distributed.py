@@ -30,7 +30,7 @@ from ..io.naming import Source, plan_sources
 from ..settings import dist_timeout
 from .loader import BACKENDS
 from .model import Model, cast_param
-from .session import Session
+from .session import Session, _last_only
 
 ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 _MSG = 1024  # bytes of each rank's load error shared with the others
@@ -229,17 +229,17 @@ class DistributedSession:
         """This rank's state bytes."""
         return self.local.memory()
 
-    def _from_rank0(self, ids, lengths):
+    def _from_rank0(self, ids, lengths, logits="all"):
         dist, dev = _dist(), self.model.device
-        head = torch.zeros(3, dtype=torch.int64)
+        head = torch.zeros(4, dtype=torch.int64)
         if self.model.rank == 0:
             ids = torch.as_tensor(ids)
             if ids.dim() != 2:
                 raise ValueError(f"ids must be [batch, tokens], got shape {tuple(ids.shape)}")
-            head = torch.tensor([ids.shape[0], ids.shape[1], lengths is not None])
+            head = torch.tensor([ids.shape[0], ids.shape[1], lengths is not None, _last_only(logits)])
         head = head.to(dev)
         dist.broadcast(head, src=0)
-        b, t, has_len = (int(x) for x in head.tolist())
+        b, t, has_len, last = (int(x) for x in head.tolist())
         buf = ids.to(dev, torch.int64).contiguous() if self.model.rank == 0 else torch.empty(b, t, dtype=torch.int64,
                                                                                               device=dev)
         dist.broadcast(buf, src=0)
@@ -250,19 +250,19 @@ class DistributedSession:
             if lens.shape[0] != b:  # checked on rank 0 before anyone waits on a bad shape
                 lens = torch.full((b,), -1, dtype=torch.int64, device=dev)
             dist.broadcast(lens, src=0)
-        return buf, lens
+        return buf, lens, ("last" if last else "all")
 
     @torch.inference_mode()
-    def forward(self, ids=None, lengths=None) -> torch.Tensor:
+    def forward(self, ids=None, lengths=None, logits="all") -> torch.Tensor:
         with _collective("sharing rank 0's request"):
-            ids, lengths = self._from_rank0(ids, lengths)
+            ids, lengths, logits = self._from_rank0(ids, lengths, logits)
         n = Session._check(self, ids, lengths)  # the whole batch, on every rank: all raise or none does
         lo, hi = self.lo, self.hi
         with _collective("running the forward pass (expert all-to-all / all-reduce)"):
             if self.idle:
-                logits = self.local.forward(ids[:1].clamp(0, 0), torch.zeros(1, dtype=torch.int64))
+                logits = self.local.forward(ids[:1].clamp(0, 0), torch.zeros(1, dtype=torch.int64), logits)
             else:
-                logits = self.local.forward(ids[lo:hi], None if lengths is None else lengths[lo:hi])
+                logits = self.local.forward(ids[lo:hi], None if lengths is None else lengths[lo:hi], logits)
         self.lengths += n
         if self.model.attn == "tp":
             return logits
@@ -290,7 +290,7 @@ class DistributedSession:
         return lo, lo + base + (rank < extra)
 
     @torch.inference_mode()
-    def forward_rows(self, a: int, b: int, ids=None, lengths=None) -> torch.Tensor:
+    def forward_rows(self, a: int, b: int, ids=None, lengths=None, logits="all") -> torch.Tensor:
         """``Session.forward_rows`` over ranks: rows ``a..b-1`` (global row numbers; rank 0's ``a``, ``b``,
         ``ids`` and ``lengths`` count, so every rank must pass the same range). Returns the range's
         logits on every rank. Under attn=dp each rank runs its part of the range, or one padding row
@@ -299,7 +299,7 @@ class DistributedSession:
             rng = torch.tensor([a, b], dtype=torch.int64, device=self.model.device)
             _dist().broadcast(rng, src=0)
             a, b = (int(x) for x in rng.tolist())
-            ids, lengths = self._from_rank0(ids, lengths)
+            ids, lengths, logits = self._from_rank0(ids, lengths, logits)
         if not 0 <= a < b <= self.batch_size:
             raise ValueError(f"row range {a}:{b} is not a non-empty range within 0:{self.batch_size}")
         n = Session._check(self, ids, lengths, (a, b))  # on every rank: all raise or none does
@@ -308,10 +308,10 @@ class DistributedSession:
         with _collective("running the forward pass (expert all-to-all / all-reduce)"):
             if ia < ib:
                 part = None if lengths is None else lengths[ia - a:ib - a]
-                logits = self.local.forward_rows(ia - self.lo, ib - self.lo, ids[ia - a:ib - a], part)
+                logits = self.local.forward_rows(ia - self.lo, ib - self.lo, ids[ia - a:ib - a], part, logits)
             else:  # all padding (positions -1): touches no state, its logits are dropped
                 logits = self.local.forward_rows(0, 1, torch.zeros(1, t, dtype=torch.int64, device=ids.device),
-                                                 torch.zeros(1, dtype=torch.int64))
+                                                 torch.zeros(1, dtype=torch.int64), logits)
         self.lengths[a:b] += n
         if self.model.attn == "tp":
             return logits

@@ -41,19 +41,26 @@ class Executor:
             self.choices[phase], self.plans[phase] = choices, plan
         self.frees = _last_uses(graph)
         self._tokens_input = graph.inputs[0][0] if graph.inputs else None
+        self._head = _lm_head_index(graph)
 
     def implementations(self) -> list[dict]:
         """Per node and phase: the backend and implementation bound, and why the others declined."""
         return [c.row() for phase in PHASES for c in self.choices[phase]]
 
     def run(self, inputs: Mapping[str, torch.Tensor], states: Mapping[str, torch.Tensor],
-            phase: str | None = None) -> list[torch.Tensor]:
+            phase: str | None = None, last: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """One forward call. ``last`` ([B] token indices) asks for the logits (the first output) of one
+        token per row only, [B, 1, vocab]: the LM head then runs on those tokens alone (a prefill
+        needs the next token's logits, not every prompt position's); the other outputs are whole."""
         if phase is None:
             x = inputs.get(self._tokens_input)
             phase = phase_of(math.prod(x.shape[:2])) if x is not None and x.dim() >= 2 else "prefill"
         env = {**self.params, **states, **inputs}
-        for (fn, ins, outs, attrs, state_io, name), dead in zip(self.plans[phase], self.frees):
+        head = self._head if last is not None else None
+        for k, ((fn, ins, outs, attrs, state_io, name), dead) in enumerate(zip(self.plans[phase], self.frees)):
             args = [env[i] for i in ins]
+            if k == head:  # the head's input is gathered for its call only: env keeps it whole (a stream output)
+                args[0] = _take(args[0], last)
             res = fn(*args, **attrs)
             res = res if isinstance(res, tuple) else (res,)
             for ii, oi in state_io:  # states are updated in place: the buffers must not move
@@ -63,7 +70,27 @@ class Executor:
             del args, res
             for v in dead:  # an activation is released after its last reader: the allocator reuses it
                 del env[v]
-        return [env[o] for o in self.graph.outputs]
+        out = [env[o] for o in self.graph.outputs]
+        if last is not None and head is None:  # no separable head: every position's logits, then the rows'
+            out[0] = _take(out[0], last)
+        return out
+
+
+def _take(x: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """``x[b, last[b]]`` for each row b of x [B, T, ...], as [B, 1, ...]."""
+    idx = last.to(x.device, torch.int64).view(-1, 1, *([1] * (x.dim() - 2))).expand(-1, 1, *x.shape[2:])
+    return x.gather(1, idx)
+
+
+def _lm_head_index(graph: Graph) -> int | None:
+    """The node computing the first output (the logits) when it is a per-token ``linear`` of one
+    activation [B, T, H], so that it may run on some tokens alone; None otherwise."""
+    if not graph.outputs:
+        return None
+    for k, n in enumerate(graph.nodes):
+        if graph.outputs[0] in n.outputs:
+            return k if n.op == "linear" and len(n.outputs) == 1 else None
+    return None
 
 
 def _last_uses(graph: Graph) -> list[list[str]]:

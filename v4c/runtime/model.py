@@ -101,7 +101,7 @@ class Model:
         total = ids.shape[1] + max_new_tokens
         session = self.new_session(ids.shape[0], max_context=max(total, 1))
         out = [ids.cpu().long()]
-        logits = session.forward(ids)
+        logits = session.forward(ids, logits="last")
         for step in range(max_new_tokens):
             nxt = sample(logits[:, -1], temperature, top_p, gen).cpu()
             out.append(nxt[:, None])

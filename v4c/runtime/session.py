@@ -19,6 +19,12 @@ if TYPE_CHECKING:
     from .snapshot import Snapshot
 
 
+def _last_only(logits: str) -> bool:
+    if logits not in ("all", "last"):
+        raise ValueError(f"logits must be 'all' (every token's) or 'last' (each row's last token's), got {logits!r}")
+    return logits == "last"
+
+
 class SessionBrokenError(V4CError, RuntimeError):
     """A session whose state buffers an unfinished call left part-written; ``reset()`` makes it usable."""
 
@@ -43,7 +49,9 @@ class Session:
     or a T == 1 decode step) and returns float32 logits [B, T, vocab].  For rows of
     different lengths pass ``lengths`` [B]: row b takes only its first ``lengths[b]``
     tokens of this call (the rest is padding: its ids are never read, any value will do,
-    and its logits are meaningless).
+    and its logits are meaningless). ``logits="last"`` returns [B, 1, vocab] instead: each
+    row's last token of the call (what a prefill needs to go on), and the LM head runs on
+    those tokens alone.
 
     For serving, rows are used independently: ``forward_rows(a, b, ids)`` runs the rows
     ``a..b-1`` alone (``ids`` [b - a, T]; the other rows are neither read nor written, and
@@ -287,22 +295,23 @@ class Session:
         return lo >= 0 and hi < self.model.config.vocab_size and self._longest + ids.shape[1] <= self.max_context
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, lengths=None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, lengths=None, logits: str = "all") -> torch.Tensor:
         self._claim()
         try:
             self._refuse_if_broken()
-            return self._forward(ids, lengths)
+            return self._forward(ids, lengths, None, _last_only(logits))
         finally:
             self._busy.release()
 
     __call__ = forward
 
     @torch.inference_mode()
-    def forward_rows(self, a: int, b: int, ids: torch.Tensor, lengths=None) -> torch.Tensor:
+    def forward_rows(self, a: int, b: int, ids: torch.Tensor, lengths=None, logits: str = "all") -> torch.Tensor:
         """``forward`` on the rows ``a..b-1`` alone: ``ids`` [b - a, T] (and ``lengths`` [b - a]) are
         appended to those rows, which may each be at its own position; returns float32 logits
         [b - a, T, vocab]. The other rows are neither read nor written. The states of the range are
-        views of the session's buffers (rows are the outermost dimension), updated in place. A call
+        views of the session's buffers (rows are the outermost dimension), updated in place.
+        ``logits="last"``: [b - a, 1, vocab], each row's last token of the call. A call
         that does not finish leaves the rows it was appending to part-written (``broken_rows``: those
         of ``a..b-1`` with a length > 0; a padding row is never written)."""
         a, b = _int("a", a), _int("b", b)
@@ -311,7 +320,7 @@ class Session:
         self._claim()
         try:
             self._refuse_if_broken()
-            return self._forward(ids, lengths, (a, b))
+            return self._forward(ids, lengths, (a, b), _last_only(logits))
         finally:
             self._busy.release()
 
@@ -323,7 +332,8 @@ class Session:
             raise SessionBrokenError(f"this session's state is incomplete ({self._broken}), so its logits "
                                      f"would be wrong; call reset(){part} to start its sequences again")
 
-    def _forward(self, ids: torch.Tensor, lengths, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, lengths, rows: tuple[int, int] | None = None,
+                 last_only: bool = False) -> torch.Tensor:
         whole = rows is None or rows == (0, self.batch_size)
         lo, hi = (0, self.batch_size) if rows is None else rows
         n = (None if lengths is None and self._plain(ids, hi - lo)
@@ -346,13 +356,17 @@ class Session:
         self._broken = "a forward call did not finish"
         self._broken_rows = set(range(lo, hi))
         try:
-            if self._graph is not None and whole and ids.shape[1] == 1 and lengths is None:
+            if self._graph is not None and whole and t == 1 and lengths is None:
                 # a captured CUDA graph, replayed: its output is a static buffer the next replay rewrites,
                 # so the caller gets a copy (float() alone returns that very buffer for an f32 model)
                 logits = self._graph.run(ids, pos).to(torch.float32, copy=True)
                 self.stream = None  # a replayed step keeps only the logits
             else:
-                logits, *stream = self.model.executor.run({"ids": ids, "pos": pos}, states)
+                last = None
+                if last_only and t > 1:  # (one token a row: its logits are the last already)
+                    last = (torch.full((ids.shape[0],), t - 1, device=dev) if n is None
+                            else (n.to(dev) - 1).clamp(min=0))  # (a padding row: any index will do)
+                logits, *stream = self.model.executor.run({"ids": ids, "pos": pos}, states, last=last)
                 self.stream = stream[0] if stream else None
             lens += t if n is None else n
             if whole:

@@ -180,11 +180,11 @@ def generate_speculative(model, ids: torch.Tensor, max_new_tokens: int, method: 
             on_token(torch.tensor([r[i] for r in out]))
         emitted[0] = ready
 
+    rows = torch.arange(b)
     if max_new_tokens > 0:
         ids = ids.cpu().long()
-        logits = session.forward(ids, lengths=n)
-        rows = torch.arange(b)
-        x = sample(logits[rows.to(logits.device), (prompt - 1).to(logits.device)], temperature, top_p, gen).cpu()
+        logits = session.forward(ids, lengths=n, logits="last")  # each row's token prompt - 1
+        x = sample(logits[:, 0], temperature, top_p, gen).cpu()
         for r in range(b):
             out[r].append(int(x[r]))
         if on_token is not None:

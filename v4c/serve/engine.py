@@ -751,7 +751,7 @@ class Engine:
                 if self._prefix is not None:
                     self._prefix.fed(r)
                 if r.fed == len(r.prompt):
-                    want.append((r, logits[r.row - a, len(toks) - 1]))
+                    want.append((r, logits[r.row - a, 0]))  # (each row's last token of the call)
         self._release(failed)
         if self.session.broken is not None:  # (cannot happen: a failed call's rows were reset just now)
             self._fail_everything(f"the session's state was lost ({self.session.broken})")
@@ -783,7 +783,7 @@ class Engine:
             lengths[r.row - a] = len(c)
         full = all(n == t for n in lengths) and self._drafter is None  # (lengths given: never a CUDA graph,
         return self.session.forward_rows(a, b, torch.tensor(ids, dtype=torch.int64),  # which keeps no streams)
-                                         None if full else lengths)
+                                         None if full else lengths, logits="last")
 
     def _fail_requests(self, reqs: list[_Request], what: str, e: Exception) -> None:
         msg = f"{type(e).__name__}: {e}"

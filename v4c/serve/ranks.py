@@ -56,9 +56,9 @@ class LeaderSession:
         """Rank 0's state bytes (under attn=dp each rank holds its share of the rows)."""
         return self.session.memory()
 
-    def forward_rows(self, a: int, b: int, ids: torch.Tensor, lengths=None) -> torch.Tensor:
+    def forward_rows(self, a: int, b: int, ids: torch.Tensor, lengths=None, logits: str = "all") -> torch.Tensor:
         _send(self.group, FORWARD_ROWS)
-        return self.session.forward_rows(a, b, ids, lengths)
+        return self.session.forward_rows(a, b, ids, lengths, logits)
 
     def reset_rows(self, rows) -> None:
         _send(self.group, RESET_ROWS)
