@@ -83,6 +83,14 @@ def _dots_isa(call: Call) -> str | None:
     return "this CPU (or compiler) has neither AVX2 + FMA nor AVX-512F"
 
 
+def _route_table(call: Call) -> str | None:
+    """The C selection (native/route.c) reads a hash table of int32 or int64 expert ids."""
+    dt = call.dtype(2)
+    if call.attrs.get("hash") and dt not in ("i32", "i64"):
+        return f"the hash table is {dt} (the C router reads i32 or i64)"
+    return None
+
+
 def _contiguous(*weights: int):
     """The C products read weight rows as dense memory; a tensor-parallel rank's slice of a weight along
     its input dimension is a strided view of the memory-mapped checkpoint."""
@@ -279,8 +287,10 @@ CPU.add("linear_rms_norm", "native-decode", _all(_gemv(1), _float(2, "norm_w")))
 CPU.add("linear_rms_norm", "native-quant", _all(_qgemv(1), _float(2, "norm_w")))(dense.q_linear_rms_norm)
 CPU.add("linear_rms_norm", "wide-prefill", _wide(1))(wide.linear_rms_norm)
 CPU.add("linear_rms_norm", "torch")(linear_norm.linear_rms_norm)
-CPU.add("moe_router", "native-decode", _gemv(1))(partial(router.moe_router, lin=dense.gemv))
-CPU.add("moe_router", "native-quant", _qgemv(1))(partial(router.moe_router, lin=dense.qgemv))
+CPU.add("moe_router", "native-decode", _all(_gemv(1), _route_table))(partial(router.moe_router_c, lin=dense.gemv))
+CPU.add("moe_router", "native-quant", _all(_qgemv(1), _phase("decode"), _route_table))(
+    partial(router.moe_router_c, lin=dense.qgemv))
+CPU.add("moe_router", "native-quant-prefill", _qgemv(1))(partial(router.moe_router, lin=dense.qgemv))
 CPU.add("moe_router", "wide-prefill", _wide(1))(partial(router.moe_router, lin=wide.linear))
 CPU.add("moe_router", "torch")(router.moe_router)
 CPU.add("rope", "torch")(rope.rope)

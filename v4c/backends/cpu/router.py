@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ...graph.weights import QuantizedWeight, linear
+from . import native
 
 _edges: dict = {}  # (experts, device) -> arange(experts + 1)
 
@@ -34,3 +35,13 @@ def moe_router(h, w, table_or_bias, ids=None, *, scaling, hash=False, topk=None,
     if edges is None:
         edges = _edges[key] = torch.arange(e + 1, device=idx.device)
     return idx, wts, perm.view_as(idx), torch.searchsorted(experts, edges)
+
+
+def moe_router_c(h, w, table_or_bias, ids=None, *, scaling, hash=False, topk=None, lin):
+    """A decode call's router in three calls: the product (``lin``, C), the scores as above, and the
+    selection, weights and grouping in one C loop (native/route.c; the ten calls above cost more in
+    dispatch than in arithmetic on a few rows)."""
+    scores = F.softplus(lin(h, w).float()).sqrt_()
+    if hash:
+        return native.moe_route(scores, None, table_or_bias, ids.contiguous(), table_or_bias.shape[-1], scaling)
+    return native.moe_route(scores, table_or_bias.float().contiguous(), None, None, topk, scaling)

@@ -51,7 +51,7 @@ import torch
 from ....settings import cache_dir, native_enabled
 
 _HERE = Path(__file__).parent
-_C_SOURCES = ("mhc.c", "norm_rope.c", "attention.c", "moe.c", "linear.c", "dots.c", "quant.c", "parallel.c")
+_C_SOURCES = ("mhc.c", "norm_rope.c", "attention.c", "moe.c", "linear.c", "dots.c", "quant.c", "route.c", "parallel.c")
 _CXX_SOURCE = "ops.cpp"
 _LIB = "libv4c_native.so"
 _CFLAGS = ("-O3", "-std=c99", "-fPIC", "-pthread")
@@ -264,6 +264,7 @@ class _Ops:
         self.linear = ns.linear.default
         self.qlinear = ns.qlinear.default
         self.moe_decode_q = ns.moe_decode_q.default
+        self.moe_route = ns.moe_route.default
 
 
 def _openmp_entries() -> tuple:
@@ -369,6 +370,13 @@ def moe_decode(flat, w, perm, offsets, w13, w2, shared, *, k, limit, isa=None):
     ``dot_isas`` (default: the first). Returns [t, D] in ``flat``'s dtype."""
     sg, su, sd = shared if shared else (None, None, None)
     return _ops().moe_decode(flat, w, perm, offsets, w13, w2, sg, su, sd, k, limit, isa)
+
+
+def moe_route(scores, bias, table, ids, k: int, scaling: float):
+    """The router's steps after its product (route.c): ``scores [..., E]`` fp32; ``bias [E]`` fp32 picks
+    the top ``k`` (or ``table [V, k]`` int32 / int64 with ``ids [...]``: hashed). Returns (idx, wts,
+    perm, offsets) as ``moe_router`` does, each token's experts best first."""
+    return _ops().moe_route(scores, bias, table, ids, k, scaling)
 
 
 def linear(x, w, groups: int = 1, isa=None):

@@ -1,7 +1,7 @@
 // The C helpers as PyTorch operators: the schemas of the `v4c_native` namespace (TORCH_LIBRARY) and
 // their CPU kernels (TORCH_LIBRARY_IMPL), which check every operand's dtype, shape, device and
 // layout (an error with the operand's name, never a crash), allocate the outputs and hand raw
-// pointers to the C code (mhc.c, norm_rope.c, attention.c, moe.c, linear.c, dots.c, quant.c, compiled as C
+// pointers to the C code (mhc.c, norm_rope.c, attention.c, moe.c, linear.c, dots.c, quant.c, route.c, compiled as C
 // and linked in).
 //
 // Threads: row ranges still run on PyTorch's own OpenMP team through parallel.c; the team's entry
@@ -48,6 +48,9 @@ long v4c_linear_work(int t, int G, long K, long N);
 int v4c_linear(int threads, int isa, int dt, int t, int G, long R, long K, const void *x, const void *W, void *out,
                void *work);
 int v4c_use_openmp(void *parallel, void *thread_num, void *num_threads);
+int v4c_moe_route(long t, int E, int k, const float *scores, const float *bias, const void *table, int table_i64,
+                  long V, const int64_t *ids, float scaling, int64_t *idx, float *wts, int64_t *perm,
+                  int64_t *offsets, long *bad);
 int v4c_quant_supported(void);
 long v4c_qlinear_work(int threads, int t, int G, long K, long N);
 int v4c_qlinear(int threads, int fmt, int dt, int t, int G, long R, long K, const void *x, const void *W,
@@ -458,6 +461,54 @@ Tensor linear(const Tensor &x, const Tensor &w, int64_t groups, std::optional<c1
     return out;
 }
 
+// the router's steps after its product (route.c): scores [..., E] fp32; bias [E] fp32 (top-k) or
+// table [V, k] int32 / int64 with ids [...] (hashed); returns idx, wts [..., k], perm [..., k], offsets [E + 1]
+std::tuple<Tensor, Tensor, Tensor, Tensor> moe_route(const Tensor &scores, const OptTensor &bias,
+                                                     const OptTensor &table, const OptTensor &ids, int64_t k,
+                                                     double scaling) {
+    const char *op = "moe_route";
+    check_plain(scores, op, "scores");
+    check_dtype(scores, at::kFloat, op, "scores");
+    TORCH_CHECK_VALUE(scores.dim() >= 1 && scores.size(-1) >= 1, "v4c_native.moe_route: scores must be [..., E], got "
+                      "shape ", scores.sizes());
+    const int64_t E = scores.size(-1), t = scores.numel() / E;
+    check_fits_int(E, op, "experts E");
+    TORCH_CHECK_VALUE(bias.has_value() != table.has_value(), "v4c_native.moe_route: give either bias or table");
+    TORCH_CHECK_VALUE(table.has_value() == ids.has_value(), "v4c_native.moe_route: table and ids go together");
+    int64_t V = 0;
+    if (bias) {
+        check_plain(*bias, op, "bias");
+        check_dtype(*bias, at::kFloat, op, "bias");
+        check_numel(*bias, E, op, "bias", "[E]");
+        TORCH_CHECK_VALUE(k >= 1 && k <= E, "v4c_native.moe_route: k must lie in 1..", E, ", got ", k);
+    } else {
+        check_plain(*table, op, "table");
+        check_plain(*ids, op, "ids");
+        TORCH_CHECK_TYPE(table->scalar_type() == at::kInt || table->scalar_type() == at::kLong,
+                         "v4c_native.moe_route: table must be int32 or int64, got ", table->scalar_type());
+        check_dtype(*ids, at::kLong, op, "ids");
+        TORCH_CHECK_VALUE(table->dim() == 2 && table->size(1) == k, "v4c_native.moe_route: table must be [V, k = ", k,
+                          "], got shape ", table->sizes());
+        check_numel(*ids, t, op, "ids", "one per token");
+        V = table->size(0);
+    }
+    auto lead = scores.sizes().vec();
+    lead.back() = k;
+    Tensor idx = at::empty(lead, scores.options().dtype(at::kLong)), wts = at::empty(lead, scores.options());
+    Tensor perm = at::empty(lead, scores.options().dtype(at::kLong));
+    Tensor offsets = at::empty({E + 1}, scores.options().dtype(at::kLong));
+    long bad = 0;
+    const int rc = v4c_moe_route(t, int(E), int(k), scores.data_ptr<float>(), bias ? bias->data_ptr<float>() : nullptr,
+                                 table ? table->data_ptr() : nullptr, table && table->scalar_type() == at::kLong, V,
+                                 ids ? ids->data_ptr<int64_t>() : nullptr, float(scaling), idx.data_ptr<int64_t>(),
+                                 wts.data_ptr<float>(), perm.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), &bad);
+    TORCH_CHECK_INDEX(rc != -1, "v4c_native.moe_route: token ", bad, "'s id ", ids ? ids->reshape(-1)[bad].item<int64_t>() : 0,
+                      " is outside the hash table's ", V, " rows");
+    TORCH_CHECK_INDEX(rc != -2, "v4c_native.moe_route: hash table entry [", bad / k, ", ", bad % k,
+                      "] names no expert of 0..", E - 1);
+    return {idx, wts, perm, offsets};
+}
+
 // ---- quantised weights (quant.c) --------------------------------------------------------------
 
 // the C code's format codes: 0 float32, 1 bfloat16 (plain weights), 2 FP8 e4m3 128x128, 3 MXFP4
@@ -635,6 +686,8 @@ TORCH_LIBRARY(v4c_native, m) {
     m.def("dot_isas(ScalarType dtype) -> str[]", &dot_isas);
     m.def("linear(Tensor x, Tensor w, int groups=1, str? isa=None) -> Tensor");
     m.def("openmp_entries() -> int[]", &openmp_entries);
+    m.def("moe_route(Tensor scores, Tensor? bias, Tensor? table, Tensor? ids, int k, float scaling) -> "
+          "(Tensor, Tensor, Tensor, Tensor)");
     m.def("quant_supported() -> bool", &quant_supported);
     m.def("qlinear(Tensor x, Tensor data, Tensor scale, str fmt, int groups=1) -> Tensor");
     m.def("moe_decode_q(Tensor x, Tensor w, Tensor perm, Tensor offsets, str fmt, Tensor w13, Tensor w13_scale, "
@@ -651,4 +704,5 @@ TORCH_LIBRARY_IMPL(v4c_native, CPU, m) {
     m.impl("linear", &linear);
     m.impl("qlinear", &qlinear);
     m.impl("moe_decode_q", &moe_decode_q);
+    m.impl("moe_route", &moe_route);
 }
