@@ -10,9 +10,12 @@
  *   XF(v), WF(v)     one element as fp32 (the tail of K that is not a whole step)
  * and this file undefines the ones that differ between instantiations.
  *
- * Register blocking: RW weight rows by RC token rows of accumulators (at most 8), the token rows'
- * vectors loaded once per step and each weight vector once per block, so a weight row is read from
- * memory once and reused from registers or L1 for every token row.
+ * Register blocking: RW = 4 weight rows by RC <= 3 token rows of accumulators (twelve: with the three
+ * token vectors and one weight vector, the sixteen registers of AVX2), the token rows' vectors loaded
+ * once per step and each weight vector once per block, so a weight row is read from memory once and
+ * reused from registers or L1 for every token row. Twelve independent sums also cover the FMA
+ * latency (two pipes of ~5 cycles need ten); 4x3 takes 7 loads per 12 FMAs where the 2x4 blocks
+ * before took 6 per 8, which matters in prefill calls, whose token rows come from L2.
  *
  * The RW rows of a block are not neighbours but S = N / RW rows apart (rows j, j + S, j + 2S, ...
  * for j < S): each of the RW streams then runs through one contiguous quarter (or half) of W, a long
@@ -30,12 +33,12 @@
 /* rows w + i * S * K (i < RW) against token rows x[0 .. RC): y[r * ldy + i * S] */
 TARGET static inline __attribute__((always_inline)) void BLK(const WT *w, long S, long K, const XT *const *x,
                                                              float *y, long ldy, const int RW, const int RC) {
-    VEC acc[4][4];
+    VEC acc[4][3];
     for (int i = 0; i < RW; i++)
         for (int r = 0; r < RC; r++) acc[i][r] = ZERO();
     const long kv = K - K % LANES;
     for (long k = 0; k < kv; k += LANES) {
-        XV xv[4];
+        XV xv[3];
         for (int r = 0; r < RC; r++) xv[r] = XLOAD(x[r] + k);
         for (int i = 0; i < RW; i++) {
             const WV wv = WLOAD(w + i * S * K + k);
@@ -51,36 +54,27 @@ TARGET static inline __attribute__((always_inline)) void BLK(const WT *w, long S
 }
 
 /* RW weight rows (S apart) against every token row, RC at a time (constants after inlining: no
- * loop overhead or spilled accumulators in the step loop). Four weight rows run only for c <= 2, so
- * cases 3 and 4 never see RW = 4 (capped at 2: no 4x3 or 4x4 block is built). */
+ * loop overhead or spilled accumulators in the step loop). */
 #define V4C_ROWS(RW)                                                                              \
-    for (int r0 = 0; r0 < c; r0 += 4) {                                                           \
+    for (int r0 = 0; r0 < c; r0 += 3) {                                                           \
         const XT *const *xr = xs + r0;                                                            \
         float *yr = Y + r0 * ldy + o;                                                             \
-        switch (c - r0 < 4 ? c - r0 : 4) {                                                        \
+        switch (c - r0 < 3 ? c - r0 : 3) {                                                        \
         case 1: BLK(w, S, K, xr, yr, ldy, RW, 1); break;                                          \
         case 2: BLK(w, S, K, xr, yr, ldy, RW, 2); break;                                          \
-        case 3: BLK(w, S, K, xr, yr, ldy, (RW) > 2 ? 2 : (RW), 3); break;                         \
-        default: BLK(w, S, K, xr, yr, ldy, (RW) > 2 ? 2 : (RW), 4); break;                        \
+        default: BLK(w, S, K, xr, yr, ldy, RW, 3); break;                                         \
         }                                                                                         \
     }
 
 TARGET void NAME(const void *W, long N, long K, const void *const *x, int c, float *Y, long ldy) {
     const XT *const *xs = (const XT *const *)x;
-    /* four weight rows per block for one or two token rows (four independent sums hide the FMA
-     * latency), two for more (the accumulators stay at most eight) */
-    const long rw = c <= 2 ? 4 : 2;
-    long S = N / rw;
-    for (long o = 0; o < S; o++) { /* rows o, o + S, ...: rw long streams */
+    long S = N / 4;
+    for (long o = 0; o < S; o++) { /* rows o, o + S, o + 2S, o + 3S: four long streams */
         const WT *w = (const WT *)W + o * K;
-        if (rw == 4) {
-            V4C_ROWS(4)
-        } else {
-            V4C_ROWS(2)
-        }
+        V4C_ROWS(4)
     }
     S = 1;
-    for (long o = rw * (N / rw); o < N; o++) { /* the last N % rw rows, one at a time */
+    for (long o = 4 * (N / 4); o < N; o++) { /* the last N % 4 rows, one at a time */
         const WT *w = (const WT *)W + o * K;
         V4C_ROWS(1)
     }
