@@ -10,7 +10,7 @@ each measurement. Both dtypes, fp32 and bf16, are measured by default, one after
     python benchmarks/cpu_vs_hf.py [--config 478m|h512-e32|h64x16-w64|FILE.json] [--dtype f32|bf16]
                                    [--json out.json] [--quick]
 
-Measured, per dtype: prefill tokens/s (T = 512, 4096), decode tokens/s (batch 1 and 8, 128 steps
+Measured, per dtype: prefill tokens/s (T = 512, 4096; the last token's logits, ``--prefill-logits``), decode tokens/s (batch 1 and 8, 128 steps
 after a 2,048-token prompt), peak RSS of each, their ratios; the weight-streaming floor of a batch-1
 decode step (the weight bytes one token reads, over the copy bandwidth measured in the same run);
 then v4c alone at contexts 4K/16K/64K (prefill time, decode time per token) next to `v4c inspect`'s
@@ -44,16 +44,17 @@ def _worker(a) -> dict:
         import v4c
         model = v4c.load(a.art)
 
-        def session(batch, ctx):
+        def session(batch, ctx, logits="all"):
             s = model.new_session(batch, max_context=ctx)
-            return lambda ids: s.forward(ids)
+            return lambda ids: s.forward(ids, logits=logits)
     else:
         from transformers import DeepseekV4ForCausalLM, DynamicCache
         hf = DeepseekV4ForCausalLM.from_pretrained(a.ckpt, dtype=dtype, attn_implementation="eager").eval()
 
-        def session(batch, ctx):
+        def session(batch, ctx, logits="all"):
             cache = DynamicCache(config=hf.config)
-            return lambda ids: hf(ids, past_key_values=cache, use_cache=True).logits
+            keep = 1 if logits == "last" else 0  # (1: the last token's logits, as its generate() asks)
+            return lambda ids: hf(ids, past_key_values=cache, use_cache=True, logits_to_keep=keep).logits
 
     def ids(b, t):
         return torch.randint(0, vocab, (b, t))
@@ -61,10 +62,17 @@ def _worker(a) -> dict:
     out = {"engine": a.engine, "task": a.task, "T": a.T, "batch": a.batch}
     with torch.inference_mode():
         session(1, 64)(ids(1, 16))  # warm-up: first touch of every weight page, lazy inits
+        context_f32 = a.engine == "hf" and a.task == "decode" and a.hf_context_f32 and dtype != torch.float32
+        if context_f32:
+            out["context_prefill"] = "f32, cache cast to the run's dtypes"
+            ref_len = 2 * max(hf.config.compress_rates.values()) + 8
+            ref = DynamicCache(config=hf.config)  # what a prefill in the run's dtype leaves in the cache
+            hf(ids(1, ref_len), past_key_values=ref, use_cache=True)
         if a.task == "prefill":
             times = []
+            out["logits"] = a.prefill_logits
             for _ in range(a.repeat):
-                fwd = session(1, a.T + 1)
+                fwd = session(1, a.T + 1, a.prefill_logits)
                 x = ids(1, a.T)
                 t0 = time.perf_counter()
                 fwd(x)
@@ -74,7 +82,16 @@ def _worker(a) -> dict:
         else:
             fwd = session(a.batch, a.T + a.steps + 1)
             t0 = time.perf_counter()
-            fwd(ids(a.batch, a.T))
+            if context_f32:
+                cache = DynamicCache(config=hf.config)
+                with _params_in_f32(hf):
+                    hf(ids(a.batch, a.T), past_key_values=cache, use_cache=True)
+                _cast_cache_like(cache, ref)
+
+                def fwd(x):
+                    return hf(x, past_key_values=cache, use_cache=True).logits
+            else:
+                fwd(ids(a.batch, a.T))
             out["prefill_seconds"] = time.perf_counter() - t0
             step = ids(a.batch, 1)
             fwd(step)  # the first step after a prefill (lazy per-shape work) is not timed
@@ -90,6 +107,55 @@ def _worker(a) -> dict:
             out["tokens_per_s"] = a.batch * a.steps / dt
     out["peak_rss_mib"] = _peak_rss_mib()
     return out
+
+
+class _params_in_f32:
+    """Within this block every parameter of ``model`` is fp32 while its own module runs (forward hooks on
+    each module that holds parameters directly), so only one module's widened copy exists at a time."""
+
+    def __init__(self, model):
+        import torch
+        self.mods = [m for m in model.modules() if any(p.is_floating_point() for p in m.parameters(recurse=False))]
+        self.torch = torch
+
+    def _widen(self, m, *_):
+        m._v4c_saved = {n: p.data for n, p in m.named_parameters(recurse=False)}
+        for p in m.parameters(recurse=False):
+            p.data = p.data.float()
+
+    def _restore(self, m, *_):
+        for n, p in m.named_parameters(recurse=False):
+            p.data = m._v4c_saved[n]
+        del m._v4c_saved
+
+    def __enter__(self):
+        self.handles = [h for m in self.mods for h in (m.register_forward_pre_hook(self._widen),
+                                                        m.register_forward_hook(self._restore))]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+def _cast_cache_like(cache, ref) -> None:
+    """Cast each floating tensor of ``cache``'s layers (attributes and dict entries) to the dtype of the same
+    slot in ``ref``, a cache the model filled in the run's own dtype."""
+    import torch
+
+    def cast(t, r):
+        return t.to(r.dtype) if torch.is_tensor(t) and t.is_floating_point() and torch.is_tensor(r) else t
+
+    for layer, ref_layer in zip(cache.layers, ref.layers):
+        for name, val in list(vars(layer).items()):
+            rv = getattr(ref_layer, name, None)
+            if isinstance(val, dict):
+                for k in val:
+                    val[k] = cast(val[k], rv.get(k) if isinstance(rv, dict) else None)
+            else:
+                setattr(layer, name, cast(val, rv))
+        if getattr(layer, "values", None) is not None and getattr(ref_layer, "values", 1) is getattr(ref_layer, "keys", 2):
+            layer.values = layer.keys  # V4's shared K=V layers keep one tensor for both
 
 
 def _status_mib(field: str) -> float | None:
@@ -176,7 +242,9 @@ def active_weight_bytes(graph, topk: int, batch: int = 1) -> int:
 
 
 def measure_dtype(dtype: str, cfg: dict, work: Path, quick: bool, context: bool, mach: dict,
-                  rounds: int = 2) -> dict:
+                  rounds: int = 2, hf_context_f32: bool = False, on_row=lambda result: None,
+                  prefill_logits: str = "last") -> dict:
+    """One dtype's rows; ``on_row(result so far)`` after each, so that a stopped run keeps what it measured."""
     from v4c.graph.terms import flops_by_term
     from v4c.graph.text import parse_graph
     from v4c.inspect import inspect_artifact
@@ -186,7 +254,8 @@ def measure_dtype(dtype: str, cfg: dict, work: Path, quick: bool, context: bool,
     ckpt = work / dtype / "ckpt"
     info = inspect_artifact(art, context=2048)
     graph = parse_graph((art / "graph.v4c").read_text())
-    common = ["--ckpt", str(ckpt), "--art", str(art), "--dtype", dtype]
+    common = (["--ckpt", str(ckpt), "--art", str(art), "--dtype", dtype, "--prefill-logits", prefill_logits]
+              + ["--hf-context-f32"] * hf_context_f32)
     prefill_lengths = [64, 256] if quick else [512, 4096]
     decode_prompt, steps = (256, 16) if quick else (2048, 128)
 
@@ -197,7 +266,7 @@ def measure_dtype(dtype: str, cfg: dict, work: Path, quick: bool, context: bool,
                   "num_experts_per_tok", "sliding_window", "index_n_heads", "index_head_dim", "index_topk",
                   "moe_intermediate_size", "vocab_size")},
                   "schedule": info["schedule"]},
-              "prefill": [], "decode": [], "context": []}
+              "hf_context_f32": hf_context_f32, "prefill_logits": prefill_logits, "prefill": [], "decode": [], "context": []}
 
     def pair(**kw):
         rows = {}
@@ -213,8 +282,10 @@ def measure_dtype(dtype: str, cfg: dict, work: Path, quick: bool, context: bool,
 
     for t in prefill_lengths:
         result["prefill"].append(pair(task="prefill", T=t, repeat=1 if t > 1024 else 2))
+        on_row(result)
     for b in (1, 8):
         result["decode"].append(pair(task="decode", T=decode_prompt, batch=b, steps=steps))
+        on_row(result)
     floor_bytes = active_weight_bytes(graph, cfg["num_experts_per_tok"])
     floor_s = floor_bytes / (mach["copy_gb_per_s"] * 1e9)
     result["weight_floor"] = {"active_weight_bytes_per_token": floor_bytes, "copy_gb_per_s": mach["copy_gb_per_s"],
@@ -231,6 +302,7 @@ def measure_dtype(dtype: str, cfg: dict, work: Path, quick: bool, context: bool,
                    "inspect_bytes_per_step": ins["bytes_per_decode_step"]}
             row["inspect_flops_by_term"] = flops_by_term(graph, ctx)
             result["context"].append(row)
+            on_row(result)
             print(f"  {dtype} context {ctx}: prefill {r['prefill_seconds']:.1f}s, decode "
                   f"{r['seconds_per_step'] * 1e3:.1f} ms/token", file=sys.stderr)
     return result
@@ -273,6 +345,13 @@ def main():
     ap.add_argument("--no-context", action="store_true", help="skip the 4K/16K/64K context sweep")
     ap.add_argument("--rounds", type=int, default=2,
                     help="runs of each engine per measurement, alternating, the best kept (default 2)")
+    ap.add_argument("--prefill-logits", choices=["last", "all"], default="last",
+                    help="the prefill rows' logits: the last token's (default: what a prefill needs to go on, and "
+                         "what transformers' generate() and llama-bench compute) or every token's")
+    ap.add_argument("--hf-context-f32", action="store_true",
+                    help="transformers' decode rows in bf16: prefill the prompt with fp32 parameters and cast the "
+                         "cache to bf16's dtypes before the timed bf16 steps (on CPUs without bf16 arithmetic its bf16 "
+                         "prefill of 8 x 2,048 tokens takes tens of minutes; the steps timed are unchanged)")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the checkpoints and artifacts here")
     # child-process arguments
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -294,13 +373,22 @@ def main():
     dtypes = [a.dtype] if a.dtype else ["f32", "bf16"]
     res = {"date": str(date.today()), "command": " ".join(["python", "benchmarks/cpu_vs_hf.py", *sys.argv[1:]]),
            "machine": mach, "config": name, "config_fields": cfg, "quick": a.quick, "dtypes": dtypes, "runs": {}}
+
+    def save(complete: bool) -> None:
+        if a.json:
+            a.json.parent.mkdir(parents=True, exist_ok=True)
+            a.json.write_text(json.dumps({**res, "complete": complete}, indent=1) + "\n")
+
     for dtype in dtypes:
-        res["runs"][dtype] = measure_dtype(dtype, cfg, work / name, a.quick, not a.no_context, mach, a.rounds)
+        def on_row(result, dtype=dtype):
+            res["runs"][dtype] = result
+            save(complete=False)  # a stopped run keeps its finished rows ("complete": false)
+        res["runs"][dtype] = measure_dtype(dtype, cfg, work / name, a.quick, not a.no_context, mach, a.rounds,
+                                           a.hf_context_f32, on_row, a.prefill_logits)
+    save(complete=True)
     print()
     summary(res)
     if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(res, indent=1) + "\n")
         print(f"wrote {a.json}", file=sys.stderr)
 
 
