@@ -83,6 +83,12 @@ def _dots_isa(call: Call) -> str | None:
     return "this CPU (or compiler) has neither AVX2 + FMA nor AVX-512F"
 
 
+def _norm_weight(call: Call) -> str | None:
+    """The compressor's C step normalises with norm_rope.c, which reads an fp32 or bf16 weight."""
+    dt = call.dtype(4)
+    return None if dt in _FLOATS else f"the norm weight is {dt} (the C norm reads f32 or bf16)"
+
+
 def _route_table(call: Call) -> str | None:
     """The C selection (native/route.c) reads a hash table of int32 or int64 expert ids."""
     dt = call.dtype(2)
@@ -167,9 +173,9 @@ def _kind(call: Call) -> str | None:
 
 
 CPU.add("indexer", "native-decode", _all(_gemv(2, 3), _same_dtype(0, 1, what="h")))(
-    attention.fused_indexer(attention.indexer_topk_decode, lin=dense.gemv))
+    attention.fused_indexer(attention.indexer_topk_c, lin=dense.gemv))
 CPU.add("indexer", "native-quant", _all(_qgemv(2, 3), _phase("decode"), _same_dtype(0, 1, what="h")))(
-    attention.fused_indexer(attention.indexer_topk_decode, lin=dense.qgemv))
+    attention.fused_indexer(attention.indexer_topk_c, lin=dense.qgemv))
 CPU.add("indexer", "native-quant-prefill", _all(_qgemv(2, 3), _phase("prefill"), _same_dtype(0, 1, what="h")))(
     attention.fused_indexer(attention.indexer_topk, lin=dense.qgemv))
 _attention_native = _native(_plain_cache("kv_format"), _kind, _float(0, "q"),
@@ -301,9 +307,11 @@ def _fp32_pending(call: Call) -> str | None:
     return f"pending slots are {bad[0]} (this path pools exactly what fp32 slots hold)" if bad else None
 
 
-CPU.add("compressor", "native-decode", _all(_gemv(1, 2), _fp32_pending))(
-    partial(compressor.compressor, lin=dense.gemv))
-CPU.add("compressor", "native-quant", _all(_qgemv(1, 2), _fp32_pending))(
+CPU.add("compressor", "native-decode", _all(_gemv(1, 2), _fp32_pending, _norm_weight))(
+    partial(compressor.compressor_c, lin=dense.gemv))
+CPU.add("compressor", "native-quant", _all(_qgemv(1, 2), _phase("decode"), _fp32_pending, _norm_weight))(
+    partial(compressor.compressor_c, lin=dense.qgemv))
+CPU.add("compressor", "native-quant-prefill", _all(_qgemv(1, 2), _fp32_pending))(
     partial(compressor.compressor, lin=dense.qgemv))
 CPU.add("compressor", "decode", _all(_phase("decode"), _fp32_pending))(compressor.compressor)
 CPU.add("compressor", "wide-prefill", _wide(1, 2))(partial(compressor.compressor, lin=wide.linear))

@@ -40,6 +40,12 @@ def rotations(pos: torch.Tensor, rope_dim: int, theta: float, yarn, inverse: boo
     return hit[3]
 
 
+def rotations_at(positions: list[int], rope_dim: int, theta: float, yarn, device) -> torch.Tensor:
+    """``cos + i sin`` at the host-known ``positions`` (non-negative), ``[len(positions), rope_dim // 2]``."""
+    key = (rope_dim, float(theta), tuple(yarn) if yarn else None, device)
+    return _table(key, max(positions) + 1, device)[torch.tensor(positions, device=device)]
+
+
 def cos_sin(pos: torch.Tensor, rope_dim: int, theta: float, yarn) -> tuple[torch.Tensor, torch.Tensor]:
     rot = rotations(pos, rope_dim, theta, yarn)
     return rot.real, rot.imag

@@ -51,7 +51,8 @@ import torch
 from ....settings import cache_dir, native_enabled
 
 _HERE = Path(__file__).parent
-_C_SOURCES = ("mhc.c", "norm_rope.c", "attention.c", "moe.c", "linear.c", "dots.c", "quant.c", "route.c", "parallel.c")
+_C_SOURCES = ("mhc.c", "norm_rope.c", "attention.c", "moe.c", "linear.c", "dots.c", "quant.c", "route.c", "compress.c",
+              "indexer.c", "parallel.c")
 _CXX_SOURCE = "ops.cpp"
 _LIB = "libv4c_native.so"
 _CFLAGS = ("-O3", "-std=c99", "-fPIC", "-pthread")
@@ -265,6 +266,8 @@ class _Ops:
         self.qlinear = ns.qlinear.default
         self.moe_decode_q = ns.moe_decode_q.default
         self.moe_route = ns.moe_route.default
+        self.compress_step_ = ns.compress_step_.default
+        self.indexer_topk = ns.indexer_topk.default
 
 
 def _openmp_entries() -> tuple:
@@ -370,6 +373,20 @@ def moe_decode(flat, w, perm, offsets, w13, w2, shared, *, k, limit, isa=None):
     ``dot_isas`` (default: the first). Returns [t, D] in ``flat``'s dtype."""
     sg, su, sd = shared if shared else (None, None, None)
     return _ops().moe_decode(flat, w, perm, offsets, w13, w2, sg, su, sd, k, limit, isa)
+
+
+def compress_step_(kv, gate, ape, pend_kv, pend_gate, pos, ratio: int, overlap: bool):
+    """The compressor's decode step after its products (compress.c): each row's token into its pending
+    slot (in place), and for the rows whose token closes a window the pooled row [B, d] fp32 (before
+    RMSNorm and RoPE; the other rows' are undefined)."""
+    return _ops().compress_step_(kv, gate, ape, pend_kv, pend_gate, pos, ratio, overlap)
+
+
+def indexer_topk(q, w, keys, pos, topk: int, ratio: int, scale: float):
+    """The indexer's top-k rows over plain fp32 / bf16 keys (indexer.c): ``q [B, T, H, D]``, ``w [B, T, H]``
+    (``scale``: weight_scale x score_scale), ``keys [B, N, D]``, ``pos [B, T]``; [B, T, topk] int64, each
+    query's rows best first, -1 past its visible rows."""
+    return _ops().indexer_topk(q, w, keys, pos, topk, ratio, scale)
 
 
 def moe_route(scores, bias, table, ids, k: int, scaling: float):

@@ -1,8 +1,8 @@
 // The C helpers as PyTorch operators: the schemas of the `v4c_native` namespace (TORCH_LIBRARY) and
 // their CPU kernels (TORCH_LIBRARY_IMPL), which check every operand's dtype, shape, device and
 // layout (an error with the operand's name, never a crash), allocate the outputs and hand raw
-// pointers to the C code (mhc.c, norm_rope.c, attention.c, moe.c, linear.c, dots.c, quant.c, route.c, compiled as C
-// and linked in).
+// pointers to the C code (mhc.c, norm_rope.c, attention.c, moe.c, linear.c, dots.c, quant.c, route.c,
+// compress.c, indexer.c, compiled as C and linked in).
 //
 // Threads: row ranges still run on PyTorch's own OpenMP team through parallel.c; the team's entry
 // points are looked up once, when this library is loaded (see `find_openmp`), and each call asks
@@ -48,6 +48,12 @@ long v4c_linear_work(int t, int G, long K, long N);
 int v4c_linear(int threads, int isa, int dt, int t, int G, long R, long K, const void *x, const void *W, void *out,
                void *work);
 int v4c_use_openmp(void *parallel, void *thread_num, void *num_threads);
+int v4c_compress_step(long B, int C, int ratio, int overlap, int dt, const void *kv, const void *gate,
+                      const float *ape, float *pend_kv, float *pend_gate, const int64_t *pos, float *pooled);
+long v4c_indexer_work(int threads, int H, int D, long n, int topk);
+int v4c_indexer_topk(int threads, long B, long T, int H, int D, int qdt, const void *q, const void *w, int kdt,
+                     const void *keys, long N, const int64_t *pos, int ratio, float scale, int topk, int64_t *out,
+                     void *work);
 int v4c_moe_route(long t, int E, int k, const float *scores, const float *bias, const void *table, int table_i64,
                   long V, const int64_t *ids, float scaling, int64_t *idx, float *wts, int64_t *perm,
                   int64_t *offsets, long *bad);
@@ -509,6 +515,77 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moe_route(const Tensor &scores, const
     return {idx, wts, perm, offsets};
 }
 
+// the compressor's decode step after its products (compress.c): kv, gate [B, 1, C] (fp32 / bf16), ape
+// [ratio, C] fp32, pend_kv / pend_gate [B, slots, C] fp32 (updated in place), pos [B, 1]; returns pooled
+// [B, C / (1 + overlap)] fp32, written for the rows whose token closes a window (the others: undefined)
+Tensor compress_step_(const Tensor &kv, const Tensor &gate, const Tensor &ape, Tensor &pend_kv, Tensor &pend_gate,
+                      const Tensor &pos, int64_t ratio, bool overlap) {
+    const char *op = "compress_step_";
+    const int dt = float_code(kv, op, "kv");
+    check_plain(kv, op, "kv");
+    check_plain(gate, op, "gate");
+    check_plain(ape, op, "ape");
+    check_plain(pend_kv, op, "pend_kv");
+    check_plain(pend_gate, op, "pend_gate");
+    check_plain(pos, op, "pos");
+    check_dtype(gate, kv.scalar_type(), op, "gate");
+    TORCH_CHECK_VALUE(ratio >= 1, "v4c_native.compress_step_: ratio must be >= 1, got ", ratio);
+    TORCH_CHECK_VALUE(kv.dim() == 3 && kv.size(1) == 1, "v4c_native.compress_step_: kv must be [B, 1, C], got shape ",
+                      kv.sizes());
+    const int64_t B = kv.size(0), C = kv.size(2), slots = (overlap ? 2 : 1) * ratio;
+    TORCH_CHECK_VALUE(!overlap || C % 2 == 0, "v4c_native.compress_step_: with overlap C must be even, got ", C);
+    check_fits_int(C, op, "width C");
+    check_numel(gate, B * C, op, "gate", "[B, 1, C]");
+    check_dtype(ape, at::kFloat, op, "ape");
+    check_numel(ape, ratio * C, op, "ape", "[ratio, C]");
+    for (const Tensor *t : {static_cast<const Tensor *>(&pend_kv), static_cast<const Tensor *>(&pend_gate)}) {
+        check_dtype(*t, at::kFloat, op, "the pending slots");
+        TORCH_CHECK_VALUE(t->dim() == 3 && t->size(0) == B && t->size(1) == slots && t->size(2) == C,
+                          "v4c_native.compress_step_: the pending slots must be [B, ", slots, ", C] = [", B, ", ", slots,
+                          ", ", C, "], got shape ", t->sizes());
+    }
+    check_dtype(pos, at::kLong, op, "pos");
+    check_numel(pos, B, op, "pos", "[B, 1]");
+    Tensor pooled = at::empty({B, C / (overlap ? 2 : 1)}, kv.options().dtype(at::kFloat));
+    const int rc = v4c_compress_step(B, int(C), int(ratio), overlap, dt, kv.data_ptr(), gate.data_ptr(),
+                                     ape.data_ptr<float>(), pend_kv.data_ptr<float>(), pend_gate.data_ptr<float>(),
+                                     pos.data_ptr<int64_t>(), pooled.data_ptr<float>());
+    TORCH_CHECK_VALUE(rc == 0, "v4c_native.compress_step_: a position is negative, or closes a CSA window that has "
+                      "no predecessor (the general path takes those)");
+    return pooled;
+}
+
+// the indexer's selection over plain keys (indexer.c): q [B, T, H, D], w [B, T, H] (one float dtype), keys
+// [B, N, D] fp32 / bf16, pos [B, T]; returns [B, T, topk] row indices, -1 where fewer rows are visible
+Tensor indexer_topk(const Tensor &q, const Tensor &w, const Tensor &keys, const Tensor &pos, int64_t topk,
+                    int64_t ratio, double scale) {
+    const char *op = "indexer_topk";
+    const int qdt = float_code(q, op, "q"), kdt = float_code(keys, op, "keys");
+    check_plain(q, op, "q");
+    check_plain(w, op, "w");
+    check_plain(keys, op, "keys");
+    check_plain(pos, op, "pos");
+    check_dtype(w, q.scalar_type(), op, "w");
+    check_dtype(pos, at::kLong, op, "pos");
+    TORCH_CHECK_VALUE(q.dim() == 4, "v4c_native.indexer_topk: q must be [B, T, H, D], got shape ", q.sizes());
+    const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
+    check_numel(w, B * T * H, op, "w", "[B, T, H]");
+    check_numel(pos, B * T, op, "pos", "[B, T]");
+    TORCH_CHECK_VALUE(keys.dim() == 3 && keys.size(0) == B && keys.size(2) == D, "v4c_native.indexer_topk: keys must "
+                      "be [B, N, D] = [", B, ", N, ", D, "], got shape ", keys.sizes());
+    TORCH_CHECK_VALUE(topk >= 1 && ratio >= 1, "v4c_native.indexer_topk: topk and ratio must be >= 1, got ", topk,
+                      " and ", ratio);
+    for (int64_t v : {H, D, topk, ratio}) check_fits_int(v, op, "size");
+    TORCH_CHECK_VALUE(keys.size(1) <= INT32_MAX, "v4c_native.indexer_topk: too many key rows");
+    Tensor out = at::empty({B, T, topk}, pos.options());
+    const int nt = threads();
+    const int64_t work = v4c_indexer_work(nt, int(H), int(D), keys.size(1), int(topk));
+    v4c_indexer_topk(nt, B, T, int(H), int(D), qdt, q.data_ptr(), w.data_ptr(), kdt, keys.data_ptr(), keys.size(1),
+                     pos.data_ptr<int64_t>(), int(ratio), float(scale), int(topk), out.data_ptr<int64_t>(),
+                     scratch(work / int64_t(sizeof(float)) + 16));
+    return out;
+}
+
 // ---- quantised weights (quant.c) --------------------------------------------------------------
 
 // the C code's format codes: 0 float32, 1 bfloat16 (plain weights), 2 FP8 e4m3 128x128, 3 MXFP4
@@ -686,6 +763,9 @@ TORCH_LIBRARY(v4c_native, m) {
     m.def("dot_isas(ScalarType dtype) -> str[]", &dot_isas);
     m.def("linear(Tensor x, Tensor w, int groups=1, str? isa=None) -> Tensor");
     m.def("openmp_entries() -> int[]", &openmp_entries);
+    m.def("compress_step_(Tensor kv, Tensor gate, Tensor ape, Tensor(a!) pend_kv, Tensor(b!) pend_gate, Tensor pos, "
+          "int ratio, bool overlap) -> Tensor");
+    m.def("indexer_topk(Tensor q, Tensor w, Tensor keys, Tensor pos, int topk, int ratio, float scale) -> Tensor");
     m.def("moe_route(Tensor scores, Tensor? bias, Tensor? table, Tensor? ids, int k, float scaling) -> "
           "(Tensor, Tensor, Tensor, Tensor)");
     m.def("quant_supported() -> bool", &quant_supported);
@@ -705,4 +785,6 @@ TORCH_LIBRARY_IMPL(v4c_native, CPU, m) {
     m.impl("qlinear", &qlinear);
     m.impl("moe_decode_q", &moe_decode_q);
     m.impl("moe_route", &moe_route);
+    m.impl("compress_step_", &compress_step_);
+    m.impl("indexer_topk", &indexer_topk);
 }
