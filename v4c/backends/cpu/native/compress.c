@@ -10,13 +10,11 @@
 #include <math.h>
 #include <stdint.h>
 
-static float widen(const void *p, long i, int dt) {
-    if (dt == 0) return ((const float *)p)[i];
-    union {
-        uint32_t u;
-        float f;
-    } v = {.u = (uint32_t)((const uint16_t *)p)[i] << 16};
-    return v.f;
+#include "common.h"
+
+/* element i of a row of dtype dt, as fp32 */
+static inline float at(const void *p, long i, int dt) {
+    return dt ? bf2f(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
 /* Returns 0, or -1 when a row's position is negative or a closing CSA window has no predecessor
@@ -34,8 +32,8 @@ int v4c_compress_step(long B, int C, int ratio, int overlap, int dt, const void 
         const long s = (long)(p % slots) * C;
         const float *a = ape + (long)(p % m) * C;
         for (int c = 0; c < C; c++) {
-            rk[s + c] = widen(kv, b * (long)C + c, dt);
-            rg[s + c] = widen(gate, b * (long)C + c, dt) + a[c];
+            rk[s + c] = at(kv, b * (long)C + c, dt);
+            rg[s + c] = at(gate, b * (long)C + c, dt) + a[c];
         }
         if ((p + 1) % m) continue;
         /* the window's tokens, oldest first: positions first .. p (2m of them with overlap) */

@@ -6,7 +6,6 @@
  * (dots(): fp32 dot products, eight lanes), rows split across threads; then a quickselect and a sort
  * of the k chosen, best first, ties to the lower row (the reference's top-k leaves ties unordered).
  * Rows not visible, and picks beyond the visible rows, read -1. dt codes: 0 fp32, 1 bf16. */
-#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -65,13 +64,12 @@ V4C_CLONES static void scan_rows(void *ctx, long j0, long j1, int tid) {
     }
 }
 
-long v4c_indexer_work(int threads, int H, int D, long n, int topk) {
-    (void)topk;
+long v4c_indexer_work(int threads, int H, int D, long n) {
     return (long)threads * (D + H) * 4 + n * (4 + (long)sizeof(struct pick)) + (long)(H * D + H) * 4;
 }
 
 /* q [B, T, H, D] and w [B, T, H] of dtype qdt; keys [B, N, D] of dtype kdt; pos [B, T]; out [B, T, topk].
- * `work` holds v4c_indexer_work(threads, H, D, N, topk) bytes. Returns 0. */
+ * `work` holds v4c_indexer_work(threads, H, D, N) bytes. Returns 0. */
 int v4c_indexer_topk(int threads, long B, long T, int H, int D, int qdt, const void *q, const void *w, int kdt,
                      const void *keys, long N, const int64_t *pos, int ratio, float scale, int topk, int64_t *out,
                      void *work) {

@@ -50,7 +50,7 @@ int v4c_linear(int threads, int isa, int dt, int t, int G, long R, long K, const
 int v4c_use_openmp(void *parallel, void *thread_num, void *num_threads);
 int v4c_compress_step(long B, int C, int ratio, int overlap, int dt, const void *kv, const void *gate,
                       const float *ape, float *pend_kv, float *pend_gate, const int64_t *pos, float *pooled);
-long v4c_indexer_work(int threads, int H, int D, long n, int topk);
+long v4c_indexer_work(int threads, int H, int D, long n);
 int v4c_indexer_topk(int threads, long B, long T, int H, int D, int qdt, const void *q, const void *w, int kdt,
                      const void *keys, long N, const int64_t *pos, int ratio, float scale, int topk, int64_t *out,
                      void *work);
@@ -376,6 +376,18 @@ Tensor check_routing(const Tensor &perm, const Tensor &offsets, const Tensor &w,
     return w32;
 }
 
+// every index the MoE kernels follow: each expert's assignment range within perm, each slot within w and x
+void check_indices(const Tensor &perm, const Tensor &offsets, int64_t t, int64_t k, int64_t E, const char *op) {
+    const int64_t *off = offsets.data_ptr<int64_t>(), *pm = perm.data_ptr<int64_t>();
+    for (int64_t e = 0; e < E; e++)
+        TORCH_CHECK_VALUE(off[e] <= off[e + 1], "moe_ffn: expert offsets must be non-decreasing, got ", offsets);
+    TORCH_CHECK_VALUE(off[0] >= 0 && off[E] <= perm.numel(), "v4c_native.", op, ": offsets must lie in [0, ",
+                      perm.numel(), "], got ", off[0], " .. ", off[E]);
+    for (int64_t a = 0; a < t * k; a++)
+        TORCH_CHECK_VALUE(pm[a] >= 0 && pm[a] < t * k, "v4c_native.", op, ": perm[", a, "] = ", pm[a],
+                          " is outside [0, ", t * k, ")");
+}
+
 Tensor moe_decode(const Tensor &x, const Tensor &w, const Tensor &perm, const Tensor &offsets, const Tensor &w13,
                   const Tensor &w2, const OptTensor &shared_gate, const OptTensor &shared_up,
                   const OptTensor &shared_down, int64_t k, double limit, std::optional<c10::string_view> isa_arg) {
@@ -417,22 +429,15 @@ Tensor moe_decode(const Tensor &x, const Tensor &w, const Tensor &perm, const Te
         check_numel(*shared_up, Is * D, op, "shared_up", "[Is, D]");
         check_numel(*shared_down, D * Is, op, "shared_down", "[D, Is]");
     }
-    // every index the C code follows: the assignment range within perm, each slot within w and x
-    const int64_t *off = offsets.data_ptr<int64_t>(), *pm = perm.data_ptr<int64_t>();
-    for (int64_t e = 0; e < E; e++)
-        TORCH_CHECK_VALUE(off[e] <= off[e + 1], "moe_ffn: expert offsets must be non-decreasing, got ", offsets);
-    TORCH_CHECK_VALUE(off[0] >= 0 && off[E] <= perm.numel(), "v4c_native.moe_decode: offsets must lie in [0, ",
-                      perm.numel(), "], got ", off[0], " .. ", off[E]);
-    for (int64_t a = 0; a < t * k; a++)
-        TORCH_CHECK_VALUE(pm[a] >= 0 && pm[a] < t * k, "v4c_native.moe_decode: perm[", a, "] = ", pm[a],
-                          " is outside [0, ", t * k, ")");
+    check_indices(perm, offsets, t, k, E, op);
     // (after the operand checks: those run, and are tested, on any CPU)
     const int isa = pick_isa(isa_arg, x.scalar_type(), op);
     Tensor out = at::empty_like(x);
     const int64_t work = v4c_moe_decode_work(int(t), int(D), int(I), int(Is), int(k), int(E));
     const int rc = v4c_moe_decode(threads(), isa, dt, int(t), int(D), int(I), int(Is), int(k), int(E), x.data_ptr(),
-                                  off, pm, w32.data_ptr<float>(), w13.data_ptr(), w2.data_ptr(), ptr(shared_gate),
-                                  ptr(shared_up), ptr(shared_down), float(limit), out.data_ptr(),
+                                  offsets.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), w32.data_ptr<float>(),
+                                  w13.data_ptr(), w2.data_ptr(), ptr(shared_gate), ptr(shared_up), ptr(shared_down),
+                                  float(limit), out.data_ptr(),
                                   scratch(work / int64_t(sizeof(float)) + 16));
     TORCH_CHECK_VALUE(rc != -1, "v4c_native.moe_decode: bad sizes");
     TORCH_CHECK(rc != -3, "v4c_native.moe_decode: this CPU (or compiler) has no kernel for these weights");
@@ -579,7 +584,7 @@ Tensor indexer_topk(const Tensor &q, const Tensor &w, const Tensor &keys, const 
     TORCH_CHECK_VALUE(keys.size(1) <= INT32_MAX, "v4c_native.indexer_topk: too many key rows");
     Tensor out = at::empty({B, T, topk}, pos.options());
     const int nt = threads();
-    const int64_t work = v4c_indexer_work(nt, int(H), int(D), keys.size(1), int(topk));
+    const int64_t work = v4c_indexer_work(nt, int(H), int(D), keys.size(1));
     v4c_indexer_topk(nt, B, T, int(H), int(D), qdt, q.data_ptr(), w.data_ptr(), kdt, keys.data_ptr(), keys.size(1),
                      pos.data_ptr<int64_t>(), int(ratio), float(scale), int(topk), out.data_ptr<int64_t>(),
                      scratch(work / int64_t(sizeof(float)) + 16));
@@ -718,23 +723,15 @@ Tensor moe_decode_q(const Tensor &x, const Tensor &w, const Tensor &perm, const 
             }
         }
     }
-    // every index the C code follows: the assignment range within perm, each slot within w and x
-    const int64_t *off = offsets.data_ptr<int64_t>(), *pm = perm.data_ptr<int64_t>();
-    for (int64_t e = 0; e < E; e++)
-        TORCH_CHECK_VALUE(off[e] <= off[e + 1], "moe_ffn: expert offsets must be non-decreasing, got ", offsets);
-    TORCH_CHECK_VALUE(off[0] >= 0 && off[E] <= perm.numel(), "v4c_native.moe_decode_q: offsets must lie in [0, ",
-                      perm.numel(), "], got ", off[0], " .. ", off[E]);
-    for (int64_t a = 0; a < t * k; a++)
-        TORCH_CHECK_VALUE(pm[a] >= 0 && pm[a] < t * k, "v4c_native.moe_decode_q: perm[", a, "] = ", pm[a],
-                          " is outside [0, ", t * k, ")");
+    check_indices(perm, offsets, t, k, E, op);
     TORCH_CHECK(quant_supported(), "v4c_native.moe_decode_q: this CPU (or compiler) has no AVX2 + FMA");
     Tensor out = at::empty_like(x);
     const int nt = threads();
     const int64_t work = v4c_moe_decode_q_work(nt, int(t), int(D), int(I), int(shared ? Is : 0), int(k), int(E));
     auto sp = [](const OptTensor &s) { return s.has_value() ? bytes(*s) : nullptr; };
     const int rc = v4c_moe_decode_q(
-        nt, dt, int(t), int(D), int(I), int(shared ? Is : 0), int(k), int(E), x.data_ptr(), off, pm,
-        w32.data_ptr<float>(), fmt, w13.data_ptr(), bytes(w13_scale), w2.data_ptr(), bytes(w2_scale), sfmt,
+        nt, dt, int(t), int(D), int(I), int(shared ? Is : 0), int(k), int(E), x.data_ptr(), offsets.data_ptr<int64_t>(),
+        perm.data_ptr<int64_t>(), w32.data_ptr<float>(), fmt, w13.data_ptr(), bytes(w13_scale), w2.data_ptr(), bytes(w2_scale), sfmt,
         ptr(shared_gate), shared_fmt_arg ? sp(shared_gate_scale) : nullptr, ptr(shared_up),
         shared_fmt_arg ? sp(shared_up_scale) : nullptr, ptr(shared_down),
         shared_fmt_arg ? sp(shared_down_scale) : nullptr, float(limit), out.data_ptr(),
