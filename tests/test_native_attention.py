@@ -131,3 +131,58 @@ def test_native_attention_declines_what_it_does_not_take():
     assert torch.equal(run("attention", qt, *args[1:], impl="native", **attrs), run("attention", *args, **attrs))
     with pytest.raises(ValueError, match="attention: kind 'hca' with ratio 0"):
         native.attention(q, kv, ring, ring_pos, sinks, pos, rows, kind="hca", window=W, ratio=0, scale=1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,rope_dim", [((2, 5, 16, 128), 64), ((1, 1, 8, 64), 64), ((3, 7, 96), 32),
+                                            ((1, 130, 4, 48), 48), ((2, 3, 6, 10), 2)])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_rope_alone_in_c_equals_the_reference_bit_for_bit(dtype, shape, rope_dim, inverse):
+    """``rope_`` (which takes the C RoPE for contiguous fp32 / bf16 tensors) against ``apply_rope``, the
+    op reference's real arithmetic, at positions past any table's first size; the head dims before
+    the rotated tail untouched."""
+    from v4c.backends.cpu.rope import rope_
+    from v4c.graph.ops.core import apply_rope, rope_cos_sin
+    g = torch.Generator().manual_seed(shape[1] * rope_dim + inverse)
+    x = torch.randn(*shape, generator=g).to(dtype)
+    pos = torch.randint(0, 9000, shape[:2], generator=g)
+    cos, sin = rope_cos_sin(pos, rope_dim, 10000.0, None)
+    want = apply_rope(x, cos, -sin if inverse else sin)
+    got = rope_(x.clone(), pos, rope_dim, 10000.0, None, inverse=inverse)
+    assert torch.equal(got, want)
+    assert torch.equal(got[..., :-rope_dim], x[..., :-rope_dim])
+
+
+def test_rope_alone_needs_its_rotations():
+    with pytest.raises(ValueError, match=r"norm_rope_: without the norm, rot is needed"):
+        native.norm_rope_(torch.randn(1, 2, 16), None, 0.0, 8, None, norm=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8])
+@pytest.mark.parametrize("t", [1, 3, 16])
+def test_ring_append_in_c_equals_the_reference(dtype, t):
+    """``native.ring_append_`` against the ``window_append`` reference: rows at different positions,
+    a call that wraps around the ring's end, a ring that already holds rows; any element type (the
+    fp8 row format is bytes)."""
+    from v4c.graph.ops.attention import window_append
+    g = torch.Generator().manual_seed(t)
+    b, w, d = 3, 16, 24
+    ring = (torch.randn(b, w, d, generator=g) * 20).to(dtype)
+    ring_pos = torch.randint(0, 40, (b, w), generator=g)
+    kv = (torch.randn(b, t, d, generator=g) * 20).to(dtype)
+    pos = torch.stack([torch.arange(t) + s for s in (0, 14, 37)])  # the second row wraps from slot 14
+    want_ring, want_pos = window_append(ring.clone(), ring_pos.clone(), kv, pos)
+    got_ring, got_pos = ring.clone(), ring_pos.clone()
+    native.ring_append_(got_ring, got_pos, kv, pos)
+    assert torch.equal(got_ring, want_ring) and torch.equal(got_pos, want_pos)
+
+
+def test_ring_append_refuses_padding_and_overflow_with_clear_errors():
+    ring, ring_pos = torch.zeros(1, 4, 8), torch.full((1, 4), -1)
+    with pytest.raises(ValueError, match=r"ring_append_: positions must be >= 0 \(no padding\)"):
+        native.ring_append_(ring, ring_pos, torch.ones(1, 2, 8), torch.tensor([[5, -1]]))
+    assert torch.equal(ring, torch.zeros(1, 4, 8)) and bool((ring_pos == -1).all())  # nothing written
+    with pytest.raises(ValueError, match=r"ring_append_: 5 tokens per row do not fit a ring of 4 slots"):
+        native.ring_append_(ring, ring_pos, torch.ones(1, 5, 8), torch.arange(5).view(1, 5))
+    with pytest.raises(TypeError, match=r"ring_append_: kv must have the ring's dtype"):
+        native.ring_append_(ring, ring_pos, torch.ones(1, 2, 8, dtype=torch.bfloat16), torch.tensor([[5, 6]]))

@@ -21,7 +21,9 @@ SCHEMAS = {
     "hc_mix": "v4c_native::hc_mix(Tensor x, Tensor? y, Tensor? post, Tensor? comb, Tensor fn, Tensor base, "
               "Tensor scale, Tensor? norm_w, float eps, float hc_eps, int iters, bool head) "
               "-> (Tensor?, Tensor, Tensor?, Tensor?)",
-    "norm_rope_": "v4c_native::norm_rope_(Tensor(a!) x, Tensor? w, float eps, int rope_dim, Tensor? rot) -> Tensor(a!)",
+    "norm_rope_": "v4c_native::norm_rope_(Tensor(a!) x, Tensor? w, float eps, int rope_dim, Tensor? rot, "
+                  "bool norm=True) -> Tensor(a!)",
+    "ring_append_": "v4c_native::ring_append_(Tensor(a!) ring, Tensor(b!) ring_pos, Tensor kv, Tensor pos) -> ()",
     "attention": "v4c_native::attention(Tensor q, Tensor kv, Tensor ring, Tensor ring_pos, Tensor sinks, Tensor pos, "
                  "Tensor? rows, Tensor? idx, str kind, int window, int ratio, float scale) -> Tensor",
     "moe_decode": "v4c_native::moe_decode(Tensor x, Tensor w, Tensor perm, Tensor offsets, Tensor w13, Tensor w2, "

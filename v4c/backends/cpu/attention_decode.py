@@ -13,6 +13,7 @@ import torch
 
 from ...graph.storage import PLAIN, decode, encode, round_trip
 from .. import DECODE_TOKENS
+from . import native
 from .positions import values
 
 TOKENS = DECODE_TOKENS  # calls with at most this many tokens (batch x length) take these paths
@@ -92,6 +93,9 @@ def window_append(ring, ring_pos, kv, pos, *, kv_format=None, kv_rope_dim=0):
     b, w = ring.shape[0], ring.shape[1]
     t = pos.shape[1]
     rows = encode(kv, kv_format, kv_rope_dim, ring.dtype)
+    if native.ring_append_supported(ring, rows) and pos.is_contiguous() and ring_pos.is_contiguous():
+        native.ring_append_(ring, ring_pos, rows, pos)  # one C call instead of two indexed writes
+        return ring, ring_pos
     vals = values(pos)
     first = vals[0] % w if vals is not None else w
     if first + t <= w and vals == vals[:t] * b:

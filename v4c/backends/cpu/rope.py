@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ...graph.ops.core import rope_cos_sin
+from . import native
 from .positions import bounds, version
 
 _TABLES: dict = {}
@@ -56,6 +57,8 @@ def rope_(x: torch.Tensor, pos: torch.Tensor, rope_dim: int, theta: float, yarn=
     """RoPE in place on ``x`` (a tensor the caller owns): interleaved pairs of the last ``rope_dim``
     dims as complex numbers, times the rotation."""
     rot = rotations(pos, rope_dim, theta, yarn, inverse)
+    if rope_dim and x.dim() in (3, 4) and rot.shape[:2] == x.shape[:2] and native.norm_rope_supported(x, None):
+        return native.norm_rope_(x, None, 0.0, rope_dim, rot, norm=False)  # one C call, the same roundings
     if x.dim() == 4:
         rot = rot.unsqueeze(-2)
     tail = x[..., -rope_dim:]

@@ -268,6 +268,7 @@ class _Ops:
         self.moe_route = ns.moe_route.default
         self.compress_step_ = ns.compress_step_.default
         self.indexer_topk = ns.indexer_topk.default
+        self.ring_append_ = ns.ring_append_.default
 
 
 def _openmp_entries() -> tuple:
@@ -310,10 +311,25 @@ def norm_rope_supported(x: torch.Tensor, w: torch.Tensor | None) -> bool:
             and (w is None or (w.dtype in _FLOATS and w.device.type == "cpu" and w.is_contiguous())))
 
 
-def norm_rope_(x: torch.Tensor, w: torch.Tensor | None, eps: float, rope_dim: int, rot: torch.Tensor | None):
+def norm_rope_(x: torch.Tensor, w: torch.Tensor | None, eps: float, rope_dim: int, rot: torch.Tensor | None,
+               norm: bool = True):
     """RMSNorm over the last dim (times ``w``), then RoPE on its last ``rope_dim`` dims with the
-    rotations ``rot`` (complex, one row of rope_dim/2 per token), in place on ``x [B, T, (H,) d]``."""
-    return _ops().norm_rope_(x, w, eps, rope_dim, rot)
+    rotations ``rot`` (complex, one row of rope_dim/2 per token), in place on ``x [B, T, (H,) d]``.
+    ``norm=False``: the RoPE alone (``rot`` needed, ``w`` and ``eps`` unused)."""
+    return _ops().norm_rope_(x, w, eps, rope_dim, rot, norm)
+
+
+def ring_append_supported(ring: torch.Tensor, kv: torch.Tensor) -> bool:
+    """Whether ``ring_append_`` takes these: contiguous CPU tensors of one dtype (any element size)."""
+    return (library() is not None and ring.device.type == "cpu" and kv.device.type == "cpu"
+            and ring.dtype == kv.dtype and ring.is_contiguous() and kv.is_contiguous())
+
+
+def ring_append_(ring: torch.Tensor, ring_pos: torch.Tensor, kv: torch.Tensor, pos: torch.Tensor) -> None:
+    """The window ring's append (attention.c): token ``kv[b, u]`` at position ``pos[b, u]`` (>= 0: no
+    padding) into slot ``pos % W`` of ``ring [B, W, D]``, its position into ``ring_pos``, in place;
+    at most W tokens a row."""
+    _ops().ring_append_(ring, ring_pos, kv, pos)
 
 
 _KINDS = ("sliding", "hca", "csa")

@@ -227,3 +227,22 @@ int v4c_attention(int threads, int B, int T, int H, int D, int dt, int kind, int
     free(contig);
     return j.failed ? -2 : 0;
 }
+
+/* The window ring's append for a call without padding: token u of row b (position p = pos[b, u] >= 0)
+ * into slot p % W of ring [B, W, D] (elements of `size` bytes, kv [B, T, D] of the ring's dtype), and
+ * p into ring_pos [B, W]. T <= W, so no two tokens of a row share a slot. Returns 0, or -1 for a
+ * negative position or T > W (nothing written). */
+int v4c_ring_append(long B, long T, long W, long D, int size, const void *kv, void *ring, int64_t *ring_pos,
+                    const int64_t *pos) {
+    if (T > W) return -1;
+    for (long i = 0; i < B * T; i++)
+        if (pos[i] < 0) return -1;
+    for (long b = 0; b < B; b++)
+        for (long u = 0; u < T; u++) {
+            const int64_t p = pos[b * T + u];
+            const long slot = (long)(p % W);
+            memcpy((char *)ring + (b * W + slot) * D * size, (const char *)kv + (b * T + u) * D * size, D * size);
+            ring_pos[b * W + slot] = p;
+        }
+    return 0;
+}

@@ -1,4 +1,5 @@
-/* RMSNorm then RoPE, in place, over the rows of a projection's output (q_proj / kv_proj epilogue).
+/* RMSNorm then RoPE, in place, over the rows of a projection's output (q_proj / kv_proj epilogue);
+ * RoPE alone (the attention output's de-rotation, the indexer's queries).
  *
  * In PyTorch this epilogue is ~15 small ops per call (norm, widen, complex view, multiply, copy
  * back): most of a decode step's q/kv projection after its GEMV, and a dozen memory passes in a
@@ -54,8 +55,42 @@ V4C_CLONES static void norm_rope_range(long r0, long r1, int heads, int d, int x
     }
 }
 
+/* RoPE alone (no norm): the last rope_dim dims of each head of rows [r0, r1), in place. Each value
+ * is widened, rotated (products and their sum each rounded in fp32) and rounded to xdt once, as the
+ * PyTorch rope on a widened copy does. */
+V4C_CLONES static void rope_range(long r0, long r1, int heads, int d, int xdt, void *x, int rope_dim,
+                                  const float *rot) {
+    const int tail = d - rope_dim, half = rope_dim / 2;
+    for (long r = r0; r < r1; r++) {
+        const float *rr = rot + r * rope_dim;
+        for (int h = 0; h < heads; h++) {
+            const long off = (r * heads + h) * (long)d + tail;
+            for (int i = 0; i < half; i++) {
+                float a, b;
+                if (xdt) {
+                    const uint16_t *p = (const uint16_t *)x + off;
+                    a = bf2f(p[2 * i]), b = bf2f(p[2 * i + 1]);
+                } else {
+                    const float *p = (const float *)x + off;
+                    a = p[2 * i], b = p[2 * i + 1];
+                }
+                const float c = rr[2 * i], s = rr[2 * i + 1];
+                const float ac = a * c, bs = b * s, as = a * s, bc = b * c;
+                const float re = ac - bs, im = as + bc;
+                if (xdt) {
+                    uint16_t *p = (uint16_t *)x + off;
+                    p[2 * i] = f2bf(re), p[2 * i + 1] = f2bf(im);
+                } else {
+                    float *p = (float *)x + off;
+                    p[2 * i] = re, p[2 * i + 1] = im;
+                }
+            }
+        }
+    }
+}
+
 struct norm_rope_job {
-    int heads, d, xdt, wdt, rope_dim;
+    int norm, heads, d, xdt, wdt, rope_dim;
     void *x;
     const void *w;
     float eps;
@@ -65,16 +100,21 @@ struct norm_rope_job {
 
 static void norm_rope_job_rows(void *p, long a, long e, int tid) {
     const struct norm_rope_job *j = (const struct norm_rope_job *)p;
+    if (!j->norm) {
+        rope_range(a, e, j->heads, j->d, j->xdt, j->x, j->rope_dim, j->rot);
+        return;
+    }
     norm_rope_range(a, e, j->heads, j->d, j->xdt, j->x, j->w, j->wdt, j->eps, j->rope_dim, j->rot,
                     j->work + (long)tid * j->d);
 }
 
-/* norm_rope_range over [0, rows), split across up to `threads` threads (64 rows or more each).
- * work: threads * d floats. Returns 0, or -1 for a rope_dim that is odd or larger than d. */
-int v4c_norm_rope(int threads, long rows, int heads, int d, int xdt, void *x, const void *w, int wdt, float eps,
-                  int rope_dim, const float *rot, float *work) {
-    if (rope_dim < 0 || rope_dim > d || rope_dim % 2) return -1;
-    struct norm_rope_job j = {heads, d, xdt, wdt, rope_dim, x, w, eps, rot, work};
+/* norm_rope_range (norm = 0: rope_range, which needs rot) over [0, rows), split across up to
+ * `threads` threads (64 rows or more each). work: threads * d floats. Returns 0, or -1 for a
+ * rope_dim that is odd or larger than d, or no rotations without the norm. */
+int v4c_norm_rope(int threads, int norm, long rows, int heads, int d, int xdt, void *x, const void *w, int wdt,
+                  float eps, int rope_dim, const float *rot, float *work) {
+    if (rope_dim < 0 || rope_dim > d || rope_dim % 2 || (!norm && !rot)) return -1;
+    struct norm_rope_job j = {norm, heads, d, xdt, wdt, rope_dim, x, w, eps, rot, work};
     v4c_parallel_rows(rows, threads, 64, norm_rope_job_rows, &j);
     return 0;
 }

@@ -34,8 +34,10 @@ int v4c_hc_mix(int threads, long rows, int n, int D, int mode, int xdt, int wdt,
                const float *post_in, const float *comb_in, const float *fn, const float *base, const float *scale,
                const void *norm_w, float eps, float hc_eps, int iters, void *x1_out, void *h_out, float *post_out,
                float *comb_out, float *work);
-int v4c_norm_rope(int threads, long rows, int heads, int d, int xdt, void *x, const void *w, int wdt, float eps,
-                  int rope_dim, const float *rot, float *work);
+int v4c_norm_rope(int threads, int norm, long rows, int heads, int d, int xdt, void *x, const void *w, int wdt,
+                  float eps, int rope_dim, const float *rot, float *work);
+int v4c_ring_append(long B, long T, long W, long D, int size, const void *kv, void *ring, int64_t *ring_pos,
+                    const int64_t *pos);
 int v4c_attention(int threads, int B, int T, int H, int D, int dt, int kind, int window, int ratio, const void *q,
                   const void *kv, const void *ring, const int64_t *ring_pos, int W, const float *sinks,
                   const int64_t *pos, const void *rows, int N, const int64_t *idx, int K, float scale, void *out);
@@ -227,8 +229,9 @@ std::tuple<OptTensor, Tensor, OptTensor, OptTensor> hc_mix(const Tensor &x, cons
     return {x1, h, post_out, comb_out};
 }
 
-Tensor norm_rope_(Tensor &x, const OptTensor &w, double eps, int64_t rope_dim, const OptTensor &rot) {
+Tensor norm_rope_(Tensor &x, const OptTensor &w, double eps, int64_t rope_dim, const OptTensor &rot, bool norm) {
     const char *op = "norm_rope_";
+    TORCH_CHECK_VALUE(norm || rot.has_value(), "v4c_native.norm_rope_: without the norm, rot is needed");
     TORCH_CHECK_VALUE(x.dim() == 3 || x.dim() == 4,
                       "v4c_native.norm_rope_: x must be [B, T, d] or [B, T, H, d], got shape ", x.sizes());
     const int xdt = float_code(x, op, "x");
@@ -255,8 +258,8 @@ Tensor norm_rope_(Tensor &x, const OptTensor &w, double eps, int64_t rope_dim, c
     }
     const int nt = threads();
     const float *rotp = rr.defined() ? rr.data_ptr<float>() : nullptr;
-    const int rc = v4c_norm_rope(nt, rows, int(heads), int(d), xdt, x.data_ptr(), ptr(w), wdt, float(eps),
-                                 int(rope_dim), rotp, scratch(int64_t(nt) * d));
+    const int rc = v4c_norm_rope(nt, norm ? 1 : 0, rows, int(heads), int(d), xdt, x.data_ptr(), norm ? ptr(w) : nullptr,
+                                 wdt, float(eps), int(rope_dim), rotp, scratch(int64_t(nt) * d));
     TORCH_CHECK_VALUE(rc == 0, "v4c_native.norm_rope_: rope_dim ", rope_dim, " must be even and at most ", d);
     return x;
 }
@@ -741,6 +744,29 @@ Tensor moe_decode_q(const Tensor &x, const Tensor &w, const Tensor &perm, const 
     return out;
 }
 
+void ring_append_(Tensor &ring, Tensor &ring_pos, const Tensor &kv, const Tensor &pos) {
+    const char *op = "ring_append_";
+    TORCH_CHECK_VALUE(ring.dim() == 3, "v4c_native.ring_append_: ring must be [B, W, D], got shape ", ring.sizes());
+    const int64_t B = ring.size(0), W = ring.size(1), D = ring.size(2);
+    TORCH_CHECK_VALUE(kv.dim() == 3 && kv.size(0) == B && kv.size(2) == D, "v4c_native.ring_append_: kv must be [B, T, D] = [",
+                      B, ", T, ", D, "], got shape ", kv.sizes());
+    const int64_t T = kv.size(1);
+    TORCH_CHECK_VALUE(T <= W, "v4c_native.ring_append_: ", T, " tokens per row do not fit a ring of ", W, " slots");
+    check_plain(ring, op, "ring");
+    check_plain(kv, op, "kv");
+    check_plain(ring_pos, op, "ring_pos");
+    check_plain(pos, op, "pos");
+    TORCH_CHECK_TYPE(kv.scalar_type() == ring.scalar_type(), "v4c_native.ring_append_: kv must have the ring's dtype ",
+                     ring.scalar_type(), ", got ", kv.scalar_type());
+    check_dtype(ring_pos, at::kLong, op, "ring_pos");
+    check_dtype(pos, at::kLong, op, "pos");
+    check_numel(ring_pos, B * W, op, "ring_pos", "[B, W]");
+    check_numel(pos, B * T, op, "pos", "[B, T]");
+    const int rc = v4c_ring_append(B, T, W, D, int(ring.element_size()), kv.data_ptr(), ring.data_ptr(),
+                                   ring_pos.data_ptr<int64_t>(), pos.data_ptr<int64_t>());
+    TORCH_CHECK_VALUE(rc == 0, "v4c_native.ring_append_: positions must be >= 0 (no padding)");
+}
+
 // the team's entry points in use (addresses; 0 where none was found): a diagnostic for the tests
 std::vector<int64_t> openmp_entries() {
     auto address = [](void *p) { return int64_t(reinterpret_cast<intptr_t>(p)); };
@@ -752,7 +778,8 @@ std::vector<int64_t> openmp_entries() {
 TORCH_LIBRARY(v4c_native, m) {
     m.def("hc_mix(Tensor x, Tensor? y, Tensor? post, Tensor? comb, Tensor fn, Tensor base, Tensor scale, "
           "Tensor? norm_w, float eps, float hc_eps, int iters, bool head) -> (Tensor?, Tensor, Tensor?, Tensor?)");
-    m.def("norm_rope_(Tensor(a!) x, Tensor? w, float eps, int rope_dim, Tensor? rot) -> Tensor(a!)");
+    m.def("norm_rope_(Tensor(a!) x, Tensor? w, float eps, int rope_dim, Tensor? rot, bool norm=True) -> Tensor(a!)");
+    m.def("ring_append_(Tensor(a!) ring, Tensor(b!) ring_pos, Tensor kv, Tensor pos) -> ()");
     m.def("attention(Tensor q, Tensor kv, Tensor ring, Tensor ring_pos, Tensor sinks, Tensor pos, Tensor? rows, "
           "Tensor? idx, str kind, int window, int ratio, float scale) -> Tensor");
     m.def("moe_decode(Tensor x, Tensor w, Tensor perm, Tensor offsets, Tensor w13, Tensor w2, Tensor? shared_gate, "
@@ -776,6 +803,7 @@ TORCH_LIBRARY(v4c_native, m) {
 TORCH_LIBRARY_IMPL(v4c_native, CPU, m) {
     m.impl("hc_mix", &hc_mix);
     m.impl("norm_rope_", &norm_rope_);
+    m.impl("ring_append_", &ring_append_);
     m.impl("attention", &attention);
     m.impl("moe_decode", &moe_decode);
     m.impl("linear", &linear);
