@@ -30,9 +30,11 @@
 #define V4C_CAT(a, b) V4C_CAT_(a, b)
 #define BLK V4C_CAT(NAME, _block)
 
-/* rows w + i * S * K (i < RW) against token rows x[0 .. RC): y[r * ldy + i * S] */
+/* rows w + i * S * K (i < RW) against token rows x[0 .. RC): y[r * ldy + i * S]; pf: prefetch the
+ * weight streams ahead as non-temporal (see NAME) */
 TARGET static inline __attribute__((always_inline)) void BLK(const WT *w, long S, long K, const XT *const *x,
-                                                             float *y, long ldy, const int RW, const int RC) {
+                                                             float *y, long ldy, const int RW, const int RC,
+                                                             const int pf) {
     VEC acc[4][3];
     for (int i = 0; i < RW; i++)
         for (int r = 0; r < RC; r++) acc[i][r] = ZERO();
@@ -41,6 +43,7 @@ TARGET static inline __attribute__((always_inline)) void BLK(const WT *w, long S
         XV xv[3];
         for (int r = 0; r < RC; r++) xv[r] = XLOAD(x[r] + k);
         for (int i = 0; i < RW; i++) {
+            if (pf) __builtin_prefetch(w + i * S * K + k + V4C_PF_BYTES / sizeof(WT), 0, 0);
             const WV wv = WLOAD(w + i * S * K + k);
             for (int r = 0; r < RC; r++) acc[i][r] = MAC(acc[i][r], wv, xv[r]);
         }
@@ -53,21 +56,34 @@ TARGET static inline __attribute__((always_inline)) void BLK(const WT *w, long S
         }
 }
 
-/* RW weight rows (S apart) against every token row, RC at a time (constants after inlining: no
- * loop overhead or spilled accumulators in the step loop). */
+/* RW weight rows (S apart) against every token row, RC at a time (RW, RC and the prefetch switch
+ * constants after inlining: no loop overhead, branch or spilled accumulator in the step loop). */
+#define V4C_GROUP(RW, PF)                                                                         \
+    switch (c - r0 < 3 ? c - r0 : 3) {                                                            \
+    case 1: BLK(w, S, K, xr, yr, ldy, RW, 1, PF); break;                                          \
+    case 2: BLK(w, S, K, xr, yr, ldy, RW, 2, PF); break;                                          \
+    default: BLK(w, S, K, xr, yr, ldy, RW, 3, PF); break;                                         \
+    }
 #define V4C_ROWS(RW)                                                                              \
     for (int r0 = 0; r0 < c; r0 += 3) {                                                           \
         const XT *const *xr = xs + r0;                                                            \
         float *yr = Y + r0 * ldy + o;                                                             \
-        switch (c - r0 < 3 ? c - r0 : 3) {                                                        \
-        case 1: BLK(w, S, K, xr, yr, ldy, RW, 1); break;                                          \
-        case 2: BLK(w, S, K, xr, yr, ldy, RW, 2); break;                                          \
-        default: BLK(w, S, K, xr, yr, ldy, RW, 3); break;                                         \
+        if (pf) {                                                                                 \
+            V4C_GROUP(RW, 1)                                                                      \
+        } else {                                                                                  \
+            V4C_GROUP(RW, 0)                                                                      \
         }                                                                                         \
     }
 
 TARGET void NAME(const void *W, long N, long K, const void *const *x, int c, float *Y, long ldy) {
     const XT *const *xs = (const XT *const *)x;
+    /* With at most 3 token rows every weight is read once: fetched as non-temporal a few lines ahead,
+     * the weights do not push the caches' other contents out (the interpreter's, the activations',
+     * the next op's), which a decode step's ~100 products would otherwise make every op refetch: on
+     * the Zen 2 machine the 478M bf16 decode step went from 10.0 to 8.5 ms, fp32 from 14.1 to 13.0.
+     * Not with more rows: a block is then read again for each 3 of them, and a non-temporal line
+     * leaving L1 goes back to memory (a 512-token fp32 prefill's experts took 1.6x as long). */
+    const int pf = c <= 3;
     long S = N / 4;
     for (long o = 0; o < S; o++) { /* rows o, o + S, o + 2S, o + 3S: four long streams */
         const WT *w = (const WT *)W + o * K;
@@ -81,6 +97,7 @@ TARGET void NAME(const void *W, long N, long K, const void *const *x, int c, flo
 }
 
 #undef V4C_ROWS
+#undef V4C_GROUP
 #undef BLK
 #undef NAME
 #undef WT

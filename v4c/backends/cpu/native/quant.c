@@ -155,7 +155,8 @@ QTARGET static inline __attribute__((always_inline)) void mx_decode(const uint8_
  * (permuted): y[r * ldy + i * S] */
 QTARGET static inline __attribute__((always_inline)) void mx_block(const uint8_t *w, const uint8_t *sc, long S,
                                                                    long K, const float *const *x, float *y,
-                                                                   long ldy, const int RW, const int RC) {
+                                                                   long ldy, const int RW, const int RC,
+                                                                   const int pf) {
     __m256 acc[4][8];
     for (int i = 0; i < RW; i++)
         for (int r = 0; r < RC; r++) acc[i][r] = _mm256_setzero_ps();
@@ -163,6 +164,7 @@ QTARGET static inline __attribute__((always_inline)) void mx_block(const uint8_t
     for (long b = 0; b < nb; b++) {
         for (int i = 0; i < RW; i++) {
             __m256 wv[4];
+            if (pf && b % 4 == 0) __builtin_prefetch(w + i * S * kh + 16 * b + V4C_PF_BYTES, 0, 0);
             mx_decode(w + i * S * kh + 16 * b, wv);
             const __m256 s = _mm256_broadcast_ss(&MX_HALF.f[sc[i * S * nb + b]]);
             for (int r = 0; r < RC; r++) {
@@ -182,9 +184,9 @@ QTARGET static inline __attribute__((always_inline)) void mx_block(const uint8_t
 #define MX_ROWS(RW, RC)                                                                       \
     for (int r0 = 0; r0 < c; r0 += (RC)) {                                                    \
         if (c - r0 >= (RC))                                                                   \
-            mx_block(w, sc, S, K, x + r0, Y + r0 * ldy + o, ldy, RW, RC);                     \
+            mx_block(w, sc, S, K, x + r0, Y + r0 * ldy + o, ldy, RW, RC, 1);                  \
         else                                                                                  \
-            mx_block(w, sc, S, K, x + r0, Y + r0 * ldy + o, ldy, RW, 1);                      \
+            mx_block(w, sc, S, K, x + r0, Y + r0 * ldy + o, ldy, RW, 1, 1);                   \
     }
 
 /* one weight row against token rows in chunks of up to eight (each block decoded once per chunk) */
@@ -193,22 +195,23 @@ QTARGET static inline __attribute__((always_inline)) void mx_block(const uint8_t
         const float *const *xr = x + r0;                                                      \
         float *yr = Y + r0 * ldy + o;                                                         \
         switch (c - r0 < 8 ? c - r0 : 8) {                                                    \
-        case 1: mx_block(w, sc, 1, K, xr, yr, ldy, 1, 1); break;                              \
-        case 2: mx_block(w, sc, 1, K, xr, yr, ldy, 1, 2); break;                              \
-        case 3: mx_block(w, sc, 1, K, xr, yr, ldy, 1, 3); break;                              \
-        case 4: mx_block(w, sc, 1, K, xr, yr, ldy, 1, 4); break;                              \
-        case 5: mx_block(w, sc, 1, K, xr, yr, ldy, 1, 5); break;                              \
-        case 6: mx_block(w, sc, 1, K, xr, yr, ldy, 1, 6); break;                              \
-        case 7: mx_block(w, sc, 1, K, xr, yr, ldy, 1, 7); break;                              \
-        default: mx_block(w, sc, 1, K, xr, yr, ldy, 1, 8); break;                             \
+        case 1: mx_block(w, sc, 1, K, xr, yr, ldy, 1, 1, 0); break;                           \
+        case 2: mx_block(w, sc, 1, K, xr, yr, ldy, 1, 2, 0); break;                           \
+        case 3: mx_block(w, sc, 1, K, xr, yr, ldy, 1, 3, 0); break;                           \
+        case 4: mx_block(w, sc, 1, K, xr, yr, ldy, 1, 4, 0); break;                           \
+        case 5: mx_block(w, sc, 1, K, xr, yr, ldy, 1, 5, 0); break;                           \
+        case 6: mx_block(w, sc, 1, K, xr, yr, ldy, 1, 6, 0); break;                           \
+        case 7: mx_block(w, sc, 1, K, xr, yr, ldy, 1, 7, 0); break;                           \
+        default: mx_block(w, sc, 1, K, xr, yr, ldy, 1, 8, 0); break;                          \
         }                                                                                     \
     }
 
 /* Y[r * ldy + o] = dot(W row o, x[r]) for o < N, r < c: W [N, K] MXFP4 (data [N, K/2], scale [N, K/32]),
  * K a multiple of 32, token rows fp32 in the permuted order. One token row: weight rows in blocks of
  * four, S = N / 4 apart (four long sequential streams, as dots_template.h); two: blocks of two rows
- * against both; more: one row at a time against up to eight token rows, so a block's decoding
- * (most of the work) is shared by eight rows' multiply-adds. */
+ * against both (both: each weight read once, prefetched non-temporal as there); more: one row at a
+ * time against up to eight token rows, so a block's decoding (most of the work) is shared by eight
+ * rows' multiply-adds. */
 QTARGET static void mx_dots(const uint8_t *W, const uint8_t *Sc, long N, long K, const float *const *x, int c,
                             float *Y, long ldy) {
     const long kh = K / 2, nb = K / 32;
