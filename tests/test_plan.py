@@ -2,6 +2,7 @@
 memory per GPU equal to `v4c inspect --json` (one GPU and each sharded layout), the chosen concurrency
 fits and one more does not, the --json keys, and errors by their message."""
 import json
+import math
 from dataclasses import replace
 
 import pytest
@@ -71,6 +72,26 @@ def test_a_kernel_costs_its_roofline_over_the_efficiency_plus_its_launch(src):
     assert set(st.terms) == set(TERMS) and st.terms["collectives"] == 0
     assert st.terms["launch"] == pytest.approx(2e-6 * sum(k.launches for k in ks))
     assert st.seconds == pytest.approx(sum(sum(kernel_seconds(k, H100, eff, 1)[1:]) for k in ks))
+
+
+def test_grouped_gemms_with_few_rows_per_expert_reach_less_of_hbm(src):
+    """Mega MoE's two published points: 16-22% of HBM at one token per EP8 rank of Flash (0.1875 rows per
+    expert), the batched fraction from 512 tokens per rank (96 rows); log-linear between."""
+    eff = Efficiency()
+    assert eff.grouped_hbm(None) == eff.grouped_hbm(96) == eff.grouped_hbm(1e4) == 0.62
+    assert eff.grouped_hbm(0.01) == eff.grouped_hbm(0.1875) == 0.19
+    assert eff.grouped_hbm(0.1875 * 512 ** 0.5) == pytest.approx((0.19 + 0.62) / 2)  # half-way in log
+    # a fraction measured below the small-batch one is never raised by it
+    assert replace(eff, hbm={**eff.hbm, "grouped_gemm": 0.1}).grouped_hbm(1.0) == 0.1
+    # the tiny model's experts at batch 3: 3 tokens x 2 of 8 experts = 0.75 rows per expert
+    ks = step_kernels(src.graph, batch=3, tokens=1, context=64, topk=K, experts=E, global_tokens=3)
+    moe = next(k for k in ks if k.op == "moe_ffn")
+    assert moe.rows_per_expert == pytest.approx(3 * K / E)
+    frac = 0.19 + 0.43 * math.log(0.75 / 0.1875) / math.log(512)
+    term, work, _ = kernel_seconds(moe, H100, eff, 1)
+    assert term == "weights"
+    assert work == pytest.approx(max(moe.flops / (989e12 * 0.68), moe.bytes / (3.35e12 * frac)))
+    assert all(k.rows_per_expert is None for k in ks if k.op != "moe_ffn")
 
 
 def test_a_collective_costs_its_latency_plus_its_bytes_over_the_link(src):

@@ -6,6 +6,7 @@ gets its own fractions for the families that run showed.
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 from dataclasses import dataclass, field, replace
@@ -42,6 +43,16 @@ DEFAULT_COMPUTE = {
     "dense_gemm": 0.78,    # DeepGEMM FP8 dense GEMM: 1,550 TFLOP/s on H800 (78%)
     "elementwise": 0.50,   # rarely compute-bound; half of peak as a placeholder
 }
+# Grouped expert GEMMs with few rows per expert reach far less of HBM than DEFAULT_HBM's batched figure:
+# DeepGEMM's Mega MoE takes 56 us per V4-Flash layer at batch 1 on EP8 (B200-class, dispatch and combine
+# included), 16-22% of HBM, against 4,619 GB/s (58%) at 512 tokens per rank (performance.md section 10).
+# In rows per expert (tokens x top-k / experts, Flash: 256 experts, top-6): one token on each of 8 ranks is
+# 0.19 rows, 512 tokens on each is 96. The fraction runs from SMALL_M_HBM at the first (and below) to the
+# family's fraction at the second (and above), linear in log(rows per expert) between: one curve from
+# two published points of one kernel, never fitted to the rows the plan is checked on.
+SMALL_M_HBM = 0.19
+SMALL_M_ROWS = 8 * 6 / 256
+FULL_M_ROWS = 512 * 8 * 6 / 256
 # DeepEP V2 all-to-all on SM100 NVLink: 726-740 GB/s of 900 GB/s (81%); DeepEP V1 on H800 NVLink 153-158 of
 # 160 GB/s (96-99%): the lower one, since V4 ranks also exchange over the NIC where wide EP leaves the domain
 DEFAULT_LINK = 0.81
@@ -65,8 +76,20 @@ class Efficiency:
     source: str = "published kernel measurements (defaults)"
     measured: tuple = ()  # "family/hbm", "family/compute" taken from a gpu_check run
 
+    def grouped_hbm(self, rows_per_expert: float | None) -> float:
+        """The grouped GEMM's HBM fraction at ``rows_per_expert`` (None: the batched fraction)."""
+        full = self.hbm["grouped_gemm"]
+        if rows_per_expert is None or rows_per_expert >= FULL_M_ROWS:
+            return full
+        low = min(SMALL_M_HBM, full)
+        if rows_per_expert <= SMALL_M_ROWS:
+            return low
+        return low + (full - low) * math.log(rows_per_expert / SMALL_M_ROWS) / math.log(FULL_M_ROWS / SMALL_M_ROWS)
+
     def to_json(self) -> dict:
         return {"source": self.source, "measured": list(self.measured), "hbm": self.hbm, "compute": self.compute,
+                "grouped_gemm_small_m": {"hbm": SMALL_M_HBM, "rows_per_expert": SMALL_M_ROWS,
+                                         "full_at_rows_per_expert": FULL_M_ROWS},
                 "link": self.link, "collective_latency_s": self.collective_latency_s, "launch_s": self.launch_s}
 
 

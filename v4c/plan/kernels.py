@@ -26,6 +26,7 @@ class Kernel:
     launches: int
     dtype: str         # tensor-core format of its math: "fp4" | "fp8" | "bf16"
     layer: int | None  # decoder layer it belongs to (None: embedding, head)
+    rows_per_expert: float | None = None  # grouped expert GEMMs: the step's assignments per expert
 
 
 def layer_of(name: str) -> int | None:
@@ -83,13 +84,15 @@ def step_kernels(g: Graph, *, batch: int, tokens: int, context: int, topk: int, 
             costs[key] = op.cost(ins, outs, n.attr, context)
         c = costs[key]
         flops, nbytes = float(c.flops), float(c.bytes)
+        rows = None
         if n.op in ("moe_ffn", "moe_experts"):
             flops, nbytes = _expert_union(n.op, ins, flops, nbytes, topk, experts, global_tokens)
+            rows = global_tokens * topk / experts
         if n.outputs[0] == "logits" and logits_rows is not None and tokens > logits_rows:
             flops, nbytes = _fewer_rows(ins, flops, nbytes, tokens, logits_rows)
         family = "collective" if n.op in COLLECTIVES else FAMILY_OF_OP.get(n.op, "elementwise")
         out.append(Kernel(n.outputs[0], n.op, family, flops, nbytes, op.launches, _math_dtype(n, types, fp4_weights),
-                          layer_of(n.outputs[0])))
+                          layer_of(n.outputs[0]), rows))
     return out
 
 

@@ -48,7 +48,8 @@ def kernel_seconds(k: Kernel, g: GPU, eff: Efficiency, world: int) -> tuple[str,
         where = "nvlink" if world <= g.nvlink_domain else "network"
         return "collectives", eff.collective_latency_s[where] + k.bytes / (g.link(world) * eff.link), 0.0
     compute = k.flops / (g.peak(k.dtype) * eff.compute[k.family])
-    memory = k.bytes / (g.hbm * eff.hbm[k.family])
+    hbm = eff.grouped_hbm(k.rows_per_expert) if k.family == "grouped_gemm" else eff.hbm[k.family]
+    memory = k.bytes / (g.hbm * hbm)
     if compute > memory:
         term = "compute"
     else:
