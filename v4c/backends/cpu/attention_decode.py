@@ -93,7 +93,7 @@ def window_append(ring, ring_pos, kv, pos, *, kv_format=None, kv_rope_dim=0):
     b, w = ring.shape[0], ring.shape[1]
     t = pos.shape[1]
     rows = encode(kv, kv_format, kv_rope_dim, ring.dtype)
-    if native.ring_append_supported(ring, rows) and pos.is_contiguous() and ring_pos.is_contiguous():
+    if native.ring_append_supported(ring, ring_pos, rows, pos):
         native.ring_append_(ring, ring_pos, rows, pos)  # one C call instead of two indexed writes
         return ring, ring_pos
     vals = values(pos)

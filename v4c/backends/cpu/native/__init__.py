@@ -319,10 +319,11 @@ def norm_rope_(x: torch.Tensor, w: torch.Tensor | None, eps: float, rope_dim: in
     return _ops().norm_rope_(x, w, eps, rope_dim, rot, norm)
 
 
-def ring_append_supported(ring: torch.Tensor, kv: torch.Tensor) -> bool:
-    """Whether ``ring_append_`` takes these: contiguous CPU tensors of one dtype (any element size)."""
-    return (library() is not None and ring.device.type == "cpu" and kv.device.type == "cpu"
-            and ring.dtype == kv.dtype and ring.is_contiguous() and kv.is_contiguous())
+def ring_append_supported(ring: torch.Tensor, ring_pos: torch.Tensor, kv: torch.Tensor, pos: torch.Tensor) -> bool:
+    """Whether ``ring_append_`` takes these: contiguous CPU tensors, ``ring`` and ``kv`` of one dtype (any
+    element size), int64 positions."""
+    plain = all(t.device.type == "cpu" and t.is_contiguous() for t in (ring, ring_pos, kv, pos))
+    return library() is not None and plain and ring.dtype == kv.dtype and ring_pos.dtype == pos.dtype == torch.int64
 
 
 def ring_append_(ring: torch.Tensor, ring_pos: torch.Tensor, kv: torch.Tensor, pos: torch.Tensor) -> None:
