@@ -153,6 +153,35 @@ def test_moe_ffn_equals_reference(experts, dtype):
     assert err_got <= err_want + 2 ** -8, f"bf16 error {err_got:.2e} vs the reference's {err_want:.2e}"
 
 
+@pytest.mark.parametrize("n,d", [(4, 48), (4, 44), (3, 40), (2, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mhc_rows_mixed_together_equal_each_row_alone_bit_for_bit(n, d, dtype):
+    """The C mixes take the logits of 3 rows per load of fn (mhc.c, logits_rows); a row alone takes
+    dots(). Both keep dot()'s lanes and order, so a call over 7 rows (two blocks and a rest) gives the
+    same bits as seven one-row calls: widths with a tail (44), fn rows beyond whole blocks of 4 (n = 3:
+    15 rows), the head's 4 or 2 rows."""
+    if native.library() is None:
+        pytest.skip(f"C helpers unavailable: {native.why()}")
+    g = torch.Generator().manual_seed(n * d)
+    t = 7
+    x, y = torch.randn(1, t, n, d, generator=g).to(dtype), torch.randn(1, t, d, generator=g).to(dtype)
+    post, comb = torch.rand(1, t, n, generator=g) * 2, torch.rand(1, t, n, n, generator=g)
+    fn, base = torch.randn((n + 2) * n, n * d, generator=g) * 0.1, torch.randn((n + 2) * n, generator=g)
+    scale, norm_w = torch.rand(3, generator=g) + 0.5, (torch.rand(d, generator=g) + 0.5).to(dtype)
+    for head in (False, True):
+        f, b, s = (fn[:n], base[:n], scale[:1]) if head else (fn, base, scale)
+        yy, pp, cc = (None, None, None) if head else (y, post, comb)
+        whole = native.hc_mix(x, yy, pp, cc, f, b, s, norm_w, eps=1e-6, hc_eps=1e-6, iters=20, head=head)
+        for r in range(t):
+            one = native.hc_mix(x[:, r:r + 1].contiguous(), None if head else y[:, r:r + 1].contiguous(),
+                                None if head else post[:, r:r + 1].contiguous(),
+                                None if head else comb[:, r:r + 1].contiguous(), f, b, s, norm_w, eps=1e-6,
+                                hc_eps=1e-6, iters=20, head=head)
+            for w, o in zip(whole, one):
+                if w is not None:
+                    assert torch.equal(w[:, r:r + 1], o), (head, r)
+
+
 @pytest.mark.parametrize("tokens,path,n", [
     (1, "native", 4), (3, "native", 4), (8, "native", 2),  # decode sizes: one C call
     (100, "native", 4), (300, "native", 3),  # prefill sizes: the same C call, rows across threads

@@ -95,7 +95,52 @@ V4C_CLONES static void expand_bf16(int n, long D, const uint16_t *x, const uint1
         expand_bf16_n(n, D, x, y, po, cb, x1, xf);
 }
 
+/* LOGIT_ROWS token rows' logits, 3 rows of fn at a time: m[b * 80 + i] = dot(fn + i * nd, x + b * nd, nd),
+ * each sum in dot()'s lanes, order and roundings (so the same bits as dots()), every vector of fn
+ * loaded once for the LOGIT_ROWS rows: fn (M x nD fp32, 196 KiB at D = 512) comes from L2 once per
+ * LOGIT_ROWS rows instead of once per row. 3 x 3 sums, three x vectors, one of fn and the product
+ * (no contraction: products and sums round apart, as dot()'s) fit AVX2's 16 registers. */
+#define LOGIT_ROWS 3
+static inline __attribute__((always_inline)) void logits_rows(const float *fn, const float *x, long nd, int M,
+                                                               float *m) {
+    const long n8 = nd & ~7L;
+    int i = 0;
+    for (; i + 3 <= M; i += 3) {
+        v8f s00 = {0}, s01 = {0}, s02 = {0}, s10 = {0}, s11 = {0}, s12 = {0}, s20 = {0}, s21 = {0}, s22 = {0};
+        const float *f0 = fn + i * nd, *f1 = f0 + nd, *f2 = f1 + nd;
+        const float *x0 = x, *x1 = x + nd, *x2 = x + 2 * nd;
+        for (long d = 0; d < n8; d += 8) {
+            v8f a0, a1, a2, a;
+            LD8(a0, x0 + d);
+            LD8(a1, x1 + d);
+            LD8(a2, x2 + d);
+            LD8(a, f0 + d);
+            s00 += a * a0, s01 += a * a1, s02 += a * a2;
+            LD8(a, f1 + d);
+            s10 += a * a0, s11 += a * a1, s12 += a * a2;
+            LD8(a, f2 + d);
+            s20 += a * a0, s21 += a * a1, s22 += a * a2;
+        }
+        const v8f s[3][3] = {{s00, s01, s02}, {s10, s11, s12}, {s20, s21, s22}};
+        for (int r = 0; r < 3; r++)
+            for (int b = 0; b < 3; b++) {
+                float t = HSUM8(s[r][b]);
+                for (long d = n8; d < nd; d++) t += fn[(i + r) * nd + d] * x[b * nd + d];
+                m[b * 80 + i + r] = t;
+            }
+    }
+    for (; i < M; i++)
+        for (int b = 0; b < LOGIT_ROWS; b++) m[b * 80 + i] = dot(fn + i * nd, x + b * nd, nd);
+}
+
+V4C_CLONES static void logits_block(const float *fn, const float *x, long nd, int M, float *m) {
+    logits_rows(fn, x, nd, M, m);
+}
+
 enum { MIX = 1, HEAD = 2 };
+
+/* scratch floats per thread: LOGIT_ROWS rows' streams, one row's inputs widened, y, the collapse */
+#define V4C_HC_WORK(n, D) ((LOGIT_ROWS * (long)(n) + (n) + 2) * (long)(D))
 
 /* From the row's streams xf (fp32, as stored) and raw logits m (dot products, not yet scaled by
  * the RMS): the weights, Sinkhorn, collapse and norm. `u` is D floats of scratch. */
@@ -162,7 +207,7 @@ V4C_CLONES static void finish_row(int n, long D, int mode, int xdt, int wdt, con
  *   else: pre = sigmoid(m[:n] s0 + b) + hc_eps, post = 2 sigmoid(m[n:2n] s1 + b),
  *         comb = sinkhorn(softmax_rows(m[2n:] s2 + b) + hc_eps)   -> post_out, comb_out
  *   h_out = rms_norm(sum_j pre_j X_j) * norm_w
- * work: (2n + 2) * D floats. */
+ * work: V4C_HC_WORK(n, D) floats. */
 static void mix_range(long rows, int n, int D, int mode, int xdt, int wdt,
                       const void *x, const void *y, const float *post_in, const float *comb_in,
                       const float *fn, const float *base, const float *scale, const void *norm_w,
@@ -170,24 +215,36 @@ static void mix_range(long rows, int n, int D, int mode, int xdt, int wdt,
                       void *x1_out, void *h_out, float *post_out, float *comb_out, float *work) {
     const int M = (mode & HEAD) ? n : (n + 2) * n;
     const long nd = (long)n * D;
-    float *xf = work, *xin = work + nd, *yf = work + 2 * nd, *u = work + 2 * nd + D;
-    float m[80];
-    for (long r = 0; r < rows; r++) {
-        if ((mode & MIX) && xdt && D % 8 == 0) {
-            expand_bf16(n, D, (const uint16_t *)x + r * nd, (const uint16_t *)y + r * D, post_in + r * n,
-                        comb_in + r * n * n, (uint16_t *)x1_out + r * nd, xf);
-        } else if (mode & MIX) {
-            widen((const char *)x + r * nd * (xdt ? 2 : 4), xdt, nd, xin);
-            widen((const char *)y + r * D * (xdt ? 2 : 4), xdt, D, yf);
-            expand_row(n, D, xin, yf, post_in + r * n, comb_in + r * n * n, xf);
-            store((char *)x1_out + r * nd * (xdt ? 2 : 4), xdt, xf, nd);
-        } else {
-            widen((const char *)x + r * nd * (xdt ? 2 : 4), xdt, nd, xf);
+    /* LOGIT_ROWS rows' streams at once (their logits share each load of fn), then one row at a time */
+    float *xfs = work, *xin = work + LOGIT_ROWS * nd, *yf = xin + nd, *u = yf + D;
+    float m[LOGIT_ROWS * 80];
+    for (long r0 = 0; r0 < rows; r0 += LOGIT_ROWS) {
+        const int nb = rows - r0 < LOGIT_ROWS ? (int)(rows - r0) : LOGIT_ROWS;
+        for (int b = 0; b < nb; b++) {
+            const long r = r0 + b;
+            float *xf = xfs + b * nd;
+            if ((mode & MIX) && xdt && D % 8 == 0) {
+                expand_bf16(n, D, (const uint16_t *)x + r * nd, (const uint16_t *)y + r * D, post_in + r * n,
+                            comb_in + r * n * n, (uint16_t *)x1_out + r * nd, xf);
+            } else if (mode & MIX) {
+                widen((const char *)x + r * nd * (xdt ? 2 : 4), xdt, nd, xin);
+                widen((const char *)y + r * D * (xdt ? 2 : 4), xdt, D, yf);
+                expand_row(n, D, xin, yf, post_in + r * n, comb_in + r * n * n, xf);
+                store((char *)x1_out + r * nd * (xdt ? 2 : 4), xdt, xf, nd);
+            } else {
+                widen((const char *)x + r * nd * (xdt ? 2 : 4), xdt, nd, xf);
+            }
         }
-        dots(fn, xf, nd, M, m);
-        finish_row(n, D, mode, xdt, wdt, xf, m, base, scale, norm_w, eps, hc_eps, iters,
-                   (char *)h_out + r * D * (xdt ? 2 : 4),
-                   (mode & HEAD) ? 0 : post_out + r * n, (mode & HEAD) ? 0 : comb_out + r * n * n, u);
+        if (nb == LOGIT_ROWS)
+            logits_block(fn, xfs, nd, M, m);
+        else
+            for (int b = 0; b < nb; b++) dots(fn, xfs + b * nd, nd, M, m + b * 80);
+        for (int b = 0; b < nb; b++) {
+            const long r = r0 + b;
+            finish_row(n, D, mode, xdt, wdt, xfs + b * nd, m + b * 80, base, scale, norm_w, eps, hc_eps, iters,
+                       (char *)h_out + r * D * (xdt ? 2 : 4),
+                       (mode & HEAD) ? 0 : post_out + r * n, (mode & HEAD) ? 0 : comb_out + r * n * n, u);
+        }
     }
 }
 
@@ -209,12 +266,15 @@ static void mix_job_rows(void *p, long a, long e, int tid) {
     mix_range(e - a, n, j->D, j->mode, j->xdt, j->wdt, AT(j->x, nd * sz), AT(j->y, j->D * sz), AT(j->post_in, n),
               AT(j->comb_in, n * n), j->fn, j->base, j->scale, j->norm_w, j->eps, j->hc_eps, j->iters,
               AT(j->x1_out, nd * sz), AT(j->h_out, j->D * sz), AT(j->post_out, n), AT(j->comb_out, n * n),
-              j->work + (long)tid * (2 * n + 2) * j->D);
+              j->work + (long)tid * V4C_HC_WORK(n, j->D));
 #undef AT
 }
 
+/* scratch floats per thread of v4c_hc_mix */
+long v4c_hc_work(int n, int D) { return V4C_HC_WORK(n, D); }
+
 /* mix_range over `rows` token rows, split across up to `threads` threads (two rows or more each).
- * work: threads * (2n + 2) * D floats. Returns 0, or -1 when n is outside 1..8. */
+ * work: threads * v4c_hc_work(n, D) floats. Returns 0, or -1 when n is outside 1..8. */
 int v4c_hc_mix(int threads, long rows, int n, int D, int mode, int xdt, int wdt,
                const void *x, const void *y, const float *post_in, const float *comb_in,
                const float *fn, const float *base, const float *scale, const void *norm_w,

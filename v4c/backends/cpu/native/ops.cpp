@@ -34,6 +34,7 @@ int v4c_hc_mix(int threads, long rows, int n, int D, int mode, int xdt, int wdt,
                const float *post_in, const float *comb_in, const float *fn, const float *base, const float *scale,
                const void *norm_w, float eps, float hc_eps, int iters, void *x1_out, void *h_out, float *post_out,
                float *comb_out, float *work);
+long v4c_hc_work(int n, int D);
 int v4c_norm_rope(int threads, int norm, long rows, int heads, int d, int xdt, void *x, const void *w, int wdt,
                   float eps, int rope_dim, const float *rot, float *work);
 int v4c_ring_append(long B, long T, long W, long D, int size, const void *kv, void *ring, int64_t *ring_pos,
@@ -217,7 +218,7 @@ std::tuple<OptTensor, Tensor, OptTensor, OptTensor> hc_mix(const Tensor &x, cons
         comb_out = at::empty({B, T, n, n}, x.options().dtype(at::kFloat));
     }
     const int nt = threads();
-    float *work = scratch(int64_t(nt) * (2 * n + 2) * D);
+    float *work = scratch(int64_t(nt) * v4c_hc_work(int(n), int(D)));
     const int rc = v4c_hc_mix(nt, rows, int(n), int(D), (mix ? 1 : 0) | (head ? 2 : 0), xdt, wdt, x.data_ptr(),
                               mix ? y->data_ptr() : nullptr, mix ? post32.data_ptr<float>() : nullptr,
                               mix ? comb32.data_ptr<float>() : nullptr, fn32.data_ptr<float>(),
