@@ -152,6 +152,9 @@ def indexer_topk_decode(q, w, keys, pos, *, topk, ratio, score_scale, weight_sca
                             weight_scale=weight_scale, key_format=key_format, hi=bounds(pos)[1])
 
 
+_C_DTYPES = (torch.float32, torch.bfloat16)  # what indexer.c reads
+
+
 def indexer_topk_c(q, w, keys, pos, *, topk, ratio, score_scale, weight_scale, key_format=None):
     """``indexer_topk_decode`` in one C call over plain fp32 / bf16 keys (native/indexer.c: no fp32 copy of
     the key cache, no dozen small calls); packed keys (fp8, mxfp4) and other dtypes take the PyTorch path."""
@@ -161,9 +164,6 @@ def indexer_topk_c(q, w, keys, pos, *, topk, ratio, score_scale, weight_scale, k
                                    weight_scale=weight_scale, key_format=key_format)
     return native.indexer_topk(q.contiguous(), w.contiguous(), keys.contiguous(), pos.contiguous(), topk, ratio,
                                weight_scale * score_scale)
-
-
-_C_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def indexer_topk(q, w, keys, pos, *, topk, ratio, score_scale, weight_scale, key_format=None):

@@ -27,9 +27,13 @@ def _table(key, need: int, device) -> torch.Tensor:
     return table
 
 
+def _key(rope_dim: int, theta: float, yarn, device) -> tuple:
+    return rope_dim, float(theta), tuple(yarn) if yarn else None, device
+
+
 def rotations(pos: torch.Tensor, rope_dim: int, theta: float, yarn, inverse: bool = False) -> torch.Tensor:
     """``cos + i sin`` (``inverse``: ``cos - i sin``) at each position, ``[*pos.shape, rope_dim // 2]``."""
-    key = (rope_dim, float(theta), tuple(yarn) if yarn else None, pos.device)
+    key = _key(rope_dim, theta, yarn, pos.device)
     hit = _PICKED.get(key)
     if hit is None or hit[0] is not pos or hit[1] != version(pos):
         table = _table(key, bounds(pos)[1] + 1, pos.device)
@@ -43,8 +47,8 @@ def rotations(pos: torch.Tensor, rope_dim: int, theta: float, yarn, inverse: boo
 
 def rotations_at(positions: list[int], rope_dim: int, theta: float, yarn, device) -> torch.Tensor:
     """``cos + i sin`` at the host-known ``positions`` (non-negative), ``[len(positions), rope_dim // 2]``."""
-    key = (rope_dim, float(theta), tuple(yarn) if yarn else None, device)
-    return _table(key, max(positions) + 1, device)[torch.tensor(positions, device=device)]
+    table = _table(_key(rope_dim, theta, yarn, device), max(positions) + 1, device)
+    return table[torch.tensor(positions, device=device)]
 
 
 def cos_sin(pos: torch.Tensor, rope_dim: int, theta: float, yarn) -> tuple[torch.Tensor, torch.Tensor]:

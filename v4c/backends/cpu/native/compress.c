@@ -36,26 +36,19 @@ int v4c_compress_step(long B, int C, int ratio, int overlap, int dt, const void 
             rg[s + c] = at(gate, b * (long)C + c, dt) + a[c];
         }
         if ((p + 1) % m) continue;
-        /* the window's tokens, oldest first: positions first .. p (2m of them with overlap) */
+        /* the window's tokens, oldest first: positions first .. p (2m of them with overlap); where token
+         * j's channel c lies in the pending slots (CSA: the previous window's on c, this one's on d + c) */
         const int n = overlap ? 2 * m : m;
         const int64_t first = p + 1 - n;
+        long off[n];
+        float e[n];
+        for (int j = 0; j < n; j++) off[j] = (long)((first + j) % slots) * C + (overlap && j >= m ? d : 0);
         float *out = pooled + b * (long)d;
         for (int c = 0; c < d; c++) {
-            float mx = -INFINITY;
-            for (int j = 0; j < n; j++) {
-                const long at = (long)((first + j) % slots) * C + c + (overlap && j >= m ? d : 0);
-                mx = fmaxf(mx, rg[at]);
-            }
-            float sum = 0.f;
-            for (int j = 0; j < n; j++) {
-                const long at = (long)((first + j) % slots) * C + c + (overlap && j >= m ? d : 0);
-                sum += expf(rg[at] - mx);
-            }
-            float acc = 0.f;
-            for (int j = 0; j < n; j++) {
-                const long at = (long)((first + j) % slots) * C + c + (overlap && j >= m ? d : 0);
-                acc += rk[at] * (expf(rg[at] - mx) / sum);
-            }
+            float mx = -INFINITY, sum = 0.f, acc = 0.f;
+            for (int j = 0; j < n; j++) mx = fmaxf(mx, rg[off[j] + c]);
+            for (int j = 0; j < n; j++) sum += (e[j] = expf(rg[off[j] + c] - mx));
+            for (int j = 0; j < n; j++) acc += rk[off[j] + c] * (e[j] / sum);
             out[c] = acc;
         }
     }

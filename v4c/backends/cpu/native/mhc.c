@@ -100,7 +100,7 @@ V4C_CLONES static void expand_bf16(int n, long D, const uint16_t *x, const uint1
  * loaded once for the LOGIT_ROWS rows: fn (M x nD fp32, 196 KiB at D = 512) comes from L2 once per
  * LOGIT_ROWS rows instead of once per row. 3 x 3 sums, three x vectors, one of fn and the product
  * (no contraction: products and sums round apart, as dot()'s) fit AVX2's 16 registers. */
-#define LOGIT_ROWS 3
+#define LOGIT_ROWS 3 /* logits_rows is written out for three rows */
 static inline __attribute__((always_inline)) void logits_rows(const float *fn, const float *x, long nd, int M,
                                                                float *m) {
     const long n8 = nd & ~7L;

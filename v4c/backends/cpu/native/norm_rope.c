@@ -13,6 +13,13 @@
 
 #include "common.h"
 
+/* (a + ib)(c + is), each product and the two sums rounded in fp32 as PyTorch's complex product does */
+static inline void rotate(float a, float b, float c, float s, float *re, float *im) {
+    const float ac = a * c, bs = b * s, as = a * s, bc = b * c;
+    *re = ac - bs;
+    *im = as + bc;
+}
+
 /* x: [rows, heads, d] (dtype xdt), normalised per head over d, times w [d] (dtype wdt; NULL: none),
  * then the last rope_dim dims of each head rotated as interleaved pairs by rot [rows, rope_dim/2]
  * (cos, sin) pairs. rows [r0, r1). buf: d floats of scratch. */
@@ -39,11 +46,10 @@ V4C_CLONES static void norm_rope_range(long r0, long r1, int heads, int d, int x
             }
             if (rr)
                 for (int i = 0; i < half; i++) {
-                    const float a = buf[tail + 2 * i], b = buf[tail + 2 * i + 1];
-                    const float c = rr[2 * i], s = rr[2 * i + 1];
-                    const float ac = a * c, bs = b * s, as = a * s, bc = b * c;
-                    buf[tail + 2 * i] = round_to(ac - bs, xdt);
-                    buf[tail + 2 * i + 1] = round_to(as + bc, xdt);
+                    float re, im;
+                    rotate(buf[tail + 2 * i], buf[tail + 2 * i + 1], rr[2 * i], rr[2 * i + 1], &re, &im);
+                    buf[tail + 2 * i] = round_to(re, xdt);
+                    buf[tail + 2 * i + 1] = round_to(im, xdt);
                 }
             if (xdt) {
                 uint16_t *p = (uint16_t *)x + off;
@@ -74,9 +80,8 @@ V4C_CLONES static void rope_range(long r0, long r1, int heads, int d, int xdt, v
                     const float *p = (const float *)x + off;
                     a = p[2 * i], b = p[2 * i + 1];
                 }
-                const float c = rr[2 * i], s = rr[2 * i + 1];
-                const float ac = a * c, bs = b * s, as = a * s, bc = b * c;
-                const float re = ac - bs, im = as + bc;
+                float re, im;
+                rotate(a, b, rr[2 * i], rr[2 * i + 1], &re, &im);
                 if (xdt) {
                     uint16_t *p = (uint16_t *)x + off;
                     p[2 * i] = f2bf(re), p[2 * i + 1] = f2bf(im);

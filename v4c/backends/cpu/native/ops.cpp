@@ -734,8 +734,9 @@ Tensor moe_decode_q(const Tensor &x, const Tensor &w, const Tensor &perm, const 
     const int64_t work = v4c_moe_decode_q_work(nt, int(t), int(D), int(I), int(shared ? Is : 0), int(k), int(E));
     auto sp = [](const OptTensor &s) { return s.has_value() ? bytes(*s) : nullptr; };
     const int rc = v4c_moe_decode_q(
-        nt, dt, int(t), int(D), int(I), int(shared ? Is : 0), int(k), int(E), x.data_ptr(), offsets.data_ptr<int64_t>(),
-        perm.data_ptr<int64_t>(), w32.data_ptr<float>(), fmt, w13.data_ptr(), bytes(w13_scale), w2.data_ptr(), bytes(w2_scale), sfmt,
+        nt, dt, int(t), int(D), int(I), int(shared ? Is : 0), int(k), int(E), x.data_ptr(),
+        offsets.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), w32.data_ptr<float>(), fmt, w13.data_ptr(),
+        bytes(w13_scale), w2.data_ptr(), bytes(w2_scale), sfmt,
         ptr(shared_gate), shared_fmt_arg ? sp(shared_gate_scale) : nullptr, ptr(shared_up),
         shared_fmt_arg ? sp(shared_up_scale) : nullptr, ptr(shared_down),
         shared_fmt_arg ? sp(shared_down_scale) : nullptr, float(limit), out.data_ptr(),
@@ -749,8 +750,8 @@ void ring_append_(Tensor &ring, Tensor &ring_pos, const Tensor &kv, const Tensor
     const char *op = "ring_append_";
     TORCH_CHECK_VALUE(ring.dim() == 3, "v4c_native.ring_append_: ring must be [B, W, D], got shape ", ring.sizes());
     const int64_t B = ring.size(0), W = ring.size(1), D = ring.size(2);
-    TORCH_CHECK_VALUE(kv.dim() == 3 && kv.size(0) == B && kv.size(2) == D, "v4c_native.ring_append_: kv must be [B, T, D] = [",
-                      B, ", T, ", D, "], got shape ", kv.sizes());
+    TORCH_CHECK_VALUE(kv.dim() == 3 && kv.size(0) == B && kv.size(2) == D,
+                      "v4c_native.ring_append_: kv must be [B, T, D] = [", B, ", T, ", D, "], got shape ", kv.sizes());
     const int64_t T = kv.size(1);
     TORCH_CHECK_VALUE(T <= W, "v4c_native.ring_append_: ", T, " tokens per row do not fit a ring of ", W, " slots");
     check_plain(ring, op, "ring");
