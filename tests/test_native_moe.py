@@ -29,6 +29,15 @@ SHAPES = [
     (16, 130, 66, 66, 256, 1),  # 16 tokens, top-1 of 256 (widths past one 64-lane step, with tails)
     (2, 1, 3, 1, 3, 3),         # widths of one value
 ]
+# a prefill's calls: experts hit by 16 or more token rows take fp32's panel kernels (native/panels.c),
+# 16 rows a panel, a last panel of up to 8 rows on half its lanes; the others the dot kernels
+PREFILL_SHAPES = [
+    (64, 72, 40, 24, 2, 2),     # every token on both experts: four whole panels each, the shared expert too
+    (40, 37, 13, 19, 3, 2),     # odd widths; ~27 rows an expert: a whole panel and a part of one
+    (17, 100, 30, 0, 1, 1),     # one expert of 17 rows: a whole panel and one row on a half panel
+    (96, 48, 17, 9, 32, 6),     # 32 experts top-6: ~18 rows each, some under 16 (dot kernels) in one call
+    (25, 1, 7, 3, 2, 2),        # widths of one value, panels of 16 + 9 rows
+]
 
 
 def _isa(isa: str, dtype) -> None:
@@ -81,6 +90,26 @@ def test_moe_decode_equals_reference(isa, dtype, shape):
     _close(_run(args, isa), args)
 
 
+@pytest.mark.parametrize("shape", PREFILL_SHAPES, ids=lambda s: "t{}-D{}-I{}-S{}-E{}-k{}".format(*s))
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("isa", ISAS[:2])
+def test_moe_prefill_calls_equal_reference(isa, dtype, shape):
+    _isa(isa, dtype)
+    args = _case(shape, dtype, seed=3)
+    for limit in (2.0, 0.3):  # (0.3: the clamps bite on most rows)
+        _close(_run(args, isa, limit=limit), args, limit=limit)
+
+
+def test_moe_prefill_activation_holds_at_extreme_gates():
+    """Gates of magnitude in the hundreds, no clamp: the SiLU's exponential saturates on both sides
+    (the panel kernels' own e^x clamps its argument) and matches the reference's."""
+    if not native.moe_decode_available(torch.float32):
+        pytest.skip("no C MoE on this CPU")
+    h, *rest = _case((48, 40, 24, 24, 2, 2), torch.float32, seed=4)
+    args = (h * 300.0, *rest)
+    _close(_run(args, limit=float("inf")), args, limit=float("inf"))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
 @pytest.mark.parametrize("isa", ISAS)
 def test_moe_decode_expert_parallel_share_and_clamp(isa, dtype):
@@ -107,14 +136,15 @@ def test_moe_decode_expert_parallel_share_and_clamp(isa, dtype):
 def test_moe_decode_result_does_not_depend_on_the_thread_count(dtype):
     if not native.moe_decode_available(dtype):
         pytest.skip("no C MoE on this CPU")
-    args = _case((8, 96, 48, 48, 16, 4), dtype, seed=2)
+    cases = [_case((8, 96, 48, 48, 16, 4), dtype, seed=2), _case((80, 64, 50, 30, 4, 2), dtype, seed=2)]
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = _run(args)
+        ones = [_run(args) for args in cases]
         for threads in (2, 3, 4):
             torch.set_num_threads(threads)
-            assert torch.equal(_run(args), one), threads
+            for args, one in zip(cases, ones):
+                assert torch.equal(_run(args), one), threads
     finally:
         torch.set_num_threads(before)
 

@@ -40,9 +40,13 @@ def test_models_of_different_dtypes_and_backends_interleaved(tmp_path):
             assert torch.equal(x, y), f"{name}, call {i}: running beside the other models changed its logits"
 
     # each equal to its reference: fp32 up to summation order; bf16 with fp8/fp4 caches (a tiny random
-    # model amplifies roundings: both are ~3% from fp32 on average) as close to fp32 as the reference is
+    # model amplifies roundings: both are 3-10% from fp32 on average) as close to fp32 as the reference
+    # is, over the calls: in a single call either engine can land on the far side of an fp4 indexer
+    # score's rounding and pick other blocks (on an AVX512-BF16 CPU: the C path 0.23 against the
+    # reference's 0.07 in one call, 0.11 against 0.24 in the one before, 0.10 against 0.09 over all six)
     for i, (x, y) in enumerate(zip(alone["f32-cpu"], alone["f32-ref"])):
         assert float((x - y).abs().max() / y.abs().max()) < 1e-4, f"call {i}"
-    for i, (x, y, truth) in enumerate(zip(alone["bf16-cpu"], alone["bf16-ref"], alone["f32-ref"])):
-        got, want = _mean_err(x, truth), _mean_err(y, truth)
-        assert got < 2 * want + 0.01, f"call {i}: bf16 mean error {got:.3f}, the reference's {want:.3f}"
+    got = [_mean_err(x, t) for x, t in zip(alone["bf16-cpu"], alone["f32-ref"])]
+    want = [_mean_err(y, t) for y, t in zip(alone["bf16-ref"], alone["f32-ref"])]
+    assert max(got) < 0.5, f"bf16 mean errors per call {got}: one is off the model"
+    assert sum(got) < 1.5 * sum(want) + 0.01, f"bf16 mean errors per call {got}, the reference's {want}"
