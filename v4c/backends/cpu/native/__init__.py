@@ -3,7 +3,7 @@
 What it holds: the mHC mixes (``mhc.c``), the projections' RMSNorm + RoPE epilogue (``norm_rope.c``),
 attention over plain caches (``attention.c``) and, on CPUs with AVX2 + FMA or AVX-512, a decode step's
 MoE (``moe.c``) and dense products (``linear.c``) on dot-product kernels per instruction set (``dots.c``),
-a prefill's fp32 experts of many token rows on packed-panel kernels (``panels.c``), all plain C, and (``quant.c``, AVX2 + FMA) the same decode products with the release's quantised weights
+all plain C, and (``quant.c``, AVX2 + FMA) the same decode products with the release's quantised weights
 (MXFP4 experts, FP8 block-scaled matrices) read as stored. ``ops.cpp`` declares the operators with typed schemas
 (``TORCH_LIBRARY(v4c_native)``: tensors, optional tensors, ints, floats, bools; ``norm_rope_`` marks its
 in-place argument ``Tensor(a!)``) and registers CPU kernels that check every operand's dtype, shape,
@@ -52,10 +52,10 @@ from ....settings import cache_dir, native_enabled
 
 _HERE = Path(__file__).parent
 _C_SOURCES = ("mhc.c", "norm_rope.c", "attention.c", "moe.c", "linear.c", "dots.c", "quant.c", "route.c", "compress.c",
-              "indexer.c", "parallel.c", "panels.c")
+              "indexer.c", "parallel.c")
 _CXX_SOURCE = "ops.cpp"
 _LIB = "libv4c_native.so"
-_CFLAGS = ("-O3", "-std=c99", "-fPIC", "-pthread")
+_CFLAGS = ("-O3", "-std=c99", "-ffp-contract=off", "-fPIC", "-pthread")
 _CXXFLAGS = ("-O3", "-fPIC", "-pthread")
 _LINK_LIBS = ("-lc10", "-ltorch_cpu", "-lm")
 _state: dict = {}

@@ -136,8 +136,25 @@ TARGET static inline __attribute__((always_inline)) float hsum256(__m256 v) {
 
 #endif /* V4C_X86 */
 
+/* AMD family 19h (Zen 3, Zen 4) runs fp32 faster on the AVX2 kernels: Zen 4 splits a 512-bit
+ * operation into two 256-bit halves, so AVX-512F adds no multiply-add rate, and its 16-lane sums end
+ * every dot in a longer reduction (an expert's down rows are only 256 wide). Measured on a 2-core Zen 4,
+ * the C MoE over 512 tokens: 29.0 ms a layer on AVX-512F against 23.5 on AVX2 (hidden 512, 32
+ * experts), 55.2 against 48.4 (hidden 1,024, 64 experts); decode calls equal or AVX2 ahead (8 tokens:
+ * 1.75 against 1.50 ms). bf16 weights keep AVX512-BF16, which is faster there. */
+static int prefers_avx2(int wdt) {
+#if V4C_X86
+    __builtin_cpu_init();
+    return wdt == 0 && __builtin_cpu_is("amdfam19h");
+#else
+    (void)wdt;
+    return 0;
+#endif
+}
+
 int v4c_best_isa(int wdt) {
     static const int order[] = {V4C_ISA_AVX512BF16, V4C_ISA_AVX512F, V4C_ISA_AVX2};
+    if (prefers_avx2(wdt) && v4c_isa_supported(V4C_ISA_AVX2)) return V4C_ISA_AVX2;
     for (int i = 0; i < 3; i++) {
         int xb;
         if (v4c_isa_supported(order[i]) && v4c_dots_kernel(order[i], wdt, &xb)) return order[i];

@@ -14,10 +14,6 @@
  *   2. the down rows, split by output row, weighted by each expert's inner width;
  *   3. the weighted sum per token, split by columns, adding the assignments in their order, so the
  *      result does not depend on the thread count.
- * An expert that 16 or more token rows hit (a prefill's) takes the panel kernels instead (panels.c,
- * fp32 weights on AVX2 + FMA): its token rows packed into panels of 16 first (pass 0), the SwiGLU
- * written straight into panels for the down rows; the same split across threads. Fewer rows stay on
- * the dot kernels: the weights are then read about once, and the dot kernels stream them faster.
  * Roundings follow the reference's ops: fp32 throughout for fp32; for bf16 each product's output and
  * each activation step rounded to bf16, the weighted sum in fp32, rounded once at the end.
  */
@@ -28,16 +24,11 @@
 #include "common.h"
 #include "dots.h"
 #include "moe_common.h"
-#include "panels.h"
-
-/* experts hit by at least this many token rows take the panel kernels (panels.c) with fp32 weights */
-#define V4C_PANEL_MIN 16
 
 struct item {   /* one expert hit (or the shared expert) and its token rows */
     long row;   /* its first row of the per-row buffers: assignments first, then the shared rows */
     int c;      /* token rows */
     int inner;  /* inner width */
-    long panel; /* its first panel (panels.c) of Xp and Ap, or -1: it takes the dot kernels */
     const char *gate, *up, *down;
 };
 
@@ -47,28 +38,16 @@ struct moe_job {
     const int64_t *perm;
     const float *w;
     const struct item *items;
-    const long *start0, *start1, *start2; /* each item's first index in passes 0-2 (prefix sums, +1 entry) */
+    const long *start1, *start2; /* each item's first index in passes 1 and 2 (prefix sums, +1 entry) */
     v4c_dots_fn dots;
     float limit;
     const void **xrows, **arows; /* per row: its token's input, its activations */
     float *G, *U, *Y, *acc;      /* [rows, Imax], [rows, Imax], [rows, D] fp32; [t, D] sums */
     void *A;                     /* [rows, Imax] activations: fp32, or bf16 for a bf16-token kernel */
-    float *Xp, *Ap;              /* panel items' token rows and activations: 16-row panels [D][16], [inner][16] */
     void *out;
 };
 
 
-
-/* pass 0: panels [a, e) of the panel items' token rows */
-static void pack(void *p, long a, long e, int tid) {
-    (void)tid;
-    const struct moe_job *j = (const struct moe_job *)p;
-    for (long q = a; q < e; q++) {
-        const struct item *m = &j->items[first_item(j->start0, j->nitems, q)];
-        const long r = (q - m->panel) * V4C_PANEL, n = m->c - r < V4C_PANEL ? m->c - r : V4C_PANEL;
-        v4c_pack_panels((const float *const *)j->xrows + m->row + r, (int)n, j->D, j->Xp + q * j->D * V4C_PANEL);
-    }
-}
 
 /* pass 1: gate and up rows [i0, i1) of each item in [a, e), then their activations */
 static void up_rows(void *p, long a, long e, int tid) {
@@ -79,12 +58,6 @@ static void up_rows(void *p, long a, long e, int tid) {
         const struct item *m = &j->items[it];
         const long i0 = clampl(a - j->start1[it], 0, m->inner), i1 = clampl(e - j->start1[it], 0, m->inner);
         if (i0 >= i1) continue;
-        if (m->panel >= 0) {
-            v4c_panel_swiglu((const float *)m->gate + i0 * D, (const float *)m->up + i0 * D, i1 - i0, D,
-                             j->Xp + m->panel * D * V4C_PANEL, m->c, j->limit,
-                             j->Ap + m->panel * ld * V4C_PANEL + i0 * V4C_PANEL, (long)m->inner * V4C_PANEL);
-            continue;
-        }
         float *G = j->G + m->row * ld, *U = j->U + m->row * ld;
         j->dots(m->gate + i0 * D * esz, i1 - i0, D, j->xrows + m->row, m->c, G + i0, ld);
         j->dots(m->up + i0 * D * esz, i1 - i0, D, j->xrows + m->row, m->c, U + i0, ld);
@@ -114,11 +87,6 @@ static void down_rows(void *p, long a, long e, int tid) {
         const long o0 = clampl((a - s + in - 1) / in, 0, D), o1 = clampl((e - s + in - 1) / in, 0, D);
         if (o0 >= o1) continue;
         float *Y = j->Y + m->row * D;
-        if (m->panel >= 0) {
-            v4c_panel_rows((const float *)m->down + o0 * in, o1 - o0, in, j->Ap + m->panel * j->Imax * V4C_PANEL, m->c,
-                           Y + o0, D);
-            continue;
-        }
         j->dots(m->down + o0 * in * esz, o1 - o0, in, j->arows + m->row, m->c, Y + o0, D);
         if (j->dt)
             for (int r = 0; r < m->c; r++)
@@ -135,23 +103,19 @@ static void combine(void *p, long d0, long d1, int tid) {
 
 
 
-/* rows of the panel items' panels: at most rows / 16 items of >= 16 rows, each padded by < 16 */
-static long panel_rows(long rows) { return rows + (V4C_PANEL - 1) * (rows / V4C_PANEL_MIN); }
-
-/* bytes of scratch `v4c_moe_decode` needs (`work`) for these sizes and weights of dtype dt */
-long v4c_moe_decode_work(int dt, int t, int D, int I, int Is, int k, int E) {
-    const long rows = (long)t * k + t, Imax = I > Is ? I : Is, prows = dt ? 0 : panel_rows(rows);
-    return 64 + align64(sizeof(struct item) * (E + 1L)) + 3 * align64(sizeof(long) * (E + 2L)) +
+/* bytes of scratch `v4c_moe_decode` needs (`work`) for these sizes */
+long v4c_moe_decode_work(int t, int D, int I, int Is, int k, int E) {
+    const long rows = (long)t * k + t, Imax = I > Is ? I : Is;
+    return 64 + align64(sizeof(struct item) * (E + 1L)) + 2 * align64(sizeof(long) * (E + 2L)) +
            2 * align64(sizeof(void *) * rows) + 3 * align64(sizeof(float) * rows * Imax) +
-           align64(sizeof(float) * rows * D) + 2 * align64(sizeof(float) * (long)t * D) +
-           align64(sizeof(float) * prows * D) + align64(sizeof(float) * prows * Imax);
+           align64(sizeof(float) * rows * D) + 2 * align64(sizeof(float) * (long)t * D);
 }
 
 /* out [t, D] = sum over the assignments a in [offsets[0], offsets[E]) of w[perm[a]] *
  * expert_e(x[perm[a] / k]) for the expert e whose range holds a, plus the shared expert's output
  * when sg is given. x, the weights and out of dtype dt (0 fp32, 1 bf16); offsets (E + 1,
  * non-decreasing) and perm int64, w fp32. `isa`: the instruction set (V4C_ISA_*), or -1 for the
- * best this CPU has. `work`: v4c_moe_decode_work(dt, ...) bytes. Returns 0, -1 for
+ * best this CPU has. `work`: v4c_moe_decode_work(...) bytes. Returns 0, -1 for
  * bad sizes or unsorted offsets, -3 when this CPU has no kernel for `isa` and dt. */
 int v4c_moe_decode(int threads, int isa, int dt, int t, int D, int I, int Is, int k, int E, const void *x,
                    const int64_t *offsets, const int64_t *perm, const float *w, const void *w13, const void *w2,
@@ -167,17 +131,11 @@ int v4c_moe_decode(int threads, int isa, int dt, int t, int D, int I, int Is, in
     const int Imax = I > Is ? I : Is;
     char *p = (char *)(((uintptr_t)work + 63) & ~(uintptr_t)63); /* (the pieces v4c_moe_decode_work counts) */
     struct item *items = take(&p, sizeof(struct item) * (E + 1L));
-    long *start0 = take(&p, sizeof(long) * (E + 2L)), *start1 = take(&p, sizeof(long) * (E + 2L)),
-         *start2 = take(&p, sizeof(long) * (E + 2L));
+    long *start1 = take(&p, sizeof(long) * (E + 2L)), *start2 = take(&p, sizeof(long) * (E + 2L));
     const void **xrows = take(&p, sizeof(void *) * rows), **arows = take(&p, sizeof(void *) * rows);
     float *G = take(&p, sizeof(float) * rows * Imax), *U = take(&p, sizeof(float) * rows * Imax);
     float *A = take(&p, sizeof(float) * rows * Imax), *Y = take(&p, sizeof(float) * rows * D);
     float *acc = take(&p, sizeof(float) * (long)t * D), *x32 = take(&p, sizeof(float) * (long)t * D);
-    const long prows = dt ? 0 : panel_rows(rows);
-    float *Xp = take(&p, sizeof(float) * prows * D), *Ap = take(&p, sizeof(float) * prows * Imax);
-    /* fp32 experts of many token rows take the panel kernels (needs AVX2 + FMA, which every CPU with
-     * an AVX-512 kernel has too) */
-    const int panels = !dt && !x_bf16 && v4c_panels_available();
     /* the token rows in the form the kernel reads: fp32 (bf16 widened once here), or bf16 as given */
     const char *xin = (const char *)x;
     long xesz = esz;
@@ -188,33 +146,29 @@ int v4c_moe_decode(int threads, int isa, int dt, int t, int D, int I, int Is, in
     }
     int nitems = 0;
     if (sg) {
-        items[nitems++] = (struct item){n, t, Is, -1, (const char *)sg, (const char *)su, (const char *)sd};
+        items[nitems++] = (struct item){n, t, Is, (const char *)sg, (const char *)su, (const char *)sd};
         for (int r = 0; r < t; r++) xrows[n + r] = xin + r * D * xesz;
     }
     for (int e = 0; e < E; e++) {
         const long a = offsets[e] - lo, c = offsets[e + 1] - offsets[e];
         if (!c) continue;
         const char *g = (const char *)w13 + (long)e * 2 * I * D * esz;
-        items[nitems++] = (struct item){a, (int)c, I, -1, g, g + (long)I * D * esz, (const char *)w2 + (long)e * D * I * esz};
+        items[nitems++] = (struct item){a, (int)c, I, g, g + (long)I * D * esz, (const char *)w2 + (long)e * D * I * esz};
         for (long r = 0; r < c; r++) xrows[a + r] = xin + (perm[lo + a + r] / k) * D * xesz;
     }
     const long aesz = x_bf16 ? 2 : 4;
     for (long r = 0; r < rows; r++) arows[r] = (const char *)A + r * Imax * aesz;
-    start0[0] = start1[0] = start2[0] = 0;
+    start1[0] = start2[0] = 0;
     for (int i = 0; i < nitems; i++) {
-        const int panel = panels && items[i].c >= V4C_PANEL_MIN;
-        items[i].panel = panel ? start0[i] : -1;
-        start0[i + 1] = start0[i] + (panel ? (items[i].c + V4C_PANEL - 1) / V4C_PANEL : 0);
         start1[i + 1] = start1[i] + items[i].inner;
         start2[i + 1] = start2[i] + (long)D * items[i].inner;
     }
-    struct moe_job j = {t, D, dt, x_bf16, nitems, Imax, sg != 0, n, lo, k, perm, w, items, start0, start1, start2,
-                        dots, limit, xrows, arows, G, U, Y, acc, A, Xp, Ap, out};
+    struct moe_job j = {t, D, dt, x_bf16, nitems, Imax, sg != 0, n, lo, k, perm, w, items, start1, start2, dots, limit,
+                        xrows, arows, G, U, Y, acc, A, out};
     /* each thread's share at least 64 KiB of weights (pass 1: two rows of D per unit; pass 2: units
      * of one weight), or 16K multiply-adds of the sums (pass 3): below that a second thread's
      * wake-up costs more than it saves */
     if (nitems) {
-        v4c_parallel_rows(start0[nitems], threads, 4, pack, &j);
         v4c_parallel_rows(start1[nitems], threads, (32768 + D * esz - 1) / (D * esz), up_rows, &j);
         v4c_parallel_rows(start2[nitems], threads, 65536 / esz, down_rows, &j);
     }

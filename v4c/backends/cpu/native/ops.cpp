@@ -43,7 +43,8 @@ int v4c_attention(int threads, int B, int T, int H, int D, int dt, int kind, int
                   const void *kv, const void *ring, const int64_t *ring_pos, int W, const float *sinks,
                   const int64_t *pos, const void *rows, int N, const int64_t *idx, int K, float scale, void *out);
 int v4c_isa_supported(int isa);
-long v4c_moe_decode_work(int dt, int t, int D, int I, int Is, int k, int E);
+int v4c_best_isa(int wdt);
+long v4c_moe_decode_work(int t, int D, int I, int Is, int k, int E);
 int v4c_moe_decode(int threads, int isa, int dt, int t, int D, int I, int Is, int k, int E, const void *x,
                    const int64_t *offsets, const int64_t *perm, const float *w, const void *w13, const void *w2,
                    const void *sg, const void *su, const void *sd, float limit, void *out, void *work);
@@ -343,8 +344,10 @@ std::vector<std::string> dot_isas(at::ScalarType dtype) {
     std::vector<std::string> out;
     if (dtype != at::kFloat && dtype != at::kBFloat16) return out;
     const int dt = dtype == at::kBFloat16;
+    const int best = v4c_best_isa(dt); // (the kernels' own pick, first: not always the widest, see dots.c)
+    if (best > 0) out.push_back(ISA_NAMES[best]);
     for (int isa = N_ISAS - 1; isa > 0; isa--)
-        if (v4c_isa_supported(isa) && (dt || isa != 3)) out.push_back(ISA_NAMES[isa]);
+        if (isa != best && v4c_isa_supported(isa) && (dt || isa != 3)) out.push_back(ISA_NAMES[isa]);
     return out;
 }
 
@@ -437,7 +440,7 @@ Tensor moe_decode(const Tensor &x, const Tensor &w, const Tensor &perm, const Te
     // (after the operand checks: those run, and are tested, on any CPU)
     const int isa = pick_isa(isa_arg, x.scalar_type(), op);
     Tensor out = at::empty_like(x);
-    const int64_t work = v4c_moe_decode_work(dt, int(t), int(D), int(I), int(Is), int(k), int(E));
+    const int64_t work = v4c_moe_decode_work(int(t), int(D), int(I), int(Is), int(k), int(E));
     const int rc = v4c_moe_decode(threads(), isa, dt, int(t), int(D), int(I), int(Is), int(k), int(E), x.data_ptr(),
                                   offsets.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), w32.data_ptr<float>(),
                                   w13.data_ptr(), w2.data_ptr(), ptr(shared_gate), ptr(shared_up), ptr(shared_down),
