@@ -6,9 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-
-from v4c.backends.cpu import native
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,18 +34,10 @@ def test_mtp_benchmarks_quick_runs(tmp_path):
         str(tmp_path / "fit.json"))
     fit = json.loads((tmp_path / "fit.json").read_text())
     assert fit["training"]["steps"] > 0 and fit["training"]["curve"]
-    differ = []
     for label in ("fitted_prompts", "held_out_prompts"):
         rows = fit["decode"][label]
         assert rows["plain"]["tokens_per_s"] > 0
         assert [r["k"] for r in rows["speculative"]] == [1, 2, 3]
         for r in rows["speculative"]:
-            assert r["tokens_per_step"] == pytest.approx(r["mean_accepted"] + 1)
+            assert r["same_tokens"] and r["tokens_per_step"] == pytest.approx(r["mean_accepted"] + 1)
             assert r["speedup"] == pytest.approx(r["tokens_per_s"] / rows["plain"]["tokens_per_s"])
-            differ += [] if r["same_tokens"] else [(label, r["k"])]
-    if differ and "avx512bf16" in native.dot_isas(torch.bfloat16):
-        # an open bug, found on a Zen 4: bf16 held-out prompts (drafts rejected ~all the time) decode
-        # other tokens with speculation than without; fp32 and the fitted prompts are identical, and the
-        # main model's logits are the same bits whether a call holds one token or four
-        pytest.xfail(f"bf16 speculative tokens differ from plain decoding on this AVX512-BF16 CPU: {differ}")
-    assert not differ, f"speculative decoding changed the tokens: {differ}"

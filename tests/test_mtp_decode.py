@@ -79,6 +79,20 @@ def test_greedy_equals_plain_with_the_models_own_drafts(model, k):
     assert s.steps == N - 1 - sum(a * n for a, n in enumerate(s.histogram))  # every step gives a + 1 tokens
 
 
+def test_greedy_equals_plain_in_bf16(tmp_path):
+    """A bf16 model (16 experts): every op of a verify step must give a row's tokens the bits one-token
+    calls give them, else near-ties in bf16 take another greedy path (PyTorch's softplus did not for 16
+    scores a row on an AVX-512 CPU; test_native_route pins the router, this the whole step)."""
+    cfg = {**tiny_config_dict(), "n_routed_experts": 16}
+    ck = write_random_checkpoint(cfg, tmp_path / "ck", seed=3, mtp=True)
+    m = v4c.load(v4c.compile(ck, tmp_path / "art", target="cpu", dtype="bf16"))
+    for seed in range(2):
+        ids = torch.randint(0, 1024, (1, 12), generator=torch.Generator().manual_seed(seed))
+        plain = m.generate(ids, 96)
+        for k in (1, 3):
+            assert torch.equal(m.generate(ids, 96, speculative="mtp", draft_tokens=k).tokens, plain), (seed, k)
+
+
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_greedy_equals_plain_at_batch_4_with_rows_of_different_lengths(model, rows4, k):
     """Drafts right 70% of the time through the real MTP drafter's state handling: per-row acceptance is

@@ -109,3 +109,34 @@ def test_bad_operands_are_refused_by_name():
         native.moe_route(s, None, table, torch.tensor([0, 1]), 3, 1.0)
     with pytest.raises(TypeError, match="scores must be Float"):
         native.moe_route(s.double(), torch.zeros(8), None, None, 2, 1.0)
+
+
+def test_sqrt_softplus_in_c_equals_pytorchs_to_an_ulp_and_checks_its_operand():
+    x = torch.cat([torch.linspace(-30, 30, 4001), torch.tensor([-100.0, 19.999, 20.0, 20.001, 88.0, 0.0, -0.0])])
+    got = native.sqrt_softplus_(x.clone())
+    want = torch.nn.functional.softplus(x.double()).sqrt().float()
+    normal = x > -80  # (below, e^x is subnormal in fp32 and keeps a few bits: checked in absolute terms)
+    ulp = want.abs() * 2.0 ** -23
+    assert float(((got - want).abs() / ulp)[normal].max()) <= 1.0
+    assert float((got - want)[~normal].abs().max()) < 1e-20
+    # PyTorch's threshold: x itself above 20 (its sqrt correctly rounded: through fp64, as torch's fp32
+    # sqrt is not on every CPU)
+    assert torch.equal(got[x > 20], x[x > 20].double().sqrt().float())
+    with pytest.raises(TypeError, match="sqrt_softplus_: x must be Float"):
+        native.sqrt_softplus_(x.bfloat16())
+    with pytest.raises(RuntimeError, match="sqrt_softplus_: x must be contiguous"):
+        native.sqrt_softplus_(x[::2])
+
+
+@pytest.mark.parametrize("E", [8, 16, 64])
+def test_a_tokens_routing_does_not_depend_on_the_call(E):
+    """Bit for bit the same weights alone and beside other rows: F.softplus gave a row of 16 scores other
+    bits beside a second row on an AVX-512 CPU, which took a bf16 speculative decode off plain decoding's
+    tokens (the decode router scores in C now)."""
+    g = torch.Generator().manual_seed(E)
+    h, w, bias = torch.randn(64, 1, 96, generator=g), torch.randn(E, 96, generator=g), torch.randn(E, generator=g)
+    lin = lambda x, w: native.linear(x.contiguous(), w)  # noqa: E731
+    for r in range(0, 64, 2):
+        alone = moe_router_c(h[r:r + 1], w, bias, scaling=1.5, topk=4, lin=lin)
+        pair = moe_router_c(h[r:r + 2], w, bias, scaling=1.5, topk=4, lin=lin)
+        assert torch.equal(alone[0][0], pair[0][0]) and torch.equal(alone[1][0], pair[1][0]), r

@@ -41,7 +41,8 @@ def moe_router_c(h, w, table_or_bias, ids=None, *, scaling, hash=False, topk=Non
     """A decode call's router in three calls: the product (``lin``, C), the scores as above, and the
     selection, weights and grouping in one C loop (native/route.c; the ten calls above cost more in
     dispatch than in arithmetic on a few rows)."""
-    scores = F.softplus(lin(h, w).float()).sqrt_()
+    # (in C: PyTorch's softplus may round a score otherwise when the call holds more rows, see route.c)
+    scores = native.sqrt_softplus_(lin(h, w).float().contiguous())
     if hash:
         return native.moe_route(scores, None, table_or_bias, ids.contiguous(), table_or_bias.shape[-1], scaling)
     return native.moe_route(scores, table_or_bias.float().contiguous(), None, None, topk, scaling)

@@ -266,6 +266,7 @@ class _Ops:
         self.qlinear = ns.qlinear.default
         self.moe_decode_q = ns.moe_decode_q.default
         self.moe_route = ns.moe_route.default
+        self.sqrt_softplus_ = ns.sqrt_softplus_.default
         self.compress_step_ = ns.compress_step_.default
         self.indexer_topk = ns.indexer_topk.default
         self.ring_append_ = ns.ring_append_.default
@@ -411,6 +412,11 @@ def moe_route(scores, bias, table, ids, k: int, scaling: float):
     the top ``k`` (or ``table [V, k]`` int32 / int64 with ``ids [...]``: hashed). Returns (idx, wts,
     perm, offsets) as ``moe_router`` does, each token's experts best first."""
     return _ops().moe_route(scores, bias, table, ids, k, scaling)
+
+
+def sqrt_softplus_(x):
+    """``x = sqrt(softplus(x))`` in place, element by element (route.c): a contiguous fp32 tensor."""
+    return _ops().sqrt_softplus_(x)
 
 
 def linear(x, w, groups: int = 1, isa=None):

@@ -58,6 +58,7 @@ long v4c_indexer_work(int threads, int H, int D, long n);
 int v4c_indexer_topk(int threads, long B, long T, int H, int D, int qdt, const void *q, const void *w, int kdt,
                      const void *keys, long N, const int64_t *pos, int ratio, float scale, int topk, int64_t *out,
                      void *work);
+void v4c_sqrt_softplus(float *x, long n);
 int v4c_moe_route(long t, int E, int k, const float *scores, const float *bias, const void *table, int table_i64,
                   long V, const int64_t *ids, float scaling, int64_t *idx, float *wts, int64_t *perm,
                   int64_t *offsets, long *bad);
@@ -527,6 +528,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moe_route(const Tensor &scores, const
     return {idx, wts, perm, offsets};
 }
 
+// the router's scoring in place (route.c): x = sqrt(softplus(x)), element by element, fp32
+Tensor &sqrt_softplus_(Tensor &x) {
+    const char *op = "sqrt_softplus_";
+    check_plain(x, op, "x");
+    check_dtype(x, at::kFloat, op, "x");
+    v4c_sqrt_softplus(x.data_ptr<float>(), long(x.numel()));
+    return x;
+}
+
 // the compressor's decode step after its products (compress.c): kv, gate [B, 1, C] (fp32 / bf16), ape
 // [ratio, C] fp32, pend_kv / pend_gate [B, slots, C] fp32 (updated in place), pos [B, 1]; returns pooled
 // [B, C / (1 + overlap)] fp32, written for the rows whose token closes a window (the others: undefined)
@@ -797,6 +807,7 @@ TORCH_LIBRARY(v4c_native, m) {
     m.def("indexer_topk(Tensor q, Tensor w, Tensor keys, Tensor pos, int topk, int ratio, float scale) -> Tensor");
     m.def("moe_route(Tensor scores, Tensor? bias, Tensor? table, Tensor? ids, int k, float scaling) -> "
           "(Tensor, Tensor, Tensor, Tensor)");
+    m.def("sqrt_softplus_(Tensor(a!) x) -> Tensor(a!)");
     m.def("quant_supported() -> bool", &quant_supported);
     m.def("qlinear(Tensor x, Tensor data, Tensor scale, str fmt, int groups=1) -> Tensor");
     m.def("moe_decode_q(Tensor x, Tensor w, Tensor perm, Tensor offsets, str fmt, Tensor w13, Tensor w13_scale, "
@@ -815,6 +826,7 @@ TORCH_LIBRARY_IMPL(v4c_native, CPU, m) {
     m.impl("qlinear", &qlinear);
     m.impl("moe_decode_q", &moe_decode_q);
     m.impl("moe_route", &moe_route);
+    m.impl("sqrt_softplus_", &sqrt_softplus_);
     m.impl("compress_step_", &compress_step_);
     m.impl("indexer_topk", &indexer_topk);
 }
