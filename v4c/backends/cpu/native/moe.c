@@ -29,6 +29,7 @@ struct item {   /* one expert hit (or the shared expert) and its token rows */
     long row;   /* its first row of the per-row buffers: assignments first, then the shared rows */
     int c;      /* token rows */
     int inner;  /* inner width */
+    long wt;    /* units of the passes' split per inner index (pass 1) or per inner weight (pass 2) */
     const char *gate, *up, *down;
 };
 
@@ -56,7 +57,9 @@ static void up_rows(void *p, long a, long e, int tid) {
     const long D = j->D, esz = j->dt ? 2 : 4, ld = j->Imax;
     for (long it = first_item(j->start1, j->nitems, a); it < j->nitems && j->start1[it] < e; it++) {
         const struct item *m = &j->items[it];
-        const long i0 = clampl(a - j->start1[it], 0, m->inner), i1 = clampl(e - j->start1[it], 0, m->inner);
+        /* index i's units are start1 + i wt .. + wt: it belongs to the range holding the first */
+        const long s = j->start1[it], i0 = clampl((a - s + m->wt - 1) / m->wt, 0, m->inner),
+                   i1 = clampl((e - s + m->wt - 1) / m->wt, 0, m->inner);
         if (i0 >= i1) continue;
         float *G = j->G + m->row * ld, *U = j->U + m->row * ld;
         j->dots(m->gate + i0 * D * esz, i1 - i0, D, j->xrows + m->row, m->c, G + i0, ld);
@@ -83,8 +86,8 @@ static void down_rows(void *p, long a, long e, int tid) {
     const long D = j->D, esz = j->dt ? 2 : 4;
     for (long it = first_item(j->start2, j->nitems, a); it < j->nitems && j->start2[it] < e; it++) {
         const struct item *m = &j->items[it];
-        const long s = j->start2[it], in = m->inner; /* row o belongs to the range holding s + o * in */
-        const long o0 = clampl((a - s + in - 1) / in, 0, D), o1 = clampl((e - s + in - 1) / in, 0, D);
+        const long s = j->start2[it], in = m->inner, u = in * m->wt; /* row o: the range holding s + o u */
+        const long o0 = clampl((a - s + u - 1) / u, 0, D), o1 = clampl((e - s + u - 1) / u, 0, D);
         if (o0 >= o1) continue;
         float *Y = j->Y + m->row * D;
         j->dots(m->down + o0 * in * esz, o1 - o0, in, j->arows + m->row, m->c, Y + o0, D);
@@ -146,22 +149,27 @@ int v4c_moe_decode(int threads, int isa, int dt, int t, int D, int I, int Is, in
     }
     int nitems = 0;
     if (sg) {
-        items[nitems++] = (struct item){n, t, Is, (const char *)sg, (const char *)su, (const char *)sd};
+        items[nitems++] = (struct item){n, t, Is, 1, (const char *)sg, (const char *)su, (const char *)sd};
         for (int r = 0; r < t; r++) xrows[n + r] = xin + r * D * xesz;
     }
     for (int e = 0; e < E; e++) {
         const long a = offsets[e] - lo, c = offsets[e + 1] - offsets[e];
         if (!c) continue;
         const char *g = (const char *)w13 + (long)e * 2 * I * D * esz;
-        items[nitems++] = (struct item){a, (int)c, I, g, g + (long)I * D * esz, (const char *)w2 + (long)e * D * I * esz};
+        items[nitems++] = (struct item){a, (int)c, I, 1, g, g + (long)I * D * esz, (const char *)w2 + (long)e * D * I * esz};
         for (long r = 0; r < c; r++) xrows[a + r] = xin + (perm[lo + a + r] / k) * D * xesz;
     }
     const long aesz = x_bf16 ? 2 : 4;
     for (long r = 0; r < rows; r++) arows[r] = (const char *)A + r * Imax * aesz;
+    /* A decode call streams each weight once: its split shares out weights. A prefill call's items
+     * differ in rows (the shared expert holds every token, a routed one ~t k / E): split by weights, the
+     * thread holding the shared expert took ~30% more of the products than the other (478M, 512 tokens),
+     * so there each index counts once per token row. (The split changes no result, only who computes it.) */
+    for (int i = 0; i < nitems; i++) items[i].wt = t > 16 ? items[i].c : 1;
     start1[0] = start2[0] = 0;
     for (int i = 0; i < nitems; i++) {
-        start1[i + 1] = start1[i] + items[i].inner;
-        start2[i + 1] = start2[i] + (long)D * items[i].inner;
+        start1[i + 1] = start1[i] + items[i].inner * items[i].wt;
+        start2[i + 1] = start2[i] + (long)D * items[i].inner * items[i].wt;
     }
     struct moe_job j = {t, D, dt, x_bf16, nitems, Imax, sg != 0, n, lo, k, perm, w, items, start1, start2, dots, limit,
                         xrows, arows, G, U, Y, acc, A, out};
