@@ -152,7 +152,7 @@ static int prefers_avx2(int wdt) {
 #endif
 }
 
-int v4c_best_isa(int wdt) {
+static int pick_isa(int wdt) {
     static const int order[] = {V4C_ISA_AVX512BF16, V4C_ISA_AVX512F, V4C_ISA_AVX2};
     if (prefers_avx2(wdt) && v4c_isa_supported(V4C_ISA_AVX2)) return V4C_ISA_AVX2;
     for (int i = 0; i < 3; i++) {
@@ -160,6 +160,15 @@ int v4c_best_isa(int wdt) {
         if (v4c_isa_supported(order[i]) && v4c_dots_kernel(order[i], wdt, &xb)) return order[i];
     }
     return V4C_ISA_NONE;
+}
+
+int v4c_best_isa(int wdt) {
+    /* asked on every decode call: the CPU's answer once per weight dtype (threads racing here all
+     * store the same value) */
+    static int best[2] = {-1, -1};
+    const int w = wdt ? 1 : 0;
+    if (best[w] < 0) best[w] = pick_isa(w);
+    return best[w];
 }
 
 v4c_dots_fn v4c_dots_kernel(int isa, int wdt, int *x_bf16) {

@@ -29,8 +29,8 @@ struct item {   /* one expert hit (or the shared expert) and its token rows */
     long row;   /* its first row of the per-row buffers: assignments first, then the shared rows */
     int c;      /* token rows */
     int inner;  /* inner width */
-    long wt;    /* units of the passes' split per inner index (pass 1) or per inner weight (pass 2) */
     const char *gate, *up, *down;
+    long wt;    /* units of the passes' split per inner index (pass 1) or per inner weight (pass 2) */
 };
 
 struct moe_job {
@@ -149,14 +149,14 @@ int v4c_moe_decode(int threads, int isa, int dt, int t, int D, int I, int Is, in
     }
     int nitems = 0;
     if (sg) {
-        items[nitems++] = (struct item){n, t, Is, 1, (const char *)sg, (const char *)su, (const char *)sd};
+        items[nitems++] = (struct item){n, t, Is, (const char *)sg, (const char *)su, (const char *)sd};
         for (int r = 0; r < t; r++) xrows[n + r] = xin + r * D * xesz;
     }
     for (int e = 0; e < E; e++) {
         const long a = offsets[e] - lo, c = offsets[e + 1] - offsets[e];
         if (!c) continue;
         const char *g = (const char *)w13 + (long)e * 2 * I * D * esz;
-        items[nitems++] = (struct item){a, (int)c, I, 1, g, g + (long)I * D * esz, (const char *)w2 + (long)e * D * I * esz};
+        items[nitems++] = (struct item){a, (int)c, I, g, g + (long)I * D * esz, (const char *)w2 + (long)e * D * I * esz};
         for (long r = 0; r < c; r++) xrows[a + r] = xin + (perm[lo + a + r] / k) * D * xesz;
     }
     const long aesz = x_bf16 ? 2 : 4;
@@ -165,9 +165,9 @@ int v4c_moe_decode(int threads, int isa, int dt, int t, int D, int I, int Is, in
      * differ in rows (the shared expert holds every token, a routed one ~t k / E): split by weights, the
      * thread holding the shared expert took ~30% more of the products than the other (478M, 512 tokens),
      * so there each index counts once per token row. (The split changes no result, only who computes it.) */
-    for (int i = 0; i < nitems; i++) items[i].wt = t > 16 ? items[i].c : 1;
     start1[0] = start2[0] = 0;
     for (int i = 0; i < nitems; i++) {
+        items[i].wt = t > 16 ? items[i].c : 1;
         start1[i + 1] = start1[i] + items[i].inner * items[i].wt;
         start2[i + 1] = start2[i] + (long)D * items[i].inner * items[i].wt;
     }
