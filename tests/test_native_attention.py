@@ -32,7 +32,7 @@ def _positions(case, t):
     raise AssertionError(case)
 
 
-def _case(kind, dtype, case, t=23, seed=0, D=D):
+def _case(kind, dtype, case, t=23, seed=0, D=D, heads=H):
     g = torch.Generator().manual_seed(seed)
     pos = _positions(case, t)
     b, t = pos.shape
@@ -43,9 +43,9 @@ def _case(kind, dtype, case, t=23, seed=0, D=D):
         for p in range(max(0, int(start[i]) - W), int(start[i])):
             ring_pos[i, p % W] = p
         ring_pos[i, (int(start[i]) + 3) % W] = int(start[i]) + 500
-    q = torch.randn(b, t, H, D, generator=g).to(dtype)
+    q = torch.randn(b, t, heads, D, generator=g).to(dtype)
     kv = torch.randn(b, t, D, generator=g).to(dtype)
-    sinks = torch.randn(H, generator=g)
+    sinks = torch.randn(heads, generator=g)
     extra, attrs = (), dict(kind=kind, window=W, scale=D ** -0.5)
     if kind != "sliding":
         ratio, n = (4, 30) if kind == "csa" else (8, 12)
@@ -97,6 +97,65 @@ def test_native_attention_any_head_dim(kind):
     args, attrs = _case(kind, torch.float32, "prefill", D=36)
     assert torch.allclose(native.attention(*args, **attrs), get_op("attention").ref(*args, **attrs), rtol=1e-5,
                           atol=1e-5)
+    args, attrs = _case(kind, torch.bfloat16, "prefill", D=36)  # (not a multiple of 16: fp32 products)
+    _assert_bf16_close(native.attention(*args, **attrs), args, attrs)
+
+
+def _assert_bf16_close(got, args, attrs):
+    """At most one bf16 rounding step further from an fp32 evaluation than the reference is."""
+    ref = get_op("attention").ref
+    truth = ref(*[a.float() if a.is_floating_point() else a for a in args], **attrs)
+    err_got = float((got.float() - truth).abs().max() / truth.abs().max())
+    err_want = float((ref(*args, **attrs).float() - truth).abs().max() / truth.abs().max())
+    assert err_got <= err_want + 2 ** -8, f"bf16 error {err_got:.2e} vs the reference's {err_want:.2e}"
+
+
+_PAIRS = "avx512bf16"  # attention_bf16.c: bf16 pairs multiplied by vdpbf16ps
+needs_pairs = pytest.mark.skipif(_PAIRS not in native.dot_isas(torch.bfloat16),
+                                 reason="this CPU (or compiler) has no AVX512-BF16")
+
+
+@needs_pairs
+@pytest.mark.parametrize("kind", ["sliding", "hca", "csa"])
+@pytest.mark.parametrize("heads,D", [(16, 128), (20, 64), (8, 48), (3, 16), (1, 32)])
+@pytest.mark.parametrize("case", ["prefill", "gaps", "decode"])
+def test_bf16_pair_products_equal_the_reference(kind, heads, D, case):
+    """The AVX512-BF16 products at model sizes and odd ones: a second block of 16 head lanes (20),
+    fewer heads than lanes, head dims of one to eight vectors, odd key counts (the last pair half
+    empty), against the reference and the fp32 products of the same call."""
+    args, attrs = _case(kind, torch.bfloat16, case, t=37, D=D, heads=heads)
+    got = native.attention(*args, **attrs)
+    assert torch.equal(got, native.attention(*args, **attrs, isa=_PAIRS))  # the default on this CPU
+    _assert_bf16_close(got, args, attrs)
+    fp32 = native.attention(*args, **attrs, isa=native.dot_isas(torch.bfloat16)[-1])
+    assert not torch.equal(got, fp32)  # another path indeed ...
+    assert torch.allclose(got.float(), fp32.float(), rtol=2e-2, atol=2e-2)  # ... within bf16 steps of it
+
+
+@needs_pairs
+@pytest.mark.parametrize("kind", ["sliding", "csa"])
+def test_bf16_pair_products_do_not_depend_on_the_rest_of_the_call(kind):
+    """A sequence's rows are the same bits alone, beside other sequences, and on 1 to 3 threads."""
+    args, attrs = _case(kind, torch.bfloat16, "prefill", t=29, D=64, heads=16)
+    both = native.attention(*args, **attrs)
+    alone = native.attention(*[a[1:] if a.dim() > 1 else a for a in args], **attrs)
+    assert torch.equal(both[1:], alone)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            assert torch.equal(native.attention(*args, **attrs), both), threads
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_attention_names_the_instruction_sets_it_takes():
+    args, attrs = _case("sliding", torch.bfloat16, "decode")
+    with pytest.raises(ValueError, match="unknown instruction set 'sse9'"):
+        native.attention(*args, **attrs, isa="sse9")
+    if _PAIRS not in native.dot_isas(torch.float32):  # bf16 pairs take bf16 operands only
+        with pytest.raises(RuntimeError, match="no avx512bf16 kernel for Float"):
+            native.attention(*_case("sliding", torch.float32, "decode")[0], **attrs, isa=_PAIRS)
 
 
 @pytest.mark.parametrize("kind", ["sliding", "csa"])

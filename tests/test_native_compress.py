@@ -90,11 +90,26 @@ def test_the_raw_op_refuses_bad_operands_by_name():
 
 # ---- the indexer's selection (native/indexer.c) ------------------------------------------------------
 
+def _isas(dtype):
+    """Each way this CPU scores: with bf16 pairs (avx512bf16, bf16 only) and with fp32 products."""
+    return native.dot_isas(dtype) or (None,)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("b,t,h,d,n,topk,ratio", [(1, 1, 16, 128, 512, 256, 4), (3, 2, 4, 64, 40, 16, 4),
-                                                  (2, 5, 8, 32, 3000, 64, 4), (1, 1, 2, 8, 9, 32, 128)])
+                                                  (2, 5, 8, 32, 3000, 64, 4), (1, 1, 2, 8, 9, 32, 128),
+                                                  (2, 40, 16, 128, 300, 64, 4), (1, 19, 20, 64, 100, 24, 4),
+                                                  (1, 17, 5, 6, 50, 4, 4)])
 def test_indexer_selection_equals_the_reference_as_a_set(dtype, b, t, h, d, n, topk, ratio):
-    from v4c.backends.cpu.attention import indexer_topk_c
+    """Decode calls (each query's rows split across threads) and prefill ones (more queries than threads:
+    the queries split), 1 to 20 heads (two blocks of 16 lanes for the bf16 pairs), every way this CPU
+    scores (``isa``)."""
+    for isa in _isas(dtype):
+        _check_selection(dtype, b, t, h, d, n, topk, ratio, isa)
+
+
+def _check_selection(dtype, b, t, h, d, n, topk, ratio, isa):
+    from v4c.backends.cpu.attention import indexer_topk_c, indexer_topk_c_prefill
     g = torch.Generator().manual_seed(n + t)
     q, w = torch.randn(b, t, h, d, generator=g).to(dtype), torch.randn(b, t, h, generator=g).to(dtype)
     keys = torch.randn(b, n, d, generator=g).to(dtype)
@@ -103,7 +118,10 @@ def test_indexer_selection_equals_the_reference_as_a_set(dtype, b, t, h, d, n, t
     pos = last[:, None] - torch.arange(t - 1, -1, -1)[None]
     pos[0, 0] = -1 if t > 1 else pos[0, 0]
     attrs = dict(topk=topk, ratio=ratio, score_scale=d ** -0.5, weight_scale=h ** -0.5)
-    got = indexer_topk_c(q, w, keys, pos, **attrs)
+    got = native.indexer_topk(q, w, keys, pos, topk, ratio, attrs["score_scale"] * attrs["weight_scale"], isa=isa)
+    if isa == _isas(dtype)[0]:  # the ops' default
+        assert torch.equal(indexer_topk_c(q, w, keys, pos, **attrs), got)
+        assert torch.equal(indexer_topk_c_prefill(q, w, keys, pos, **attrs), got)
     want = get_op("indexer_topk").ref(q, w, keys, pos, **attrs)
     assert got.shape == want.shape == (b, t, topk) and got.dtype == torch.int64
     assert torch.equal(got.sort(-1).values, want.sort(-1).values)
@@ -112,6 +130,42 @@ def test_indexer_selection_equals_the_reference_as_a_set(dtype, b, t, h, d, n, t
     total = (sc * (w.float() * attrs["weight_scale"])[..., None]).sum(2)
     picked = torch.where(got >= 0, total.gather(-1, got.clamp_min(0)), torch.full_like(total[..., :1], -1e30))
     assert bool((picked[..., :-1] >= picked[..., 1:] - 1e-4).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_querys_selection_does_not_depend_on_the_call(dtype):
+    """A query scored alone (its rows split across the threads) picks the same rows in the same order as
+    within a 37-query prefill call (the queries split) and beside another sequence, every way of scoring."""
+    g = torch.Generator().manual_seed(3)
+    b, t, h, d, n = 2, 37, 16, 64, 400
+    q, w = torch.randn(b, t, h, d, generator=g).to(dtype), torch.randn(b, t, h, generator=g).to(dtype)
+    keys = torch.randn(b, n, d, generator=g).to(dtype)
+    pos = torch.arange(t)[None] + torch.tensor([[1500], [900]])
+    for isa in _isas(dtype):
+        call = native.indexer_topk(q, w, keys, pos, 64, 4, 0.01, isa=isa)
+        for i, j in ((0, 0), (1, 20), (0, 36)):
+            one = native.indexer_topk(q[i:i + 1, j:j + 1].contiguous(), w[i:i + 1, j:j + 1].contiguous(),
+                                      keys[i:i + 1].contiguous(), pos[i:i + 1, j:j + 1].contiguous(), 64, 4, 0.01,
+                                      isa=isa)
+            assert torch.equal(one[0, 0], call[i, j]), (isa, i, j)
+
+
+def test_a_bf16_prefill_takes_the_c_scoring_where_it_pays():
+    """bf16 queries and keys on an AVX512-BF16 CPU: the C selection (bf16 pairs); fp32 or other CPUs: PyTorch's
+    blocked GEMMs, faster than the C scoring with fp32 products."""
+    from impls import chosen, run
+    g = torch.Generator().manual_seed(5)
+    q, w, keys = torch.randn(1, 40, 8, 64, generator=g), torch.randn(1, 40, 8, generator=g), torch.randn(1, 30, 64)
+    pos = torch.arange(40)[None] + 60
+    attrs = dict(topk=8, ratio=4, score_scale=0.125, weight_scale=0.5)
+    pairs = "avx512bf16" in native.dot_isas(torch.bfloat16)
+    assert chosen("indexer_topk", q, w, keys, pos, phase="prefill", **attrs) == "blocked"
+    b16 = (q.bfloat16(), w.bfloat16(), keys.bfloat16(), pos)
+    assert chosen("indexer_topk", *b16, phase="prefill", **attrs) == ("native-prefill" if pairs else "blocked")
+    assert chosen("indexer_topk", *b16[:2], keys, pos, phase="prefill", **attrs) == "blocked"  # fp32 keys
+    got = run("indexer_topk", *b16, phase="prefill", **attrs)
+    want = get_op("indexer_topk").ref(*b16, **attrs)
+    assert torch.equal(got.sort(-1).values, want.sort(-1).values)
 
 
 def test_indexer_packed_keys_take_the_pytorch_path(monkeypatch):

@@ -25,7 +25,7 @@ SCHEMAS = {
                   "bool norm=True) -> Tensor(a!)",
     "ring_append_": "v4c_native::ring_append_(Tensor(a!) ring, Tensor(b!) ring_pos, Tensor kv, Tensor pos) -> ()",
     "attention": "v4c_native::attention(Tensor q, Tensor kv, Tensor ring, Tensor ring_pos, Tensor sinks, Tensor pos, "
-                 "Tensor? rows, Tensor? idx, str kind, int window, int ratio, float scale) -> Tensor",
+                 "Tensor? rows, Tensor? idx, str kind, int window, int ratio, float scale, str? isa=None) -> Tensor",
     "moe_decode": "v4c_native::moe_decode(Tensor x, Tensor w, Tensor perm, Tensor offsets, Tensor w13, Tensor w2, "
                   "Tensor? shared_gate, Tensor? shared_up, Tensor? shared_down, int k, float limit, "
                   "str? isa=None) -> Tensor",

@@ -187,8 +187,23 @@ CPU.add("sparse_attention", "native", _attention_native)(attention.fused(attenti
 CPU.add("sparse_attention", "decode", _phase("decode"))(attention.fused(attention.attend_decode))
 CPU.add("sparse_attention", "blocked")(attention.fused(attention.attend))
 
+
+def _bf16_pairs(*operands: int):
+    """bf16 ``operands`` on a CPU whose C kernels multiply bf16 pairs (AVX512-BF16: native/attention_bf16.c)."""
+    def check(call: Call) -> str | None:
+        bad = [call.dtype(i) for i in operands if call.dtype(i) != "bf16"]
+        if bad:
+            return f"an operand is {bad[0]} (the C scoring beats PyTorch's GEMMs with bf16 pairs only)"
+        return None if "avx512bf16" in native.dot_isas(torch.bfloat16) else "this CPU (or compiler) has no AVX512-BF16"
+    return check
+
+
 CPU.add("indexer_topk", "decode", _phase("decode"))(attention.indexer_topk_decode)
+CPU.add("indexer_topk", "native-prefill", _native(_plain_cache("key_format"), _bf16_pairs(0, 1, 2)))(
+    attention.indexer_topk_c_prefill)
 CPU.add("indexer_topk", "blocked")(attention.indexer_topk)
+CPU.add("indexer", "native-prefill", _native(_phase("prefill"), _plain_cache("key_format"), _bf16_pairs(0, 1, 4)))(
+    attention.fused_indexer(attention.indexer_topk_c_prefill))
 CPU.add("indexer", "wide-prefill", _all(_wide(2, 3), _same_dtype(0, 1, what="h")))(
     attention.fused_indexer(attention.indexer_topk, lin=wide.linear))
 CPU.add("indexer", "decode", _phase("decode"))(attention.fused_indexer(attention.indexer_topk_decode))

@@ -51,8 +51,8 @@ import torch
 from ....settings import cache_dir, native_enabled
 
 _HERE = Path(__file__).parent
-_C_SOURCES = ("mhc.c", "norm_rope.c", "attention.c", "moe.c", "linear.c", "dots.c", "quant.c", "route.c", "compress.c",
-              "indexer.c", "parallel.c")
+_C_SOURCES = ("mhc.c", "norm_rope.c", "attention.c", "attention_bf16.c", "moe.c", "linear.c", "dots.c", "quant.c",
+              "route.c", "compress.c", "indexer.c", "parallel.c")
 _CXX_SOURCE = "ops.cpp"
 _LIB = "libv4c_native.so"
 _CFLAGS = ("-O3", "-std=c99", "-ffp-contract=off", "-fPIC", "-pthread")
@@ -350,11 +350,13 @@ def attention_supported(q, kv, ring, ring_pos, pos, rows, idx, kind, kv_format) 
                for t in ints)
 
 
-def attention(q, kv, ring, ring_pos, sinks, pos, rows=None, idx=None, *, kind, window, ratio=0, scale):
+def attention(q, kv, ring, ring_pos, sinks, pos, rows=None, idx=None, *, kind, window, ratio=0, scale, isa=None):
     """The ``attention`` op in C (see attention.c): every query row against exactly its visible
-    keys, rows split across threads. Returns [B, T, H, D] in q's dtype."""
+    keys, rows split across threads. Returns [B, T, H, D] in q's dtype. bf16 on a CPU with
+    AVX512-BF16 multiplies bf16 pairs (attention_bf16.c) unless ``isa`` names another set of
+    ``dot_isas`` (then fp32 products)."""
     return _ops().attention(q, kv, ring, ring_pos, sinks, pos, rows if kind != "sliding" else None,
-                            idx if kind == "csa" else None, kind, window, ratio, scale)
+                            idx if kind == "csa" else None, kind, window, ratio, scale, isa)
 
 
 def dot_isas(dtype: torch.dtype = torch.bfloat16) -> tuple:
@@ -400,11 +402,12 @@ def compress_step_(kv, gate, ape, pend_kv, pend_gate, pos, ratio: int, overlap: 
     return _ops().compress_step_(kv, gate, ape, pend_kv, pend_gate, pos, ratio, overlap)
 
 
-def indexer_topk(q, w, keys, pos, topk: int, ratio: int, scale: float):
+def indexer_topk(q, w, keys, pos, topk: int, ratio: int, scale: float, isa=None):
     """The indexer's top-k rows over plain fp32 / bf16 keys (indexer.c): ``q [B, T, H, D]``, ``w [B, T, H]``
     (``scale``: weight_scale x score_scale), ``keys [B, N, D]``, ``pos [B, T]``; [B, T, topk] int64, each
-    query's rows best first, -1 past its visible rows."""
-    return _ops().indexer_topk(q, w, keys, pos, topk, ratio, scale)
+    query's rows best first, -1 past its visible rows. bf16 queries and keys on a CPU with AVX512-BF16 are
+    scored in bf16 pairs unless ``isa`` names another set of ``dot_isas`` (as ``attention``)."""
+    return _ops().indexer_topk(q, w, keys, pos, topk, ratio, scale, isa)
 
 
 def moe_route(scores, bias, table, ids, k: int, scaling: float):

@@ -9,6 +9,9 @@
  * pass and used by every head while it is in cache.
  * Arithmetic: q * scale, fp32 dot products, a softmax with the per-head sink as one more logit,
  * fp32 weighted sums, one rounding to the output dtype (as the references, up to summation order).
+ * bf16 caches on AVX512-BF16 CPUs (`pairs`) take attention_bf16.c's products instead: bf16 pairs
+ * multiplied exactly, fp32 sums, scale after the product, probabilities rounded to bf16 for the
+ * weighted sum (as transformers' eager attention).
  * dtype codes: 0 = float32, 1 = bfloat16 (raw uint16 bits).
  */
 #include <math.h>
@@ -20,9 +23,17 @@
 
 enum { SLIDING = 0, HCA = 1, CSA = 2 };
 
+/* attention_bf16.c */
+int v4c_attn_bf16(long D);
+long v4c_attn_bf16_work(long n, int H, long D);
+void v4c_attn_scores_bf16(const void *q, int H, long D, const void *const *keys, long n, float scale, float *s,
+                          void *work);
+void v4c_attn_values_bf16(const float *p, const void *const *keys, long n, int H, long D, float *o, void *work);
+
 struct attn_job {
     int B, T, H, D, dt, kind, window, ratio, W, N, K;
     int groups; /* head groups per query row: work items are (row, group) */
+    int pairs;  /* bf16 products on AVX512-BF16 (attention_bf16.c) */
     const char *q, *kv, *ring, *rows;
     const int64_t *ring_pos, *pos, *idx;
     const float *sinks;
@@ -105,11 +116,13 @@ static void attn_rows(void *p, long a, long e, int tid) {
     /* the keys of a row widened once, for both passes, when they fit a bounded buffer (window +
      * compressed rows always do; only a call whose positions are not consecutive can exceed it) */
     const long held = j->max_keys < 8192 ? j->max_keys : 8192;
-    float *qs = malloc(sizeof(float) * (2 * HD + D + j->max_keys * j->H + 2 * j->H + held * D));
+    float *qs = malloc(sizeof(float) * (2 * HD + D + j->max_keys * j->H + 2 * j->H + (j->pairs ? 0 : held * D)));
     const char **keys = malloc(sizeof(char *) * (j->max_keys > 0 ? j->max_keys : 1));
-    if (!qs || !keys) {
+    void *pw = j->pairs ? malloc(v4c_attn_bf16_work(held, j->H, D)) : 0;
+    if (!qs || !keys || (j->pairs && !pw)) {
         free(qs);
         free(keys);
+        free(pw);
         j->failed = 1;
         return;
     }
@@ -141,10 +154,15 @@ static void attn_rows(void *p, long a, long e, int tid) {
                 if (c >= 0 && c < j->N) keys[n++] = j->rows + (b * j->N + c) * D * sz;
             }
         }
-        widen(j->q + off * sz, j->dt, H * D, qs);
-        for (long i = 0; i < H * D; i++) qs[i] *= j->scale;
-        const int hold = n <= held && D % 32 == 0;
-        long k = 0;
+        const int pairs = j->pairs && n <= held;
+        if (pairs)
+            v4c_attn_scores_bf16(j->q + off * sz, H, D, (const void *const *)keys, n, j->scale, s, pw);
+        else {
+            widen(j->q + off * sz, j->dt, H * D, qs);
+            for (long i = 0; i < H * D; i++) qs[i] *= j->scale;
+        }
+        const int hold = !pairs && n <= held && D % 32 == 0;
+        long k = pairs ? n : 0;
         if (hold) /* keys in pairs: half the query loads per product */
             for (; k + 2 <= n; k += 2) {
                 float *r0 = kall + k * D, *r1 = r0 + D;
@@ -170,7 +188,9 @@ static void attn_rows(void *p, long a, long e, int tid) {
                 s[k * H + h] = pk;
                 den[h] += pk;
             }
-        if (hold) {
+        if (pairs) {
+            v4c_attn_values_bf16(s, (const void *const *)keys, n, H, D, o, pw);
+        } else if (hold) {
             weighted_sum(o, s, kall, n, H, D);
         } else {
             memset(o, 0, sizeof(float) * H * D);
@@ -185,17 +205,19 @@ static void attn_rows(void *p, long a, long e, int tid) {
     }
     free(qs);
     free(keys);
+    free(pw);
 }
 
 /* The attention op for every query row of q [B, T, H, D] (kv [B, T, D] this call's rows, ring
  * [B, W, D] with ring_pos [B, W], rows [B, N, D] the compressed cache, idx [B, T, K] CSA's picks,
  * sinks [H] fp32, positions int64, -1 = empty / padding) into out [B, T, H, D] of q's dtype.
- * Rows split across up to `threads` threads. Returns 0, -1 for a bad kind or ratio, -2 when
+ * Rows split across up to `threads` threads; `pairs` asks for attention_bf16.c's products (taken
+ * for bf16 with D % 16 == 0 on a CPU that has them). Returns 0, -1 for a bad kind or ratio, -2 when
  * scratch memory could not be allocated. */
 int v4c_attention(int threads, int B, int T, int H, int D, int dt, int kind, int window, int ratio,
                   const void *q, const void *kv, const void *ring, const int64_t *ring_pos, int W,
                   const float *sinks, const int64_t *pos, const void *rows, int N, const int64_t *idx, int K,
-                  float scale, void *out) {
+                  float scale, int pairs, void *out) {
     if (kind < SLIDING || kind > CSA || (kind == HCA && ratio < 1)) return -1;
     unsigned char *contig = malloc(B > 0 ? B : 1);
     if (!contig) return -2;
@@ -220,7 +242,8 @@ int v4c_attention(int threads, int B, int T, int H, int D, int dt, int kind, int
         groups = (int)((threads + rows_all - 1) / rows_all);
         if (groups > H) groups = H;
     }
-    struct attn_job j = {B, T, H, D, dt, kind, window, ratio, W, N, K, groups, (const char *)q, (const char *)kv,
+    struct attn_job j = {B, T, H, D, dt, kind, window, ratio, W, N, K, groups, pairs && dt == 1 && v4c_attn_bf16(D),
+                         (const char *)q, (const char *)kv,
                          (const char *)ring, (const char *)rows, ring_pos, pos, idx, sinks, scale, (char *)out,
                          contig, W + widest + (kind == HCA ? N : kind == CSA ? K : 0), 0};
     v4c_parallel_rows(rows_all * groups, threads, 1, attn_rows, &j);

@@ -12,16 +12,8 @@
 #include "common.h"
 #include "dots.h"
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#define V4C_X86 1
+#if V4C_X86
 #include <immintrin.h>
-#else
-#define V4C_X86 0
-#endif
-#if V4C_X86 && (defined(__clang__) || __GNUC__ >= 11)
-#define V4C_BF16DOT 1 /* the compiler knows AVX512-BF16 (intrinsics and the CPU-feature name) */
-#else
-#define V4C_BF16DOT 0
 #endif
 
 int v4c_isa_supported(int isa) {

@@ -1,6 +1,18 @@
-/* The dot-product kernels (dots.c), as their callers (moe.c, linear.c) see them. */
+/* The dot-product kernels (dots.c), as their callers (moe.c, linear.c, attention.c) see them, and which
+ * instruction sets this build can target. */
 #ifndef V4C_NATIVE_DOTS_H
 #define V4C_NATIVE_DOTS_H
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define V4C_X86 1
+#else
+#define V4C_X86 0
+#endif
+#if V4C_X86 && (defined(__clang__) || __GNUC__ >= 11)
+#define V4C_BF16DOT 1 /* the compiler knows AVX512-BF16 (intrinsics and the CPU-feature name) */
+#else
+#define V4C_BF16DOT 0
+#endif
 
 /* Instruction sets a kernel is built for, in order of preference. */
 enum { V4C_ISA_NONE = 0, V4C_ISA_AVX2 = 1, V4C_ISA_AVX512F = 2, V4C_ISA_AVX512BF16 = 3 };

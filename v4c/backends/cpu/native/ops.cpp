@@ -41,7 +41,7 @@ int v4c_ring_append(long B, long T, long W, long D, int size, const void *kv, vo
                     const int64_t *pos);
 int v4c_attention(int threads, int B, int T, int H, int D, int dt, int kind, int window, int ratio, const void *q,
                   const void *kv, const void *ring, const int64_t *ring_pos, int W, const float *sinks,
-                  const int64_t *pos, const void *rows, int N, const int64_t *idx, int K, float scale, void *out);
+                  const int64_t *pos, const void *rows, int N, const int64_t *idx, int K, float scale, int pairs, void *out);
 int v4c_isa_supported(int isa);
 int v4c_best_isa(int wdt);
 long v4c_moe_decode_work(int t, int D, int I, int Is, int k, int E);
@@ -57,7 +57,7 @@ int v4c_compress_step(long B, int C, int ratio, int overlap, int dt, const void 
 long v4c_indexer_work(int threads, int H, int D, long n);
 int v4c_indexer_topk(int threads, long B, long T, int H, int D, int qdt, const void *q, const void *w, int kdt,
                      const void *keys, long N, const int64_t *pos, int ratio, float scale, int topk, int64_t *out,
-                     void *work);
+                     int pairs, void *work);
 void v4c_sqrt_softplus(float *x, long n);
 int v4c_moe_route(long t, int E, int k, const float *scores, const float *bias, const void *table, int table_i64,
                   long V, const int64_t *ids, float scaling, int64_t *idx, float *wts, int64_t *perm,
@@ -267,9 +267,11 @@ Tensor norm_rope_(Tensor &x, const OptTensor &w, double eps, int64_t rope_dim, c
     return x;
 }
 
+int pick_isa(const std::optional<c10::string_view> &isa_arg, at::ScalarType dtype, const char *op); // below
+
 Tensor attention(const Tensor &q, const Tensor &kv, const Tensor &ring, const Tensor &ring_pos, const Tensor &sinks,
                  const Tensor &pos, const OptTensor &rows, const OptTensor &idx, c10::string_view kind_arg,
-                 int64_t window, int64_t ratio, double scale) {
+                 int64_t window, int64_t ratio, double scale, std::optional<c10::string_view> isa_arg) {
     const char *op = "attention";
     const std::string kind(kind_arg.data(), kind_arg.size());
     int k = -1;
@@ -326,11 +328,14 @@ Tensor attention(const Tensor &q, const Tensor &kv, const Tensor &ring, const Te
         check_fits_int(K, op, "picks K");
     }
     check_fits_int(window, op, "window");
+    // bf16 pairs (attention_bf16.c) where the products' kernels would take them; another named set: fp32 products
+    const int named = isa_arg.has_value() ? pick_isa(isa_arg, q.scalar_type(), op) : -1;
+    const int pairs = dt == 1 && (named > 0 ? named : v4c_best_isa(1)) == 3;
     Tensor out = at::empty_like(q);
     const int rc = v4c_attention(threads(), int(B), int(T), int(H), int(D), dt, k, int(window), int(ratio),
                                  q.data_ptr(), kv.data_ptr(), ring.data_ptr(), ring_pos.data_ptr<int64_t>(), int(W),
                                  s.data_ptr<float>(), pos.data_ptr<int64_t>(), N ? rows->data_ptr() : nullptr, int(N),
-                                 K ? idx->data_ptr<int64_t>() : nullptr, int(K), float(scale), out.data_ptr());
+                                 K ? idx->data_ptr<int64_t>() : nullptr, int(K), float(scale), pairs, out.data_ptr());
     TORCH_CHECK_VALUE(rc != -1, "attention: kind '", kind, "' with ratio ", ratio, " is not one the C helpers take");
     TORCH_CHECK_WITH(OutOfMemoryError, rc == 0, "v4c_native.attention: could not allocate scratch memory");
     return out;
@@ -580,7 +585,7 @@ Tensor compress_step_(const Tensor &kv, const Tensor &gate, const Tensor &ape, T
 // the indexer's selection over plain keys (indexer.c): q [B, T, H, D], w [B, T, H] (one float dtype), keys
 // [B, N, D] fp32 / bf16, pos [B, T]; returns [B, T, topk] row indices, -1 where fewer rows are visible
 Tensor indexer_topk(const Tensor &q, const Tensor &w, const Tensor &keys, const Tensor &pos, int64_t topk,
-                    int64_t ratio, double scale) {
+                    int64_t ratio, double scale, std::optional<c10::string_view> isa_arg) {
     const char *op = "indexer_topk";
     const int qdt = float_code(q, op, "q"), kdt = float_code(keys, op, "keys");
     check_plain(q, op, "q");
@@ -599,11 +604,14 @@ Tensor indexer_topk(const Tensor &q, const Tensor &w, const Tensor &keys, const 
                       " and ", ratio);
     for (int64_t v : {H, D, topk, ratio}) check_fits_int(v, op, "size");
     TORCH_CHECK_VALUE(keys.size(1) <= INT32_MAX, "v4c_native.indexer_topk: too many key rows");
+    // bf16 pairs (attention_bf16.c) for bf16 queries and keys, as attention() decides them
+    const int named = isa_arg.has_value() ? pick_isa(isa_arg, keys.scalar_type(), op) : -1;
+    const int pairs = qdt == 1 && kdt == 1 && (named > 0 ? named : v4c_best_isa(1)) == 3;
     Tensor out = at::empty({B, T, topk}, pos.options());
     const int nt = threads();
     const int64_t work = v4c_indexer_work(nt, int(H), int(D), keys.size(1));
     v4c_indexer_topk(nt, B, T, int(H), int(D), qdt, q.data_ptr(), w.data_ptr(), kdt, keys.data_ptr(), keys.size(1),
-                     pos.data_ptr<int64_t>(), int(ratio), float(scale), int(topk), out.data_ptr<int64_t>(),
+                     pos.data_ptr<int64_t>(), int(ratio), float(scale), int(topk), out.data_ptr<int64_t>(), pairs,
                      scratch(work / int64_t(sizeof(float)) + 16));
     return out;
 }
@@ -796,7 +804,7 @@ TORCH_LIBRARY(v4c_native, m) {
     m.def("norm_rope_(Tensor(a!) x, Tensor? w, float eps, int rope_dim, Tensor? rot, bool norm=True) -> Tensor(a!)");
     m.def("ring_append_(Tensor(a!) ring, Tensor(b!) ring_pos, Tensor kv, Tensor pos) -> ()");
     m.def("attention(Tensor q, Tensor kv, Tensor ring, Tensor ring_pos, Tensor sinks, Tensor pos, Tensor? rows, "
-          "Tensor? idx, str kind, int window, int ratio, float scale) -> Tensor");
+          "Tensor? idx, str kind, int window, int ratio, float scale, str? isa=None) -> Tensor");
     m.def("moe_decode(Tensor x, Tensor w, Tensor perm, Tensor offsets, Tensor w13, Tensor w2, Tensor? shared_gate, "
           "Tensor? shared_up, Tensor? shared_down, int k, float limit, str? isa=None) -> Tensor");
     m.def("dot_isas(ScalarType dtype) -> str[]", &dot_isas);
@@ -804,7 +812,8 @@ TORCH_LIBRARY(v4c_native, m) {
     m.def("openmp_entries() -> int[]", &openmp_entries);
     m.def("compress_step_(Tensor kv, Tensor gate, Tensor ape, Tensor(a!) pend_kv, Tensor(b!) pend_gate, Tensor pos, "
           "int ratio, bool overlap) -> Tensor");
-    m.def("indexer_topk(Tensor q, Tensor w, Tensor keys, Tensor pos, int topk, int ratio, float scale) -> Tensor");
+    m.def("indexer_topk(Tensor q, Tensor w, Tensor keys, Tensor pos, int topk, int ratio, float scale, "
+          "str? isa=None) -> Tensor");
     m.def("moe_route(Tensor scores, Tensor? bias, Tensor? table, Tensor? ids, int k, float scaling) -> "
           "(Tensor, Tensor, Tensor, Tensor)");
     m.def("sqrt_softplus_(Tensor(a!) x) -> Tensor(a!)");
