@@ -115,6 +115,33 @@ def test_moe_ffn_decode_path_equals_reference(dtype, shape, case, path):
         _check(got, want, args)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["shared", "no_shared", "ep"])
+def test_a_long_prefills_experts_in_parts_are_the_same_bits(dtype, case, monkeypatch):
+    """The grouped path runs a long call's experts in parts of about PART_ROWS assignments (small buffers
+    the allocator reuses): in any parts, the same bits as in one piece (bf16 sums kept in fp32 across the
+    parts, as index_add_ keeps them in one call), and close to the reference."""
+    from v4c.backends.cpu import moe
+    g = torch.Generator().manual_seed(4)
+    w13, w2, shared = _weights(g, dtype)
+    h = torch.randn(3, 40, D, generator=g).to(dtype)
+    idx, w, perm, offsets = ref_router(h, torch.randn(E, D, generator=g).to(dtype), torch.zeros(E), topk=K,
+                                       scaling=1.5)
+    if case == "ep":
+        idx, w, perm, offsets = ep_select(idx, w, experts=(3, 11))
+        w13, w2 = w13[3:11], w2[3:11]
+    args = (h, idx, w, perm, offsets, w13, w2, *(shared if case != "no_shared" else []))
+    views = WeightViews()
+    fn = CPU.callable("moe_ffn", args, {"limit": 2.0}, name="grouped", ctx=views)
+    whole = fn(*args, limit=2.0)
+    _check(whole, ref_ffn(*args, limit=2.0), args)
+    for rows in (1, 25, 100):  # one expert a part, a few, about half
+        monkeypatch.setattr(moe, "PART_ROWS", rows)
+        assert len(moe._parts([(e, a, b) for e, (a, b) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist()))
+                               if a < b])) > 1
+        assert torch.equal(fn(*args, limit=2.0), whole), rows
+
+
 def test_moe_ffn_decode_native_takes_both_dtypes_and_any_width():
     """Where the CPU has a kernel, the C call takes fp32 and bf16 decode steps and widths that are not
     multiples of the vector length, and gives the same result on 1-4 threads (each token's sum runs
