@@ -53,17 +53,17 @@ V4C_CLONES static void accumulate(float *o, const float *p, const float *k, int 
     }
 }
 
-/* o[h] = sum_k p[k, h] * kf[k] for every head, keys in order: o [H, D], p [n, H], kf [n, D] (fp32
- * rows). Two heads x 32 columns per pass over the keys, in registers: each key row loaded once
- * serves both heads. D % 32 == 0. */
-V4C_CLONES static void weighted_sum(float *o, const float *p, const float *kf, long n, int H, long D) {
+/* o[h] = sum_k p[k, h] * rows[k] for every head, keys in order: o [H, D], p [n, H], rows: n fp32 rows of D.
+ * Two heads x 32 columns per pass over the keys, in registers: each key row loaded once serves both
+ * heads. D % 32 == 0. */
+V4C_CLONES static void weighted_sum(float *o, const float *p, const float *const *rows, long n, int H, long D) {
     int h = 0;
     for (; h < H; h += 2) {
         const int two = h + 1 < H;
         for (long d0 = 0; d0 < D; d0 += 32) {
             v8f a[4] = {{0}}, b[4] = {{0}}, x;
             for (long k = 0; k < n; k++) {
-                const float *row = kf + k * D + d0;
+                const float *row = rows[k] + d0;
                 const float pa = p[k * H + h], pb = two ? p[k * H + h + 1] : 0.0f;
                 for (int c = 0; c < 4; c++) {
                     LD8(x, row + 8 * c);
@@ -113,13 +113,17 @@ static void attn_rows(void *p, long a, long e, int tid) {
     struct attn_job *j = (struct attn_job *)p;
     const int T = j->T, G = j->groups;
     const long D = j->D, sz = j->dt ? 2 : 4, HD = (long)j->H * D; /* the scratch holds all heads */
-    /* the keys of a row widened once, for both passes, when they fit a bounded buffer (window +
-     * compressed rows always do; only a call whose positions are not consecutive can exceed it) */
-    const long held = j->max_keys < 8192 ? j->max_keys : 8192;
-    float *qs = malloc(sizeof(float) * (2 * HD + D + j->max_keys * j->H + 2 * j->H + (j->pairs ? 0 : held * D)));
-    const char **keys = malloc(sizeof(char *) * (j->max_keys > 0 ? j->max_keys : 1));
+    /* bf16 keys of a row widened once, for both passes, when they fit a bounded buffer (window +
+     * compressed rows always do; only a call whose positions are not consecutive can exceed it);
+     * fp32 keys are read where they lie */
+    const long held = j->max_keys < 8192 ? j->max_keys : 8192, most = j->max_keys > 0 ? j->max_keys : 1;
+    const int widened = j->dt && !j->pairs;
+    float *qs = malloc(sizeof(float) * (2 * HD + D + j->max_keys * j->H + 2 * j->H + (widened ? held * D : 0)));
+    const char **keys = malloc(sizeof(char *) * most);
+    const float **rowp = malloc(sizeof(float *) * most); /* each key's fp32 row */
     void *pw = j->pairs ? malloc(v4c_attn_bf16_work(held, j->H, D)) : 0;
-    if (!qs || !keys || (j->pairs && !pw)) {
+    if (!qs || !keys || !rowp || (j->pairs && !pw)) {
+        free(rowp);
         free(qs);
         free(keys);
         free(pw);
@@ -161,19 +165,18 @@ static void attn_rows(void *p, long a, long e, int tid) {
             widen(j->q + off * sz, j->dt, H * D, qs);
             for (long i = 0; i < H * D; i++) qs[i] *= j->scale;
         }
-        const int hold = !pairs && n <= held && D % 32 == 0;
+        const int hold = !pairs && (!j->dt || n <= held) && D % 32 == 0;
         long k = pairs ? n : 0;
-        if (hold) /* keys in pairs: half the query loads per product */
-            for (; k + 2 <= n; k += 2) {
-                float *r0 = kall + k * D, *r1 = r0 + D;
-                widen(keys[k], j->dt, D, r0);
-                widen(keys[k + 1], j->dt, D, r1);
-                dots2(qs, r0, r1, D, H, s + k * H, s + (k + 1) * H);
+        if (hold) { /* keys in pairs: half the query loads per product */
+            for (long i = 0; i < n; i++) {
+                if (j->dt) widen(keys[i], j->dt, D, kall + i * D);
+                rowp[i] = j->dt ? kall + i * D : (const float *)keys[i];
             }
+            for (; k + 2 <= n; k += 2) dots2(qs, rowp[k], rowp[k + 1], D, H, s + k * H, s + (k + 1) * H);
+        }
         for (; k < n; k++) {
-            float *row = hold ? kall + k * D : kf;
-            widen(keys[k], j->dt, D, row);
-            dots(qs, row, D, H, s + k * H);
+            if (!hold) widen(keys[k], j->dt, D, kf);
+            dots(qs, hold ? rowp[k] : kf, D, H, s + k * H);
         }
         for (int h = 0; h < H; h++) {
             float m = j->sinks[h0 + h];
@@ -191,7 +194,7 @@ static void attn_rows(void *p, long a, long e, int tid) {
         if (pairs) {
             v4c_attn_values_bf16(s, (const void *const *)keys, n, H, D, o, pw);
         } else if (hold) {
-            weighted_sum(o, s, kall, n, H, D);
+            weighted_sum(o, s, rowp, n, H, D);
         } else {
             memset(o, 0, sizeof(float) * H * D);
             for (long k = 0; k < n; k++) {
@@ -205,6 +208,7 @@ static void attn_rows(void *p, long a, long e, int tid) {
     }
     free(qs);
     free(keys);
+    free(rowp);
     free(pw);
 }
 
