@@ -25,6 +25,7 @@ from .sweep import at_user_speed, pareto, sweep
 # sgl-project/sglang, docs_new/src/snippets/configs/deepseek-ai/deepseek-v4-benchmarks.jsx (sglang 0.5.15,
 # random 8K in / 1K out; tokens/s per GPU counts input + output) and deepseek-v4.jsx (the recipes' flags)
 SGLANG = "SGLang cookbook, V4-Flash FP4 on 4 x B200"
+SGLANG_PRO = "SGLang cookbook, V4-Pro FP4 on 8 x B200"
 # SemiAnalysis InferenceX, "GB300 NVL72 vs GB200 NVL72 ... on DeepSeek-V4-Pro" (2026-05-26): Dynamo + vLLM,
 # disaggregated prefill / decode, wide EP, no speculative decoding; tokens/s per GPU interpolated along
 # each rack's Pareto frontier at 27 tokens/s per user
@@ -41,21 +42,41 @@ class Row:
     profile: str
     measured: dict
     concurrency: int | None = None
-    recipe: dict = field(default_factory=dict)  # parallel, draft_tokens, accept_length as the measurement ran
+    # parallel, draft_tokens (0: no MTP), accept_length, chunk (--chunked-prefill-size) as the measurement ran
+    recipe: dict = field(default_factory=dict)
     user_speed: float | None = None  # InferenceX: read the frontier at this many tokens/s per user
 
 
+# the cookbook's B200 FP4 recipes (deepseek-v4.jsx): source, model, GPUs, the plan's profile, the recipe. The
+# balanced recipe's acceptance at 1 draft token and Pro's at 3 are not published: the plan's default (1 + p ...)
+_B200 = {
+    ("flash", "low-latency"): (SGLANG, "v4-flash", 4, "low-latency",
+                               {"parallel": "ep=4,attn=tp", "draft_tokens": 3, "accept_length": 2.5}),
+    ("flash", "balanced"): (SGLANG, "v4-flash", 4, "balanced", {"parallel": "ep=4,attn=dp", "draft_tokens": 1}),
+    ("flash", "high-throughput"): (SGLANG, "v4-flash", 4, "max-throughput",
+                                   {"parallel": "ep=4,attn=dp", "draft_tokens": 0}),
+    # TP 8, MTP 3 steps / 4 draft tokens, 8,192-token prefill chunks
+    ("pro", "low-latency"): (SGLANG_PRO, "v4-pro", 8, "low-latency",
+                             {"parallel": "ep=8,attn=tp", "draft_tokens": 3, "chunk": 8192}),
+}
+
+
+def _cell(variant: str, strategy: str, concurrency: int, ttft_ms, tpot_ms, tokens_per_s_per_gpu) -> Row:
+    """One measured cell of the cookbook (deepseek-v4-benchmarks.jsx) with its recipe."""
+    source, preset, gpus, profile, recipe = _B200[variant, strategy]
+    return Row(source, f"{strategy}, concurrency {concurrency}", preset, "b200", gpus, profile,
+               {"ttft_ms": ttft_ms, "tpot_ms": tpot_ms, "tokens_per_s_per_gpu": tokens_per_s_per_gpu}, concurrency,
+               recipe)
+
+
 ROWS = (
-    Row(SGLANG, "low-latency, concurrency 1", "v4-flash", "b200", 4, "low-latency",
-        {"ttft_ms": 227, "tpot_ms": 2.88, "tokens_per_s_per_gpu": 575}, 1,
-        {"parallel": "ep=4,attn=tp", "draft_tokens": 3, "accept_length": 2.5}),
-    Row(SGLANG, "low-latency, concurrency 16", "v4-flash", "b200", 4, "low-latency",
-        {"ttft_ms": 248, "tpot_ms": 5.44, "tokens_per_s_per_gpu": 4767}, 16,
-        {"parallel": "ep=4,attn=tp", "draft_tokens": 3, "accept_length": 2.5}),
-    # the balanced recipe's acceptance at 1 draft token is not published: the plan's default (1 + p)
-    Row(SGLANG, "balanced, concurrency 256", "v4-flash", "b200", 4, "balanced",
-        {"ttft_ms": 2874, "tpot_ms": 66.2, "tokens_per_s_per_gpu": 8401}, 256,
-        {"parallel": "ep=4,attn=dp", "draft_tokens": 1}),
+    _cell("flash", "low-latency", 1, 227, 2.88, 575),
+    _cell("flash", "low-latency", 16, 248, 5.44, 4767),
+    _cell("flash", "balanced", 64, 1477, 41.54, 3229),
+    _cell("flash", "balanced", 256, 2874, 66.2, 8401),
+    _cell("flash", "high-throughput", 1024, 104331, 71.27, 7997),
+    _cell("pro", "low-latency", 1, 333, 4.26, 214),
+    _cell("pro", "low-latency", 16, 405, 9.95, 1259),
     Row(INFERENCEX, "GB300 NVL72 at 27 tok/s/user", "v4-pro", "gb300", 72, "max-throughput",
         {"tokens_per_s_per_gpu": 6182}, recipe={"attn": "dp"}, user_speed=27),
     Row(INFERENCEX, "GB200 NVL72 at 27 tok/s/user", "v4-pro", "gb200", 72, "max-throughput",
@@ -75,11 +96,14 @@ def _model_dir(preset: str, root: Path) -> Path:
 
 def _recipe_row(row: Row, model: Path) -> dict:
     r = row.recipe
+    mtp = r["draft_tokens"] > 0
+    chunk = {"chunk_tokens": r["chunk"]} if "chunk" in r else {}
     given = make_plan(model, gpu=row.gpu, gpus=row.gpus, input_len=IO[0], output_len=IO[1],
-                      concurrency=row.concurrency, profile=row.profile, parallel=r["parallel"], speculative="mtp",
-                      draft_tokens=r["draft_tokens"], accept_length=r.get("accept_length"))
+                      concurrency=row.concurrency, profile=row.profile, parallel=r["parallel"],
+                      speculative="mtp" if mtp else "none", draft_tokens=r["draft_tokens"] if mtp else None,
+                      accept_length=r.get("accept_length"), **chunk)
     own = make_plan(model, gpu=row.gpu, gpus=row.gpus, input_len=IO[0], output_len=IO[1],
-                    concurrency=row.concurrency, profile=row.profile)
+                    concurrency=row.concurrency, profile=row.profile, **chunk)
     predicted = {k: given[k] for k in row.measured}
     return {"predicted": predicted, "recipe": f"{r['parallel']}, MTP {r['draft_tokens']}",
             "plan_choice": f"{own['layout']['parallel']}, MTP {own['speculative']['draft_tokens']}"}
