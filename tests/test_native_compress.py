@@ -134,20 +134,27 @@ def _check_selection(dtype, b, t, h, d, n, topk, ratio, isa):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_querys_selection_does_not_depend_on_the_call(dtype):
-    """A query scored alone (its rows split across the threads) picks the same rows in the same order as
+    """A query scored alone (its rows split across 1-3 threads) picks the same rows in the same order as
     within a 37-query prefill call (the queries split) and beside another sequence, every way of scoring."""
     g = torch.Generator().manual_seed(3)
     b, t, h, d, n = 2, 37, 16, 64, 400
     q, w = torch.randn(b, t, h, d, generator=g).to(dtype), torch.randn(b, t, h, generator=g).to(dtype)
     keys = torch.randn(b, n, d, generator=g).to(dtype)
     pos = torch.arange(t)[None] + torch.tensor([[1500], [900]])
-    for isa in _isas(dtype):
-        call = native.indexer_topk(q, w, keys, pos, 64, 4, 0.01, isa=isa)
-        for i, j in ((0, 0), (1, 20), (0, 36)):
-            one = native.indexer_topk(q[i:i + 1, j:j + 1].contiguous(), w[i:i + 1, j:j + 1].contiguous(),
-                                      keys[i:i + 1].contiguous(), pos[i:i + 1, j:j + 1].contiguous(), 64, 4, 0.01,
-                                      isa=isa)
-            assert torch.equal(one[0, 0], call[i, j]), (isa, i, j)
+    before = torch.get_num_threads()
+    try:
+        for isa in _isas(dtype):
+            call = native.indexer_topk(q, w, keys, pos, 64, 4, 0.01, isa=isa)
+            for threads in (1, 2, 3):  # and however many threads share a decode query's rows
+                torch.set_num_threads(threads)
+                for i, j in ((0, 0), (1, 20), (0, 36)):
+                    one = native.indexer_topk(q[i:i + 1, j:j + 1].contiguous(), w[i:i + 1, j:j + 1].contiguous(),
+                                              keys[i:i + 1].contiguous(), pos[i:i + 1, j:j + 1].contiguous(), 64,
+                                              4, 0.01, isa=isa)
+                    assert torch.equal(one[0, 0], call[i, j]), (isa, threads, i, j)
+            torch.set_num_threads(before)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_a_bf16_prefill_takes_the_c_scoring_where_it_pays():

@@ -111,18 +111,23 @@ V4C_CLONES static void scan_rows(void *ctx, long j0, long j1, int tid) {
     }
 }
 
-/* one query's scratch: the picks and scores of N rows, its fp32 query and weights, its packed query, one
- * key's widened row and dot products; a multiple of 64 bytes (each thread's starts aligned) */
+/* one query's scratch: the picks and scores of N rows, its fp32 query and weights, its packed query; a
+ * multiple of 64 bytes (each thread's starts aligned) */
 static long region_bytes(int H, int D, long N) {
-    const long b = N * (long)(sizeof(pick_t) + 4) + (long)(H * D + H) * 4 + v4c_index_bf16_work(H, D) + (long)(D + H) * 4;
+    const long b = N * (long)(sizeof(pick_t) + 4) + (long)(H * D + H) * 4 + v4c_index_bf16_work(H, D);
     return (b + 63) / 64 * 64;
 }
 
-long v4c_indexer_work(int threads, int H, int D, long n) { return (long)threads * region_bytes(H, D, n); }
+/* a region per thread (a prefill scores a query on each), then a key's widened row and dot products per
+ * thread (a decode call's threads share one query's rows) */
+long v4c_indexer_work(int threads, int H, int D, long n) {
+    return (long)threads * (region_bytes(H, D, n) + (long)(D + H) * 4);
+}
 
 struct topk_job {
     long T;
-    int H, D, qdt, kdt, pairs, ratio, topk, threads;
+    int H, D, qdt, kdt, pairs, ratio, topk, threads; /* threads: a query's rows split among them (1: none) */
+    int team;                                         /* the call's threads: the regions and scratch rows */
     const char *q, *w, *keys;
     long N;
     const int64_t *pos;
@@ -135,10 +140,11 @@ struct topk_job {
 static void query_rows(void *ctx, long r0, long r1, int tid) {
     const struct topk_job *a = (const struct topk_job *)ctx;
     const long qesz = a->qdt ? 2 : 4, kesz = a->kdt ? 2 : 4, D = a->D, H = a->H;
-    pick_t *picks = (pick_t *)(a->work + (long)tid * region_bytes(a->H, a->D, a->N));
+    const long region = region_bytes(a->H, a->D, a->N);
+    pick_t *picks = (pick_t *)(a->work + (long)tid * region);
     float *total = (float *)(picks + a->N), *qf = total + a->N, *wf = qf + H * D;
     void *qp = wf + H;
-    float *scratch = (float *)((char *)qp + v4c_index_bf16_work(a->H, a->D));
+    float *scratch = (float *)(a->work + (long)a->team * region); /* row `tid` of it is this thread's */
     for (long row = r0; row < r1; row++) {
         const long b = row / a->T;
         int64_t *o = a->out + row * a->topk;
@@ -158,7 +164,7 @@ static void query_rows(void *ctx, long r0, long r1, int tid) {
             if (a->threads > 1)
                 v4c_parallel_rows(vis, a->threads, 256, scan_rows, &job);
             else
-                scan_rows(&job, 0, vis, 0);
+                scan_rows(&job, 0, vis, tid);
         }
         for (long j = 0; j < vis; j++) picks[j] = pick_of(total[j], (int)j);
         const long k = vis < a->topk ? vis : a->topk;
@@ -177,7 +183,7 @@ int v4c_indexer_topk(int threads, long B, long T, int H, int D, int qdt, const v
                      const void *keys, long N, const int64_t *pos, int ratio, float scale, int topk, int64_t *out,
                      int pairs, void *work) {
     struct topk_job a = {T, H, D, qdt, kdt, pairs && qdt == 1 && kdt == 1 && v4c_index_bf16(D), ratio, topk, threads,
-                         (const char *)q, (const char *)w, (const char *)keys, N, pos, scale, out, (char *)work};
+                         threads, (const char *)q, (const char *)w, (const char *)keys, N, pos, scale, out, (char *)work};
     if (B * T < threads) {
         query_rows(&a, 0, B * T, 0);
     } else {
