@@ -17,11 +17,13 @@
 #include "common.h"
 #include "dots.h"
 
-long v4c_index_bf16_work(int H, long D) { return 4L * (H + 15) / 16 * (D / 2) * 16; } /* the packed query */
+static long packed_words(int H, long D) { return (H + 15) / 16 * (D / 2) * 16L; } /* pack_heads' output */
+
+long v4c_index_bf16_work(int H, long D) { return 4 * packed_words(H, D); }
 
 long v4c_attn_bf16_work(long n, int H, long D) {
     const long pairs = (n + 1) / 2; /* the packed query, the probability pairs, the interleaved keys */
-    return 4 * (D / 2 * 16 + pairs * (long)H + pairs * D);
+    return 4 * (packed_words(H, D) + pairs * (long)H + pairs * D);
 }
 
 #if V4C_BF16DOT
@@ -36,6 +38,15 @@ static inline uint32_t pair_at(const void *row, long i) { /* dims 2i, 2i + 1 of 
 }
 
 #define BCAST(u) ((__m512bh)_mm512_set1_epi32((int)(u)))
+
+/* qp [(H + 15) / 16 blocks][D / 2][16 lanes]: head h's dims 2i, 2i + 1 at block h / 16, lane h % 16 */
+static void pack_heads(const uint16_t *q, int H, long D, uint32_t *qp) {
+    const long P = D / 2;
+    for (int b = 0; b < (H + 15) / 16; b++)
+        for (long i = 0; i < P; i++)
+            for (int l = 0; l < 16; l++)
+                qp[(b * P + i) * 16 + l] = 16 * b + l < H ? pair_at(q + (long)(16 * b + l) * D, i) : 0;
+}
 
 /* scores() for H <= 8 in 256-bit registers: the same sums per lane; Zen 4 runs two 256-bit vdpbf16ps for one
  * 512-bit, so eight heads cost half as much as in 16 lanes half empty */
@@ -72,17 +83,17 @@ TARGET static void scores(const uint16_t *q, int H, long D, const void *const *k
                           float *s, uint32_t *qp) {
     const long P = D / 2;
     const __m512 sc = _mm512_set1_ps(scale);
+    pack_heads(q, H, D, qp);
     for (int h0 = 0; h0 < H; h0 += 16) {
         const int nh = H - h0 < 16 ? H - h0 : 16;
         const __mmask16 m = (__mmask16)((1u << nh) - 1);
-        for (long i = 0; i < P; i++)
-            for (int l = 0; l < 16; l++) qp[i * 16 + l] = l < nh ? pair_at(q + (long)(h0 + l) * D, i) : 0;
+        const uint32_t *qb = qp + h0 * P; /* this block of 16 heads */
         long k = 0;
         for (; k + 8 <= n; k += 8) {
             __m512 acc[8];
             for (int j = 0; j < 8; j++) acc[j] = _mm512_setzero_ps();
             for (long i = 0; i < P; i++) {
-                const __m512bh qv = (__m512bh)_mm512_loadu_si512(qp + i * 16);
+                const __m512bh qv = (__m512bh)_mm512_loadu_si512(qb + i * 16);
                 for (int j = 0; j < 8; j++) acc[j] = _mm512_dpbf16_ps(acc[j], qv, BCAST(pair_at(keys[k + j], i)));
             }
             for (int j = 0; j < 8; j++) _mm512_mask_storeu_ps(s + (k + j) * H + h0, m, _mm512_mul_ps(acc[j], sc));
@@ -90,7 +101,7 @@ TARGET static void scores(const uint16_t *q, int H, long D, const void *const *k
         for (; k < n; k++) { /* the same sums, one key at a time */
             __m512 acc = _mm512_setzero_ps();
             for (long i = 0; i < P; i++)
-                acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(qp + i * 16), BCAST(pair_at(keys[k], i)));
+                acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(qb + i * 16), BCAST(pair_at(keys[k], i)));
             _mm512_mask_storeu_ps(s + k * H + h0, m, _mm512_mul_ps(acc, sc));
         }
     }
@@ -144,15 +155,6 @@ TARGET static void values(const float *p, const void *const *keys, long n, int H
     }
 }
 
-/* qp [(H + 15) / 16 blocks][D / 2][16 lanes]: head h's dims 2i, 2i + 1 at block h / 16, lane h % 16 */
-static void pack_heads(const uint16_t *q, int H, long D, uint32_t *qp) {
-    const long P = D / 2;
-    for (int b = 0; b < (H + 15) / 16; b++)
-        for (long i = 0; i < P; i++)
-            for (int l = 0; l < 16; l++)
-                qp[(b * P + i) * 16 + l] = 16 * b + l < H ? pair_at(q + (long)(16 * b + l) * D, i) : 0;
-}
-
 /* total[j + u] = sum_h w[h] * relu(q_h . key_{j + u}) for u < NK: the packed query, keys [.., D] bf16 */
 TARGET static inline __attribute__((always_inline)) void index_group(const uint32_t *qp, const float *w, int H,
                                                                      long D, const uint16_t *keys, long j,
@@ -204,7 +206,7 @@ void v4c_attn_scores_bf16(const void *q, int H, long D, const void *const *keys,
 
 void v4c_attn_values_bf16(const float *p, const void *const *keys, long n, int H, long D, float *o, void *work) {
     const long pairs = (n + 1) / 2;
-    uint32_t *pp = (uint32_t *)work + D / 2 * 16;
+    uint32_t *pp = (uint32_t *)work + packed_words(H, D);
     values(p, keys, n, H, D, o, pp, pp + pairs * H);
 }
 
