@@ -16,7 +16,7 @@ from v4c.graph.registry import get_op
 from v4c.graph.weight_formats import quantize_fp8_block
 from v4c.graph.weights import QuantizedWeight
 
-ISAS = ("avx2", "avx512f", "avx512bf16")
+ISAS = ("avx2", "avx512vl", "avx512f", "avx512bf16")
 DTYPES = (torch.float32, torch.bfloat16)
 needs_c = pytest.mark.skipif(not native.moe_decode_available(torch.float32),
                              reason="the C products need AVX2 + FMA or AVX-512F")
@@ -67,6 +67,22 @@ def test_linear_does_not_depend_on_the_thread_count_or_the_other_rows(dtype):
         torch.set_num_threads(before)
     for rows in (slice(0, 1), slice(3, 5), slice(2, 5)):
         assert torch.equal(native.linear(x[rows].contiguous(), w), one[rows])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+def test_avx512vl_is_avx2_on_more_registers(dtype):
+    """The AVX-512VL kernels block 4 weight rows x up to 6 token rows (AVX2's: x 3) and reduce eight
+    sums at once: the same additions in the same order, so the same bits for any number of token rows
+    (every remainder of 6), widths with tails (K not a multiple of 8) and row counts not multiples of 4."""
+    have = native.dot_isas(dtype)
+    if not {"avx2", "avx512vl"} <= set(have):
+        pytest.skip(f"this CPU does not have both kernels (it has {have or 'none'})")
+    g = torch.Generator().manual_seed(11)
+    for n, k in ((37, 45), (66, 136), (8, 7), (129, 256)):
+        w = torch.randn(n, k, generator=g).to(dtype)
+        for t in (*range(1, 15), 25, 96):
+            x = torch.randn(t, k, generator=g).to(dtype)
+            assert torch.equal(native.linear(x, w, isa="avx512vl"), native.linear(x, w, isa="avx2")), (n, k, t)
 
 
 @needs_c

@@ -1,5 +1,5 @@
 """The C MoE decode (native/moe.c, kernels in dots.c) against the op reference, for fp32 and bf16
-weights on every instruction set this CPU has (AVX2 + FMA, AVX-512F, AVX512-BF16; the others are
+weights on every instruction set this CPU has (AVX2 + FMA, AVX-512VL, AVX-512F, AVX512-BF16; the others are
 skipped, and run on a CPU that has them): widths that are not multiples of the vector length, one to
 hundreds of experts, top-k 1 to 8, 1 to 16 tokens, with and without a shared expert of its own width.
 
@@ -16,7 +16,7 @@ from v4c.graph.ops.collective import ep_select
 from v4c.graph.ops.fused import moe_ffn as ref_ffn
 from v4c.graph.ops.fused import moe_router as ref_router
 
-ISAS = ("avx2", "avx512f", "avx512bf16")
+ISAS = ("avx2", "avx512vl", "avx512f", "avx512bf16")
 DTYPES = (torch.float32, torch.bfloat16)
 # tokens, D, I, shared width (0: none), experts, top-k
 SHAPES = [
@@ -91,12 +91,24 @@ def test_moe_decode_equals_reference(isa, dtype, shape):
 
 @pytest.mark.parametrize("shape", PREFILL_SHAPES, ids=lambda s: "t{}-D{}-I{}-S{}-E{}-k{}".format(*s))
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
-@pytest.mark.parametrize("isa", ISAS[:2])
+@pytest.mark.parametrize("isa", ISAS[:3])
 def test_moe_prefill_calls_equal_reference(isa, dtype, shape):
     _isa(isa, dtype)
     args = _case(shape, dtype, seed=3)
     for limit in (2.0, 0.3):  # (0.3: the clamps bite on most rows)
         _close(_run(args, isa, limit=limit), args, limit=limit)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+def test_avx512vl_moe_is_avx2_bit_for_bit(dtype):
+    """AVX-512VL runs AVX2's sums on 32 registers (bigger blocks for a prefill's many rows an expert):
+    the MoE's result is the same bits on both, decode and prefill calls alike."""
+    have = native.dot_isas(dtype)
+    if not {"avx2", "avx512vl"} <= set(have):
+        pytest.skip(f"this CPU does not have both kernels (it has {have or 'none'})")
+    for shape in SHAPES + PREFILL_SHAPES:
+        args = _case(shape, dtype, seed=5)
+        assert torch.equal(_run(args, "avx512vl", limit=0.5), _run(args, "avx2", limit=0.5)), shape
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
@@ -165,7 +177,7 @@ def test_moe_decode_result_does_not_depend_on_the_thread_count(dtype):
 def test_moe_decode_instruction_sets_are_named_and_checked():
     for dtype in DTYPES:
         isas = native.dot_isas(dtype)
-        rest = list(isas[1:])  # the kernels' pick first (AVX2 for fp32 on AMD Zen 3 / 4), the rest widest first
+        rest = list(isas[1:])  # the kernels' pick first (8 lanes for fp32 on AMD Zen 3 / 4), then ISAS' order reversed
         assert set(isas) <= set(ISAS) and len(set(isas)) == len(isas)
         assert rest == sorted(rest, key=ISAS.index, reverse=True)
     assert "avx512bf16" not in native.dot_isas(torch.float32)
@@ -173,7 +185,7 @@ def test_moe_decode_instruction_sets_are_named_and_checked():
     if not native.moe_decode_available(torch.float32):
         pytest.skip("no C MoE on this CPU")
     args = _case((2, 32, 16, 16, 4, 2), torch.float32)
-    with pytest.raises(ValueError, match="unknown instruction set 'sse9' \\(avx2, avx512f, avx512bf16\\)"):
+    with pytest.raises(ValueError, match="unknown instruction set 'sse9' \\(avx2, avx512vl, avx512f, avx512bf16\\)"):
         _run(args, "sse9")
     with pytest.raises(RuntimeError, match="has no avx512bf16 kernel for Float weights"):
         _run(args, "avx512bf16")

@@ -361,8 +361,8 @@ def attention(q, kv, ring, ring_pos, sinks, pos, rows=None, idx=None, *, kind, w
 
 def dot_isas(dtype: torch.dtype = torch.bfloat16) -> tuple:
     """The instruction sets this CPU (and compiler) run the C MoE and linear with for ``dtype``
-    weights, best first: some of ``avx512bf16`` (bf16 only), ``avx512f``, ``avx2`` (with FMA); empty
-    when none (dots.c)."""
+    weights, best first: some of ``avx512bf16`` (bf16 only), ``avx512f``, ``avx512vl`` (AVX2's kernels on
+    AVX-512's 32 registers: the same bits as ``avx2``), ``avx2`` (with FMA); empty when none (dots.c)."""
     key = ("dots", dtype)
     if key not in _state:
         ok = library() is not None and dtype in _FLOATS

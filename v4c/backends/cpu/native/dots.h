@@ -14,8 +14,9 @@
 #define V4C_BF16DOT 0
 #endif
 
-/* Instruction sets a kernel is built for, in order of preference. */
-enum { V4C_ISA_NONE = 0, V4C_ISA_AVX2 = 1, V4C_ISA_AVX512F = 2, V4C_ISA_AVX512BF16 = 3 };
+/* Instruction sets a kernel is built for. AVX512VL: AVX2's kernels (8 lanes, the same sums in the same
+ * order, so the same bits) with AVX-512's 32 registers for bigger blocks. */
+enum { V4C_ISA_NONE = 0, V4C_ISA_AVX2 = 1, V4C_ISA_AVX512F = 2, V4C_ISA_AVX512BF16 = 3, V4C_ISA_AVX512VL = 4 };
 
 /* Y[r * ldy + o] = dot(W row o, token row x[r]) for o < N, r < c: W [N, K] row-major, each row read
  * from memory once whatever c is. Token rows are fp32, or bf16 bits for an AVX512-BF16 kernel. */

@@ -8,6 +8,9 @@
  *   WT, WV, WLOAD(p) weight element type, its vector, a load of LANES of them
  *   MAC(acc, w, x)   acc + w * x, lane by lane (fp32 sums)
  *   XF(v), WF(v)     one element as fp32 (the tail of K that is not a whole step)
+ * and may define
+ *   RCMAX            token rows a block holds (3 unless defined; 6 with 32 registers)
+ *   HSUM8V(v, out)   out[j] = HSUM(v[j]) for eight accumulators at once, the same additions
  * and this file undefines the ones that differ between instantiations.
  *
  * Register blocking: RW = 4 weight rows by RC <= 3 token rows of accumulators (twelve: with the three
@@ -15,7 +18,9 @@
  * once per step and each weight vector once per block, so a weight row is read from memory once and
  * reused from registers or L1 for every token row. Twelve independent sums also cover the FMA
  * latency (two pipes of ~5 cycles need ten); 4x3 takes 7 loads per 12 FMAs where the 2x4 blocks
- * before took 6 per 8, which matters in prefill calls, whose token rows come from L2.
+ * before took 6 per 8, which matters in prefill calls, whose token rows come from L2. With 32
+ * registers (RCMAX 6) a block holds 4 x 6 sums: 10 loads per 24 FMAs. A block's sums never depend on
+ * how many token rows it holds, so every blocking gives the same bits.
  *
  * The RW rows of a block are not neighbours but S = N / RW rows apart (rows j, j + S, j + 2S, ...
  * for j < S): each of the RW streams then runs through one contiguous quarter (or half) of W, a long
@@ -26,6 +31,11 @@
  * projection has: 7.5 against 15). A row's sum is the same in either order: the choice changes
  * nothing in the results. */
 
+#ifndef RCMAX /* token rows a block holds at most: 3 (4 x 3 sums) unless the includer has the registers */
+#define RCMAX 3
+#define V4C_RCMAX_DEFAULT
+#endif
+
 #define V4C_CAT_(a, b) a##b
 #define V4C_CAT(a, b) V4C_CAT_(a, b)
 #define BLK V4C_CAT(NAME, _block)
@@ -35,37 +45,54 @@
 TARGET static inline __attribute__((always_inline)) void BLK(const WT *w, long S, long K, const XT *const *x,
                                                              float *y, long ldy, const int RW, const int RC,
                                                              const int pf) {
-    VEC acc[4][3];
-    for (int i = 0; i < RW; i++)
-        for (int r = 0; r < RC; r++) acc[i][r] = ZERO();
+    VEC acc[4 * RCMAX];
+    for (int i = 0; i < RW * RC; i++) acc[i] = ZERO();
     const long kv = K - K % LANES;
     for (long k = 0; k < kv; k += LANES) {
-        XV xv[3];
+        XV xv[RCMAX];
         for (int r = 0; r < RC; r++) xv[r] = XLOAD(x[r] + k);
         for (int i = 0; i < RW; i++) {
             if (pf) __builtin_prefetch(w + i * S * K + k + V4C_PF_BYTES / sizeof(WT), 0, 0);
             const WV wv = WLOAD(w + i * S * K + k);
-            for (int r = 0; r < RC; r++) acc[i][r] = MAC(acc[i][r], wv, xv[r]);
+            for (int r = 0; r < RC; r++) acc[i * RC + r] = MAC(acc[i * RC + r], wv, xv[r]);
         }
     }
+    float s[4 * RCMAX];
+    int n = 0;
+#ifdef HSUM8V
+    for (; n + 8 <= RW * RC; n += 8) HSUM8V(acc + n, s + n); /* eight at once, in HSUM's order */
+#endif
+    for (; n < RW * RC; n++) s[n] = HSUM(acc[n]);
     for (int i = 0; i < RW; i++)
         for (int r = 0; r < RC; r++) {
-            float s = HSUM(acc[i][r]);
-            for (long k = kv; k < K; k++) s += WF(w[i * S * K + k]) * XF(x[r][k]);
-            y[r * ldy + i * S] = s;
+            float t = s[i * RC + r];
+            for (long k = kv; k < K; k++) t += WF(w[i * S * K + k]) * XF(x[r][k]);
+            y[r * ldy + i * S] = t;
         }
 }
 
 /* RW weight rows (S apart) against every token row, RC at a time (RW, RC and the prefetch switch
  * constants after inlining: no loop overhead, branch or spilled accumulator in the step loop). */
+#if RCMAX == 6
+#define V4C_GROUP(RW, PF)                                                                         \
+    switch (c - r0 < 6 ? c - r0 : 6) {                                                            \
+    case 1: BLK(w, S, K, xr, yr, ldy, RW, 1, PF); break;                                          \
+    case 2: BLK(w, S, K, xr, yr, ldy, RW, 2, PF); break;                                          \
+    case 3: BLK(w, S, K, xr, yr, ldy, RW, 3, PF); break;                                          \
+    case 4: BLK(w, S, K, xr, yr, ldy, RW, 4, PF); break;                                          \
+    case 5: BLK(w, S, K, xr, yr, ldy, RW, 5, PF); break;                                          \
+    default: BLK(w, S, K, xr, yr, ldy, RW, 6, PF); break;                                         \
+    }
+#else
 #define V4C_GROUP(RW, PF)                                                                         \
     switch (c - r0 < 3 ? c - r0 : 3) {                                                            \
     case 1: BLK(w, S, K, xr, yr, ldy, RW, 1, PF); break;                                          \
     case 2: BLK(w, S, K, xr, yr, ldy, RW, 2, PF); break;                                          \
     default: BLK(w, S, K, xr, yr, ldy, RW, 3, PF); break;                                         \
     }
+#endif
 #define V4C_ROWS(RW)                                                                              \
-    for (int r0 = 0; r0 < c; r0 += 3) {                                                           \
+    for (int r0 = 0; r0 < c; r0 += RCMAX) {                                                       \
         const XT *const *xr = xs + r0;                                                            \
         float *yr = Y + r0 * ldy + o;                                                             \
         if (pf) {                                                                                 \
@@ -104,3 +131,7 @@ TARGET void NAME(const void *W, long N, long K, const void *const *x, int c, flo
 #undef WV
 #undef WLOAD
 #undef WF
+#ifdef V4C_RCMAX_DEFAULT
+#undef RCMAX
+#undef V4C_RCMAX_DEFAULT
+#endif

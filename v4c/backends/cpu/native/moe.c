@@ -64,18 +64,11 @@ static void up_rows(void *p, long a, long e, int tid) {
         float *G = j->G + m->row * ld, *U = j->U + m->row * ld;
         j->dots(m->gate + i0 * D * esz, i1 - i0, D, j->xrows + m->row, m->c, G + i0, ld);
         j->dots(m->up + i0 * D * esz, i1 - i0, D, j->xrows + m->row, m->c, U + i0, ld);
-        const float lim = j->limit;
-        for (int r = 0; r < m->c; r++)
-            for (long i = i0; i < i1; i++) {
-                float g = round_to(G[r * ld + i], j->dt), u = round_to(U[r * ld + i], j->dt);
-                g = g < lim ? g : lim;
-                u = u < -lim ? -lim : (u > lim ? lim : u);
-                const float v = round_to(g / (1.0f + expf(-g)), j->dt) * u;
-                if (j->x_bf16)
-                    ((uint16_t *)j->A)[(m->row + r) * ld + i] = f2bf(v);
-                else
-                    ((float *)j->A)[(m->row + r) * ld + i] = round_to(v, j->dt);
-            }
+        for (int r = 0; r < m->c; r++) {
+            const long at = (m->row + r) * ld + i0;
+            moe_swiglu(G + r * ld + i0, U + r * ld + i0, i1 - i0, j->limit, j->dt, j->x_bf16 ? 0 : (float *)j->A + at,
+                       j->x_bf16 ? (uint16_t *)j->A + at : 0);
+        }
     }
 }
 

@@ -28,6 +28,68 @@ static inline long first_item(const long *start, int nitems, long a) { /* the it
 
 static inline long clampl(long v, long lo, long hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
+typedef int32_t v8s __attribute__((vector_size(32))); /* lane masks (a comparison's result) and bits */
+typedef uint32_t v8u __attribute__((vector_size(32)));
+
+#define V8_SEL(m, a, b) ((v8f)(((v8s)(a) & (m)) | ((v8s)(b) & ~(m)))) /* a where the mask m is set, else b */
+
+/* x rounded to bf16 lane by lane (f2bf's round to nearest even, NaN kept quiet), as fp32 */
+#define V8_BF16(x) __extension__({                                                                      \
+        const v8u u_ = (v8u)(x);                                                                         \
+        const v8u r_ = ((u_ + 0x7fffu + ((u_ >> 16) & 1u)) >> 16) << 16;                                \
+        const v8s nan_ = (v8s)((u_ & 0x7fffffffu) > 0x7f800000u);                                        \
+        (v8f)(((v8s)((u_ | 0x400000u) & 0xffff0000u) & nan_) | ((v8s)r_ & ~nan_));                     \
+    })
+
+/* e^x lane by lane, within ~2 ulp of libm's expf for -87 <= x <= 88 (clamped outside, so the scale 2^n
+ * stays a normal number: e^-87 ~ 1.6e-38; NaN stays NaN): a reduction by ln 2 in two parts (the high
+ * part exact times n) and a degree-7 polynomial, ~20 vector operations for eight values where expf is
+ * a call per value (~10% of a 512-token prefill's MoE on a Zen 4) */
+#define V8_EXP(x0) __extension__({                                                                      \
+        v8f x_ = V8_SEL((x0) < -87.0f, (v8f){0} - 87.0f, (x0));                                         \
+        x_ = V8_SEL(x_ > 88.0f, (v8f){0} + 88.0f, x_);                                                   \
+        const v8f t_ = x_ * 1.44269504f + 12582912.0f; /* 1.5 * 2^23: round(x / ln 2) in t's low bits */ \
+        const v8f n_ = t_ - 12582912.0f;                                                                 \
+        const v8f r_ = (x_ - n_ * 0.693145752f) - n_ * 1.42860677e-6f;                                   \
+        v8f p_ = r_ * 1.98412698e-4f + 1.38888889e-3f;                                                   \
+        p_ = p_ * r_ + 8.33333333e-3f;                                                                   \
+        p_ = p_ * r_ + 4.16666667e-2f;                                                                   \
+        p_ = p_ * r_ + 1.66666667e-1f;                                                                   \
+        p_ = p_ * r_ + 0.5f;                                                                             \
+        p_ = p_ * r_ + 1.0f;                                                                             \
+        p_ = p_ * r_ + 1.0f;                                                                             \
+        p_ * (v8f)(((v8u)t_ - 0x4B400000u + 127u) << 23);                                                \
+    })
+
+/* the clamped SwiGLU of n gate and up values (G, U) as the reference rounds it: for bf16 (dt) each
+ * step's result rounded to bf16; activations as fp32 into a32, or as bf16 bits into a16. Eight values
+ * a step, the last few through the same vector code (a value's bits do not depend on its place). */
+V4C_CLONES V4C_UNUSED static void moe_swiglu(const float *G, const float *U, long n, float lim, int dt, float *a32,
+                                            uint16_t *a16) {
+    for (long i = 0; i < n; i += 8) {
+        const long m = n - i < 8 ? n - i : 8;
+        v8f g = {0}, u = {0};
+        memcpy(&g, G + i, m * sizeof(float));
+        memcpy(&u, U + i, m * sizeof(float));
+        if (dt) {
+            g = V8_BF16(g);
+            u = V8_BF16(u);
+        }
+        g = V8_SEL(g < lim, g, (v8f){0} + lim);
+        u = V8_SEL(u < -lim, (v8f){0} - lim, V8_SEL(u > lim, (v8f){0} + lim, u));
+        v8f s = g / (1.0f + V8_EXP(-g)), v;
+        if (dt) s = V8_BF16(s);
+        v = s * u;
+        if (a16) {
+            const v8u h = (v8u)V8_BF16(v) >> 16;
+            for (long k = 0; k < m; k++) a16[i + k] = (uint16_t)h[k];
+        } else {
+            if (dt) v = V8_BF16(v);
+            memcpy(a32 + i, &v, m * sizeof(float));
+        }
+    }
+}
+
 /* the last pass of both: columns [d0, d1) of every token's weighted sum of its experts' rows of Y
  * ([n + t, D]: one row per assignment, then the shared expert's t rows when `shared`), adding the
  * assignments in their order (perm[lo ..], token = slot / k), so the result does not depend on the

@@ -341,9 +341,10 @@ Tensor attention(const Tensor &q, const Tensor &kv, const Tensor &ring, const Te
     return out;
 }
 
-// the dot-product kernels' instruction sets (dots.h), by name (best last)
-const char *const ISA_NAMES[] = {"", "avx2", "avx512f", "avx512bf16"};
-constexpr int N_ISAS = 4;
+// the dot-product kernels' instruction sets (dots.h), by name, and the order dot_isas lists them in
+const char *const ISA_NAMES[] = {"", "avx2", "avx512f", "avx512bf16", "avx512vl"};
+constexpr int N_ISAS = 5;
+constexpr int ISA_ORDER[] = {3, 2, 4, 1}; // avx512bf16, avx512f, avx512vl, avx2
 
 // the instruction sets this CPU runs the dot-product kernels with for weights of `dtype`, best first
 std::vector<std::string> dot_isas(at::ScalarType dtype) {
@@ -352,7 +353,7 @@ std::vector<std::string> dot_isas(at::ScalarType dtype) {
     const int dt = dtype == at::kBFloat16;
     const int best = v4c_best_isa(dt); // (the kernels' own pick, first: not always the widest, see dots.c)
     if (best > 0) out.push_back(ISA_NAMES[best]);
-    for (int isa = N_ISAS - 1; isa > 0; isa--)
+    for (int isa : ISA_ORDER)
         if (isa != best && v4c_isa_supported(isa) && (dt || isa != 3)) out.push_back(ISA_NAMES[isa]);
     return out;
 }
@@ -366,7 +367,7 @@ int pick_isa(const std::optional<c10::string_view> &isa_arg, at::ScalarType dtyp
         for (int i = 1; i < N_ISAS; i++)
             if (want == ISA_NAMES[i]) isa = i;
         TORCH_CHECK_VALUE(isa > 0, "v4c_native.", op, ": unknown instruction set '", want,
-                          "' (avx2, avx512f, avx512bf16)");
+                          "' (avx2, avx512vl, avx512f, avx512bf16)");
         TORCH_CHECK(std::find(have.begin(), have.end(), want) != have.end(), "v4c_native.", op,
                     ": this CPU (or compiler) has no ", want, " kernel for ", dtype, " weights");
     }

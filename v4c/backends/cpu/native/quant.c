@@ -467,14 +467,8 @@ static void q_up_rows(void *p, long a, long e, int tid) {
         const float *const *x = j->xr[xform(m->gate.fmt)] + m->row;
         qmat_rows(&m->gate, i0, i1, x, m->c, G, ld, xs, xp);
         qmat_rows(&m->up, i0, i1, x, m->c, U, ld, xs, xp);
-        const float lim = j->limit;
         for (int r = 0; r < m->c; r++)
-            for (long i = i0; i < i1; i++) {
-                float g = round_to(G[r * ld + i], j->dt), u = round_to(U[r * ld + i], j->dt);
-                g = g < lim ? g : lim;
-                u = u < -lim ? -lim : (u > lim ? lim : u);
-                j->A[(m->row + r) * ld + i] = round_to(round_to(g / (1.0f + expf(-g)), j->dt) * u, j->dt);
-            }
+            moe_swiglu(G + r * ld + i0, U + r * ld + i0, i1 - i0, j->limit, j->dt, j->A + (m->row + r) * ld + i0, 0);
     }
 }
 
