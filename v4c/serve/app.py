@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator
 
 from . import openai_api as api
 from ..runtime.model import DEFAULT_MAX_CONTEXT
-from .engine import Finished, QueueFullError, SamplingParams
+from .requests import Finished, QueueFullError, SamplingParams
 from .metrics_text import render as render_metrics
 from .tokenizer import IncrementalDetokenizer, ServeTokenizer, StopStrings
 

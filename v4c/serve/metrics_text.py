@@ -11,6 +11,7 @@ import math
 from typing import Iterable
 
 PREFIX = "v4c"
+# the bucket bounds (seconds, sequences) of the engine's histograms, as vLLM's
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                    10.0, 20.0, 40.0, 80.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
