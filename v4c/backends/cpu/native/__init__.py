@@ -4,8 +4,9 @@ What it holds: the mHC mixes (``mhc.c``), the projections' RMSNorm + RoPE epilog
 attention over plain caches (``attention.c``) and, on CPUs with AVX2 + FMA or AVX-512, a decode step's
 MoE (``moe.c``) and dense products (``linear.c``) on dot-product kernels per instruction set (``dots.c``),
 all plain C, and (``quant.c``, AVX2 + FMA) the same decode products with the release's quantised weights
-(MXFP4 experts, FP8 block-scaled matrices) read as stored. ``ops.cpp`` declares the operators with typed schemas
-(``TORCH_LIBRARY(v4c_native)``: tensors, optional tensors, ints, floats, bools; ``norm_rope_`` marks its
+(MXFP4 experts, FP8 block-scaled matrices) read as stored. ``ops.cpp`` and ``ops_products.cpp`` (the
+dot-product kernels' operators) declare the operators with typed schemas
+(``TORCH_LIBRARY(v4c_native)`` and a fragment of it: tensors, optional tensors, ints, floats, bools; ``norm_rope_`` marks its
 in-place argument ``Tensor(a!)``) and registers CPU kernels that check every operand's dtype, shape,
 device and layout (a wrong one is a TypeError or ValueError naming it, never a crash) before calling
 the C code. Row ranges run on PyTorch's own OpenMP team (``parallel.c``), the threads PyTorch's ops
@@ -53,7 +54,7 @@ from ....settings import cache_dir, native_enabled
 _HERE = Path(__file__).parent
 _C_SOURCES = ("mhc.c", "norm_rope.c", "attention.c", "attention_bf16.c", "moe.c", "linear.c", "dots.c", "quant.c",
               "route.c", "compress.c", "indexer.c", "parallel.c")
-_CXX_SOURCE = "ops.cpp"
+_CXX_SOURCES = ("ops.cpp", "ops_products.cpp")  # the operators (ops.h: what they share)
 _LIB = "libv4c_native.so"
 _CFLAGS = ("-O3", "-std=c99", "-ffp-contract=off", "-fPIC", "-pthread")
 _CXXFLAGS = ("-O3", "-fPIC", "-pthread")
@@ -136,9 +137,10 @@ def _compile_commands(cc: str, cxx: str, tmp: Path) -> tuple[list, list, Path]:
     includes = [f"-I{p}" for p in includes]
     out = tmp / _LIB
     compiles, objs = [], []
-    obj = tmp / "ops.o"  # the longest compile (torch's headers) first
-    compiles.append([cxx, *_CXXFLAGS, _cxx_std(), _abi(), *includes, "-c", "-o", str(obj), str(_HERE / _CXX_SOURCE)])
-    objs.append(obj)
+    for src in _CXX_SOURCES:  # the longest compiles (torch's headers) first
+        obj = tmp / (Path(src).stem + ".o")
+        compiles.append([cxx, *_CXXFLAGS, _cxx_std(), _abi(), *includes, "-c", "-o", str(obj), str(_HERE / src)])
+        objs.append(obj)
     for src in _C_SOURCES:
         obj = tmp / (Path(src).stem + ".o")
         compiles.append([cc, *_CFLAGS, "-c", "-o", str(obj), str(_HERE / src)])
