@@ -100,6 +100,24 @@ def test_moe_prefill_calls_equal_reference(isa, dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+def test_a_nan_gate_stays_nan(dtype):
+    """The clamp of the gate keeps a NaN, as the reference's ``clamp(max=limit)`` does (the kernel had
+    turned it into ``limit``, so a NaN gate gave a finite output): a token whose gate is inf - inf and
+    whose up value is finite (clamped from inf) gives NaN on both."""
+    if not native.moe_decode_available(dtype):
+        pytest.skip("no C MoE on this CPU")
+    inf = float("inf")
+    h = torch.tensor([[[inf, inf]]]).to(dtype)
+    w13 = torch.tensor([[[1.0, -1.0], [1.0, 1.0]]]).to(dtype)  # gate row: inf - inf; up row: inf (then clamped)
+    w2 = torch.ones(1, 2, 1).to(dtype)
+    idx, w = torch.zeros(1, 1, 1, dtype=torch.int64), torch.ones(1, 1, 1)
+    perm, offsets = torch.zeros(1, dtype=torch.int64), torch.tensor([0, 1])
+    args = (h, idx, w, perm, offsets, w13, w2)
+    assert bool(ref_ffn(*args, limit=2.0).isnan().all())
+    assert bool(_run(args).isnan().all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
 def test_avx512vl_moe_is_avx2_bit_for_bit(dtype):
     """AVX-512VL runs AVX2's sums on 32 registers (bigger blocks for a prefill's many rows an expert):
     the MoE's result is the same bits on both, decode and prefill calls alike."""
