@@ -76,6 +76,14 @@ V4C_CLONES V4C_UNUSED static float dot(const float *a, const float *b, long n) {
 typedef float v8f __attribute__((vector_size(32)));
 
 #define LD8(v, p) memcpy(&(v), (p), sizeof(v8f)) /* (a macro: no vector-typed function ABI) */
+typedef uint32_t v8u __attribute__((vector_size(32))); /* the bits of 8 fp32 lanes */
+
+/* 8 fp32 rounded to bf16 as f2bf() rounds them (to nearest even, NaN kept quiet), as the fp32 bits of the
+ * rounded values (each bf16 in its lane's top half) */
+#define V8_BF16_BITS(x) __extension__({                                                                   \
+        const v8u u_ = (v8u)(x), nan_ = (v8u)((u_ & 0x7fffffffu) > 0x7f800000u);                          \
+        ((((u_ + 0x7fffu + ((u_ >> 16) & 1u)) >> 16) << 16) & ~nan_) | (((u_ | 0x400000u) & 0xffff0000u) & nan_); \
+    })
 #define HSUM8(s) ((((s)[0] + (s)[1]) + ((s)[2] + (s)[3])) + (((s)[4] + (s)[5]) + ((s)[6] + (s)[7]))) /* dot()'s order */
 
 #if defined(__clang__)

@@ -54,7 +54,6 @@ V4C_CLONES static void expand_row(int n, long D, const float *xin, const float *
 }
 
 typedef uint16_t v8h __attribute__((vector_size(16)));
-typedef uint32_t v8u __attribute__((vector_size(32)));
 
 /* 8 bf16 values to fp32: the bits moved to the top half */
 #define BF8(v, p) do { v8h h_; memcpy(&h_, (p), sizeof h_); v8u u_ = __builtin_convertvector(h_, v8u) << 16; \
@@ -62,12 +61,9 @@ typedef uint32_t v8u __attribute__((vector_size(32)));
 
 /* 8 fp32 to bf16 as f2bf() rounds them (to nearest even, NaN kept quiet), stored at p16; v becomes
  * the values as stored */
-#define ROUND8(v, p16) do { v8u u_; memcpy(&u_, &(v), sizeof u_); \
-        v8u r_ = (u_ + 0x7fffu + ((u_ >> 16) & 1u)) >> 16; \
-        v8u nan_ = (v8u)((u_ & 0x7fffffffu) > 0x7f800000u); \
-        r_ = (((u_ >> 16) | 0x40u) & nan_) | (r_ & ~nan_); \
-        v8h h_ = __builtin_convertvector(r_, v8h); memcpy((p16), &h_, sizeof h_); \
-        r_ <<= 16; memcpy(&(v), &r_, sizeof(v8f)); } while (0)
+#define ROUND8(v, p16) do { const v8u r_ = V8_BF16_BITS(v); \
+        v8h h_ = __builtin_convertvector(r_ >> 16, v8h); memcpy((p16), &h_, sizeof h_); \
+        memcpy(&(v), &r_, sizeof(v8f)); } while (0)
 
 /* expand_row + store for bf16 streams in one pass over 8 columns at a time (D % 8 == 0): the same
  * products and sums in the same order, so the same values; x1 gets the rounded bf16, xf its fp32 */

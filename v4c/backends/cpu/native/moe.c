@@ -17,7 +17,6 @@
  * Roundings follow the reference's ops: fp32 throughout for fp32; for bf16 each product's output and
  * each activation step rounded to bf16, the weighted sum in fp32, rounded once at the end.
  */
-#include <math.h>
 #include <stdint.h>
 #include <string.h>
 

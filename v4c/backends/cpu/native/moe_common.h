@@ -28,18 +28,8 @@ static inline long first_item(const long *start, int nitems, long a) { /* the it
 
 static inline long clampl(long v, long lo, long hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
-typedef int32_t v8s __attribute__((vector_size(32))); /* lane masks (a comparison's result) and bits */
-typedef uint32_t v8u __attribute__((vector_size(32)));
-
-#define V8_SEL(m, a, b) ((v8f)(((v8s)(a) & (m)) | ((v8s)(b) & ~(m)))) /* a where the mask m is set, else b */
-
-/* x rounded to bf16 lane by lane (f2bf's round to nearest even, NaN kept quiet), as fp32 */
-#define V8_BF16(x) __extension__({                                                                      \
-        const v8u u_ = (v8u)(x);                                                                         \
-        const v8u r_ = ((u_ + 0x7fffu + ((u_ >> 16) & 1u)) >> 16) << 16;                                \
-        const v8s nan_ = (v8s)((u_ & 0x7fffffffu) > 0x7f800000u);                                        \
-        (v8f)(((v8s)((u_ | 0x400000u) & 0xffff0000u) & nan_) | ((v8s)r_ & ~nan_));                     \
-    })
+#define V8_SEL(m, a, b) ((v8f)(((v8u)(a) & (v8u)(m)) | ((v8u)(b) & ~(v8u)(m)))) /* a where the mask m is set, else b */
+#define V8_BF16(x) ((v8f)V8_BF16_BITS(x)) /* x rounded to bf16 lane by lane, as fp32 */
 
 /* e^x lane by lane, within 1 ulp of libm's expf for -87 <= x <= 88 (measured at 1.8 million points;
  * clamped outside, so the scale 2^n stays a normal number: e^-87 ~ 1.6e-38; NaN stays NaN): a reduction
@@ -86,7 +76,7 @@ V4C_CLONES V4C_UNUSED static void moe_swiglu(const float *G, const float *U, lon
         if (dt) s = V8_BF16(s);
         v = s * u;
         if (a16) {
-            const v8u h = (v8u)V8_BF16(v) >> 16;
+            const v8u h = V8_BF16_BITS(v) >> 16;
             for (long k = 0; k < m; k++) a16[i + k] = (uint16_t)h[k];
         } else {
             if (dt) v = V8_BF16(v);
