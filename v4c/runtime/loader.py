@@ -9,7 +9,7 @@ import torch
 from ..artifact.manifest import open_weights, verify_artifact
 from ..graph.text import parse_graph
 from ..graph.verify import verify
-from ..settings import configure_threads
+from ..settings import configure_malloc, configure_threads
 from ..io.naming import plan_sources
 from ..backends import ALIASES, NAMES, for_artifact
 from ..backends.triton import install_binaries
@@ -59,6 +59,7 @@ def load(path: str | os.PathLike, device=None, verify_weights: bool = False, bac
     dev = _device(device)
     if dev.type == "cpu":
         configure_threads()
+        configure_malloc()
     params, mtp_text = None, man.mtp_graph_text()
     mtp_graph = verify(parse_graph(mtp_text)) if mtp_text is not None else None
     if man.has_weights:
