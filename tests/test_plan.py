@@ -171,6 +171,45 @@ def test_under_load_littles_law_holds(src):
     assert 1 < s.decoding < 64 and s.tpot.seconds > pool.iteration(1, IN + OUT // 2, 0).seconds
 
 
+def test_a_running_request_cap_queues_the_rest_before_their_prefill(src):
+    pool = Pool(src, H100, Efficiency(), Layout(1, "dp"))
+    capped, at_cap = Workload(IN, OUT, max_running=16), Workload(IN, OUT)
+    for fn, args in ((colocated, (pool,)), (disaggregated, (pool, 1, pool))):
+        ref = fn(*args, at_cap, Speculation(), 16)
+        s = fn(*args, capped, Speculation(), 64)
+        # the admitted 16 run as 16 in flight do; the other 48 wait 48 / r each, then see the same TTFT
+        assert s.concurrency == 64 and s.decoding == ref.decoding and s.requests_per_s == ref.requests_per_s
+        assert s.tpot.seconds == ref.tpot.seconds and s.tokens_per_s_per_gpu == ref.tokens_per_s_per_gpu
+        assert s.ttft_s == pytest.approx(ref.ttft_s + 48 / ref.requests_per_s)
+        assert s.ttft_bound == "admission"  # the wait to be admitted bounds it
+        assert fn(*args, capped, Speculation(), 16) == ref  # at or under the cap nothing changes
+    with pytest.raises(ValueError, match="--max-running must be >= 1, got 0"):
+        Workload(IN, OUT, max_running=0)
+
+
+def test_only_admitted_requests_need_memory(tiny):
+    d, _, results = tiny
+    most = plan(d, results, gpu=SMALL, profile="max-throughput", speculative="none")["max_concurrency"]
+    r = plan(d, results, gpu=SMALL, concurrency=4 * most, max_running=most, speculative="none")
+    assert r["concurrency"] == 4 * most and r["steady_state"]["admitted"] == most
+    assert r["memory_per_gpu"]["sequences_on_gpu"] == most and r["workload"]["max_running"] == most
+    with pytest.raises(ValueError, match=f"--concurrency {4 * most} does not fit"):
+        plan(d, results, gpu=SMALL, concurrency=4 * most, speculative="none")
+
+
+def test_max_running_on_the_command_line(tiny, capsys):
+    d, _, _ = tiny
+    args = ["plan", str(d), "--gpu", "H100", "--gpus", "1", "--input-len", str(IN), "--output-len", str(OUT),
+            "--concurrency", "64"]
+    assert main([*args, "--max-running", "8", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["workload"]["max_running"] == 8 and r["steady_state"]["admitted"] == 8
+    assert r["bounds"]["ttft_ms"] == "admission"
+    assert main([*args, "--max-running", "8"]) == 0
+    text = capsys.readouterr().out
+    assert "concurrency 64 (at most" in text and "the engine admits 8 at once)" in text
+
+
 def test_cost_per_million_tokens(tiny):
     r = plan(tiny[0], tiny[2], concurrency=4, speculative="none", price_per_gpu_hour=2.0)
     assert r["cost_per_million_output_tokens"] == pytest.approx(2.0 * 1e6 / (3600 * r["output_tokens_per_s_per_gpu"]))

@@ -169,7 +169,8 @@ def _plan(a) -> int:
                   concurrency=a.concurrency, sweep=a.sweep, profile=a.profile, parallel=a.parallel,
                   speculative=a.speculative, draft_tokens=a.draft_tokens, accept_length=a.accept_length,
                   price_per_gpu_hour=a.price_per_gpu_hour, disagg=a.disagg, prefill_gpus=a.prefill_gpus,
-                  max_gpus=a.max_gpus, chunk_tokens=a.chunk_tokens, cuda_graphs=not a.no_cuda_graphs)
+                  max_gpus=a.max_gpus, chunk_tokens=a.chunk_tokens, max_running=a.max_running,
+                  cuda_graphs=not a.no_cuda_graphs)
     print(json.dumps(r, indent=1) if a.json else format_plan(r))
     return 0
 
@@ -479,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--max-gpus", type=int, default=None,
                     help="with --disagg: prefill + decode GPUs at most (an NVL72 rack: 72; default 5 x --gpus)")
     pl.add_argument("--chunk-tokens", type=int, default=4096, help="prefill chunk size (default 4096)")
+    pl.add_argument("--max-running", type=int, default=None,
+                    help="requests the engine admits at once, all ranks (SGLang's --max-running-requests; "
+                         "its default for V4 is 256); the rest of --concurrency waits (default: no cap)")
     pl.add_argument("--no-cuda-graphs", action="store_true", help="decode launches eagerly (higher launch cost)")
     pl.add_argument("--json", action="store_true", help="everything as JSON (for tools and v4c report --plan)")
     pl.set_defaults(fn=_plan)

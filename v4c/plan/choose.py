@@ -145,7 +145,8 @@ def prefill_layout(src, gpu, eff, w: Workload) -> Pool:
 def evaluate(pool: Pool, w: Workload, spec: Speculation, concurrency: int, most: int,
              prefill: tuple[Pool, int] | None = None) -> Option:
     k = spec.draft_tokens
-    mem = memory_per_gpu(pool, concurrency, w.max_context, chunk=w.prefill_chunk, tokens=k + 1, mtp=k > 0)
+    # only the admitted requests hold a KV cache
+    mem = memory_per_gpu(pool, w.running(concurrency), w.max_context, chunk=w.prefill_chunk, tokens=k + 1, mtp=k > 0)
     if prefill is None:
         state = colocated(pool, w, spec, concurrency)
         pre = None
@@ -194,7 +195,7 @@ def choose(profile: str, src, gpu, eff, w: Workload, *, gpus: int, parallel: str
                                          f"{need['total_bytes'] / 1e9:.1f} GB per GPU of "
                                          f"{need['usable_bytes'] / 1e9:.1f} GB usable"))
                 continue
-            if concurrency is not None and concurrency > most:
+            if concurrency is not None and w.running(concurrency) > most:
                 considered.append((name, f"--concurrency {concurrency} does not fit: at most {most} sequences of "
                                          f"{w.max_context} tokens"))
                 continue

@@ -23,7 +23,8 @@ def format_plan(r: dict) -> str:
         f"profile    {r['profile']}: {pool}; {mtp}",
         f"formats    KV rows {r['kv_cache_format']}, indexer keys {r['indexer_cache_format']} ({r['formats_from']})",
         f"workload   {w['input_len']} tokens in, {w['output_len']} out, prefill chunks of {w['chunk_tokens']}; "
-        f"concurrency {r['concurrency']} (at most {r['max_concurrency']} fit)",
+        f"concurrency {r['concurrency']} (at most {r['max_concurrency']} fit"
+        + (f"; the engine admits {w['max_running']} at once)" if w.get("max_running") else ")"),
         f"memory     per GPU: weights {_gb(m['weight_bytes'])}, KV {_gb(m['kv_bytes'])} "
         f"({m['sequences_on_gpu']} sequences), MTP {_gb(m['mtp_bytes'])}, activations {_gb(m['activation_bytes'])}: "
         f"{_gb(m['total_bytes'])} of {_gb(m['usable_bytes'])} usable",

@@ -20,8 +20,8 @@ def make_plan(model, *, gpu, gpus: int, input_len: int, output_len: int, concurr
               sweep: bool = False, profile: str = "balanced", parallel: str | None = None,
               speculative: str | None = None, draft_tokens: int | None = None, accept_length: float | None = None,
               price_per_gpu_hour: float | None = None, disagg: bool = False, prefill_gpus: int | None = None,
-              max_gpus: int | None = None, chunk_tokens: int = 4096, cuda_graphs: bool = True,
-              results_dir: Path | None = None) -> dict:
+              max_gpus: int | None = None, chunk_tokens: int = 4096, max_running: int | None = None,
+              cuda_graphs: bool = True, results_dir: Path | None = None) -> dict:
     """The plan for ``model`` on ``gpus`` of ``gpu`` (a name or a ``devices.GPU``); the arguments are the
     CLI's. ``results_dir``: where gpu_check results are looked for (default: the checkout's)."""
     if sweep and concurrency is not None:
@@ -35,7 +35,7 @@ def make_plan(model, *, gpu, gpus: int, input_len: int, output_len: int, concurr
     if profile not in PROFILES:
         raise ValueError(f"--profile must be one of {', '.join(PROFILES)}, got {profile!r}")
     g = gpu_named(gpu) if isinstance(gpu, str) else gpu  # a name, or a devices.GPU row
-    w = Workload(input_len, output_len, chunk_tokens)
+    w = Workload(input_len, output_len, chunk_tokens, max_running)
     specs = candidate_specs(speculative, draft_tokens, accept_length)
     eff = efficiency_for(g, cuda_graphs, results_dir)
     src = load_model(model, g)
@@ -61,7 +61,8 @@ def make_plan(model, *, gpu, gpus: int, input_len: int, output_len: int, concurr
         "prefill": best.prefill,
         "total_gpus": s.gpus,
         "profile": profile,
-        "workload": {"input_len": input_len, "output_len": output_len, "chunk_tokens": w.prefill_chunk},
+        "workload": {"input_len": input_len, "output_len": output_len, "chunk_tokens": w.prefill_chunk,
+                     "max_running": max_running},
         "layout": {"parallel": best.layout.parallel, "world_size": best.layout.world, "attn": best.layout.attn,
                    "ep": best.layout.experts_split},
         "kv_cache_format": src.kv_cache,
@@ -82,7 +83,7 @@ def make_plan(model, *, gpu, gpus: int, input_len: int, output_len: int, concurr
         "bounds": {"ttft_ms": s.ttft_bound, "tpot_ms": s.tpot.bound, "tokens_per_s_per_user": s.tpot.bound,
                    "tokens_per_s_per_gpu": s.throughput_bound, "cost_per_million_output_tokens": s.throughput_bound},
         "tpot_terms_ms": _ms(s.tpot.terms),
-        "steady_state": {"decoding": s.decoding, "requests_per_s": s.requests_per_s,
+        "steady_state": {"decoding": s.decoding, "admitted": w.running(s.concurrency), "requests_per_s": s.requests_per_s,
                          "prefill_utilisation": s.prefill_utilisation},
         "efficiency": eff.to_json(),
         "cuda_graphs": cuda_graphs,

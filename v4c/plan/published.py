@@ -48,7 +48,10 @@ class Row:
 
 
 # the cookbook's B200 FP4 recipes (deepseek-v4.jsx): source, model, GPUs, the plan's profile, the recipe. The
-# balanced recipe's acceptance at 1 draft token and Pro's at 3 are not published: the plan's default (1 + p ...)
+# balanced recipe's acceptance at 1 draft token and Pro's at 3 are not published: the plan's default (1 + p ...).
+# None of the recipes sets --max-running-requests: SGLang then admits 256 requests at once for V4
+# (python/sglang/srt/arg_groups/deepseek_v4_hook.py, apply_deepseek_v4_defaults), 256 // dp per rank
+SGLANG_V4_MAX_RUNNING = 256
 _B200 = {
     ("flash", "low-latency"): (SGLANG, "v4-flash", 4, "low-latency",
                                {"parallel": "ep=4,attn=tp", "draft_tokens": 3, "accept_length": 2.5}),
@@ -97,13 +100,14 @@ def _model_dir(preset: str, root: Path) -> Path:
 def _recipe_row(row: Row, model: Path) -> dict:
     r = row.recipe
     mtp = r["draft_tokens"] > 0
-    chunk = {"chunk_tokens": r["chunk"]} if "chunk" in r else {}
+    engine = {"chunk_tokens": r["chunk"]} if "chunk" in r else {}
+    engine["max_running"] = SGLANG_V4_MAX_RUNNING  # the engine's, for the recipe and the plan's own choice alike
     given = make_plan(model, gpu=row.gpu, gpus=row.gpus, input_len=IO[0], output_len=IO[1],
                       concurrency=row.concurrency, profile=row.profile, parallel=r["parallel"],
                       speculative="mtp" if mtp else "none", draft_tokens=r["draft_tokens"] if mtp else None,
-                      accept_length=r.get("accept_length"), **chunk)
+                      accept_length=r.get("accept_length"), **engine)
     own = make_plan(model, gpu=row.gpu, gpus=row.gpus, input_len=IO[0], output_len=IO[1],
-                    concurrency=row.concurrency, profile=row.profile, **chunk)
+                    concurrency=row.concurrency, profile=row.profile, **engine)
     predicted = {k: given[k] for k in row.measured}
     return {"predicted": predicted, "recipe": f"{r['parallel']}, MTP {r['draft_tokens']}",
             "plan_choice": f"{own['layout']['parallel']}, MTP {own['speculative']['draft_tokens']}"}

@@ -13,10 +13,14 @@ lane, as an M/D/1 queue does (Poisson-like arrivals: requests finish, and are re
 times); its chunks ride on iterations that also decode the others. Little's law, concurrency = b +
 r * TTFT, then fixes b, found by bisection. Disaggregated: a separate prefill pool feeds the decode pool,
 whose iterations carry no chunks; the same queue and law hold.
+
+An engine that admits at most ``max_running`` requests at once (SGLang's --max-running-requests) runs the
+steady state of that many; the others wait unadmitted, (concurrency - max_running) / r seconds each by
+Little's law, before their prefill starts.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .pool import Pool
 from .step import StepTime
@@ -30,6 +34,7 @@ class Workload:
     input_len: int
     output_len: int
     chunk: int = 4096  # prefill chunk tokens (SGLang's --chunked-prefill-size in the low-latency recipe)
+    max_running: int | None = None  # requests the engine admits at once (None: every one in flight)
 
     def __post_init__(self):
         if self.input_len < 1 or self.output_len < 2:
@@ -37,6 +42,12 @@ class Workload:
                              f"{self.output_len}")
         if self.chunk < 1:
             raise ValueError(f"--chunk-tokens must be >= 1, got {self.chunk}")
+        if self.max_running is not None and self.max_running < 1:
+            raise ValueError(f"--max-running must be >= 1, got {self.max_running}")
+
+    def running(self, concurrency: int) -> int:
+        """Requests admitted (prefilling or decoding, holding a KV cache) with ``concurrency`` in flight."""
+        return concurrency if self.max_running is None else min(concurrency, self.max_running)
 
     @property
     def max_context(self) -> int:
@@ -126,7 +137,27 @@ def _others(b: float, c: int) -> float:
     return b * (c - 1) / c
 
 
+def _admitted(s: SteadyState, concurrency: int) -> SteadyState:
+    """``s``, the steady state of the admitted requests, with ``concurrency`` in flight: the rest wait to
+    be admitted, (concurrency - admitted) / r each (Little's law), before their prefill."""
+    if s.concurrency == concurrency:
+        return s
+    wait = (concurrency - s.concurrency) / s.requests_per_s
+    return replace(s, concurrency=concurrency, ttft_s=s.ttft_s + wait, ttft_bound="admission")
+
+
 def colocated(pool: Pool, w: Workload, spec: Speculation, concurrency: int) -> SteadyState:
+    return _admitted(_colocated(pool, w, spec, w.running(concurrency)), concurrency)
+
+
+def disaggregated(prefill: Pool, prefill_gpus: int, decode: Pool, w: Workload, spec: Speculation,
+                  concurrency: int) -> SteadyState:
+    """``prefill_gpus`` GPUs in instances of ``prefill``'s layout (data-parallel: each GPU a lane) feed
+    ``decode``; the KV cache moves between them over NVLink or the network (not costed)."""
+    return _admitted(_disaggregated(prefill, prefill_gpus, decode, w, spec, w.running(concurrency)), concurrency)
+
+
+def _colocated(pool: Pool, w: Workload, spec: Speculation, concurrency: int) -> SteadyState:
     ctx, k, a, n_c, out = w.decode_context, spec.draft_tokens, spec.accept_length, w.chunks, w.output_len - 1
     chunk = pool.prefill_chunk(w.prefill_chunk, w.prefill_context, mtp=k > 0)
     it = lambda b: pool.iteration(max(b, 1.0), ctx, k)  # noqa: E731
@@ -159,10 +190,8 @@ def colocated(pool: Pool, w: Workload, spec: Speculation, concurrency: int) -> S
                        per_request.bound, pool.layout.world, w.input_len + w.output_len, w.output_len, min(rho, 1.0))
 
 
-def disaggregated(prefill: Pool, prefill_gpus: int, decode: Pool, w: Workload, spec: Speculation,
-                  concurrency: int) -> SteadyState:
-    """``prefill_gpus`` GPUs in instances of ``prefill``'s layout (data-parallel: each GPU a lane) feed
-    ``decode``; the KV cache moves between them over NVLink or the network (not costed)."""
+def _disaggregated(prefill: Pool, prefill_gpus: int, decode: Pool, w: Workload, spec: Speculation,
+                   concurrency: int) -> SteadyState:
     ctx, k, a, n_c, out = w.decode_context, spec.draft_tokens, spec.accept_length, w.chunks, w.output_len - 1
     chunk = prefill.prefill_chunk(w.prefill_chunk, w.prefill_context, mtp=k > 0)
     lanes_max = prefill_gpus if prefill.layout.attn == "dp" else prefill_gpus // prefill.layout.world
