@@ -84,10 +84,11 @@ def configure_malloc() -> int:
     import ctypes
     try:
         libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # glibc only: musl and others have no such knobs
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    except OSError:
         return 0
+    if not (hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt")):  # glibc's knobs only
+        return 0
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     size = mb << 20
     # the threshold first: setting either fixes both (glibc stops moving them), and a refused
