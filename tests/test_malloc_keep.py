@@ -1,7 +1,6 @@
 """V4C_MALLOC_KEEP_MB: a CPU load keeps freed memory in glibc's heap, so a large buffer allocated again
 after a free is not faulted in page by page (the setting is process-wide: each case runs in a fresh
 interpreter)."""
-import ctypes
 import json
 import os
 import subprocess
@@ -10,15 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from v4c.settings import malloc_keep_mb
-
-
-def _glibc() -> bool:
-    try:
-        ctypes.CDLL(None).gnu_get_libc_version
-        return sys.platform.startswith("linux")
-    except (OSError, AttributeError):
-        return False
+from v4c.settings import glibc_mallopt, malloc_keep_mb
 
 
 # a prefill's pattern in small: buffers of 8-64 MiB written and freed, a small result kept from each
@@ -50,7 +41,7 @@ def _run(keep: str | None) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not _glibc(), reason="glibc's mallopt only")
+@pytest.mark.skipif(glibc_mallopt() is None, reason="glibc's mallopt only")
 def test_freed_memory_is_reused_without_page_faults():
     on = _run(None)
     assert on["kept"] == 1024 and on["again"] == 1024

@@ -21,6 +21,7 @@ TRITON_INTERPRET  Triton kernels run on a CPU only under Triton's interpreter, w
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -53,7 +54,6 @@ def configure_threads() -> None:
     torch.set_num_threads(threads)
 
 
-_MALLOC = {"done": False, "keep_mb": 0}
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
@@ -70,32 +70,37 @@ def malloc_keep_mb() -> int:
     return mb
 
 
-def configure_malloc() -> int:
-    """Once per process, on glibc: serve allocations below V4C_MALLOC_KEEP_MB from the heap and keep
-    that much freed memory there. glibc maps every block over its threshold (at most 32 MiB) fresh and
-    unmaps it on free, so each call of a 4,096-token prefill faulted its activations in again (the mHC
-    mix of the 478m model: 33 -> 17-20 ms a call). Returns the MiB kept (0: not applied)."""
-    if _MALLOC["done"]:
-        return _MALLOC["keep_mb"]
-    mb = malloc_keep_mb()
-    _MALLOC["done"] = True
-    if mb == 0 or not sys.platform.startswith("linux"):
-        return 0
+def glibc_mallopt():
+    """glibc's ``mallopt`` (int, int) -> int, or None on another C library or system."""
+    if not sys.platform.startswith("linux"):
+        return None
     import ctypes
     try:
         libc = ctypes.CDLL(None)
     except OSError:
-        return 0
+        return None
     if not (hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt")):  # glibc's knobs only
-        return 0
+        return None
     mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return mallopt
+
+
+@functools.lru_cache(maxsize=None)  # once per process (a bad setting raises, and is read again next time)
+def configure_malloc() -> int:
+    """On glibc: serve allocations below V4C_MALLOC_KEEP_MB from the heap and keep that much freed
+    memory there. glibc maps every block over its threshold (at most 32 MiB) fresh and unmaps it on
+    free, so each call of a 4,096-token prefill faulted its activations in again (the mHC mix of the
+    478m model: 33 -> 17-20 ms a call). Returns the MiB kept (0: not applied)."""
+    mb = malloc_keep_mb()
+    mallopt = glibc_mallopt() if mb else None
+    if mallopt is None:
+        return 0
     size = mb << 20
     # the threshold first: setting either fixes both (glibc stops moving them), and a refused
     # threshold (older glibc caps it at 32 MiB) leaves the trim threshold alone
     if mallopt(_M_MMAP_THRESHOLD, size) != 1 or mallopt(_M_TRIM_THRESHOLD, size) != 1:
         return 0
-    _MALLOC["keep_mb"] = mb
     return mb
 
 
