@@ -176,6 +176,36 @@ def test_native_attention_splits_a_rows_heads_across_threads(kind):
     assert torch.allclose(one.float(), get_op("attention").ref(*args, **attrs).float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("heads", [8, 12, 20])
+@pytest.mark.parametrize("kind", ["sliding", "csa"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softmax_exponentials_eight_heads_a_vector(dtype, kind, heads):
+    """The softmax takes its exponentials eight heads at a time (a vector exp, attention.c's softmax_exp):
+    whole vectors and a rest of 4, fp32 and bf16 with fp32 products, logits spread wide (scale x 8: numerators
+    down to ~e^-50); the reference's result, and each head the same bits however the heads are grouped
+    across threads."""
+    args, attrs = _case(kind, dtype, "prefill", heads=heads, seed=3)
+    attrs = {**attrs, "scale": attrs["scale"] * 8}
+    isa = native.dot_isas(dtype)[-1] if native.dot_isas(dtype) else None  # fp32 products for bf16 too
+    got = native.attention(*args, **attrs, isa=isa)
+    if dtype == torch.float32:
+        assert torch.allclose(got, get_op("attention").ref(*args, **attrs), rtol=1e-5, atol=1e-5)
+    else:
+        _assert_bf16_close(got, args, attrs)
+    q, kv, ring, ring_pos, sinks, pos, *extra = args  # one query of the first sequence: a decode-sized call
+    one = (q[:1, -1:], kv[:1, -1:], ring[:1], ring_pos[:1], sinks, pos[:1, -1:], *[e[:1] for e in extra][:1],
+           *[e[:1, -1:] for e in extra][1:])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = native.attention(*one, **attrs, isa=isa)
+        for threads in (2, 3):
+            torch.set_num_threads(threads)
+            assert torch.equal(native.attention(*one, **attrs, isa=isa), alone), threads
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_native_attention_declines_what_it_does_not_take():
     args, attrs = _case("csa", torch.bfloat16, "prefill")
     q, kv, ring, ring_pos, sinks, pos, rows, idx = args

@@ -28,29 +28,6 @@ static inline long first_item(const long *start, int nitems, long a) { /* the it
 
 static inline long clampl(long v, long lo, long hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
-#define V8_SEL(m, a, b) ((v8f)(((v8u)(a) & (v8u)(m)) | ((v8u)(b) & ~(v8u)(m)))) /* a where the mask m is set, else b */
-#define V8_BF16(x) ((v8f)V8_BF16_BITS(x)) /* x rounded to bf16 lane by lane, as fp32 */
-
-/* e^x lane by lane, within 1 ulp of libm's expf for -87 <= x <= 88 (measured at 1.8 million points;
- * clamped outside, so the scale 2^n stays a normal number: e^-87 ~ 1.6e-38; NaN stays NaN): a reduction
- * by ln 2 in two parts (the high part exact times n) and a degree-7 polynomial, ~20 vector operations
- * for eight values where expf is a call per value */
-#define V8_EXP(x0) __extension__({                                                                      \
-        v8f x_ = V8_SEL((x0) < -87.0f, (v8f){0} - 87.0f, (x0));                                         \
-        x_ = V8_SEL(x_ > 88.0f, (v8f){0} + 88.0f, x_);                                                   \
-        const v8f t_ = x_ * 1.44269504f + 12582912.0f; /* 1.5 * 2^23: round(x / ln 2) in t's low bits */ \
-        const v8f n_ = t_ - 12582912.0f;                                                                 \
-        const v8f r_ = (x_ - n_ * 0.693145752f) - n_ * 1.42860677e-6f;                                   \
-        v8f p_ = r_ * 1.98412698e-4f + 1.38888889e-3f;                                                   \
-        p_ = p_ * r_ + 8.33333333e-3f;                                                                   \
-        p_ = p_ * r_ + 4.16666667e-2f;                                                                   \
-        p_ = p_ * r_ + 1.66666667e-1f;                                                                   \
-        p_ = p_ * r_ + 0.5f;                                                                             \
-        p_ = p_ * r_ + 1.0f;                                                                             \
-        p_ = p_ * r_ + 1.0f;                                                                             \
-        p_ * (v8f)(((v8u)t_ - 0x4B400000u + 127u) << 23);                                                \
-    })
-
 /* the clamped SwiGLU of n gate and up values (G, U) as the reference rounds it: for bf16 (dt) each
  * step's result rounded to bf16; activations as fp32 into a32, or as bf16 bits into a16. Eight values
  * a step, the last few through the same vector code (a value's bits do not depend on its place). */
