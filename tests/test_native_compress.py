@@ -133,6 +133,29 @@ def _check_selection(dtype, b, t, h, d, n, topk, ratio, isa):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("topk", [64, 150, 300, 400])
+def test_indexer_ties_go_to_the_lower_row(dtype, topk):
+    """Keys that repeat three distinct rows score in three groups of exact ties: the picks are the best
+    group's rows, lowest first, then the next group's, and -1 past the visible rows (the reference's top-k
+    leaves ties unordered; the C selection's radix passes must keep rows ascending within a score)."""
+    g = torch.Generator().manual_seed(11)
+    n, h, d = 300, 8, 64
+    base = torch.randn(3, d, generator=g)
+    keys = base[torch.arange(n) % 3][None].to(dtype)
+    q, w = torch.randn(1, 2, h, d, generator=g).to(dtype), torch.rand(1, 2, h, generator=g).to(dtype)
+    pos = torch.tensor([[4 * n + 10, 4 * 200 - 1]])  # every row visible; 200 visible
+    sc = torch.einsum("thd,sd->ths", q[0].float(), base.to(dtype).float()).relu()
+    group = (sc * w[0].float()[..., None]).sum(1)  # [t, 3] the groups' scores
+    for isa in _isas(dtype):
+        got = native.indexer_topk(q, w, keys, pos, topk, 4, 0.01, isa=isa)[0]
+        for t, vis in enumerate((n, 200)):
+            rows = torch.arange(vis)
+            want = torch.cat([rows[rows % 3 == grp] for grp in group[t].argsort(descending=True).tolist()])
+            want = torch.cat([want, torch.full((max(0, topk - vis),), -1)])[:topk]
+            assert torch.equal(got[t], want), (isa, t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_querys_selection_does_not_depend_on_the_call(dtype):
     """A query scored alone (its rows split across 1-3 threads) picks the same rows in the same order as
     within a 37-query prefill call (the queries split) and beside another sequence, every way of scoring."""
