@@ -35,8 +35,10 @@ def test_bf16_decode_steps_equal_the_reference(ratio, overlap, monkeypatch):
     attrs = dict(ratio=ratio, overlap=overlap, eps=1e-6, rope_dim=16, theta=160000.0, yarn=YARN)
     ref = get_op("compressor").ref
     c_steps = []
-    step_c = native.compress_step_
+    step_c, one_call = native.compress_step_, native.compress_decode_  # (the products inside: one C call)
     monkeypatch.setattr(native, "compress_step_", lambda *a: c_steps.append(a[5].reshape(-1).tolist()) or step_c(*a))
+    monkeypatch.setattr(native, "compress_decode_",
+                        lambda *a: c_steps.append(a[6].reshape(-1).tolist()) or one_call(*a))
     hid = wkv.shape[1]
     for step in range(4 * ratio + 3):
         pos = torch.tensor(start)[:, None] + step
@@ -61,11 +63,12 @@ def test_padding_and_several_tokens_take_the_general_path(monkeypatch):
     fast = [t.clone() for t in states]
     attrs = dict(ratio=4, overlap=True, eps=1e-6, rope_dim=8, theta=10000.0)
     monkeypatch.setattr(native, "compress_step_", lambda *a: pytest.fail("the C step ran"))
+    monkeypatch.setattr(native, "compress_decode_", lambda *a: pytest.fail("the C step ran"))
     from v4c.graph.ops.core import linear
     for pos in (torch.tensor([[9], [-1]]), torch.tensor([[0, 1], [5, 6]])):
         h = torch.randn(2, pos.shape[1], wkv.shape[1], generator=g)
         want = get_op("compressor").ref(h, wkv, wgate, ape, norm_w, *states, pos, **attrs)
-        got = cpu_compressor.compressor_c(h, wkv, wgate, ape, norm_w, *fast, pos, **attrs, lin=linear)
+        got = cpu_compressor.compressor_c(h, wkv, wgate, ape, norm_w, *fast, pos, **attrs, lin=linear, one_call=True)
         assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from v4c.backends.cpu import native
-from v4c.backends.cpu.router import moe_router_c
+from v4c.backends.cpu.router import moe_router_c, moe_router_step
 from v4c.graph.ops.fused import moe_router as ref_router
-from impls import chosen
+from impls import chosen, run
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason=f"no native library: {native.why()}")
 
@@ -90,6 +90,13 @@ def test_the_op_on_its_decode_path_equals_the_reference_op(dtype, hashed):
     torch.testing.assert_close(got[1].gather(-1, got[0].argsort(-1)), want[1].gather(-1, want[0].argsort(-1)),
                                rtol=1e-6, atol=1e-7)
     assert torch.equal(got[2], _grouping(got[0], E)[0])
+    # the registry's decode path: the three calls as one C call (router_step), the same bits
+    one = run("moe_router", *args, phase="decode", **attrs)
+    assert all(torch.equal(a, b) for a, b in zip(one, got))
+    if not hashed:  # a bf16 bias is widened as moe_router_c widens it
+        same = moe_router_step(h, w, args[2].to(dtype), **attrs)
+        assert all(torch.equal(a, b) for a, b in zip(same, moe_router_c(h, w, args[2].to(dtype), **attrs,
+                                                                         lin=dense.gemv)))
 
 
 def test_bad_operands_are_refused_by_name():

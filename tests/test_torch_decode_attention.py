@@ -82,6 +82,28 @@ def test_few_token_sparse_attention_equals_reference(kind, fmt, dtype):
             assert (got[0][pad] == 0).all()  # a padding query attends to nothing: only the sink
 
 
+@pytest.mark.skipif(native.library() is None, reason="C helpers unavailable")
+@pytest.mark.parametrize("kind", ["sliding", "csa", "hca"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_decode_step_is_the_three_steps_in_one_call(kind, dtype):
+    """A decode-sized call of the native sparse_attention runs attention, ring append and the output's inverse
+    RoPE as one C call (``attention_step_``): the same bits as the three ops one by one, the ring as the
+    reference leaves it (calls with padding take the three steps as before)."""
+    ref = get_op("sparse_attention").ref
+    for start, t, pad in CASES:
+        args, attrs = _case(kind, None, dtype, start, t, pad_row=pad)
+        got = run("sparse_attention", *[a.clone() for a in args], impl="native", **attrs)
+        want = ref(*[a.clone() for a in args], **attrs)
+        assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2]), (start, t, pad)
+        a = [x.clone() for x in args]
+        plain = {k: v for k, v in attrs.items() if k not in ("rope_dim", "theta")}
+        steps = rope_(native.attention(*a, **plain), a[5], R, 10000.0, inverse=True)
+        assert torch.equal(got[0], steps), (start, t, pad)
+    with pytest.raises(ValueError, match="rope_dim 32 needs rot"):
+        native.attention_step_(*args, **{k: v for k, v in attrs.items() if k not in ("rope_dim", "theta")}, rot=None,
+                               rope_dim=R)
+
+
 def test_few_token_path_agrees_with_the_block_path():
     """On a decode-sized call the two PyTorch paths give the same outputs."""
     args, attrs = _case("csa", None, torch.float32, [30, 14], 3)

@@ -18,7 +18,7 @@ from ...graph.storage import decode, round_trip
 from . import attention_decode as few
 from . import native
 from .positions import bounds
-from .rope import rope_
+from .rope import rope_, rotations
 
 _BLOCK_ELEMS = 1 << 22  # fp32 elements per score block (16 MiB): keeps blocks in the last-level cache's reach
 
@@ -136,10 +136,18 @@ def fused(attend_fn):
 
 def _fused(attend_fn, q, kv, ring, ring_pos, sinks, pos, *extra, rope_dim, theta, yarn=None, **attrs):
     """The fused op: attention, the ring append, the output de-rotation."""
+    t = pos.shape[1]
+    small = pos.shape[0] * t <= few.TOKENS and t <= ring.shape[1] and bounds(pos)[0] >= 0  # no padding
+    if attend_fn is attend_native and small and attrs.get("kv_format") is None:  # the three steps in one C call
+        c = _contiguous
+        rot = rotations(pos, rope_dim, theta, yarn, inverse=True) if rope_dim else None
+        o = native.attention_step_(c(q), c(kv), ring, ring_pos, sinks, c(pos), *map(c, extra), kind=attrs["kind"],
+                                   window=attrs["window"], ratio=attrs.get("ratio", 0), scale=attrs["scale"], rot=rot,
+                                   rope_dim=rope_dim)
+        return o, ring, ring_pos
     o = attend_fn(q, kv, ring, ring_pos, sinks, pos, *extra, **attrs)
     fmt = {a: attrs[a] for a in ("kv_format", "kv_rope_dim") if a in attrs}
-    t = pos.shape[1]
-    if pos.shape[0] * t <= few.TOKENS and t <= ring.shape[1] and bounds(pos)[0] >= 0:  # no padding
+    if small:
         ring, ring_pos = few.window_append(ring, ring_pos, kv, pos, **fmt)
     else:
         ring, ring_pos = window_append(ring, ring_pos, kv, pos, **fmt)

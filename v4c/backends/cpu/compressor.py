@@ -62,17 +62,21 @@ def _close(which, last, rows, pend_kv, pend_gate, norm_w, *, ratio, overlap, eps
 
 
 def compressor_c(h, wkv, wgate, ape, norm_w, rows, pend_kv, pend_gate, pos, *, ratio, overlap, eps, rope_dim, theta,
-                 yarn=None, store=None, lin):
+                 yarn=None, store=None, lin, one_call=False):
     """``compressor``'s decode step with the slot writes and the pooling in one C call (native/compress.c)
     and a closing window's RMSNorm + RoPE in another (norm_rope.c, the rotations from the exact tables of
     ``rope``): 3 calls a step, 6 when a window closes, instead of ~8 and ~25. Calls the C step does not
-    take (padding, several tokens a row, a CSA window with no predecessor) take the general path."""
+    take (padding, several tokens a row, a CSA window with no predecessor) take the general path. ``one_call``
+    (plain weights): the products inside the step's C call too, one trip through Python instead of three."""
     vals = values(pos) if pos.shape[1] == 1 else None
     if vals is None or min(vals) < 0 or any((v + 1) % ratio == 0 and v + 1 < ratio * (1 + overlap) for v in vals):
         return compressor(h, wkv, wgate, ape, norm_w, rows, pend_kv, pend_gate, pos, ratio=ratio, overlap=overlap,
                           eps=eps, rope_dim=rope_dim, theta=theta, yarn=yarn, store=store, lin=lin)
-    pooled = native.compress_step_(lin(h, wkv), lin(h, wgate), _f32(ape), pend_kv, pend_gate, pos, ratio,
-                                   bool(overlap))
+    if one_call:  # plain weights: the two products and the step in one C call (``lin`` is dense.gemv's product)
+        pooled = native.compress_decode_(h, wkv, wgate, ape, pend_kv, pend_gate, pos, ratio, bool(overlap))
+    else:
+        pooled = native.compress_step_(lin(h, wkv), lin(h, wgate), _f32(ape), pend_kv, pend_gate, pos, ratio,
+                                       bool(overlap))
     closing = [i for i, v in enumerate(vals) if (v + 1) % ratio == 0]
     if closing:
         win = [vals[i] // ratio for i in closing]

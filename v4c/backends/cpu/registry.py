@@ -308,7 +308,7 @@ CPU.add("linear_rms_norm", "native-decode", _all(_gemv(1), _float(2, "norm_w")))
 CPU.add("linear_rms_norm", "native-quant", _all(_qgemv(1), _float(2, "norm_w")))(dense.q_linear_rms_norm)
 CPU.add("linear_rms_norm", "wide-prefill", _wide(1))(wide.linear_rms_norm)
 CPU.add("linear_rms_norm", "torch")(linear_norm.linear_rms_norm)
-CPU.add("moe_router", "native-decode", _all(_gemv(1), _route_table))(partial(router.moe_router_c, lin=dense.gemv))
+CPU.add("moe_router", "native-decode", _all(_gemv(1), _route_table))(router.moe_router_step)
 CPU.add("moe_router", "native-quant", _all(_qgemv(1), _phase("decode"), _route_table))(
     partial(router.moe_router_c, lin=dense.qgemv))
 CPU.add("moe_router", "native-quant-prefill", _qgemv(1))(partial(router.moe_router, lin=dense.qgemv))
@@ -323,7 +323,7 @@ def _fp32_pending(call: Call) -> str | None:
 
 
 CPU.add("compressor", "native-decode", _all(_gemv(1, 2), _fp32_pending, _norm_weight))(
-    partial(compressor.compressor_c, lin=dense.gemv))
+    partial(compressor.compressor_c, lin=dense.gemv, one_call=True))
 CPU.add("compressor", "native-quant", _all(_qgemv(1, 2), _phase("decode"), _fp32_pending, _norm_weight))(
     partial(compressor.compressor_c, lin=dense.qgemv))
 CPU.add("compressor", "native-quant-prefill", _all(_qgemv(1, 2), _fp32_pending))(

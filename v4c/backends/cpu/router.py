@@ -46,3 +46,13 @@ def moe_router_c(h, w, table_or_bias, ids=None, *, scaling, hash=False, topk=Non
     if hash:
         return native.moe_route(scores, None, table_or_bias, ids.contiguous(), table_or_bias.shape[-1], scaling)
     return native.moe_route(scores, table_or_bias.float().contiguous(), None, None, topk, scaling)
+
+
+def moe_router_step(h, w, table_or_bias, ids=None, *, scaling, hash=False, topk=None):
+    """``moe_router_c`` for plain weights in one C call (native ``router_step``: the same product, scores and
+    selection): a decode step's router was three calls and their Python in between, which costs ~3x its
+    isolated time once the step's weight streams have pushed the interpreter out of the caches."""
+    x = h if h.is_contiguous() else h.contiguous()
+    if hash:
+        return native.router_step(x, w, None, table_or_bias, ids.contiguous(), table_or_bias.shape[-1], scaling)
+    return native.router_step(x, w, table_or_bias, None, None, topk, scaling)

@@ -272,6 +272,9 @@ class _Ops:
         self.compress_step_ = ns.compress_step_.default
         self.indexer_topk = ns.indexer_topk.default
         self.ring_append_ = ns.ring_append_.default
+        self.attention_step_ = ns.attention_step_.default
+        self.compress_decode_ = ns.compress_decode_.default
+        self.router_step = ns.router_step.default
 
 
 def _openmp_entries() -> tuple:
@@ -361,6 +364,15 @@ def attention(q, kv, ring, ring_pos, sinks, pos, rows=None, idx=None, *, kind, w
                             idx if kind == "csa" else None, kind, window, ratio, scale, isa)
 
 
+def attention_step_(q, kv, ring, ring_pos, sinks, pos, rows=None, idx=None, *, kind, window, ratio=0, scale, rot,
+                    rope_dim: int):
+    """A decode call's ``sparse_attention`` in one C call: ``attention``, then ``ring_append_`` of ``kv`` (positions
+    >= 0, at most W tokens a row), then the inverse RoPE of the output with ``rot`` (the conjugate rotations; none
+    when ``rope_dim`` is 0), as ``norm_rope_(..., norm=False)`` applies it. Returns the output."""
+    return _ops().attention_step_(q, kv, ring, ring_pos, sinks, pos, rows if kind != "sliding" else None,
+                                  idx if kind == "csa" else None, kind, window, ratio, scale, rot, rope_dim)
+
+
 def dot_isas(dtype: torch.dtype = torch.bfloat16) -> tuple:
     """The instruction sets this CPU (and compiler) run the C MoE and linear with for ``dtype``
     weights, best first: some of ``avx512bf16`` (bf16 only), ``avx512f``, ``avx512vl`` (AVX2's kernels on
@@ -404,6 +416,11 @@ def compress_step_(kv, gate, ape, pend_kv, pend_gate, pos, ratio: int, overlap: 
     return _ops().compress_step_(kv, gate, ape, pend_kv, pend_gate, pos, ratio, overlap)
 
 
+def compress_decode_(h, wkv, wgate, ape, pend_kv, pend_gate, pos, ratio: int, overlap: bool):
+    """``compress_step_(linear(h, wkv), linear(h, wgate), ape, ...)`` in one C call (plain weights of h's dtype)."""
+    return _ops().compress_decode_(h, wkv, wgate, ape, pend_kv, pend_gate, pos, ratio, overlap)
+
+
 def indexer_topk(q, w, keys, pos, topk: int, ratio: int, scale: float, isa=None):
     """The indexer's top-k rows over plain fp32 / bf16 keys (indexer.c): ``q [B, T, H, D]``, ``w [B, T, H]``
     (``scale``: weight_scale x score_scale), ``keys [B, N, D]``, ``pos [B, T]``; [B, T, topk] int64, each
@@ -417,6 +434,12 @@ def moe_route(scores, bias, table, ids, k: int, scaling: float):
     the top ``k`` (or ``table [V, k]`` int32 / int64 with ``ids [...]``: hashed). Returns (idx, wts,
     perm, offsets) as ``moe_router`` does, each token's experts best first."""
     return _ops().moe_route(scores, bias, table, ids, k, scaling)
+
+
+def router_step(x, w, bias, table, ids, k: int, scaling: float):
+    """A decode call's router in one C call: ``linear(x, w)`` widened to fp32, ``sqrt_softplus_``, ``moe_route``
+    (``bias`` fp32 or any float dtype, widened; or ``table`` with ``ids``)."""
+    return _ops().router_step(x, w, bias, table, ids, k, scaling)
 
 
 def sqrt_softplus_(x):

@@ -307,6 +307,15 @@ Tensor compress_step_(const Tensor &kv, const Tensor &gate, const Tensor &ape, T
     return pooled;
 }
 
+// a decode call's compressor step with its two products (linear.c) in one operator: the same results as the
+// two `linear` operators and `compress_step_` one by one
+Tensor compress_decode_(const Tensor &h, const Tensor &wkv, const Tensor &wgate, const Tensor &ape, Tensor &pend_kv,
+                        Tensor &pend_gate, const Tensor &pos, int64_t ratio, bool overlap) {
+    const Tensor x = h.is_contiguous() ? h : h.contiguous();
+    const Tensor a = ape.scalar_type() == at::kFloat && ape.is_contiguous() ? ape : ape.to(at::kFloat).contiguous();
+    return compress_step_(dense_linear(x, wkv), dense_linear(x, wgate), a, pend_kv, pend_gate, pos, ratio, overlap);
+}
+
 // the indexer's selection over plain keys (indexer.c): q [B, T, H, D], w [B, T, H] (one float dtype), keys
 // [B, N, D] fp32 / bf16, pos [B, T]; returns [B, T, topk] row indices, -1 where fewer rows are visible
 Tensor indexer_topk(const Tensor &q, const Tensor &w, const Tensor &keys, const Tensor &pos, int64_t topk,
@@ -364,6 +373,20 @@ void ring_append_(Tensor &ring, Tensor &ring_pos, const Tensor &kv, const Tensor
     TORCH_CHECK_VALUE(rc == 0, "v4c_native.ring_append_: positions must be >= 0 (no padding)");
 }
 
+// a decode call's sparse_attention in one operator: the attention, the ring append of the call's kv (after the
+// attention has read the ring), the inverse RoPE of the output (rot: the conjugate rotations, [B, T, rope_dim/2]
+// complex; rope_dim 0: none), the same steps as the three operators one by one
+Tensor attention_step_(const Tensor &q, const Tensor &kv, Tensor &ring, Tensor &ring_pos, const Tensor &sinks,
+                       const Tensor &pos, const OptTensor &rows, const OptTensor &idx, c10::string_view kind,
+                       int64_t window, int64_t ratio, double scale, const OptTensor &rot, int64_t rope_dim) {
+    TORCH_CHECK_VALUE(rope_dim == 0 || rot.has_value(), "v4c_native.attention_step_: rope_dim ", rope_dim,
+                      " needs rot");
+    Tensor out = attention(q, kv, ring, ring_pos, sinks, pos, rows, idx, kind, window, ratio, scale, std::nullopt);
+    ring_append_(ring, ring_pos, kv, pos);
+    if (rope_dim > 0) norm_rope_(out, std::nullopt, 0.0, rope_dim, rot, false);
+    return out;
+}
+
 // the team's entry points in use (addresses; 0 where none was found): a diagnostic for the tests
 std::vector<int64_t> openmp_entries() {
     auto address = [](void *p) { return int64_t(reinterpret_cast<intptr_t>(p)); };
@@ -384,6 +407,10 @@ TORCH_LIBRARY(v4c_native, m) {
           "int ratio, bool overlap) -> Tensor");
     m.def("indexer_topk(Tensor q, Tensor w, Tensor keys, Tensor pos, int topk, int ratio, float scale, "
           "str? isa=None) -> Tensor");
+    m.def("compress_decode_(Tensor h, Tensor wkv, Tensor wgate, Tensor ape, Tensor(a!) pend_kv, Tensor(b!) pend_gate, "
+          "Tensor pos, int ratio, bool overlap) -> Tensor");
+    m.def("attention_step_(Tensor q, Tensor kv, Tensor(a!) ring, Tensor(b!) ring_pos, Tensor sinks, Tensor pos, "
+          "Tensor? rows, Tensor? idx, str kind, int window, int ratio, float scale, Tensor? rot, int rope_dim) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(v4c_native, CPU, m) {
@@ -393,4 +420,6 @@ TORCH_LIBRARY_IMPL(v4c_native, CPU, m) {
     m.impl("attention", &attention);
     m.impl("compress_step_", &compress_step_);
     m.impl("indexer_topk", &indexer_topk);
+    m.impl("attention_step_", &attention_step_);
+    m.impl("compress_decode_", &compress_decode_);
 }

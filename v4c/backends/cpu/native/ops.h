@@ -80,4 +80,9 @@ std::vector<std::string> dot_isas(at::ScalarType dtype);
 // the instruction set a caller named (-1: the best there is), checked against this CPU
 int pick_isa(const std::optional<c10::string_view> &isa_arg, at::ScalarType dtype, const char *op);
 
+// ---- shared between the operator files -------------------------------------------------------------
+
+// ``x @ w.T`` by the dot-product kernels (linear.c), as the ``linear`` operator computes it (ops_products.cpp)
+Tensor dense_linear(const Tensor &x, const Tensor &w);
+
 } // namespace v4c_native_ops

@@ -247,6 +247,18 @@ Tensor &sqrt_softplus_(Tensor &x) {
     return x;
 }
 
+// a decode call's whole router in one operator: the product (linear.c, in x's dtype), its widening, the
+// scores (route.c's sqrt(softplus)) and the selection, the same steps as the three operators one by one
+// (each a trip through Python that costs more than its arithmetic once a step's weights have left the caches)
+std::tuple<Tensor, Tensor, Tensor, Tensor> router_step(const Tensor &x, const Tensor &w, const OptTensor &bias,
+                                                       const OptTensor &table, const OptTensor &ids, int64_t k,
+                                                       double scaling) {
+    Tensor scores = linear(x, w, 1, std::nullopt).to(at::kFloat).contiguous();
+    sqrt_softplus_(scores);
+    const OptTensor b32 = bias ? OptTensor(as_f32(*bias, "router_step", "bias").contiguous()) : std::nullopt;
+    return moe_route(scores, b32, table, ids, k, scaling);
+}
+
 // ---- quantised weights (quant.c) --------------------------------------------------------------
 
 // the C code's format codes: 0 float32, 1 bfloat16 (plain weights), 2 FP8 e4m3 128x128, 3 MXFP4
@@ -400,6 +412,9 @@ Tensor moe_decode_q(const Tensor &x, const Tensor &w, const Tensor &perm, const 
 
 } // namespace
 
+// the plain product for the operators of ops.cpp that hold one (x [..., K] and w [N, K] of one float dtype)
+Tensor v4c_native_ops::dense_linear(const Tensor &x, const Tensor &w) { return linear(x, w, 1, std::nullopt); }
+
 TORCH_LIBRARY_FRAGMENT(v4c_native, m) {
     m.def("moe_decode(Tensor x, Tensor w, Tensor perm, Tensor offsets, Tensor w13, Tensor w2, Tensor? shared_gate, "
           "Tensor? shared_up, Tensor? shared_down, int k, float limit, str? isa=None) -> Tensor");
@@ -408,6 +423,8 @@ TORCH_LIBRARY_FRAGMENT(v4c_native, m) {
     m.def("moe_route(Tensor scores, Tensor? bias, Tensor? table, Tensor? ids, int k, float scaling) -> "
           "(Tensor, Tensor, Tensor, Tensor)");
     m.def("sqrt_softplus_(Tensor(a!) x) -> Tensor(a!)");
+    m.def("router_step(Tensor x, Tensor w, Tensor? bias, Tensor? table, Tensor? ids, int k, float scaling) -> "
+          "(Tensor, Tensor, Tensor, Tensor)");
     m.def("quant_supported() -> bool", &quant_supported);
     m.def("qlinear(Tensor x, Tensor data, Tensor scale, str fmt, int groups=1) -> Tensor");
     m.def("moe_decode_q(Tensor x, Tensor w, Tensor perm, Tensor offsets, str fmt, Tensor w13, Tensor w13_scale, "
@@ -423,4 +440,5 @@ TORCH_LIBRARY_IMPL(v4c_native, CPU, m) {
     m.impl("moe_decode_q", &moe_decode_q);
     m.impl("moe_route", &moe_route);
     m.impl("sqrt_softplus_", &sqrt_softplus_);
+    m.impl("router_step", &router_step);
 }
