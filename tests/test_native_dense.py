@@ -143,6 +143,34 @@ def test_decode_ops_with_c_products_equal_references(dtype, b):
 
 
 @needs_c
+@pytest.mark.parametrize("b", [1, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+def test_one_call_projections_are_the_two_calls_bit_for_bit(dtype, b):
+    """The decode paths of o_proj, q_proj, kv_proj and linear_rms_norm run their product and what follows in
+    one C call (``o_proj_step``, ``linear_norm_rope``): the same bits as the C calls one by one."""
+    if not native.moe_decode_available(dtype):
+        pytest.skip(f"no C products for {dtype} here")
+    from v4c.backends.cpu.rope import rotations
+    cases = {op: (args, attrs) for op, args, attrs in _op_cases(dtype, b)}
+    (o, wa, wb), a = cases["o_proj"]
+    z = native.linear(o.reshape(a["shape"]).contiguous(), wa, a["groups"])
+    want = native.linear(z.reshape(a["out_shape"]), wb)
+    assert torch.equal(run("o_proj", o, wa, wb, impl="native-decode", phase="decode", **a), want)
+    (x, w, pos), a = cases["q_proj"]
+    rot = rotations(pos, a["rope_dim"], a["theta"], a["yarn"])
+    want = native.norm_rope_(native.linear(x, w).reshape(a["shape"]).contiguous(), None, a["eps"], a["rope_dim"], rot)
+    assert torch.equal(run("q_proj", x, w, pos, impl="native-decode", phase="decode", **a), want)
+    (x, w, nw, pos), a = cases["kv_proj"]
+    want = native.norm_rope_(native.linear(x, w), nw, a["eps"], a["rope_dim"], rot)
+    assert torch.equal(run("kv_proj", x, w, nw, pos, impl="native-decode", phase="decode", **a), want)
+    (x, w, nw), a = cases["linear_rms_norm"]
+    want = native.norm_rope_(native.linear(x, w), nw, a["eps"], 0, None)
+    assert torch.equal(run("linear_rms_norm", x, w, nw, impl="native-decode", phase="decode", **a), want)
+    with pytest.raises(ValueError, match="72 outputs are not 5 heads"):
+        native.linear_norm_rope(x, torch.zeros(72, x.shape[-1], dtype=dtype), 5, None, 1e-6, 0, None)
+
+
+@needs_c
 def test_c_products_bind_for_decode_calls_of_plain_weights_only():
     (_, args, attrs), = [c for c in _op_cases(torch.float32, 2) if c[0] == "q_proj"]
     assert chosen("q_proj", *args, phase="prefill", **attrs) == "native"

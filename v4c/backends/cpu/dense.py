@@ -29,9 +29,9 @@ def linear(x, w):
 
 
 def o_proj(o, wa, wb, *, shape, groups, out_shape):
-    """Per group the low-rank product (one C call for every group), then the dense one."""
-    z = native.linear(reshape(o, shape).contiguous(), wa, groups)
-    return gemv(reshape(z, out_shape), wb)
+    """Per group the low-rank product, then the dense one: one C call for both (``o_proj_step``)."""
+    lead = sum(isinstance(d, str) for d in out_shape)  # (``reshape``'s rule: symbolic leading dims are kept)
+    return native.o_proj_step(reshape(o, shape).contiguous(), wa, groups, wb, lead, list(out_shape[lead:]))
 
 
 def qgemv(x, w):
@@ -55,7 +55,7 @@ def q_linear_rms_norm(x, w, norm_w, *, eps):
 
 
 def linear_rms_norm(x, w, norm_w, *, eps):
-    """The product, then the RMSNorm in place in C (norm_rope.c without RoPE): one call for what
-    PyTorch does in three (widen, norm, round), each a dispatch that costs more than its 512 values."""
-    norm_w = norm_w if norm_w.is_contiguous() else norm_w.contiguous()
-    return native.norm_rope_(gemv(x, w), norm_w, eps, 0, None)
+    """The product, then the RMSNorm in place in C (norm_rope.c without RoPE), in one C call
+    (``linear_norm_rope``) for what PyTorch does in four (product, widen, norm, round), each a dispatch
+    that costs more than its 512 values."""
+    return native.linear_norm_rope(x, w, 1, norm_w, eps, 0, None)

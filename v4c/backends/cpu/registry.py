@@ -291,13 +291,13 @@ CPU.add("linear", "wide-prefill", _wide(1))(wide.linear)
 CPU.add("o_proj", "native-decode", _gemv(1, 2))(dense.o_proj)
 CPU.add("o_proj", "native-quant", _qgemv(1, 2))(dense.q_o_proj)
 CPU.add("o_proj", "wide-prefill", _wide(1, 2))(wide.o_proj)
-CPU.add("q_proj", "native-decode", _gemv(1))(partial(projections.q_proj_native, lin=dense.gemv))
+CPU.add("q_proj", "native-decode", _gemv(1))(partial(projections.q_proj_native, lin=dense.gemv, one_call=True))
 CPU.add("q_proj", "native-quant", _qgemv(1))(partial(projections.q_proj_native, lin=dense.qgemv))
 CPU.add("q_proj", "wide-prefill", _all(_wide(1), _library))(partial(projections.q_proj_native, lin=wide.linear))
 CPU.add("q_proj", "native", _native(_float(0, "x")))(projections.q_proj_native)
 CPU.add("q_proj", "torch")(projections.q_proj)
 CPU.add("kv_proj", "native-decode", _all(_gemv(1), _float(2, "norm_w")))(
-    partial(projections.kv_proj_native, lin=dense.gemv))
+    partial(projections.kv_proj_native, lin=dense.gemv, one_call=True))
 CPU.add("kv_proj", "native-quant", _all(_qgemv(1), _float(2, "norm_w")))(
     partial(projections.kv_proj_native, lin=dense.qgemv))
 CPU.add("kv_proj", "wide-prefill", _all(_wide(1), _library, _float(2, "norm_w")))(

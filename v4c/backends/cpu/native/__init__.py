@@ -275,6 +275,8 @@ class _Ops:
         self.attention_step_ = ns.attention_step_.default
         self.compress_decode_ = ns.compress_decode_.default
         self.router_step = ns.router_step.default
+        self.linear_norm_rope = ns.linear_norm_rope.default
+        self.o_proj_step = ns.o_proj_step.default
 
 
 def _openmp_entries() -> tuple:
@@ -434,6 +436,18 @@ def moe_route(scores, bias, table, ids, k: int, scaling: float):
     the top ``k`` (or ``table [V, k]`` int32 / int64 with ``ids [...]``: hashed). Returns (idx, wts,
     perm, offsets) as ``moe_router`` does, each token's experts best first."""
     return _ops().moe_route(scores, bias, table, ids, k, scaling)
+
+
+def linear_norm_rope(x, w, heads: int, norm_w, eps: float, rope_dim: int, rot):
+    """``norm_rope_(linear(x, w) viewed as [..., heads, N / heads] (heads > 1), norm_w, eps, rope_dim, rot)`` in one
+    C call: a decode call's q / kv projection or linear_rms_norm."""
+    return _ops().linear_norm_rope(x, w, heads, norm_w, eps, rope_dim, rot)
+
+
+def o_proj_step(x, wa, groups: int, wb, lead: int, tail):
+    """``linear(linear(x, wa, groups) reshaped to [z's first lead dims, *tail], wb)`` in one C call: a decode
+    call's output projection."""
+    return _ops().o_proj_step(x, wa, groups, wb, lead, tail)
 
 
 def router_step(x, w, bias, table, ids, k: int, scaling: float):

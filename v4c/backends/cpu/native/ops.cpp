@@ -307,6 +307,26 @@ Tensor compress_step_(const Tensor &kv, const Tensor &gate, const Tensor &ape, T
     return pooled;
 }
 
+// a decode call's projection and its epilogue in one operator: y = x @ w.T (linear.c), viewed as
+// [..., heads, N / heads] when heads > 1, then norm_rope_ in place (RMSNorm times norm_w, or none; RoPE with rot,
+// or none when rope_dim is 0): the q / kv projections and linear_rms_norm, as their two operators compute them
+Tensor linear_norm_rope(const Tensor &x, const Tensor &w, int64_t heads, const OptTensor &norm_w, double eps,
+                        int64_t rope_dim, const OptTensor &rot) {
+    Tensor y = dense_linear(x.is_contiguous() ? x : x.contiguous(), w);
+    if (heads > 1) {
+        auto s = y.sizes().vec();
+        TORCH_CHECK_VALUE(s.back() % heads == 0, "v4c_native.linear_norm_rope: ", s.back(), " outputs are not ",
+                          heads, " heads");
+        const int64_t n = s.back() / heads;
+        s.back() = heads;
+        s.push_back(n);
+        y = y.view(s);
+    }
+    OptTensor nw = norm_w;
+    if (nw && !nw->is_contiguous()) nw = nw->contiguous();
+    return norm_rope_(y, nw, eps, rope_dim, rot, true);
+}
+
 // a decode call's compressor step with its two products (linear.c) in one operator: the same results as the
 // two `linear` operators and `compress_step_` one by one
 Tensor compress_decode_(const Tensor &h, const Tensor &wkv, const Tensor &wgate, const Tensor &ape, Tensor &pend_kv,
@@ -407,6 +427,8 @@ TORCH_LIBRARY(v4c_native, m) {
           "int ratio, bool overlap) -> Tensor");
     m.def("indexer_topk(Tensor q, Tensor w, Tensor keys, Tensor pos, int topk, int ratio, float scale, "
           "str? isa=None) -> Tensor");
+    m.def("linear_norm_rope(Tensor x, Tensor w, int heads, Tensor? norm_w, float eps, int rope_dim, Tensor? rot) "
+          "-> Tensor");
     m.def("compress_decode_(Tensor h, Tensor wkv, Tensor wgate, Tensor ape, Tensor(a!) pend_kv, Tensor(b!) pend_gate, "
           "Tensor pos, int ratio, bool overlap) -> Tensor");
     m.def("attention_step_(Tensor q, Tensor kv, Tensor(a!) ring, Tensor(b!) ring_pos, Tensor sinks, Tensor pos, "
@@ -422,4 +444,5 @@ TORCH_LIBRARY_IMPL(v4c_native, CPU, m) {
     m.impl("indexer_topk", &indexer_topk);
     m.impl("attention_step_", &attention_step_);
     m.impl("compress_decode_", &compress_decode_);
+    m.impl("linear_norm_rope", &linear_norm_rope);
 }

@@ -247,6 +247,17 @@ Tensor &sqrt_softplus_(Tensor &x) {
     return x;
 }
 
+// a decode call's output projection in one operator: the grouped low-rank product (x [..., G, K] against w_a's
+// G groups of R rows), its result viewed as [lead dims of z..., *tail] (the op's out_shape), then the dense product
+Tensor o_proj_step(const Tensor &x, const Tensor &wa, int64_t groups, const Tensor &wb, int64_t lead,
+                   at::IntArrayRef tail) {
+    Tensor z = linear(x, wa, groups, std::nullopt);
+    TORCH_CHECK_VALUE(lead >= 0 && lead <= z.dim(), "v4c_native.o_proj_step: lead ", lead, " is outside 0..", z.dim());
+    std::vector<int64_t> s(z.sizes().begin(), z.sizes().begin() + lead);
+    s.insert(s.end(), tail.begin(), tail.end());
+    return linear(z.reshape(s), wb, 1, std::nullopt);
+}
+
 // a decode call's whole router in one operator: the product (linear.c, in x's dtype), its widening, the
 // scores (route.c's sqrt(softplus)) and the selection, the same steps as the three operators one by one
 // (each a trip through Python that costs more than its arithmetic once a step's weights have left the caches)
@@ -423,6 +434,7 @@ TORCH_LIBRARY_FRAGMENT(v4c_native, m) {
     m.def("moe_route(Tensor scores, Tensor? bias, Tensor? table, Tensor? ids, int k, float scaling) -> "
           "(Tensor, Tensor, Tensor, Tensor)");
     m.def("sqrt_softplus_(Tensor(a!) x) -> Tensor(a!)");
+    m.def("o_proj_step(Tensor x, Tensor wa, int groups, Tensor wb, int lead, int[] tail) -> Tensor");
     m.def("router_step(Tensor x, Tensor w, Tensor? bias, Tensor? table, Tensor? ids, int k, float scaling) -> "
           "(Tensor, Tensor, Tensor, Tensor)");
     m.def("quant_supported() -> bool", &quant_supported);
@@ -441,4 +453,5 @@ TORCH_LIBRARY_IMPL(v4c_native, CPU, m) {
     m.impl("moe_route", &moe_route);
     m.impl("sqrt_softplus_", &sqrt_softplus_);
     m.impl("router_step", &router_step);
+    m.impl("o_proj_step", &o_proj_step);
 }
