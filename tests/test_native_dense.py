@@ -146,8 +146,9 @@ def test_decode_ops_with_c_products_equal_references(dtype, b):
 @pytest.mark.parametrize("b", [1, 3])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
 def test_one_call_projections_are_the_two_calls_bit_for_bit(dtype, b):
-    """The decode paths of o_proj, q_proj, kv_proj and linear_rms_norm run their product and what follows in
-    one C call (``o_proj_step``, ``linear_norm_rope``): the same bits as the C calls one by one."""
+    """The decode paths of o_proj, q_proj, kv_proj, linear_rms_norm and the indexer run their products and what
+    follows in one C call (``o_proj_step``, ``linear_norm_rope``, ``indexer_step``): the same bits as the C calls
+    one by one."""
     if not native.moe_decode_available(dtype):
         pytest.skip(f"no C products for {dtype} here")
     from v4c.backends.cpu.rope import rotations
@@ -166,6 +167,12 @@ def test_one_call_projections_are_the_two_calls_bit_for_bit(dtype, b):
     (x, w, nw), a = cases["linear_rms_norm"]
     want = native.norm_rope_(native.linear(x, w), nw, a["eps"], 0, None)
     assert torch.equal(run("linear_rms_norm", x, w, nw, impl="native-decode", phase="decode", **a), want)
+    (cq, h, wq, ww, keys, pos), a = cases["indexer"]
+    from v4c.backends.cpu.rope import rope_
+    q = rope_(native.linear(cq, wq).reshape(a["shape"]), pos, a["rope_dim"], a["theta"], a["yarn"])
+    want = native.indexer_topk(q, native.linear(h, ww), keys, pos, a["topk"], a["ratio"],
+                               a["weight_scale"] * a["score_scale"])
+    assert torch.equal(run("indexer", cq, h, wq, ww, keys, pos, impl="native-decode", phase="decode", **a), want)
     with pytest.raises(ValueError, match="72 outputs are not 5 heads"):
         native.linear_norm_rope(x, torch.zeros(72, x.shape[-1], dtype=dtype), 5, None, 1e-6, 0, None)
 

@@ -215,11 +215,18 @@ indexer_topk_c_prefill = _topk_c(indexer_topk, """``indexer_topk`` in one C call
     same fallback as ``indexer_topk_c``.""")
 
 
-def fused_indexer(topk_fn, lin=linear):
+def fused_indexer(topk_fn, lin=linear, one_call=False):
     """The ``indexer`` op around one of the ``indexer_topk`` implementations above (``lin``: its
-    products, a decode call's C one from ``dense``)."""
+    products, a decode call's C one from ``dense``; ``one_call``: with those, the products, the RoPE and
+    ``indexer_topk_c``'s selection in one C call where it takes the keys)."""
     def indexer(cq, h, wq, ww, keys, pos, *, shape, rope_dim, theta, yarn=None, **attrs):
         """The fused op: query GEMM + RoPE, head weights, scores, top-k."""
+        if (one_call and rope_dim and cq.dim() == 3 and len(shape) == 4 and not isinstance(shape[2], str)
+                and attrs.get("key_format") in (None, "f32", "bf16") and keys.dtype in _C_DTYPES
+                and cq.dtype in _C_DTYPES):
+            return native.indexer_step(cq, wq, h, ww, keys, pos, shape[2], rope_dim,
+                                       rotations(pos, rope_dim, theta, yarn), attrs["topk"], attrs["ratio"],
+                                       attrs["weight_scale"] * attrs["score_scale"])
         q = rope_(reshape(lin(cq, wq), shape), pos, rope_dim, theta, yarn)  # the product is this call's own
         return topk_fn(q, lin(h, ww), keys, pos, **attrs)
     return indexer

@@ -173,7 +173,7 @@ def _kind(call: Call) -> str | None:
 
 
 CPU.add("indexer", "native-decode", _all(_gemv(2, 3), _same_dtype(0, 1, what="h")))(
-    attention.fused_indexer(attention.indexer_topk_c, lin=dense.gemv))
+    attention.fused_indexer(attention.indexer_topk_c, lin=dense.gemv, one_call=True))
 CPU.add("indexer", "native-quant", _all(_qgemv(2, 3), _phase("decode"), _same_dtype(0, 1, what="h")))(
     attention.fused_indexer(attention.indexer_topk_c, lin=dense.qgemv))
 CPU.add("indexer", "native-quant-prefill", _all(_qgemv(2, 3), _phase("prefill"), _same_dtype(0, 1, what="h")))(

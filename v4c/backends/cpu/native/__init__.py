@@ -276,6 +276,7 @@ class _Ops:
         self.compress_decode_ = ns.compress_decode_.default
         self.router_step = ns.router_step.default
         self.linear_norm_rope = ns.linear_norm_rope.default
+        self.indexer_step = ns.indexer_step.default
         self.o_proj_step = ns.o_proj_step.default
 
 
@@ -442,6 +443,12 @@ def linear_norm_rope(x, w, heads: int, norm_w, eps: float, rope_dim: int, rot):
     """``norm_rope_(linear(x, w) viewed as [..., heads, N / heads] (heads > 1), norm_w, eps, rope_dim, rot)`` in one
     C call: a decode call's q / kv projection or linear_rms_norm."""
     return _ops().linear_norm_rope(x, w, heads, norm_w, eps, rope_dim, rot)
+
+
+def indexer_step(cq, wq, h, ww, keys, pos, heads: int, rope_dim: int, rot, topk: int, ratio: int, scale: float):
+    """A decode call's ``indexer`` in one C call: ``q = linear(cq, wq)`` as [..., heads, d], RoPE'd with ``rot``;
+    ``w = linear(h, ww)``; ``indexer_topk(q, w, keys, pos, topk, ratio, scale)``."""
+    return _ops().indexer_step(cq, wq, h, ww, keys, pos, heads, rope_dim, rot, topk, ratio, scale)
 
 
 def o_proj_step(x, wa, groups: int, wb, lead: int, tail):

@@ -370,6 +370,26 @@ Tensor indexer_topk(const Tensor &q, const Tensor &w, const Tensor &keys, const 
     return out;
 }
 
+// a decode call's whole indexer in one operator: the query product (linear.c) viewed as [..., heads, d] and
+// rotated (rot: [B, T, rope_dim/2] complex), the head weights' product, the selection: the same steps as the
+// four operators one by one (the q / w products in cq's and h's dtype, as the selection reads them)
+Tensor indexer_step(const Tensor &cq, const Tensor &wq, const Tensor &h, const Tensor &ww, const Tensor &keys,
+                    const Tensor &pos, int64_t heads, int64_t rope_dim, const Tensor &rot, int64_t topk, int64_t ratio,
+                    double scale) {
+    Tensor q = dense_linear(cq.is_contiguous() ? cq : cq.contiguous(), wq);
+    auto s = q.sizes().vec();
+    TORCH_CHECK_VALUE(heads >= 1 && s.back() % heads == 0, "v4c_native.indexer_step: ", s.back(),
+                      " query outputs are not ", heads, " heads");
+    const int64_t d = s.back() / heads;
+    s.back() = heads;
+    s.push_back(d);
+    q = q.view(s);
+    if (rope_dim > 0) norm_rope_(q, std::nullopt, 0.0, rope_dim, rot, false);
+    const Tensor w = dense_linear(h.is_contiguous() ? h : h.contiguous(), ww);
+    return indexer_topk(q, w, keys.is_contiguous() ? keys : keys.contiguous(),
+                        pos.is_contiguous() ? pos : pos.contiguous(), topk, ratio, scale, std::nullopt);
+}
+
 void ring_append_(Tensor &ring, Tensor &ring_pos, const Tensor &kv, const Tensor &pos) {
     const char *op = "ring_append_";
     TORCH_CHECK_VALUE(ring.dim() == 3, "v4c_native.ring_append_: ring must be [B, W, D], got shape ", ring.sizes());
@@ -429,6 +449,8 @@ TORCH_LIBRARY(v4c_native, m) {
           "str? isa=None) -> Tensor");
     m.def("linear_norm_rope(Tensor x, Tensor w, int heads, Tensor? norm_w, float eps, int rope_dim, Tensor? rot) "
           "-> Tensor");
+    m.def("indexer_step(Tensor cq, Tensor wq, Tensor h, Tensor ww, Tensor keys, Tensor pos, int heads, int rope_dim, "
+          "Tensor rot, int topk, int ratio, float scale) -> Tensor");
     m.def("compress_decode_(Tensor h, Tensor wkv, Tensor wgate, Tensor ape, Tensor(a!) pend_kv, Tensor(b!) pend_gate, "
           "Tensor pos, int ratio, bool overlap) -> Tensor");
     m.def("attention_step_(Tensor q, Tensor kv, Tensor(a!) ring, Tensor(b!) ring_pos, Tensor sinks, Tensor pos, "
@@ -445,4 +467,5 @@ TORCH_LIBRARY_IMPL(v4c_native, CPU, m) {
     m.impl("attention_step_", &attention_step_);
     m.impl("compress_decode_", &compress_decode_);
     m.impl("linear_norm_rope", &linear_norm_rope);
+    m.impl("indexer_step", &indexer_step);
 }
