@@ -31,7 +31,9 @@ def test_cpu_vs_hf_quick_run(tmp_path):
             assert v["peak_rss_mib"] > 0 and h["peak_rss_mib"] > 0
         for row in run["decode"]:
             assert row["v4c"]["page_faults_per_step"] >= 0 and "rss_growth_mib" in row["hf"]
-        floor = run["weight_floor"]
+        floor = run["weight_floor"]  # the best copy rate of the run: at its start and before each decode child
+        samples = floor["copy_gb_per_s_samples"]
+        assert len(samples) == 1 + 2 * 2 * 2 and floor["copy_gb_per_s"] == max(samples) > 0
         assert floor["seconds_per_token"] == pytest.approx(floor["active_weight_bytes_per_token"]
                                                            / (floor["copy_gb_per_s"] * 1e9))
     # fp32 weights are twice bf16's
