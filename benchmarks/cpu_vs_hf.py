@@ -13,7 +13,8 @@ each measurement. Both dtypes, fp32 and bf16, are measured by default, one after
 Measured, per dtype: prefill tokens/s (T = 512, 4096; the last token's logits, ``--prefill-logits``), decode tokens/s (batch 1 and 8, 128 steps
 after a 2,048-token prompt), peak RSS of each, their ratios; the weight-streaming floor of a batch-1
 decode step (the weight bytes one token reads, over the best copy bandwidth measured in the same run:
-at its start and before every decode child);
+at its start, before every decode child and in each decode child after its steps; and the kept step
+against its own process's sample alone);
 then v4c alone at contexts 4K/16K/64K (prefill time, decode time per token) next to `v4c inspect`'s
 FLOPs per decoded token and its indexer-scan term; and the machine's copy bandwidth and matmul rate.
 The JSON holds one section per dtype under ``runs``, each shaped as a single-dtype result.
@@ -106,7 +107,10 @@ def _worker(a) -> dict:
             out["rss_growth_mib"] = _rss_mib() - rss0
             out["seconds_per_step"] = dt / a.steps
             out["tokens_per_s"] = a.batch * a.steps / dt
-    out["peak_rss_mib"] = _peak_rss_mib()
+            # the memory's rate right after the steps, in this process (its buffers after the peak is read)
+            out["peak_rss_mib"] = _peak_rss_mib()
+            out["copy_gb_per_s_after"] = copy_gb_per_s()
+    out.setdefault("peak_rss_mib", _peak_rss_mib())
     return out
 
 
@@ -285,6 +289,8 @@ def measure_dtype(dtype: str, cfg: dict, work: Path, quick: bool, context: bool,
             if kw["task"] == "decode":
                 copies.append(copy_gb_per_s())  # in this process, between the children: not in their RSS
             r = run_child(common, engine=engine, **kw)
+            if kw["task"] == "decode":
+                copies.append(r["copy_gb_per_s_after"])
             print(f"  {dtype} {engine:4s} {kw} -> {r['tokens_per_s']:.1f} tok/s, {r['peak_rss_mib']:.0f} MiB",
                   file=sys.stderr)
             if engine not in rows or r["tokens_per_s"] > rows[engine]["tokens_per_s"]:
@@ -304,6 +310,10 @@ def measure_dtype(dtype: str, cfg: dict, work: Path, quick: bool, context: bool,
     result["weight_floor"] = {"active_weight_bytes_per_token": floor_bytes, "copy_gb_per_s": max(copies),
                               "copy_gb_per_s_samples": copies, "seconds_per_token": floor_s,
                               "v4c_decode_b1_over_floor": result["decode"][0]["v4c"]["seconds_per_step"] / floor_s}
+    # the same step against the copy rate its own process measured right after it: drift between children aside
+    own = result["decode"][0]["v4c"]
+    result["weight_floor"]["v4c_decode_b1_over_own_copy_floor"] = \
+        own["seconds_per_step"] * own["copy_gb_per_s_after"] * 1e9 / floor_bytes
 
     if context:
         for ctx in ([512, 1024] if quick else [4096, 16384, 65536]):
@@ -340,7 +350,8 @@ def summary(res: dict) -> None:
         print(f"  weight-streaming floor, batch 1: {f['active_weight_bytes_per_token'] / 2 ** 20:.1f} MiB/token at "
               f"{f['copy_gb_per_s']:.1f} GB/s (the best of {len(f['copy_gb_per_s_samples'])} copy samples, lowest "
               f"{min(f['copy_gb_per_s_samples']):.1f}) = {f['seconds_per_token'] * 1e3:.2f} ms/token; v4c decode is "
-              f"{f['v4c_decode_b1_over_floor']:.2f}x the floor")
+              f"{f['v4c_decode_b1_over_floor']:.2f}x the floor ({f['v4c_decode_b1_over_own_copy_floor']:.2f}x at the copy "
+              f"rate its process measured after its steps)")
         for r in result["context"]:
             scan = r["inspect_flops_by_term"]["indexer_scan"]
             print(f"  context {r['context']:6d}: prefill {r['prefill_seconds']:7.2f} s, decode "

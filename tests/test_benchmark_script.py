@@ -33,7 +33,11 @@ def test_cpu_vs_hf_quick_run(tmp_path):
             assert row["v4c"]["page_faults_per_step"] >= 0 and "rss_growth_mib" in row["hf"]
         floor = run["weight_floor"]  # the best copy rate of the run: at its start and before each decode child
         samples = floor["copy_gb_per_s_samples"]
-        assert len(samples) == 1 + 2 * 2 * 2 and floor["copy_gb_per_s"] == max(samples) > 0
+        assert len(samples) == 1 + 2 * (2 * 2 * 2) and floor["copy_gb_per_s"] == max(samples) > 0
+        own = run["decode"][0]["v4c"]  # the kept step against the rate its own process measured
+        assert floor["v4c_decode_b1_over_own_copy_floor"] == pytest.approx(
+            own["seconds_per_step"] / (floor["active_weight_bytes_per_token"] / (own["copy_gb_per_s_after"] * 1e9)))
+        assert own["copy_gb_per_s_after"] in samples
         assert floor["seconds_per_token"] == pytest.approx(floor["active_weight_bytes_per_token"]
                                                            / (floor["copy_gb_per_s"] * 1e9))
     # fp32 weights are twice bf16's
