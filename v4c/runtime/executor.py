@@ -11,6 +11,7 @@ from ..backends.reference import REFERENCE
 from ..graph.ir import Graph
 from ..graph.registry import get_op
 from ..graph.weights import bind_quantized
+from .step_code import compile_step
 
 
 class Executor:
@@ -42,6 +43,8 @@ class Executor:
         self.frees = _last_uses(graph)
         self._tokens_input = graph.inputs[0][0] if graph.inputs else None
         self._head = _lm_head_index(graph)
+        # both phases' plans share the graph's dataflow: one straight-line function runs either
+        self._step = compile_step(graph, self.params, self.frees, self._head, _take)
 
     def implementations(self) -> list[dict]:
         """Per node and phase: the backend and implementation bound, and why the others declined."""
@@ -55,23 +58,9 @@ class Executor:
         if phase is None:
             x = inputs.get(self._tokens_input)
             phase = phase_of(math.prod(x.shape[:2])) if x is not None and x.dim() >= 2 else "prefill"
-        env = {**self.params, **states, **inputs}
-        head = self._head if last is not None else None
-        for k, ((fn, ins, outs, attrs, state_io, name), dead) in enumerate(zip(self.plans[phase], self.frees)):
-            args = [env[i] for i in ins]
-            if k == head:  # the head's input is gathered for its call only: env keeps it whole (a stream output)
-                args[0] = _take(args[0], last)
-            res = fn(*args, **attrs)
-            res = res if isinstance(res, tuple) else (res,)
-            for ii, oi in state_io:  # states are updated in place: the buffers must not move
-                if res[oi] is not args[ii]:
-                    raise RuntimeError(f"op {name} returned a new tensor for state %{ins[ii]}")
-            env.update(zip(outs, res))
-            del args, res
-            for v in dead:  # an activation is released after its last reader: the allocator reuses it
-                del env[v]
-        out = [env[o] for o in self.graph.outputs]
-        if last is not None and head is None:  # no separable head: every position's logits, then the rows'
+        # the head's input is gathered for its call only (the value stays whole: a stream output)
+        out = self._step(self.plans[phase], states, inputs, last)
+        if last is not None and self._head is None:  # no separable head: every position's logits, then the rows'
             out[0] = _take(out[0], last)
         return out
 
