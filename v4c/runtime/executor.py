@@ -43,8 +43,10 @@ class Executor:
         self.frees = _last_uses(graph)
         self._tokens_input = graph.inputs[0][0] if graph.inputs else None
         self._head = _lm_head_index(graph)
-        # both phases' plans share the graph's dataflow: one straight-line function runs either
+        # both phases' plans share the graph's dataflow: one straight-line function runs either (made for
+        # the head found here; ``run`` remakes it if ``_head`` is changed)
         self._step = compile_step(graph, self.params, self.frees, self._head, _take)
+        self._step_head = self._head
 
     def implementations(self) -> list[dict]:
         """Per node and phase: the backend and implementation bound, and why the others declined."""
@@ -58,6 +60,9 @@ class Executor:
         if phase is None:
             x = inputs.get(self._tokens_input)
             phase = phase_of(math.prod(x.shape[:2])) if x is not None and x.dim() >= 2 else "prefill"
+        if self._step_head != self._head:
+            self._step = compile_step(self.graph, self.params, self.frees, self._head, _take)
+            self._step_head = self._head
         # the head's input is gathered for its call only (the value stays whole: a stream output)
         out = self._step(self.plans[phase], states, inputs, last)
         if last is not None and self._head is None:  # no separable head: every position's logits, then the rows'
