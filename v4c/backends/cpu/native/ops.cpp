@@ -307,33 +307,34 @@ Tensor compress_step_(const Tensor &kv, const Tensor &gate, const Tensor &ape, T
     return pooled;
 }
 
+// y [..., N] viewed as [..., heads, N / heads]
+static Tensor split_heads(const Tensor &y, int64_t heads, const char *op) {
+    auto s = y.sizes().vec();
+    TORCH_CHECK_VALUE(heads >= 1 && s.back() % heads == 0, "v4c_native.", op, ": ", s.back(), " outputs are not ",
+                      heads, " heads");
+    const int64_t d = s.back() / heads;
+    s.back() = heads;
+    s.push_back(d);
+    return y.view(s);
+}
+
 // a decode call's projection and its epilogue in one operator: y = x @ w.T (linear.c), viewed as
 // [..., heads, N / heads] when heads > 1, then norm_rope_ in place (RMSNorm times norm_w, or none; RoPE with rot,
 // or none when rope_dim is 0): the q / kv projections and linear_rms_norm, as their two operators compute them
 Tensor linear_norm_rope(const Tensor &x, const Tensor &w, int64_t heads, const OptTensor &norm_w, double eps,
                         int64_t rope_dim, const OptTensor &rot) {
-    Tensor y = dense_linear(x.is_contiguous() ? x : x.contiguous(), w);
-    if (heads > 1) {
-        auto s = y.sizes().vec();
-        TORCH_CHECK_VALUE(s.back() % heads == 0, "v4c_native.linear_norm_rope: ", s.back(), " outputs are not ",
-                          heads, " heads");
-        const int64_t n = s.back() / heads;
-        s.back() = heads;
-        s.push_back(n);
-        y = y.view(s);
-    }
-    OptTensor nw = norm_w;
-    if (nw && !nw->is_contiguous()) nw = nw->contiguous();
-    return norm_rope_(y, nw, eps, rope_dim, rot, true);
+    Tensor y = dense_linear(x.contiguous(), w);
+    if (heads > 1) y = split_heads(y, heads, "linear_norm_rope");
+    return norm_rope_(y, norm_w ? OptTensor(norm_w->contiguous()) : std::nullopt, eps, rope_dim, rot, true);
 }
 
 // a decode call's compressor step with its two products (linear.c) in one operator: the same results as the
 // two `linear` operators and `compress_step_` one by one
 Tensor compress_decode_(const Tensor &h, const Tensor &wkv, const Tensor &wgate, const Tensor &ape, Tensor &pend_kv,
                         Tensor &pend_gate, const Tensor &pos, int64_t ratio, bool overlap) {
-    const Tensor x = h.is_contiguous() ? h : h.contiguous();
-    const Tensor a = ape.scalar_type() == at::kFloat && ape.is_contiguous() ? ape : ape.to(at::kFloat).contiguous();
-    return compress_step_(dense_linear(x, wkv), dense_linear(x, wgate), a, pend_kv, pend_gate, pos, ratio, overlap);
+    const Tensor x = h.contiguous();
+    return compress_step_(dense_linear(x, wkv), dense_linear(x, wgate), ape.to(at::kFloat).contiguous(), pend_kv,
+                          pend_gate, pos, ratio, overlap);
 }
 
 // the indexer's selection over plain keys (indexer.c): q [B, T, H, D], w [B, T, H] (one float dtype), keys
@@ -376,18 +377,10 @@ Tensor indexer_topk(const Tensor &q, const Tensor &w, const Tensor &keys, const 
 Tensor indexer_step(const Tensor &cq, const Tensor &wq, const Tensor &h, const Tensor &ww, const Tensor &keys,
                     const Tensor &pos, int64_t heads, int64_t rope_dim, const Tensor &rot, int64_t topk, int64_t ratio,
                     double scale) {
-    Tensor q = dense_linear(cq.is_contiguous() ? cq : cq.contiguous(), wq);
-    auto s = q.sizes().vec();
-    TORCH_CHECK_VALUE(heads >= 1 && s.back() % heads == 0, "v4c_native.indexer_step: ", s.back(),
-                      " query outputs are not ", heads, " heads");
-    const int64_t d = s.back() / heads;
-    s.back() = heads;
-    s.push_back(d);
-    q = q.view(s);
+    Tensor q = split_heads(dense_linear(cq.contiguous(), wq), heads, "indexer_step");
     if (rope_dim > 0) norm_rope_(q, std::nullopt, 0.0, rope_dim, rot, false);
-    const Tensor w = dense_linear(h.is_contiguous() ? h : h.contiguous(), ww);
-    return indexer_topk(q, w, keys.is_contiguous() ? keys : keys.contiguous(),
-                        pos.is_contiguous() ? pos : pos.contiguous(), topk, ratio, scale, std::nullopt);
+    const Tensor w = dense_linear(h.contiguous(), ww);
+    return indexer_topk(q, w, keys.contiguous(), pos.contiguous(), topk, ratio, scale, std::nullopt);
 }
 
 void ring_append_(Tensor &ring, Tensor &ring_pos, const Tensor &kv, const Tensor &pos) {
