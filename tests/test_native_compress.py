@@ -91,6 +91,47 @@ def test_the_raw_op_refuses_bad_operands_by_name():
     assert pooled.shape == (2, 4) and torch.equal(ring_kv[:, [1, 6]].diagonal().T, kv[:, 0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("ratio,yarn", [(4, YARN), (128, None), (8, None)])
+def test_closing_windows_in_one_call_equal_the_epilogue_op_by_op(dtype, ratio, yarn):
+    """``compress_close_`` against what it replaced: the closing rows gathered, ``norm_rope_`` with the table's
+    rotations, the store's ``.to(dtype)`` and an indexed write; rows that close no window are left alone."""
+    from v4c.backends.cpu.rope import rotations_at, table
+    g = torch.Generator().manual_seed(ratio)
+    d, rope_dim, theta, n = 48, 16, 160000.0, 40
+    pos = torch.tensor([[ratio - 1], [3 * ratio - 1], [5], [7 * ratio - 1], [2 * ratio]])
+    pooled = torch.randn(len(pos), d, generator=g) * 3
+    norm_w = (torch.rand(d, generator=g) + 0.5).to(dtype if dtype != torch.float16 else torch.float32)
+    rows = torch.randn(len(pos), n, d, generator=g).to(dtype)
+    vals = pos.reshape(-1).tolist()
+    closing = [i for i, v in enumerate(vals) if (v + 1) % ratio == 0]
+    want, x = rows.clone(), pooled.index_select(0, torch.tensor(closing))[:, None].clone()
+    win = [vals[i] // ratio for i in closing]
+    native.norm_rope_(x, norm_w, 1e-6, rope_dim, rotations_at([w * ratio for w in win], rope_dim, theta, yarn, "cpu")
+                      [:, None])
+    want[torch.tensor(closing), torch.tensor(win)] = x[:, 0].to(dtype)
+    got = rows.clone()
+    native.compress_close_(pooled.clone(), pos, ratio, norm_w, 1e-6, rope_dim,
+                           table(rope_dim, theta, yarn, "cpu", max(vals) + 1), got)
+    assert torch.equal(got, want) and not torch.equal(got, rows)
+
+
+def test_compress_close_refuses_bad_operands_by_name():
+    from v4c.backends.cpu.rope import table
+    t = table(8, 10000.0, None, "cpu", 64)
+    pooled, pos = torch.randn(2, 16), torch.tensor([[3], [7]])
+    with pytest.raises(ValueError, match=r"window 1 of row 1 is past the store's 1 rows"):
+        native.compress_close_(pooled, pos, 4, torch.ones(16), 1e-6, 8, t, torch.zeros(2, 1, 16))
+    with pytest.raises(ValueError, match=r"position 4 is past the table's 4 rotations"):
+        native.compress_close_(pooled, pos, 4, torch.ones(16), 1e-6, 8, t[:4], torch.zeros(2, 4, 16))
+    with pytest.raises(TypeError, match="rows must be a plain floating-point store, got Byte"):
+        native.compress_close_(pooled, pos, 4, torch.ones(16), 1e-6, 8, t, torch.zeros(2, 4, 16, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"table must be \[P, rope_dim / 2\] = \[P, 4\]"):
+        native.compress_close_(pooled, pos, 4, torch.ones(16), 1e-6, 8, t[:, :2], torch.zeros(2, 4, 16))
+    with pytest.raises(TypeError, match="pooled must be Float"):
+        native.compress_close_(pooled.bfloat16(), pos, 4, torch.ones(16), 1e-6, 8, t, torch.zeros(2, 4, 16))
+
+
 # ---- the indexer's selection (native/indexer.c) ------------------------------------------------------
 
 def _isas(dtype):

@@ -279,13 +279,20 @@ def test_native_helpers_are_built_once_per_content_hash_into_the_users_cache(mon
     if native.library() is None:
         pytest.skip(f"C helpers unavailable: {native.why()}")
     (entry,) = (tmp_path / "native").iterdir()
-    assert sorted(p.name for p in entry.iterdir()) == ["libv4c_native.so"]  # no objects, no temporaries
+    module = ["_v4c_native_py.so"] if native.calls() == "python-module" else []  # (where Python's headers are)
+    assert sorted(p.name for p in entry.iterdir()) == module + ["libv4c_native.so"]  # no objects, no temporaries
     builds = []
     real = subprocess.Popen
     monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: (builds.append(a) if "-c" in a[0] else None,
                                                                real(*a, **k))[1])  # compiler runs, not `cc --version`
     monkeypatch.setattr(native, "_state", {})
     assert native.library() is not None and builds == []  # loaded from the cache: nothing compiled
+    assert native.calls() == ("python-module" if module else "torch.ops")
+    if module:  # a module others could have replaced is not imported: the operators go through torch.ops
+        (entry / module[0]).chmod(0o777)
+        monkeypatch.setattr(native, "_state", {})
+        assert native.library() is not None and builds == [] and native.calls() == "torch.ops"
+        assert "writable by others" in native.py_why()
     (entry / "libv4c_native.so").chmod(0o777)
     monkeypatch.setattr(native, "_state", {})
     assert native.library() is not None and builds  # not trusted: built again

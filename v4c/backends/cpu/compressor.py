@@ -13,10 +13,11 @@ import torch
 
 from ...graph.ops.attention import compress
 from ...graph.ops.core import apply_rope, linear, rms_norm, rope_cos_sin
-from ...graph.storage import encode
+from ...graph.storage import PLAIN, encode
 from . import native
 from .positions import values
 from .rope import rotations_at
+from .rope import table as rope_table
 
 
 def compressor(h, wkv, wgate, ape, norm_w, rows, pend_kv, pend_gate, pos, *, ratio, overlap, eps, rope_dim, theta,
@@ -65,7 +66,8 @@ def compressor_c(h, wkv, wgate, ape, norm_w, rows, pend_kv, pend_gate, pos, *, r
                  yarn=None, store=None, lin, one_call=False):
     """``compressor``'s decode step with the slot writes and the pooling in one C call (native/compress.c)
     and a closing window's RMSNorm + RoPE in another (norm_rope.c, the rotations from the exact tables of
-    ``rope``): 3 calls a step, 6 when a window closes, instead of ~8 and ~25. Calls the C step does not
+    ``rope``): 3 calls a step, 6 when a window closes, instead of ~8 and ~25 (with a plain row store the
+    closing's norm, RoPE and write are one more C++ call, ``compress_close_``). Calls the C step does not
     take (padding, several tokens a row, a CSA window with no predecessor) take the general path. ``one_call``
     (plain weights): the products inside the step's C call too, one trip through Python instead of three."""
     vals = values(pos) if pos.shape[1] == 1 else None
@@ -78,7 +80,10 @@ def compressor_c(h, wkv, wgate, ape, norm_w, rows, pend_kv, pend_gate, pos, *, r
         pooled = native.compress_step_(lin(h, wkv), lin(h, wgate), _f32(ape), pend_kv, pend_gate, pos, ratio,
                                        bool(overlap))
     closing = [i for i, v in enumerate(vals) if (v + 1) % ratio == 0]
-    if closing:
+    if closing and (store is None or store in PLAIN):  # norm, RoPE and the store's write in the same C++ call
+        table = rope_table(rope_dim, theta, yarn, pos.device, max(vals[i] for i in closing) + 1)
+        native.compress_close_(pooled, pos, ratio, norm_w, eps, rope_dim, table, rows)
+    elif closing:  # a packed store: encoded in PyTorch
         win = [vals[i] // ratio for i in closing]
         sel = torch.tensor(closing, device=pos.device)
         x = pooled.index_select(0, sel)[:, None]  # [n, 1, d]: norm_rope_'s [B, T, d]

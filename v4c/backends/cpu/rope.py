@@ -51,6 +51,11 @@ def rotations_at(positions: list[int], rope_dim: int, theta: float, yarn, device
     return table[torch.tensor(positions, device=device)]
 
 
+def table(rope_dim: int, theta: float, yarn, device, need: int) -> torch.Tensor:
+    """The complex rotations of positions 0 .. at least ``need - 1``, ``[P, rope_dim // 2]``."""
+    return _table(_key(rope_dim, theta, yarn, device), need, device)
+
+
 def cos_sin(pos: torch.Tensor, rope_dim: int, theta: float, yarn) -> tuple[torch.Tensor, torch.Tensor]:
     rot = rotations(pos, rope_dim, theta, yarn)
     return rot.real, rot.imag

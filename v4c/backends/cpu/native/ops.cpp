@@ -337,6 +337,47 @@ Tensor compress_decode_(const Tensor &h, const Tensor &wkv, const Tensor &wgate,
                           pend_gate, pos, ratio, overlap);
 }
 
+// the windows a compressor step closes, written to the plain row store: for each row b whose position p closes
+// a window ((p + 1) % ratio == 0), its pooled row (pooled [B, d] fp32 from compress_step_ / compress_decode_)
+// gets RMSNorm (norm_w) and RoPE at position (p / ratio) * ratio (table [P, rope_dim / 2] complex: the exact
+// rotations of rope.py's table), in place, and is stored, in rows' dtype, at rows[b, p / ratio]; the same
+// roundings as norm_rope_ on the gathered rows and the store's `.to(dtype)` one by one
+void compress_close_(Tensor &pooled, const Tensor &pos, int64_t ratio, const Tensor &norm_w, double eps,
+                     int64_t rope_dim, const Tensor &table, Tensor &rows) {
+    const char *op = "compress_close_";
+    check_plain(pooled, op, "pooled");
+    check_dtype(pooled, at::kFloat, op, "pooled");
+    check_plain(pos, op, "pos");
+    check_dtype(pos, at::kLong, op, "pos");
+    TORCH_CHECK_VALUE(ratio >= 1, "v4c_native.compress_close_: ratio must be >= 1, got ", ratio);
+    TORCH_CHECK_VALUE(pooled.dim() == 2, "v4c_native.compress_close_: pooled must be [B, d], got shape ",
+                      pooled.sizes());
+    const int64_t B = pooled.size(0), d = pooled.size(1);
+    check_numel(pos, B, op, "pos", "[B, 1]");
+    TORCH_CHECK_VALUE(rows.dim() == 3 && rows.size(0) == B && rows.size(2) == d,
+                      "v4c_native.compress_close_: rows must be [B, N, d] = [", B, ", N, ", d, "], got shape ",
+                      rows.sizes());
+    TORCH_CHECK_TYPE(at::isFloatingType(rows.scalar_type()), "v4c_native.compress_close_: rows must be a plain "
+                     "floating-point store, got ", rows.scalar_type());
+    TORCH_CHECK(rows.device().is_cpu(), "v4c_native.compress_close_: rows must be on the CPU, got ", rows.device());
+    TORCH_CHECK_TYPE(table.scalar_type() == at::kComplexFloat, "v4c_native.compress_close_: table must be complex64, "
+                     "got ", table.scalar_type());
+    TORCH_CHECK_VALUE(table.dim() == 2 && table.size(1) * 2 == rope_dim, "v4c_native.compress_close_: table must be "
+                      "[P, rope_dim / 2] = [P, ", rope_dim / 2, "], got shape ", table.sizes());
+    const int64_t *p = pos.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; b++) {
+        if (p[b] < 0 || (p[b] + 1) % ratio != 0) continue;
+        const int64_t win = p[b] / ratio;
+        TORCH_CHECK_VALUE(win < rows.size(1), "v4c_native.compress_close_: window ", win, " of row ", b,
+                          " is past the store's ", rows.size(1), " rows");
+        TORCH_CHECK_VALUE(win * ratio < table.size(0), "v4c_native.compress_close_: position ", win * ratio,
+                          " is past the table's ", table.size(0), " rotations");
+        Tensor x = pooled.select(0, b).view({1, 1, d});
+        norm_rope_(x, norm_w, eps, rope_dim, table.select(0, win * ratio).view({1, 1, rope_dim / 2}), true);
+        rows.select(0, b).select(0, win).copy_(x.view({d}));
+    }
+}
+
 // the indexer's selection over plain keys (indexer.c): q [B, T, H, D], w [B, T, H] (one float dtype), keys
 // [B, N, D] fp32 / bf16, pos [B, T]; returns [B, T, topk] row indices, -1 where fewer rows are visible
 Tensor indexer_topk(const Tensor &q, const Tensor &w, const Tensor &keys, const Tensor &pos, int64_t topk,
@@ -448,6 +489,8 @@ TORCH_LIBRARY(v4c_native, m) {
           "Tensor pos, int ratio, bool overlap) -> Tensor");
     m.def("attention_step_(Tensor q, Tensor kv, Tensor(a!) ring, Tensor(b!) ring_pos, Tensor sinks, Tensor pos, "
           "Tensor? rows, Tensor? idx, str kind, int window, int ratio, float scale, Tensor? rot, int rope_dim) -> Tensor");
+    m.def("compress_close_(Tensor(a!) pooled, Tensor pos, int ratio, Tensor norm_w, float eps, int rope_dim, "
+          "Tensor table, Tensor(b!) rows) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(v4c_native, CPU, m) {
@@ -461,4 +504,5 @@ TORCH_LIBRARY_IMPL(v4c_native, CPU, m) {
     m.impl("compress_decode_", &compress_decode_);
     m.impl("linear_norm_rope", &linear_norm_rope);
     m.impl("indexer_step", &indexer_step);
+    m.impl("compress_close_", &compress_close_);
 }
