@@ -231,3 +231,17 @@ def test_backend_binds_the_c_path_for_decode_calls_of_any_width(dtype):
     mixed[5] = mixed[5].to(torch.bfloat16 if dtype == torch.float32 else torch.float32)
     with pytest.raises(ValueError, match="native-decode declines .*an expert weight is"):
         CPU.callable("moe_ffn", mixed, {"limit": 2.0}, name="native-decode", phase="decode")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+def test_token_rows_in_any_leading_shape(dtype):
+    """A call's ``[B, T, D]`` rows and ``[B, T, k]`` routing, as the router hands them over, give the bits of the
+    flattened call in ``h``'s shape (the backend passes them unreshaped); a rank with no rows is a clear error."""
+    args = _case((6, 40, 24, 16, 8, 3), dtype, seed=4)
+    h, idx, w, perm, offsets, w13, w2, *shared = args
+    b = h.reshape(2, 3, h.shape[-1])
+    got = native.moe_decode(b, w.reshape(2, 3, -1), perm.reshape(2, 3, -1), offsets, w13, w2, shared,
+                            k=idx.shape[-1], limit=2.0)
+    assert got.shape == b.shape and torch.equal(got.reshape(h.shape), _run(args))
+    with pytest.raises(ValueError, match=r"x must be \[\.\.\., D\] token rows, got shape \[40\]"):
+        native.moe_decode(h.reshape(-1)[:40], w, perm, offsets, w13, w2, shared, k=idx.shape[-1], limit=2.0)

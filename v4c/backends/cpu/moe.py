@@ -36,14 +36,19 @@ def _swiglu_(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor
 def _c_moe(kernel: str, doc: str):
     """The op around one of the C MoE kernels (``native.<kernel>``): token rows flattened, dense."""
     def run(h, idx, w, perm, offsets, w13, w2, sg=None, su=None, sd=None, *, limit, views=None):
-        flat = h.reshape(-1, h.shape[-1]).contiguous()
-        if flat.shape[0] == 0:  # an expert-parallel rank that received no tokens this call
+        if h.numel() == 0:  # an expert-parallel rank that received no tokens this call
             return torch.zeros_like(h)
         shared = (sg, su, sd) if sg is not None else ()
-        return getattr(native, kernel)(flat, w.reshape(-1), perm.reshape(-1).contiguous(), offsets.contiguous(),
-                                       w13, w2, shared, k=idx.shape[-1], limit=limit).view_as(h)
+        # the kernel takes [..., D] rows and routing tensors of any shape as they are when contiguous (the
+        # router's are): no view ops in a decode step, each a dispatch that costs more than it moves
+        return getattr(native, kernel)(_dense(h), _dense(w), _dense(perm), _dense(offsets), w13, w2, shared,
+                                       k=idx.shape[-1], limit=limit)
     run.__doc__ = doc
     return run
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_contiguous() else t.contiguous()
 
 
 moe_native = _c_moe("moe_decode", "fp32 or bf16 experts: native/moe.c.")

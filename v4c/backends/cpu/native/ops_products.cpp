@@ -116,8 +116,10 @@ Tensor moe_decode(const Tensor &x, const Tensor &w, const Tensor &perm, const Te
         check_dtype(t, x.scalar_type(), op, name);
         check_plain(t, op, name);
     };
-    TORCH_CHECK_VALUE(x.dim() == 2, "v4c_native.moe_decode: x must be [t, D], got shape ", x.sizes());
-    const int64_t t = x.size(0), D = x.size(1);
+    // (token rows in any leading shape: [t, D] or a call's [B, T, D]; the result has x's shape)
+    TORCH_CHECK_VALUE(x.dim() >= 2 && x.size(-1) >= 1, "v4c_native.moe_decode: x must be [..., D] token rows, got shape ",
+                      x.sizes());
+    const int64_t D = x.size(-1), t = x.numel() / D;
     TORCH_CHECK_VALUE(k >= 1, "v4c_native.moe_decode: k must be at least 1, got ", k);
     same(w13, "w13");
     same(w2, "w2");
@@ -357,8 +359,10 @@ Tensor moe_decode_q(const Tensor &x, const Tensor &w, const Tensor &perm, const 
     const char *op = "moe_decode_q";
     const int dt = float_code(x, op, "x");
     check_plain(x, op, "x");
-    TORCH_CHECK_VALUE(x.dim() == 2, "v4c_native.moe_decode_q: x must be [t, D], got shape ", x.sizes());
-    const int64_t t = x.size(0), D = x.size(1);
+    // (token rows in any leading shape: [t, D] or a call's [B, T, D]; the result has x's shape)
+    TORCH_CHECK_VALUE(x.dim() >= 2 && x.size(-1) >= 1, "v4c_native.moe_decode_q: x must be [..., D] token rows, got shape ",
+                      x.sizes());
+    const int64_t D = x.size(-1), t = x.numel() / D;
     TORCH_CHECK_VALUE(k >= 1, "v4c_native.moe_decode_q: k must be at least 1, got ", k);
     const int fmt = quant_code(fmt_arg, op, "the routed experts'");
     TORCH_CHECK_VALUE(w13.dim() == 3, "v4c_native.moe_decode_q: w13 must be [E, 2I, D], got data of shape ",
