@@ -157,6 +157,11 @@ def test_one_call_projections_are_the_two_calls_bit_for_bit(dtype, b):
     z = native.linear(o.reshape(a["shape"]).contiguous(), wa, a["groups"])
     want = native.linear(z.reshape(a["out_shape"]), wb)
     assert torch.equal(run("o_proj", o, wa, wb, impl="native-decode", phase="decode", **a), want)
+    for heads in (o, o.reshape(b, 1, -1)):  # [B, T, H, D] or [B, T, H * D]: viewed as [B, T, groups, K] in C++
+        assert torch.equal(native.o_proj_step(heads, wa, a["groups"], wb, 2, [a["out_shape"][-1]]), want)
+    n = o[0, 0].numel()
+    with pytest.raises(ValueError, match=rf"x's {n} values a row are not {n + 1} groups"):
+        native.o_proj_step(o, wa, n + 1, wb, 2, [a["out_shape"][-1]])
     (x, w, pos), a = cases["q_proj"]
     rot = rotations(pos, a["rope_dim"], a["theta"], a["yarn"])
     want = native.norm_rope_(native.linear(x, w).reshape(a["shape"]).contiguous(), None, a["eps"], a["rope_dim"], rot)

@@ -29,9 +29,13 @@ def linear(x, w):
 
 
 def o_proj(o, wa, wb, *, shape, groups, out_shape):
-    """Per group the low-rank product, then the dense one: one C call for both (``o_proj_step``)."""
+    """Per group the low-rank product, then the dense one: one C call for both (``o_proj_step``, which also
+    views the heads ``[..., H, D]`` as ``[..., groups, K]`` when ``shape`` is that view)."""
     lead = sum(isinstance(d, str) for d in out_shape)  # (``reshape``'s rule: symbolic leading dims are kept)
-    return native.o_proj_step(reshape(o, shape).contiguous(), wa, groups, wb, lead, list(out_shape[lead:]))
+    if not (sum(isinstance(d, str) for d in shape) == lead and len(shape) == lead + 2 and shape[lead] == groups
+            and o.is_contiguous()):
+        o = reshape(o, shape).contiguous()
+    return native.o_proj_step(o, wa, groups, wb, lead, list(out_shape[lead:]))
 
 
 def qgemv(x, w):

@@ -253,8 +253,20 @@ Tensor &sqrt_softplus_(Tensor &x) {
 // G groups of R rows), its result viewed as [lead dims of z..., *tail] (the op's out_shape), then the dense product
 Tensor o_proj_step(const Tensor &x, const Tensor &wa, int64_t groups, const Tensor &wb, int64_t lead,
                    at::IntArrayRef tail) {
-    Tensor z = linear(x, wa, groups, std::nullopt);
-    TORCH_CHECK_VALUE(lead >= 0 && lead <= z.dim(), "v4c_native.o_proj_step: lead ", lead, " is outside 0..", z.dim());
+    TORCH_CHECK_VALUE(lead >= 0 && lead < x.dim(), "v4c_native.o_proj_step: lead ", lead, " is outside 0..",
+                      x.dim() - 1);
+    Tensor xg = x;
+    if (!(x.dim() >= 2 && x.size(-2) == groups)) { // x [lead dims, ...] as [lead dims, groups, K]
+        std::vector<int64_t> s(x.sizes().begin(), x.sizes().begin() + lead);
+        int64_t rest = 1;
+        for (int64_t i = lead; i < x.dim(); i++) rest *= x.size(i);
+        TORCH_CHECK_VALUE(rest % groups == 0, "v4c_native.o_proj_step: x's ", rest, " values a row are not ", groups,
+                          " groups, got shape ", x.sizes());
+        s.insert(s.end(), {groups, rest / groups});
+        xg = x.reshape(s);
+    }
+    Tensor z = linear(xg, wa, groups, std::nullopt);
+    TORCH_CHECK_VALUE(lead <= z.dim(), "v4c_native.o_proj_step: lead ", lead, " is outside 0..", z.dim());
     std::vector<int64_t> s(z.sizes().begin(), z.sizes().begin() + lead);
     s.insert(s.end(), tail.begin(), tail.end());
     return linear(z.reshape(s), wb, 1, std::nullopt);
