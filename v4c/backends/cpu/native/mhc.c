@@ -53,6 +53,13 @@ V4C_CLONES static void expand_row(int n, long D, const float *xin, const float *
     }
 }
 
+/* expand_row for fp32 streams read and written where they lie: x, y the call's rows, the result straight into
+ * x1 (which is then the row's fp32 streams for the logits and the collapse: no copies in or out) */
+V4C_CLONES static void expand_f32(int n, long D, const float *x, const float *y, const float *po, const float *cb,
+                                  float *x1) {
+    expand_row(n, D, x, y, po, cb, x1);
+}
+
 typedef uint16_t v8h __attribute__((vector_size(16)));
 
 /* 8 bf16 values to fp32: the bits moved to the top half */
@@ -216,10 +223,19 @@ static void mix_range(long rows, int n, int D, int mode, int xdt, int wdt,
     float m[LOGIT_ROWS * 80];
     for (long r0 = 0; r0 < rows; r0 += LOGIT_ROWS) {
         const int nb = rows - r0 < LOGIT_ROWS ? (int)(rows - r0) : LOGIT_ROWS;
-        for (int b = 0; b < nb; b++) {
+        if (!xdt) { /* fp32 streams: the rows are their own fp32 copy (x1 once mixed, else x): nothing widened */
+            if (mode & MIX)
+                for (int b = 0; b < nb; b++) {
+                    const long r = r0 + b;
+                    expand_f32(n, D, (const float *)x + r * nd, (const float *)y + r * D, post_in + r * n,
+                               comb_in + r * n * n, (float *)x1_out + r * nd);
+                }
+            xfs = (mode & MIX) ? (float *)x1_out + r0 * nd : (float *)x + r0 * nd;
+        }
+        for (int b = 0; b < nb && xdt; b++) {
             const long r = r0 + b;
             float *xf = xfs + b * nd;
-            if ((mode & MIX) && xdt && D % 8 == 0) {
+            if ((mode & MIX) && D % 8 == 0) {
                 expand_bf16(n, D, (const uint16_t *)x + r * nd, (const uint16_t *)y + r * D, post_in + r * n,
                             comb_in + r * n * n, (uint16_t *)x1_out + r * nd, xf);
             } else if (mode & MIX) {
