@@ -30,6 +30,17 @@ def test_without_pythons_headers_the_module_is_not_attempted(monkeypatch, tmp_pa
     assert isinstance(why, str) and "Python.h" in why and str(tmp_path) in why
 
 
+def test_a_module_that_does_not_import_leaves_torch_ops(monkeypatch, tmp_path):
+    bad = tmp_path / "_v4c_native_py.so"
+    bad.write_bytes(b"not a shared object")
+    monkeypatch.setattr(native, "_py", [None])
+    monkeypatch.setattr(native, "_state", {})
+    native._load_py(bad)
+    assert "py" not in native._state and native._state["py_why"].startswith("importing _v4c_native_py.so failed")
+    native._load_py(tmp_path / "missing.so")  # (the first reason is kept)
+    assert native._state["py_why"].startswith("importing")
+
+
 @pytest.fixture(scope="module")
 def py_module():
     if native.calls() != "python-module":

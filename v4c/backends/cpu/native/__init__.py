@@ -30,6 +30,11 @@ them; otherwise it is built again. Flags are portable (baseline x86-64 plus an A
 load time; the MoE's AVX2, AVX-512F and AVX512-BF16 kernels carry function-level target attributes and
 are only called where the CPU has them; no -march=native).
 
+Next to the library the build puts ``_v4c_native_py.so`` (``ops_py.cpp``, where Python's headers are): the
+operators as pybind11 functions making the dispatcher's unboxed call, ~3x cheaper a call than ``torch.ops``'
+boxed one; ``_ops()`` hands those out. Without it (no headers, a failed build or import, an entry others could
+write) the operators are called through ``torch.ops`` (``calls()``, ``py_why()``).
+
 Without a C or C++ compiler, with ``V4C_NATIVE=0``, or when the build fails, ``library()`` is None,
 ``why()`` says why, one warning per process says so, and the callers keep their PyTorch paths: the
 same results up to rounding, slower.
@@ -197,8 +202,8 @@ def _load_py(path: Path) -> None:
         spec = importlib.util.spec_from_file_location(_PY_MODULE, path)
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
-    except (ImportError, OSError, RuntimeError) as e:
-        _state["py_why"] = f"importing {path.name} failed: {e}"
+    except Exception as e:  # (any failure of the optional module leaves torch.ops, which works)
+        _state["py_why"] = f"importing {path.name} failed: {type(e).__name__}: {e}"
         return
     _py[0] = _state["py"] = mod
 
