@@ -39,16 +39,12 @@ def _c_moe(kernel: str, doc: str):
         if h.numel() == 0:  # an expert-parallel rank that received no tokens this call
             return torch.zeros_like(h)
         shared = (sg, su, sd) if sg is not None else ()
-        # the kernel takes [..., D] rows and routing tensors of any shape as they are when contiguous (the
-        # router's are): no view ops in a decode step, each a dispatch that costs more than it moves
-        return getattr(native, kernel)(_dense(h), _dense(w), _dense(perm), _dense(offsets), w13, w2, shared,
-                                       k=idx.shape[-1], limit=limit)
+        # the kernel takes [..., D] rows and routing tensors of any shape as they are (contiguous() returns a
+        # contiguous tensor itself, as the router's are): no view ops in a decode step
+        return getattr(native, kernel)(h.contiguous(), w.contiguous(), perm.contiguous(), offsets.contiguous(), w13,
+                                       w2, shared, k=idx.shape[-1], limit=limit)
     run.__doc__ = doc
     return run
-
-
-def _dense(t: torch.Tensor) -> torch.Tensor:
-    return t if t.is_contiguous() else t.contiguous()
 
 
 moe_native = _c_moe("moe_decode", "fp32 or bf16 experts: native/moe.c.")

@@ -378,8 +378,8 @@ class _Ops:
 
 # the operators ops_py.cpp binds (every one a call of a forward makes)
 _PY_OPS = ("hc_mix", "norm_rope_", "ring_append_", "attention", "attention_step_", "compress_step_",
-           "compress_decode_", "compress_close_", "indexer_topk", "linear_norm_rope", "indexer_step", "moe_decode", "linear", "moe_route",
-           "sqrt_softplus_", "o_proj_step", "router_step", "qlinear", "moe_decode_q")
+           "compress_decode_", "compress_close_", "indexer_topk", "linear_norm_rope", "indexer_step", "moe_decode",
+           "linear", "moe_route", "sqrt_softplus_", "o_proj_step", "router_step", "qlinear", "moe_decode_q")
 
 
 def calls() -> str:

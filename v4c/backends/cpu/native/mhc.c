@@ -41,7 +41,7 @@ static inline __attribute__((always_inline)) void sinkhorn(float *c, int n, int 
     }
 }
 
-/* X' = post_k * y + sum_j comb[j, k] X_j for one row: x, y as fp32 in xin / yf, result in xf */
+/* X' = post_k * y + sum_j comb[j, k] X_j for one row: x, y and the result xf in fp32 */
 V4C_CLONES static void expand_row(int n, long D, const float *xin, const float *yf, const float *po, const float *cb, float *xf) {
     for (int k = 0; k < n; k++) {
         float *o = xf + k * D;
@@ -51,13 +51,6 @@ V4C_CLONES static void expand_row(int n, long D, const float *xin, const float *
             for (long d = 0; d < D; d++) o[d] += c * xj[d];
         }
     }
-}
-
-/* expand_row for fp32 streams read and written where they lie: x, y the call's rows, the result straight into
- * x1 (which is then the row's fp32 streams for the logits and the collapse: no copies in or out) */
-V4C_CLONES static void expand_f32(int n, long D, const float *x, const float *y, const float *po, const float *cb,
-                                  float *x1) {
-    expand_row(n, D, x, y, po, cb, x1);
 }
 
 typedef uint16_t v8h __attribute__((vector_size(16)));
@@ -223,28 +216,29 @@ static void mix_range(long rows, int n, int D, int mode, int xdt, int wdt,
     float m[LOGIT_ROWS * 80];
     for (long r0 = 0; r0 < rows; r0 += LOGIT_ROWS) {
         const int nb = rows - r0 < LOGIT_ROWS ? (int)(rows - r0) : LOGIT_ROWS;
-        if (!xdt) { /* fp32 streams: the rows are their own fp32 copy (x1 once mixed, else x): nothing widened */
-            if (mode & MIX)
-                for (int b = 0; b < nb; b++) {
-                    const long r = r0 + b;
-                    expand_f32(n, D, (const float *)x + r * nd, (const float *)y + r * D, post_in + r * n,
-                               comb_in + r * n * n, (float *)x1_out + r * nd);
-                }
+        if (!xdt) { /* fp32 streams: mixed from the call's rows straight into x1, which (or x, unmixed) then is
+                     * the rows' fp32 copy for the logits and the collapse: nothing widened or stored */
+            for (int b = 0; b < nb && (mode & MIX); b++) {
+                const long r = r0 + b;
+                expand_row(n, D, (const float *)x + r * nd, (const float *)y + r * D, post_in + r * n,
+                           comb_in + r * n * n, (float *)x1_out + r * nd);
+            }
             xfs = (mode & MIX) ? (float *)x1_out + r0 * nd : (float *)x + r0 * nd;
-        }
-        for (int b = 0; b < nb && xdt; b++) {
-            const long r = r0 + b;
-            float *xf = xfs + b * nd;
-            if ((mode & MIX) && D % 8 == 0) {
-                expand_bf16(n, D, (const uint16_t *)x + r * nd, (const uint16_t *)y + r * D, post_in + r * n,
-                            comb_in + r * n * n, (uint16_t *)x1_out + r * nd, xf);
-            } else if (mode & MIX) {
-                widen((const char *)x + r * nd * (xdt ? 2 : 4), xdt, nd, xin);
-                widen((const char *)y + r * D * (xdt ? 2 : 4), xdt, D, yf);
-                expand_row(n, D, xin, yf, post_in + r * n, comb_in + r * n * n, xf);
-                store((char *)x1_out + r * nd * (xdt ? 2 : 4), xdt, xf, nd);
-            } else {
-                widen((const char *)x + r * nd * (xdt ? 2 : 4), xdt, nd, xf);
+        } else { /* bf16 streams: widened into scratch */
+            for (int b = 0; b < nb; b++) {
+                const long r = r0 + b;
+                float *xf = xfs + b * nd;
+                if ((mode & MIX) && D % 8 == 0) {
+                    expand_bf16(n, D, (const uint16_t *)x + r * nd, (const uint16_t *)y + r * D, post_in + r * n,
+                                comb_in + r * n * n, (uint16_t *)x1_out + r * nd, xf);
+                } else if (mode & MIX) {
+                    widen((const char *)x + r * nd * 2, xdt, nd, xin);
+                    widen((const char *)y + r * D * 2, xdt, D, yf);
+                    expand_row(n, D, xin, yf, post_in + r * n, comb_in + r * n * n, xf);
+                    store((char *)x1_out + r * nd * 2, xdt, xf, nd);
+                } else {
+                    widen((const char *)x + r * nd * 2, xdt, nd, xf);
+                }
             }
         }
         if (nb == LOGIT_ROWS)

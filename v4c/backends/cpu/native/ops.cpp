@@ -333,8 +333,8 @@ Tensor linear_norm_rope(const Tensor &x, const Tensor &w, int64_t heads, const O
 Tensor compress_decode_(const Tensor &h, const Tensor &wkv, const Tensor &wgate, const Tensor &ape, Tensor &pend_kv,
                         Tensor &pend_gate, const Tensor &pos, int64_t ratio, bool overlap) {
     const Tensor x = h.contiguous();
-    return compress_step_(dense_linear(x, wkv), dense_linear(x, wgate), ape.to(at::kFloat).contiguous(), pend_kv,
-                          pend_gate, pos, ratio, overlap);
+    return compress_step_(dense_linear(x, wkv), dense_linear(x, wgate), as_f32(ape, "compress_decode_", "ape"),
+                          pend_kv, pend_gate, pos, ratio, overlap);
 }
 
 // the windows a compressor step closes, written to the plain row store: for each row b whose position p closes
