@@ -13,7 +13,8 @@ def q_proj_native(x, w, pos, *, shape, eps, rope_dim, theta, yarn=None, lin=line
     C call (``linear_norm_rope``), one trip through Python instead of two."""
     rot = rotations(pos, rope_dim, theta, yarn)
     if one_call and x.dim() == 3 and len(shape) == 4 and not isinstance(shape[2], str):  # [B, T, heads, d]
-        return native.linear_norm_rope(x, w, shape[2], None, eps, rope_dim, rot)
+        y = native.linear_norm_rope(x, w, shape[2], None, eps, rope_dim, rot)
+        return y if shape[2] > 1 else y.unsqueeze(-2)  # (the operator splits heads only for more than one)
     y = reshape(lin(x, w), shape).contiguous()  # a fresh tensor: the epilogue works in place
     return native.norm_rope_(y, None, eps, rope_dim, rot)
 
