@@ -217,20 +217,27 @@ def _indexer_cost(ins, outs, a, ctx):
 INDEXER_ATTRS = ("topk:int", "ratio:int", "score_scale:float", "weight_scale:float", "key_format:str?")
 
 
-@register("indexer_topk", infer=_indexer_infer, cost=_indexer_cost,
-          operands=("q", "w", "keys:cache/indexer_keys", "pos"), attrs=INDEXER_ATTRS, cache_format="key_format")
-def indexer_topk(q, w, keys, pos, *, topk, ratio, score_scale, weight_scale, key_format=None):
-    """Top-k compressed rows by ``sum_h w_h * ReLU(q_h . k)`` among the rows complete at each query;
-    unused slots are -1. With MXFP4 keys the queries get the same Hadamard rotation and FP4 rounding."""
-    n = keys.shape[1]
+def indexer_scores(q, w, keys, pos, *, ratio, score_scale, weight_scale, key_format=None):
+    """``indexer_topk``'s scores [B, T, rows] (-inf where a row is not complete at the query) and each query's
+    count of complete rows [B, T, 1]: what its top-k ranks (tests use them to tell ties from wrong picks)."""
     if key_format == "mxfp4":
         q = round_trip(q, "mxfp4")
     kf = decode(keys, key_format, q.shape[-1])
     scores = torch.relu(torch.einsum("bthd,bsd->bths", q.float(), kf)) * score_scale
     total = (scores * (w.float() * weight_scale)[..., None]).sum(dim=2)
     visible = (pos[:, :, None] + 1) // ratio
-    ent = torch.arange(n, device=q.device)
-    total = total.masked_fill(ent >= visible, float("-inf"))
+    ent = torch.arange(keys.shape[1], device=q.device)
+    return total.masked_fill(ent >= visible, float("-inf")), visible
+
+
+@register("indexer_topk", infer=_indexer_infer, cost=_indexer_cost,
+          operands=("q", "w", "keys:cache/indexer_keys", "pos"), attrs=INDEXER_ATTRS, cache_format="key_format")
+def indexer_topk(q, w, keys, pos, *, topk, ratio, score_scale, weight_scale, key_format=None):
+    """Top-k compressed rows by ``sum_h w_h * ReLU(q_h . k)`` among the rows complete at each query;
+    unused slots are -1. With MXFP4 keys the queries get the same Hadamard rotation and FP4 rounding."""
+    n = keys.shape[1]
+    total, visible = indexer_scores(q, w, keys, pos, ratio=ratio, score_scale=score_scale,
+                                    weight_scale=weight_scale, key_format=key_format)
     k = min(topk, n)
     top = total.topk(k, dim=-1).indices
     top = torch.where(top >= visible, torch.full_like(top, -1), top)
