@@ -231,6 +231,14 @@ def test_fp8_ds_odd_block():
     _check_encoded(p, [[7, 2, 0], [1, 5, 3], [4, 0, 11]], "fp8_ds", TOL[torch.float32], 1 / 14)
 
 
+def test_fp8_ds_rows_all_rope():
+    """d = rope = 32 (partial_rotary_factor 1): no nope dims, so no scale blocks: 64 bf16 bytes a row."""
+    p = _problem(48, 32, 3, True, torch.float32, seed=23)
+    p["rope"] = 32
+    got, _ = _check_encoded(p, [[7, 2, 0], [1, 5, 3]], "fp8_ds", TOL[torch.float32], 1 / 14)
+    assert got[0].shape[2] == quant.kv_row_bytes(32, 32) == 64
+
+
 @pytest.mark.parametrize("store,step", [("fp8", 1 / 14), ("mxfp4", 1 / 3)])
 def test_index_keys(store, step):
     """The indexer's compressor (d=32, rope 16) writing fp8 or MXFP4 keys."""

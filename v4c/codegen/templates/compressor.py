@@ -203,14 +203,15 @@ def _emit_block(x, rstd, c0, wpos, norm_ptr, inv_ptr, row_ptr, had_scale,
     if STORE == 0:
         tl.store(row_ptr + ch, _cast_rne(y, row_ptr.dtype.element_ty), mask=chm)
     elif STORE == 1:  # fp8_ds: [NOPE e4m3][2*ROPE bf16 bytes][NOPE/QB UE8M0][zero pad]
-        NG: tl.constexpr = BLOCK_D // QB
-        is_nope = ch < NOPE
-        y2 = tl.reshape(tl.where(is_nope, y, 0.0), [NG, QB])
-        e = _pow2_exponent(tl.max(tl.abs(y2), axis=1), 8, 0x600000)      # 448 = 1.75 * 2**8
-        codes = _e4m3_byte(y2 * _exp2i(-e)[:, None])
-        tl.store(row_ptr + ch, tl.reshape(codes, [BLOCK_D]), mask=is_nope)
-        grp = c0 // QB + tl.arange(0, NG)
-        tl.store(row_ptr + NOPE + 2 * ROPE + grp, (e + 127).to(tl.uint8), mask=grp * QB < NOPE)
+        if NOPE > 0:
+            NG: tl.constexpr = BLOCK_D // QB
+            is_nope = ch < NOPE
+            y2 = tl.reshape(tl.where(is_nope, y, 0.0), [NG, QB])
+            e = _pow2_exponent(tl.max(tl.abs(y2), axis=1), 8, 0x600000)      # 448 = 1.75 * 2**8
+            codes = _e4m3_byte(y2 * _exp2i(-e)[:, None])
+            tl.store(row_ptr + ch, tl.reshape(codes, [BLOCK_D]), mask=is_nope)
+            grp = c0 // QB + tl.arange(0, NG)
+            tl.store(row_ptr + NOPE + 2 * ROPE + grp, (e + 127).to(tl.uint8), mask=grp * QB < NOPE)
         if ROPE > 0:
             rb = _bf16_bits(y)
             is_rope = (ch >= NOPE) & chm
@@ -352,7 +353,8 @@ def _next_pow2(x):
 
 
 def _kv_block(d, rope_dim):
-    return math.gcd(64, d - rope_dim)
+    # rows that are all RoPE dims have no scale blocks (any block works; 1 divides every BLOCK_D)
+    return math.gcd(64, d - rope_dim) if d > rope_dim else 1
 
 
 def _row_bytes(d, store, rope_dim):
