@@ -212,6 +212,21 @@ def test_arguments_are_checked_by_name(model):
     assert torch.equal(model.generate(ids, 1, speculative="mtp").tokens, model.generate(ids, 1))
 
 
+def test_more_drafts_than_the_window_holds_are_refused_before_any_work(tmp_path):
+    """A verify step appends k + 1 tokens to each window ring: with a window of 2 one draft fits, two do not
+    (found by the rewind on the first verify step, after the prefill, before this check); so for the server."""
+    from v4c.serve.engine import Engine
+    ck = write_random_checkpoint(tiny_config_dict(sliding_window=2), tmp_path / "ck", seed=0, mtp=True)
+    m = v4c.load(v4c.compile(ck, tmp_path / "art", target="cpu"))
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    want = r"draft_tokens=2 needs a sliding window of at least 3 tokens .* window is 2: use draft_tokens <= 1"
+    with pytest.raises(ValueError, match=want):
+        m.generate(ids, 8, speculative="mtp", draft_tokens=2)
+    with pytest.raises(ValueError, match=want):
+        Engine(m, max_batch=1, max_context=64, speculative="mtp", draft_tokens=2)
+    assert torch.equal(m.generate(ids, 40, speculative="mtp", draft_tokens=1).tokens, m.generate(ids, 40))
+
+
 def test_run_prints_the_acceptance_summary(model):
     r = subprocess.run([sys.executable, "-m", "v4c.cli", "run", str(model.path), "--prompt-ids", "1 2 3",
                         "--max-new-tokens", "12", "--speculative", "mtp", "--draft-tokens", "2"],

@@ -140,6 +140,18 @@ def accept(logits: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor | None, t
     return a, nxt.to(logits.device)
 
 
+def window_problem(model, k: int) -> str | None:
+    """Why ``k`` drafts a step cannot run on this model, or None: a verify step appends k + 1 tokens to every
+    sliding-window ring, and taking the rejected ones back needs the slots they overwrote (``rewind.py``)."""
+    w = getattr(getattr(model, "config", None), "sliding_window", None)
+    if not isinstance(w, int) or w >= k + 1:
+        return None
+    fix = f"draft_tokens <= {w - 1}" if w >= 2 else "decode without speculative decoding"
+    return (f"draft_tokens={k} needs a sliding window of at least {k + 1} tokens (a verify step appends k + 1 to "
+            f"each window ring, and taking rejected ones back needs the slots they overwrote); this model's window "
+            f"is {w}: use {fix}")
+
+
 def _check(model, method, k, lengths, ids, need_mtp: bool) -> torch.Tensor | None:
     if method is None:
         raise ValueError("lengths= is taken with speculative decoding only (speculative='mtp')")
@@ -150,6 +162,9 @@ def _check(model, method, k, lengths, ids, need_mtp: bool) -> torch.Tensor | Non
         raise ValueError(f"{model.path}: speculative='mtp' needs the MTP block, which this artifact does not have{why}")
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= MAX_DRAFT:
         raise ValueError(f"draft_tokens must be an integer from 1 to {MAX_DRAFT}, got {k!r}")
+    problem = window_problem(model, k)
+    if problem:  # (before the prefill: found on the first verify step, it would have cost the prompt's compute)
+        raise ValueError(problem)
     if lengths is None:
         return None
     n = torch.as_tensor(lengths, dtype=torch.int64).reshape(-1)

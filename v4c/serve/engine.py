@@ -156,7 +156,7 @@ class _Request:
 
 def _check_speculative(model, method, k, session) -> None:
     """``Engine(speculative=..., draft_tokens=...)``: a ``ValueError`` naming what is wrong."""
-    from ..runtime.speculative import MAX_DRAFT, METHODS
+    from ..runtime.speculative import MAX_DRAFT, METHODS, window_problem
     if method not in METHODS:
         raise ValueError(f"speculative must be one of {', '.join(METHODS)} or None, got {method!r}")
     if not integer(k) or not 1 <= k <= MAX_DRAFT:
@@ -170,6 +170,9 @@ def _check_speculative(model, method, k, session) -> None:
         raise ValueError(f"{getattr(model, 'path', 'the model')}: speculative={method!r} needs the artifact's MTP "
                          f"block, and this artifact has none" + (f" ({note})" if note else "") + "; compile a "
                          "checkpoint that holds one (v4c compile --mtp on) or serve without speculative decoding")
+    problem = window_problem(model, k)
+    if problem:
+        raise ValueError(problem)
 
 
 class _Histogram:
