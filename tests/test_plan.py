@@ -331,6 +331,20 @@ def test_errors_name_what_is_wrong(tiny, kw, message):
         plan(tiny[0], tiny[2], **kw)
 
 
+def test_heads_that_straddle_output_groups_rule_out_tensor_parallel_attention(tmp_path):
+    """3 heads in 2 output groups (valid: 3 x 64 channels split in two): no rank can own whole groups of whole
+    heads, so attn=tp is refused by name and the plan takes data-parallel attention (it had failed inside the
+    sharded graph: 'reshape f32[B,T,1,64] -> [B,T,1,96]')."""
+    d = tmp_path / "cfg"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(tiny_config_dict(num_attention_heads=3, o_groups=2)))
+    with pytest.raises(ValueError, match=r"attn=tp: 3 attention heads do not fall into 2 output groups of whole"):
+        v4c.compile(d, tmp_path / "tp", target="cpu", weights="none", world_size=2, parallel="ep=2,attn=tp")
+    model = v4c.compile(d, tmp_path / "one", target="cpu", dtype="bf16", weights="none", tuning_cache=False)
+    r = plan(model, tmp_path, gpus=2)
+    assert r["layout"]["world_size"] == 2 and "attn=dp" in r["layout"]["parallel"]
+
+
 def test_gpu_check_results_override_the_defaults_for_that_gpu(tmp_path):
     rows = [{"op": "moe_ffn", "variant": "release", "flops": 1e6, "bytes": 3.35e12 * 1e-3 * f, "kernel_s": 1e-3}
             for f in (0.5, 0.6, 0.7)]  # memory-bound at 50, 60, 70% of the datasheet bandwidth

@@ -137,17 +137,24 @@ class Shard(Pass):
 
     def _head_groups(self, g: Graph) -> dict:
         """Attention prefix -> (heads, groups) from each layer's output projection."""
-        out = {}
+        out, heads = {}, {}
         for n in g.nodes:
             if n.op == "attention":
                 raise GraphError("shard: attn=tp needs the fused attention (q_proj, sparse_attention, o_proj); "
                                  "compile without --no-fuse")
+            if n.op == "q_proj":
+                heads[_layer(operand(n, "w"))] = n.attr["shape"][2]
             if n.op == "o_proj":
                 groups, wa = n.attr["groups"], operand(n, "wa")
                 if groups < self.par.world:
                     raise ConfigError(f"attn=tp: {groups} output groups ({wa}) cannot be split over "
                                       f"{self.par.world} ranks; each rank owns whole groups (use attn=dp)")
                 out[_layer(wa)] = groups
+        for layer, groups in out.items():  # a rank's heads are its groups' heads: a group must hold whole ones
+            h = heads.get(layer)
+            if isinstance(h, int) and h % groups:
+                raise ConfigError(f"attn=tp: {h} attention heads do not fall into {groups} output groups of whole "
+                                  f"heads ({layer}); each rank owns whole groups of whole heads (use attn=dp)")
         return out
 
     def _heads(self, param: str, heads: int) -> tuple[int, int, int, int]:
