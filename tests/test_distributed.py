@@ -23,8 +23,10 @@ from v4c.model.random_weights import write_random_checkpoint
 
 WORKER = Path(__file__).parent / "dist_worker.py"
 TOL = 1e-5  # relative to the largest single-process logit
-# 6 experts over 4 ranks is uneven (2, 2, 1, 1); 4 output groups give each of 4 tp ranks one group
-MODELS = {"tiny": {}, "uneven": {"n_routed_experts": 6, "num_experts_per_tok": 3, "o_groups": 4}}
+# 6 experts over 4 ranks is uneven (2, 2, 1, 1); 4 output groups give each of 4 tp ranks one group; 2 heads in
+# 4 output groups: a group is half a head, so 2 tp ranks own one head each (and 4 ranks cannot split them)
+MODELS = {"tiny": {}, "uneven": {"n_routed_experts": 6, "num_experts_per_tok": 3, "o_groups": 4},
+          "half_heads": {"num_attention_heads": 2, "o_groups": 4}}
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +62,7 @@ def spawn(arts, world: int, out: Path, ranks=None, timeout_s: float = 30, wait_s
 
 
 @pytest.mark.parametrize("name,world,parallel", [
-    ("tiny", 2, "attn=dp"), ("tiny", 2, "ep=2,attn=tp"),
+    ("tiny", 2, "attn=dp"), ("tiny", 2, "ep=2,attn=tp"), ("half_heads", 2, "attn=tp"),
     pytest.param("uneven", 4, "attn=dp", marks=pytest.mark.slow),  # 4 processes on 2 cores: 15-30 s each
     pytest.param("uneven", 4, "attn=tp", marks=pytest.mark.slow)])
 def test_ranks_match_single_process(ckpts, name, world, parallel):
@@ -119,6 +121,8 @@ def test_layouts_that_do_not_divide_are_refused(ckpts):
     root, ck = ckpts
     with pytest.raises(ConfigError, match="2 output groups .* cannot be split over 4 ranks"):
         v4c.compile(ck["tiny"], root / "bad1", target="cpu", world_size=4, parallel="attn=tp")
+    with pytest.raises(ConfigError, match="2 attention heads in 4 output groups cannot be split over 4 ranks in whole"):
+        v4c.compile(ck["half_heads"], root / "bad5", target="cpu", world_size=4, parallel="attn=tp")
     with pytest.raises(ConfigError, match="only 6 routed experts"):
         v4c.compile(ck["uneven"], root / "bad2", target="cpu", world_size=8)
     with pytest.raises(ConfigError, match="ep=3 must be 1"):

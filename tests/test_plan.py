@@ -338,7 +338,7 @@ def test_heads_that_straddle_output_groups_rule_out_tensor_parallel_attention(tm
     d = tmp_path / "cfg"
     d.mkdir()
     (d / "config.json").write_text(json.dumps(tiny_config_dict(num_attention_heads=3, o_groups=2)))
-    with pytest.raises(ValueError, match=r"attn=tp: 3 attention heads do not fall into 2 output groups of whole"):
+    with pytest.raises(ValueError, match=r"attn=tp: 3 attention heads in 2 output groups cannot be split over 2 ranks in whole heads"):
         v4c.compile(d, tmp_path / "tp", target="cpu", weights="none", world_size=2, parallel="ep=2,attn=tp")
     model = v4c.compile(d, tmp_path / "one", target="cpu", dtype="bf16", weights="none", tuning_cache=False)
     r = plan(model, tmp_path, gpus=2)

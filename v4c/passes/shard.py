@@ -150,11 +150,12 @@ class Shard(Pass):
                     raise ConfigError(f"attn=tp: {groups} output groups ({wa}) cannot be split over "
                                       f"{self.par.world} ranks; each rank owns whole groups (use attn=dp)")
                 out[_layer(wa)] = groups
-        for layer, groups in out.items():  # a rank's heads are its groups' heads: a group must hold whole ones
+        for layer, groups in out.items():  # a rank's heads are its groups' channels: they must be whole heads
             h = heads.get(layer)
-            if isinstance(h, int) and h % groups:
-                raise ConfigError(f"attn=tp: {h} attention heads do not fall into {groups} output groups of whole "
-                                  f"heads ({layer}); each rank owns whole groups of whole heads (use attn=dp)")
+            if isinstance(h, int) and any(g * h % groups for g in split(groups, self.par.world)):
+                raise ConfigError(f"attn=tp: {h} attention heads in {groups} output groups cannot be split over "
+                                  f"{self.par.world} ranks in whole heads ({layer}); each rank owns whole groups of "
+                                  f"whole heads (use attn=dp)")
         return out
 
     def _heads(self, param: str, heads: int) -> tuple[int, int, int, int]:
@@ -162,8 +163,7 @@ class Shard(Pass):
         groups = self.groups[_layer(param)]
         gb = split(groups, self.par.world)
         g0, g1 = gb[self.rank], gb[self.rank + 1]
-        per = heads // groups
-        return g0 * per, g1 * per, g0, g1
+        return g0 * heads // groups, g1 * heads // groups, g0, g1  # (whole heads: _head_groups checked)
 
     # -- attention, tensor-parallel ------------------------------------------------------------
     def _q_proj(self, n: Node) -> None:
