@@ -39,7 +39,7 @@ def steer(engine, truth, miss, seed=0):
     only watched). Returns the positions of the drafts a verify step had to take back (those from the first
     that is not plain decoding's token on)."""
     real = engine._drafter.draft
-    gen = torch.Generator().manual_seed(seed)
+    index = {p: i for i, p in enumerate(truth)}
     rejected = []
 
     def draft(rows):
@@ -55,7 +55,8 @@ def steer(engine, truth, miss, seed=0):
             for j in range(len(toks)):
                 i = r.generated + j
                 right = want[i] if i < len(want) else 0
-                if miss is not None:
+                if miss is not None:  # drawn per (request, token): the same whatever order the engine drafts rows in
+                    gen = torch.Generator().manual_seed(seed * 1_000_003 + index[tuple(r.prompt)] * 10_007 + i)
                     wrong = bool(torch.rand(1, generator=gen) < miss)
                     toks[j] = (right + 1 + int(torch.randint(1022, (1,), generator=gen))) % 1024 if wrong else right
                 if toks[j] != right and first_wrong is None:
