@@ -227,6 +227,24 @@ def test_more_drafts_than_the_window_holds_are_refused_before_any_work(tmp_path)
     assert torch.equal(m.generate(ids, 40, speculative="mtp", draft_tokens=1).tokens, m.generate(ids, 40))
 
 
+@pytest.mark.parametrize("seed", [1, 2])  # one head of 80, 256 experts, a window of 4; 8 heads of 128, 5 mHC streams
+def test_greedy_equals_plain_on_random_shapes(tmp_path, seed):
+    """Shapes the tiny model does not have (tests/random_shapes.py), with as many drafts as the window allows."""
+    import random
+    from random_shapes import random_config
+    rng = random.Random(7000 + seed)
+    cfg = random_config(rng)
+    ck = write_random_checkpoint(cfg, tmp_path / "ck", seed=seed, mtp=True)
+    m = v4c.load(v4c.compile(ck, tmp_path / "art", target="cpu"))
+    k = min(3, cfg["sliding_window"] - 1) or None
+    ids = torch.randint(0, cfg["vocab_size"], (2, 17), generator=torch.Generator().manual_seed(seed))
+    if k is None:  # a window of 1: no draft fits
+        with pytest.raises(ValueError, match="needs a sliding window of at least 2 tokens"):
+            m.generate(ids, 4, speculative="mtp", draft_tokens=1)
+        return
+    assert torch.equal(m.generate(ids, 24, speculative="mtp", draft_tokens=k).tokens, m.generate(ids, 24))
+
+
 def test_run_prints_the_acceptance_summary(model):
     r = subprocess.run([sys.executable, "-m", "v4c.cli", "run", str(model.path), "--prompt-ids", "1 2 3",
                         "--max-new-tokens", "12", "--speculative", "mtp", "--draft-tokens", "2"],
