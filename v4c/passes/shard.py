@@ -136,7 +136,7 @@ class Shard(Pass):
         return b[self.rank], b[self.rank + 1]
 
     def _head_groups(self, g: Graph) -> dict:
-        """Attention prefix -> (heads, groups) from each layer's output projection."""
+        """Attention prefix -> its output groups, checked to split over the ranks in whole groups of whole heads."""
         out, heads = {}, {}
         for n in g.nodes:
             if n.op == "attention":

@@ -62,4 +62,4 @@ def linear_rms_norm(x, w, norm_w, *, eps):
     """The product, then the RMSNorm in place in C (norm_rope.c without RoPE), in one C call
     (``linear_norm_rope``) for what PyTorch does in four (product, widen, norm, round), each a dispatch
     that costs more than its 512 values."""
-    return native.linear_norm_rope(x, w, 1, norm_w, eps, 0, None)
+    return native.linear_norm_rope(x, w, 0, norm_w, eps, 0, None)

@@ -13,8 +13,7 @@ def q_proj_native(x, w, pos, *, shape, eps, rope_dim, theta, yarn=None, lin=line
     C call (``linear_norm_rope``), one trip through Python instead of two."""
     rot = rotations(pos, rope_dim, theta, yarn)
     if one_call and x.dim() == 3 and len(shape) == 4 and not isinstance(shape[2], str):  # [B, T, heads, d]
-        y = native.linear_norm_rope(x, w, shape[2], None, eps, rope_dim, rot)
-        return y if shape[2] > 1 else y.unsqueeze(-2)  # (the operator splits heads only for more than one)
+        return native.linear_norm_rope(x, w, shape[2], None, eps, rope_dim, rot)
     y = reshape(lin(x, w), shape).contiguous()  # a fresh tensor: the epilogue works in place
     return native.norm_rope_(y, None, eps, rope_dim, rot)
 
@@ -27,7 +26,7 @@ def q_proj(x, w, pos, *, shape, eps, rope_dim, theta, yarn=None):
 def kv_proj_native(x, w, norm_w, pos, *, eps, rope_dim, theta, yarn=None, lin=linear, one_call=False):
     rot = rotations(pos, rope_dim, theta, yarn)
     if one_call:  # as q_proj_native's
-        return native.linear_norm_rope(x, w, 1, norm_w, eps, rope_dim, rot)
+        return native.linear_norm_rope(x, w, 0, norm_w, eps, rope_dim, rot)
     y = lin(x, w).contiguous()
     norm_w = norm_w if norm_w.is_contiguous() else norm_w.contiguous()
     return native.norm_rope_(y, norm_w, eps, rope_dim, rot)

@@ -559,7 +559,7 @@ def moe_route(scores, bias, table, ids, k: int, scaling: float):
 
 
 def linear_norm_rope(x, w, heads: int, norm_w, eps: float, rope_dim: int, rot):
-    """``norm_rope_(linear(x, w) viewed as [..., heads, N / heads] (heads > 1), norm_w, eps, rope_dim, rot)`` in one
+    """``norm_rope_(linear(x, w) viewed as [..., heads, N / heads] (heads >= 1; 0: as is), norm_w, eps, rope_dim, rot)`` in one
     C call: a decode call's q / kv projection or linear_rms_norm."""
     return _ops().linear_norm_rope(x, w, heads, norm_w, eps, rope_dim, rot)
 

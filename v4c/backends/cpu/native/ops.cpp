@@ -319,12 +319,13 @@ static Tensor split_heads(const Tensor &y, int64_t heads, const char *op) {
 }
 
 // a decode call's projection and its epilogue in one operator: y = x @ w.T (linear.c), viewed as
-// [..., heads, N / heads] when heads > 1, then norm_rope_ in place (RMSNorm times norm_w, or none; RoPE with rot,
+// [..., heads, N / heads] when heads >= 1 (0: no head axis), then norm_rope_ in place (RMSNorm times norm_w, or none; RoPE with rot,
 // or none when rope_dim is 0): the q / kv projections and linear_rms_norm, as their two operators compute them
 Tensor linear_norm_rope(const Tensor &x, const Tensor &w, int64_t heads, const OptTensor &norm_w, double eps,
                         int64_t rope_dim, const OptTensor &rot) {
     Tensor y = dense_linear(x.contiguous(), w);
-    if (heads > 1) y = split_heads(y, heads, "linear_norm_rope");
+    TORCH_CHECK_VALUE(heads >= 0, "v4c_native.linear_norm_rope: heads must be >= 0 (0: no head axis), got ", heads);
+    if (heads > 0) y = split_heads(y, heads, "linear_norm_rope");
     return norm_rope_(y, norm_w ? OptTensor(norm_w->contiguous()) : std::nullopt, eps, rope_dim, rot, true);
 }
 
