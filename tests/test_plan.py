@@ -39,7 +39,7 @@ def tiny(tmp_path_factory):
     d.mkdir()
     (d / "config.json").write_text(json.dumps(CFG))
     arts = {None: v4c.compile(d, root / "one", target="cpu", dtype="bf16", weights="none", tuning_cache=False)}
-    for par in ("ep=2,attn=dp", "ep=2,attn=tp"):
+    for par in ("ep=2,attn=dp", "ep=2,attn=tp", "ep=1,attn=dp"):
         arts[par] = v4c.compile(d, root / par.replace(",", "-").replace("=", ""), target="cpu", dtype="bf16",
                                 weights="none", tuning_cache=False, world_size=2, parallel=par)
     (root / "no-results").mkdir()
@@ -231,7 +231,7 @@ def test_memory_on_one_gpu_is_inspects(tiny):
         assert m["total_bytes"] == m["weight_bytes"] + m["kv_bytes"] + m["activation_bytes"]
 
 
-@pytest.mark.parametrize("parallel", ["ep=2,attn=dp", "ep=2,attn=tp"])
+@pytest.mark.parametrize("parallel", ["ep=2,attn=dp", "ep=2,attn=tp", "ep=1,attn=dp"])
 def test_memory_per_gpu_is_the_sharded_plans_rank_0(tiny, parallel):
     d, arts, results = tiny
     ranks = inspect_artifact(arts[parallel], context=IN + OUT, batch=6, backend="reference")["ranks"]
@@ -271,9 +271,11 @@ def test_profiles_choose_their_layout_and_depth(tiny):
     d, _, results = tiny
     low = plan(d, results, gpus=2, profile="low-latency")
     scored = [c for c in low["considered"] if "score" in c]
-    # both layouts, MTP off and 1 to 3 drafts, one request at a time
-    assert len(scored) == 8 and all(c["option"].endswith("concurrency 1") for c in scored)
-    assert {"attn=tp" in c["option"] for c in scored} == {True, False}
+    # four layouts (attention tp / dp, experts split or whole on each GPU), MTP off and 1 to 3 drafts, one
+    # request at a time
+    assert len(scored) == 16 and all(c["option"].endswith("concurrency 1") for c in scored)
+    assert {c["option"].split(", ")[1] for c in scored} == {"ep=2,attn=tp", "ep=2,attn=dp", "ep=1,attn=tp",
+                                                            "ep=1,attn=dp"}
     best = max(scored, key=lambda c: c["score"])  # the shortest time per output token
     k = low["speculative"]["draft_tokens"]
     assert best["option"] == f"2 GPUs, {low['layout']['parallel']}, {f'MTP {k}' if k else 'no MTP'}, concurrency 1"
@@ -343,6 +345,22 @@ def test_heads_that_straddle_output_groups_rule_out_tensor_parallel_attention(tm
     model = v4c.compile(d, tmp_path / "one", target="cpu", dtype="bf16", weights="none", tuning_cache=False)
     r = plan(model, tmp_path, gpus=2)
     assert r["layout"]["world_size"] == 2 and "attn=dp" in r["layout"]["parallel"]
+
+
+def test_experts_that_do_not_split_over_the_gpus_are_replicated(tmp_path):
+    """4 experts on 8 GPUs: ep=8 is refused by name (every rank needs an expert) and the plan takes the experts
+    whole on every GPU (ep=1; it had said "no layout fits"). Replicas with data-parallel attention exchange
+    nothing, so the step has no collectives; their weights per GPU are the whole model's."""
+    d = tmp_path / "cfg"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(tiny_config_dict(n_routed_experts=4)))
+    r = plan(d, tmp_path, gpus=8, profile="max-throughput", speculative="none")
+    assert r["layout"]["parallel"] == "ep=1,attn=dp"
+    refused = {c["option"]: c["refused"] for c in r["considered"] if "refused" in c}
+    assert "ep=8: a layer has only 4 routed experts" in refused["8 GPUs, ep=8,attn=dp"]
+    assert r["tpot_terms_ms"]["collectives"] == 0
+    one = plan(d, tmp_path, gpus=1, speculative="none", concurrency=1)
+    assert r["memory_per_gpu"]["weight_bytes"] == one["memory_per_gpu"]["weight_bytes"]
 
 
 def test_gpu_check_results_override_the_defaults_for_that_gpu(tmp_path):

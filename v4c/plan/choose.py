@@ -1,7 +1,7 @@
 """Serving profiles and how a plan picks its layout, MTP depth and concurrency for one.
 
-Each candidate (attention tensor- or data-parallel over the GPUs with the experts split over all of them;
-MTP off or 1-3 draft tokens) is costed by the step and queue models at the profile's concurrency, and the
+Each candidate (attention tensor- or data-parallel over the GPUs, the experts split over all of them or
+whole on each; MTP off or 1-3 draft tokens) is costed by the step and queue models at the profile's concurrency, and the
 profile's objective picks one:
 
 * ``low-latency``: one request at a time (unless given), the shortest time per output token;
@@ -80,7 +80,9 @@ def candidate_layouts(gpus: int, parallel: str | None) -> list[Layout]:
         from ..passes.shard import parse_parallel
         par = parse_parallel(parallel, gpus)
         return [Layout(gpus, par.attn, par.ep)]
-    return [Layout(gpus, "tp"), Layout(gpus, "dp")]
+    # experts over every GPU, or on each (ep=1: replicas of the MoE, no all-to-all; for models whose experts
+    # do not split that far, or that are small enough for the collectives to cost more than the weights)
+    return [Layout(gpus, attn, ep) for ep in (0, 1) for attn in ("tp", "dp")]
 
 
 def candidate_specs(speculative: str | None, draft_tokens: int | None, accept: float | None) -> list[Speculation]:
