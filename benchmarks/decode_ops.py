@@ -152,7 +152,7 @@ def release_artifact(cfg: dict, work: Path, dtype: str) -> Path:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="478m", help=f"a preset or a JSON file of config fields. {describe()}")
-    ap.add_argument("--dtype", choices=["f32", "bf16"], default=None, help="one dtype (default: f32, then bf16)")
+    ap.add_argument("--dtype", choices=["f32", "bf16", "f16"], default=None, help="one dtype (default: f32, then bf16)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--prompt", type=int, default=2048, help="tokens prefilled before the decode steps")
     ap.add_argument("--steps", type=int, default=16)

@@ -48,11 +48,11 @@ def test_the_first_implementation_that_accepts_runs_and_the_others_say_why():
 
 
 def test_a_checker_refusal_is_an_error_when_the_implementation_is_named():
-    q = torch.zeros(1, 40, 2, 8, dtype=torch.float16)
-    args = (q, torch.zeros(1, 40, 8, dtype=torch.float16), torch.zeros(1, 4, 8, dtype=torch.float16),
+    q = torch.zeros(1, 40, 2, 8, dtype=torch.float64)
+    args = (q, torch.zeros(1, 40, 8, dtype=torch.float64), torch.zeros(1, 4, 8, dtype=torch.float64),
             torch.full((1, 4), -1), torch.zeros(2), torch.arange(40)[None])
     attrs = dict(kind="sliding", window=4, scale=1.0)
-    with pytest.raises(ValueError, match=r"cpu\.native declines this attention call: .*q is f16"):
+    with pytest.raises(ValueError, match=r"cpu\.native declines this attention call: .*q is f64"):
         CPU.callable("attention", args, attrs, name="native")
     with pytest.raises(ValueError, match="made for decode calls"):
         CPU.callable("attention", args, attrs, name="decode")

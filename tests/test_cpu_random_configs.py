@@ -129,7 +129,7 @@ def _pair(ref_model, cpu_model, tol, problems):
 def test_every_cpu_node_equals_its_reference_on_random_shapes(tmp_path, seed):
     rng = random.Random(seed)
     cfg = random_config(rng)
-    dtype = rng.choice(["f32", "bf16"])
+    dtype = rng.choice(["f32", "bf16", "f16"])
     caches = dict(kv_cache=rng.choice(["auto", "bf16", "fp8"]), indexer_cache=rng.choice(["auto", "fp8", "fp4"]))
     T = rng.choice([1, 5, 16, 17, 40, 77, 130, 300, 1100])
     B = rng.choice([1, 2, 3, 8]) if T < 300 else 1

@@ -191,3 +191,44 @@ def test_a_bf16_model_prefills_through_the_widened_products(tmp_path):
     for stat in (torch.amax, torch.mean):
         e_got, e_want = (float(stat((x - truth).abs()) / stat(truth.abs())) for x in (got, want))
         assert e_got <= 1.25 * e_want, (stat.__name__, e_got, e_want)
+
+
+def test_fp16_prefills_widen_where_the_cpu_has_no_fp16_arithmetic(monkeypatch, tmp_path):
+    """fp16 as bf16: bound for prefill calls on a CPU without fp16 arithmetic (F16C only converts), declined by
+    name where it has some; the products as close to an fp32 evaluation as the reference's fp16 ones; an fp16
+    model prefills through them (and the C MoE) and its logits stay as close to the fp32 model's as the
+    reference backend's fp16 run."""
+    monkeypatch.setattr(wide, "native_f16", lambda: None)
+    g = _g(8)
+    x, w = _r(g, B, T, 64).half(), _r(g, 48, 64).half()
+    assert chosen("linear", x, w, phase="prefill") == "wide-prefill"
+    got = wide.linear(x, w)
+    assert got.dtype == torch.float16 and torch.equal(got, torch.nn.functional.linear(x.float(), w.float()).half())
+    _as_close_as_reference("linear", (x, w), {})
+    monkeypatch.setattr(wide, "native_f16", lambda: "avx512_fp16")
+    call = call_on("linear", (x, w), {}, "prefill")
+    assert CPU.impl("linear", "wide-prefill").declines(call) == \
+        "this CPU has avx512_fp16: PyTorch's f16 GEMM is the faster one"
+    monkeypatch.setattr(wide, "native_f16", lambda: None)
+    cfg = tiny_config_dict()
+    ck = write_random_checkpoint(cfg, tmp_path / "ck", seed=2, dtype="f16")
+    art = v4c.compile(ck, tmp_path / "art", target="cpu", dtype="f16")
+    fast = v4c.load(art, backend="cpu")
+    bound = {(r["op"], r["phase"]): r["implementation"] for r in fast.implementations()}
+    for op in ("linear", "moe_ffn", "moe_router", "compressor", "q_proj", "o_proj"):
+        assert bound[(op, "prefill")].endswith("wide-prefill"), (op, bound[(op, "prefill")])
+    if native.moe_decode_available(torch.float16):
+        for op in ("linear", "moe_ffn", "q_proj", "o_proj", "sparse_attention"):
+            assert bound[(op, "decode")] in ("native-decode", "native"), (op, bound[(op, "decode")])
+    ids = torch.randint(0, cfg["vocab_size"], (2, 40), generator=_g(5))
+
+    def logits(model):
+        s = model.new_session(2, max_context=64)
+        first = s.forward(ids).float()
+        return torch.cat([first, s.forward(ids[:, :1]).float()], dim=1)  # a prefill, then a decode step
+
+    truth = logits(v4c.load(v4c.compile(ck, tmp_path / "f32", target="cpu", dtype="f32"), backend="reference"))
+    got, want = logits(fast), logits(v4c.load(art, backend="reference"))
+    for stat in (torch.amax, torch.mean):
+        e_got, e_want = (float(stat((x - truth).abs()) / stat(truth.abs())) for x in (got, want))
+        assert e_got <= 1.25 * e_want, (stat.__name__, e_got, e_want)

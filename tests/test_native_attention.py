@@ -64,7 +64,7 @@ def _case(kind, dtype, case, t=23, seed=0, D=D, heads=H):
 
 
 @pytest.mark.parametrize("case", ["prefill", "padded", "gaps", "decode"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", ["sliding", "hca", "csa"])
 def test_native_attention_equals_reference(kind, dtype, case):
     args, attrs = _case(kind, dtype, case)
@@ -76,16 +76,13 @@ def test_native_attention_equals_reference(kind, dtype, case):
     assert got.dtype == want.dtype == dtype and got.shape == want.shape
     if dtype == torch.float32:
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
-    else:  # one bf16 rounding of the output apart at most, against an fp32 evaluation
-        truth = ref(*[a.float() if a.is_floating_point() else a for a in args], **attrs)
-        err_got = float((got.float() - truth).abs().max() / truth.abs().max())
-        err_want = float((want.float() - truth).abs().max() / truth.abs().max())
-        assert err_got <= err_want + 2 ** -8, f"bf16 error {err_got:.2e} vs the reference's {err_want:.2e}"
+    else:  # one rounding of the output (bf16, fp16) apart at most, against an fp32 evaluation
+        _assert_bf16_close(got, args, attrs)
     if case == "padded":
         assert (got[1][pos[1] < 0] == 0).all()  # a padding query sees nothing but the sink
     # the op through the cpu backend takes this path; its PyTorch paths agree with it
     assert torch.equal(run("attention", *args, **attrs), got)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: one rounding step of the output
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16, fp16: one rounding step of the output
     paths = ["blocked"] + (["decode"] if case == "decode" else [])
     for path in paths:
         assert torch.allclose(run("attention", *args, impl=path, **attrs).float(), got.float(), rtol=tol, atol=tol)
@@ -102,12 +99,14 @@ def test_native_attention_any_head_dim(kind):
 
 
 def _assert_bf16_close(got, args, attrs):
-    """At most one bf16 rounding step further from an fp32 evaluation than the reference is."""
+    """At most one rounding step of the dtype (bf16 2^-8, fp16 2^-11) further from an fp32 evaluation than the
+    reference is."""
     ref = get_op("attention").ref
     truth = ref(*[a.float() if a.is_floating_point() else a for a in args], **attrs)
     err_got = float((got.float() - truth).abs().max() / truth.abs().max())
     err_want = float((ref(*args, **attrs).float() - truth).abs().max() / truth.abs().max())
-    assert err_got <= err_want + 2 ** -8, f"bf16 error {err_got:.2e} vs the reference's {err_want:.2e}"
+    step = torch.finfo(got.dtype).eps / 2
+    assert err_got <= err_want + step, f"{got.dtype} error {err_got:.2e} vs the reference's {err_want:.2e}"
 
 
 _PAIRS = "avx512bf16"  # attention_bf16.c: bf16 pairs multiplied by vdpbf16ps
@@ -178,7 +177,7 @@ def test_native_attention_splits_a_rows_heads_across_threads(kind):
 
 @pytest.mark.parametrize("heads", [8, 12, 20])
 @pytest.mark.parametrize("kind", ["sliding", "csa"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_softmax_exponentials_eight_heads_a_vector(dtype, kind, heads):
     """The softmax takes its exponentials eight heads at a time (a vector exp, attention.c's softmax_exp):
     whole vectors and a rest of 4, fp32 and bf16 with fp32 products, logits spread wide (scale x 8: numerators
@@ -212,9 +211,13 @@ def test_native_attention_declines_what_it_does_not_take():
     assert chosen("attention", *args, **attrs) == "native"
     with pytest.raises(ValueError, match="stored as fp8_ds"):  # a packed cache
         CPU.callable("attention", args, {**attrs, "kv_format": "fp8_ds"}, name="native")
-    with pytest.raises(ValueError, match="a cache is f32, not the activations' bf16"):  # mixed dtypes
+    with pytest.raises(ValueError, match="kv is f32, neither the activations' bf16 nor the cache's bf16"):
         CPU.callable("attention", (q, kv.float(), *args[2:]), attrs, name="native")
     assert chosen("attention", q, kv.float(), *args[2:], **attrs) == "blocked"
+    with pytest.raises(ValueError, match="a cache is f32, not the activations' bf16"):  # ring and rows apart
+        CPU.callable("attention", (q, kv, ring, ring_pos, sinks, pos, rows.float(), idx), attrs, name="native")
+    with pytest.raises(ValueError, match="a cache is bf16, not its format's f16"):
+        CPU.callable("attention", args, {**attrs, "kv_format": "f16"}, name="native")
     # a strided query is made contiguous for the C call, not passed as it lies
     qt = q.transpose(1, 2).contiguous().transpose(1, 2)
     assert torch.equal(run("attention", qt, *args[1:], impl="native", **attrs), run("attention", *args, **attrs))
@@ -222,7 +225,42 @@ def test_native_attention_declines_what_it_does_not_take():
         native.attention(q, kv, ring, ring_pos, sinks, pos, rows, kind="hca", window=W, ratio=0, scale=1.0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["prefill", "decode"])
+@pytest.mark.parametrize("qdtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kind", ["sliding", "hca", "csa"])
+def test_queries_over_a_cache_of_another_dtype(kind, qdtype, case):
+    """An fp32 or fp16 model over a bf16 cache (``kv_format`` "bf16": the ring and compressed rows bf16, this
+    call's rows in the model's dtype, stored as bf16): the C attention widens queries and keys each from its own
+    dtype; the fused op (attention, ring append, de-rotation; one C call for a decode call) equals the
+    reference's, and appends the rows as the cache holds them."""
+    from v4c.graph.ops.attention import window_append
+    args, attrs = _case(kind, torch.bfloat16, case)
+    q, kv, ring, ring_pos, sinks, pos, *extra = args
+    g = torch.Generator().manual_seed(7)  # values bf16 cannot hold: the call's rows are rounded as they are stored
+    q, kv = torch.randn(q.shape, generator=g).to(qdtype), torch.randn(kv.shape, generator=g).to(qdtype)
+    attrs = {**attrs, "kv_format": "bf16"}
+    call = (q, kv, ring, ring_pos, sinks, pos, *extra)
+    assert chosen("attention", *call, **attrs) == "native"
+    want = get_op("attention").ref(*call, **attrs)
+    got = run("attention", *call, **attrs)
+    assert got.dtype == want.dtype == qdtype
+    if qdtype == torch.float32:
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        _assert_bf16_close(got, call, attrs)
+    rope = dict(rope_dim=16, theta=10000.0, yarn=None)
+    ref_o, ref_ring, ref_pos = get_op("sparse_attention").ref(*[a.clone() if isinstance(a, torch.Tensor) else a
+                                                                for a in call], **attrs, **rope)
+    if case == "decode":  # (a prefill call runs the op's PyTorch append)
+        o, r, rp = run("sparse_attention", *[a.clone() if isinstance(a, torch.Tensor) else a for a in call], **attrs,
+                       **rope)
+        assert torch.equal(r, ref_ring) and torch.equal(rp, ref_pos)
+        assert torch.allclose(o.float(), ref_o.float(), rtol=2e-3, atol=2e-3)
+    want_ring, _ = window_append(ring.clone(), ring_pos.clone(), kv, pos, kv_format="bf16")
+    assert torch.equal(want_ring, ref_ring)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape,rope_dim", [((2, 5, 16, 128), 64), ((1, 1, 8, 64), 64), ((3, 7, 96), 32),
                                             ((1, 130, 4, 48), 48), ((2, 3, 6, 10), 2)])
 @pytest.mark.parametrize("inverse", [False, True])

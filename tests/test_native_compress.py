@@ -139,7 +139,7 @@ def _isas(dtype):
     return native.dot_isas(dtype) or (None,)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("b,t,h,d,n,topk,ratio", [(1, 1, 16, 128, 512, 256, 4), (3, 2, 4, 64, 40, 16, 4),
                                                   (2, 5, 8, 32, 3000, 64, 4), (1, 1, 2, 8, 9, 32, 128),
                                                   (2, 40, 16, 128, 300, 64, 4), (1, 19, 20, 64, 100, 24, 4),
@@ -176,7 +176,7 @@ def _check_selection(dtype, b, t, h, d, n, topk, ratio, isa):
     assert bool((picked[..., :-1] >= picked[..., 1:] - 1e-4).all())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("topk", [64, 150, 300, 400])
 def test_indexer_ties_go_to_the_lower_row(dtype, topk):
     """Keys that repeat three distinct rows score in three groups of exact ties: the picks are the best
@@ -199,7 +199,7 @@ def test_indexer_ties_go_to_the_lower_row(dtype, topk):
             assert torch.equal(got[t], want), (isa, t)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_a_querys_selection_does_not_depend_on_the_call(dtype):
     """A query scored alone (its rows split across 1-3 threads) picks the same rows in the same order as
     within a 37-query prefill call (the queries split) and beside another sequence, every way of scoring."""

@@ -1,11 +1,11 @@
 """A decode step's dense products in C (native/linear.c on the kernels of dots.c): ``native.linear``
-against PyTorch's product for fp32 and bf16 on every instruction set this CPU has (the others
+against PyTorch's product for fp32, bf16 and fp16 on every instruction set this CPU has (the others
 skipped), odd widths, groups; and the cpu backend's ``native-decode`` implementations of the ops that
 hold a product (linear, o_proj, q_proj, kv_proj, linear_rms_norm, moe_router, indexer) against their
 references, bound for decode calls only.
 
-fp32: within 1e-5 of the output's scale (the sums run in another order); bf16: each output is the
-fp32 sum rounded once, as PyTorch's product gives it, so within one bf16 rounding step.
+fp32: within 1e-5 of the output's scale (the sums run in another order); bf16 / fp16: each output is the
+fp32 sum rounded once, as PyTorch's product gives it, so within one rounding step of the dtype.
 """
 import pytest
 import torch
@@ -17,7 +17,8 @@ from v4c.graph.weight_formats import quantize_fp8_block
 from v4c.graph.weights import QuantizedWeight
 
 ISAS = ("avx2", "avx512vl", "avx512f", "avx512bf16")
-DTYPES = (torch.float32, torch.bfloat16)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPE_IDS = ["f32", "bf16", "f16"]
 needs_c = pytest.mark.skipif(not native.moe_decode_available(torch.float32),
                              reason="the C products need AVX2 + FMA or AVX-512F")
 
@@ -25,14 +26,14 @@ needs_c = pytest.mark.skipif(not native.moe_decode_available(torch.float32),
 def _close(got, want, what=""):
     assert got.shape == want.shape and got.dtype == want.dtype, what
     scale = float(want.float().abs().max()) or 1.0
-    tol = 1e-5 if want.dtype == torch.float32 else 2 ** -7
+    tol = 1e-5 if want.dtype == torch.float32 else torch.finfo(want.dtype).eps  # bf16 2^-7, fp16 2^-10
     err = float((got.float() - want.float()).abs().max()) / scale
     assert err <= tol, f"{what}: error {err:.2e} of the output's scale"
 
 
 @pytest.mark.parametrize("t,n,k,groups", [(1, 37, 45, 1), (3, 300, 7, 1), (16, 5, 130, 1), (2, 1, 1, 1),
                                           (4, 66, 33, 3), (1, 8, 64, 4)])
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("isa", ISAS)
 def test_linear_equals_the_product(isa, dtype, t, n, k, groups):
     if isa not in native.dot_isas(dtype):
@@ -49,7 +50,7 @@ def test_linear_equals_the_product(isa, dtype, t, n, k, groups):
 
 
 @needs_c
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_linear_does_not_depend_on_the_thread_count_or_the_other_rows(dtype):
     """Each output is one row's sum in a fixed order, whichever thread computes it and whatever the
     other token rows of the call (the kernels block rows differently for one or two token rows than
@@ -69,7 +70,7 @@ def test_linear_does_not_depend_on_the_thread_count_or_the_other_rows(dtype):
         assert torch.equal(native.linear(x[rows].contiguous(), w), one[rows])
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_avx512vl_is_avx2_on_more_registers(dtype):
     """The AVX-512VL kernels block 4 weight rows x up to 6 token rows (AVX2's: x 3) and reduce eight
     sums at once: the same additions in the same order, so the same bits for any number of token rows
@@ -83,6 +84,24 @@ def test_avx512vl_is_avx2_on_more_registers(dtype):
         for t in (*range(1, 15), 25, 96):
             x = torch.randn(t, k, generator=g).to(dtype)
             assert torch.equal(native.linear(x, w, isa="avx512vl"), native.linear(x, w, isa="avx2")), (n, k, t)
+
+
+@pytest.mark.parametrize("isa", ISAS[:3])
+def test_fp16_values_widen_and_round_as_pytorch_converts_them(isa):
+    """Every fp16 value (subnormals, infinities, NaNs) times weights that keep the product exact in fp32 (so the
+    only difference could be the conversions): 1 (widened and stored back), 0.5 (ties below the smallest normal),
+    3, 1/3 (rounded), powers of two that push values into subnormals or past 65504 (to infinity), and 65504
+    itself. The C code widens by F16C (weights) and in C (token rows), and rounds in C to nearest even, as
+    PyTorch's ``.half()`` does; only the sign of a zero differs (the sums start from +0)."""
+    if isa not in native.dot_isas(torch.float16):
+        pytest.skip(f"this CPU has no {isa} kernel for fp16 (it has {native.dot_isas(torch.float16) or 'none'})")
+    x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16).reshape(-1, 1)
+    w = torch.tensor([1.0, 0.5, 3.0, 1 / 3, 2 ** -10, 2 ** 10, -1.5, 2 ** -24, 65504.0]).half().reshape(-1, 1)
+    got, want = native.linear(x, w, isa=isa), (x.float() @ w.float().T).half()
+    same = (got.view(torch.int16) == want.view(torch.int16)) | (got.isnan() & want.isnan()) | ((got == 0) & (want == 0))
+    assert bool(same.all()), [(x[r].item(), w[c].item(), got[r, c].item(), want[r, c].item())
+                              for r, c in (~same).nonzero()[:4].tolist()]
+    assert int(want.isnan().sum()) > 2000 and int(want.isinf().sum()) > 2000  # both kinds were exercised
 
 
 @needs_c
@@ -125,7 +144,7 @@ def _op_cases(dtype, b):
 
 @needs_c
 @pytest.mark.parametrize("b", [1, 8])
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_decode_ops_with_c_products_equal_references(dtype, b):
     if not native.moe_decode_available(dtype):
         pytest.skip(f"no C products for {dtype} here")
@@ -144,7 +163,7 @@ def test_decode_ops_with_c_products_equal_references(dtype, b):
 
 @needs_c
 @pytest.mark.parametrize("b", [1, 3])
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_one_call_projections_are_the_two_calls_bit_for_bit(dtype, b):
     """The decode paths of o_proj, q_proj, kv_proj, linear_rms_norm and the indexer run their products and what
     follows in one C call (``o_proj_step``, ``linear_norm_rope``, ``indexer_step``): the same bits as the C calls

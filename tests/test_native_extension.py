@@ -67,9 +67,9 @@ def test_operands_it_does_not_take_are_clear_errors_not_crashes():
     a = _attention_case()
     good = op(*a.values(), None, None, "sliding", 8, 0, 0.1)
     assert good.shape == a["q"].shape and good.dtype == torch.bfloat16
-    with pytest.raises(TypeError, match=r"attention: q must be float32 or bfloat16, got Half"):
-        op(a["q"].half(), *list(a.values())[1:], None, None, "sliding", 8, 0, 0.1)
-    with pytest.raises(TypeError, match=r"attention: kv must have q's dtype BFloat16, got Float"):
+    with pytest.raises(TypeError, match=r"attention: q must be float32, bfloat16 or float16, got Double"):
+        op(a["q"].double(), *list(a.values())[1:], None, None, "sliding", 8, 0, 0.1)
+    with pytest.raises(TypeError, match=r"attention: ring must have kv's dtype Float, got BFloat16"):
         op(a["q"], a["kv"].float(), *list(a.values())[2:], None, None, "sliding", 8, 0, 0.1)
     with pytest.raises(TypeError, match=r"attention: pos must be Long, got Int"):
         op(*list(a.values())[:5], a["pos"].int(), None, None, "sliding", 8, 0, 0.1)
@@ -83,13 +83,13 @@ def test_operands_it_does_not_take_are_clear_errors_not_crashes():
         op(*a.values(), None, None, "csa", 8, 4, 0.1)
     x = torch.randn(1, 2, 4, 32)
     fn, base, scale = torch.randn(24, 128), torch.randn(24), torch.ones(3)
-    with pytest.raises(TypeError, match=r"hc_mix: x must be float32 or bfloat16, got Long"):
+    with pytest.raises(TypeError, match=r"hc_mix: x must be float32, bfloat16 or float16, got Long"):
         torch.ops.v4c_native.hc_mix(x.long(), None, None, None, fn, base, scale, None, 1e-6, 1e-6, 20, False)
     with pytest.raises(ValueError, match=r"hc_mix: fn must hold"):
         torch.ops.v4c_native.hc_mix(x, None, None, None, fn[:, :64], base, scale, None, 1e-6, 1e-6, 20, False)
     with pytest.raises(ValueError, match=r"norm_rope_: rope_dim 3 must be even"):
         native.norm_rope_(torch.randn(1, 2, 16), None, 1e-6, 3, None)
-    with pytest.raises(TypeError, match=r"norm_rope_: w must be float32 or bfloat16"):
+    with pytest.raises(TypeError, match=r"norm_rope_: w must be float32, bfloat16 or float16"):
         native.norm_rope_(torch.randn(1, 2, 16), torch.ones(16, dtype=torch.float64), 1e-6, 0, None)
 
 

@@ -1,11 +1,12 @@
-"""The C MoE decode (native/moe.c, kernels in dots.c) against the op reference, for fp32 and bf16
+"""The C MoE decode (native/moe.c, kernels in dots.c) against the op reference, for fp32, bf16 and fp16
 weights on every instruction set this CPU has (AVX2 + FMA, AVX-512VL, AVX-512F, AVX512-BF16; the others are
 skipped, and run on a CPU that has them): widths that are not multiples of the vector length, one to
 hundreds of experts, top-k 1 to 8, 1 to 16 tokens, with and without a shared expert of its own width.
 
-fp32 is held to 1e-5 of the reference (relative to the output's largest value); bf16 to be at least
-as close to an fp32 evaluation of the same inputs as the reference itself is (both round each
-product and activation step to bf16; the C path sums the weighted experts in fp32 and rounds once).
+fp32 is held to 1e-5 of the reference (relative to the output's largest value); bf16 and fp16 to be at
+least as close to an fp32 evaluation of the same inputs as the reference itself is, within a quarter of
+the dtype's step (both round each product and activation step to the dtype; the C path sums the weighted
+experts in fp32 and rounds once).
 """
 import pytest
 import torch
@@ -17,7 +18,8 @@ from v4c.graph.ops.fused import moe_ffn as ref_ffn
 from v4c.graph.ops.fused import moe_router as ref_router
 
 ISAS = ("avx2", "avx512vl", "avx512f", "avx512bf16")
-DTYPES = (torch.float32, torch.bfloat16)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPE_IDS = ["f32", "bf16", "f16"]
 # tokens, D, I, shared width (0: none), experts, top-k
 SHAPES = [
     (1, 37, 13, 19, 5, 2),      # odd widths everywhere, the shared expert wider than the routed ones
@@ -40,7 +42,7 @@ PREFILL_SHAPES = [
 
 
 def _isa(isa: str, dtype) -> None:
-    if isa == "avx512bf16" and dtype == torch.float32:
+    if isa == "avx512bf16" and dtype != torch.bfloat16:
         pytest.skip("AVX512-BF16 takes bf16 weights only")
     if isa not in native.dot_isas(dtype):
         pytest.skip(f"this CPU has no {isa} (it has {native.dot_isas(dtype) or 'none'})")
@@ -70,7 +72,8 @@ def _close(got, args, limit=2.0):
     truth = ref_ffn(*up, limit=limit)
     scale = truth.abs().max()
     err_got, err_want = [float((x.float() - truth).abs().max() / scale) for x in (got, want)]
-    assert err_got <= err_want + 2 ** -9, f"bf16 error {err_got:.2e} vs the reference's {err_want:.2e}"
+    slack = torch.finfo(want.dtype).eps / 4  # bf16 2^-9, fp16 2^-12
+    assert err_got <= err_want + slack, f"{want.dtype} error {err_got:.2e} vs the reference's {err_want:.2e}"
 
 
 def _run(args, isa=None, limit=2.0):
@@ -81,7 +84,7 @@ def _run(args, isa=None, limit=2.0):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "t{}-D{}-I{}-S{}-E{}-k{}".format(*s))
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("isa", ISAS)
 def test_moe_decode_equals_reference(isa, dtype, shape):
     _isa(isa, dtype)
@@ -90,7 +93,7 @@ def test_moe_decode_equals_reference(isa, dtype, shape):
 
 
 @pytest.mark.parametrize("shape", PREFILL_SHAPES, ids=lambda s: "t{}-D{}-I{}-S{}-E{}-k{}".format(*s))
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("isa", ISAS[:3])
 def test_moe_prefill_calls_equal_reference(isa, dtype, shape):
     _isa(isa, dtype)
@@ -99,7 +102,7 @@ def test_moe_prefill_calls_equal_reference(isa, dtype, shape):
         _close(_run(args, isa, limit=limit), args, limit=limit)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_a_nan_gate_stays_nan(dtype):
     """The clamp of the gate keeps a NaN, as the reference's ``clamp(max=limit)`` does (the kernel had
     turned it into ``limit``, so a NaN gate gave a finite output): a token whose gate is inf - inf and
@@ -117,7 +120,7 @@ def test_a_nan_gate_stays_nan(dtype):
     assert bool(_run(args).isnan().all())
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_avx512vl_moe_is_avx2_bit_for_bit(dtype):
     """AVX-512VL runs AVX2's sums on 32 registers (bigger blocks for a prefill's many rows an expert):
     the MoE's result is the same bits on both, decode and prefill calls alike."""
@@ -129,7 +132,7 @@ def test_avx512vl_moe_is_avx2_bit_for_bit(dtype):
         assert torch.equal(_run(args, "avx512vl", limit=0.5), _run(args, "avx2", limit=0.5)), shape
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("isa", ISAS)
 def test_a_tokens_result_does_not_depend_on_the_call(isa, dtype):
     """Bit for bit the same whatever else the call holds: one token alone, or among 47 others that
@@ -153,7 +156,7 @@ def test_a_tokens_result_does_not_depend_on_the_call(isa, dtype):
         assert torch.equal(_run(one, isa), whole[r:r + 1]), r
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("isa", ISAS)
 def test_moe_decode_expert_parallel_share_and_clamp(isa, dtype):
     """An expert-parallel rank's share (offsets not starting at 0, assignments past its last
@@ -175,7 +178,7 @@ def test_moe_decode_expert_parallel_share_and_clamp(isa, dtype):
     assert (got == 0).all()  # no assignment, no shared expert: zeros
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_moe_decode_result_does_not_depend_on_the_thread_count(dtype):
     if not native.moe_decode_available(dtype):
         pytest.skip("no C MoE on this CPU")
@@ -198,8 +201,8 @@ def test_moe_decode_instruction_sets_are_named_and_checked():
         rest = list(isas[1:])  # the kernels' pick first (8 lanes for fp32 on AMD Zen 3 / 4), then ISAS' order reversed
         assert set(isas) <= set(ISAS) and len(set(isas)) == len(isas)
         assert rest == sorted(rest, key=ISAS.index, reverse=True)
-    assert "avx512bf16" not in native.dot_isas(torch.float32)
-    assert native.dot_isas(torch.float16) == ()
+    assert "avx512bf16" not in native.dot_isas(torch.float32) + native.dot_isas(torch.float16)
+    assert native.dot_isas(torch.float64) == ()
     if not native.moe_decode_available(torch.float32):
         pytest.skip("no C MoE on this CPU")
     args = _case((2, 32, 16, 16, 4, 2), torch.float32)
@@ -212,28 +215,28 @@ def test_moe_decode_instruction_sets_are_named_and_checked():
         _run((h, idx, w, perm, offsets, w13, w2.bfloat16(), *shared))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_backend_binds_the_c_path_for_decode_calls_of_any_width(dtype):
     args = _case((4, 37, 13, 19, 5, 2), dtype)
     want = "native-decode" if native.moe_decode_available(dtype) else "decode"
     assert chosen("moe_ffn", *args, limit=2.0, phase="decode") == want
-    # a prefill: the C kernel too (up to moe.NATIVE_PREFILL_TOKENS tokens), but for bf16 on a CPU with bf16
-    # arithmetic, where PyTorch's GEMMs are taken; bf16 without it widens the GEMMs (`wide`)
-    plain_bf16 = dtype == torch.bfloat16 and wide.native_bf16() is None
-    c = native.moe_decode_available(dtype) and (dtype == torch.float32 or plain_bf16)
-    want = ("native-wide-prefill" if plain_bf16 else "native-prefill") if c else \
-        ("wide-prefill" if plain_bf16 else "grouped")
+    # a prefill: the C kernel too (up to moe.NATIVE_PREFILL_TOKENS tokens), but for bf16 (fp16) on a CPU with
+    # bf16 (fp16) arithmetic, where PyTorch's GEMMs are taken; without it the GEMMs widen (`wide`)
+    plain_half = dtype != torch.float32 and wide.native_half(dtype) is None
+    c = native.moe_decode_available(dtype) and (dtype == torch.float32 or plain_half)
+    want = ("native-wide-prefill" if plain_half else "native-prefill") if c else \
+        ("wide-prefill" if plain_half else "grouped")
     assert chosen("moe_ffn", *args, limit=2.0, phase="prefill") == want
-    half = [a.half() if isinstance(a, torch.Tensor) and a.dtype == dtype else a for a in args]
-    with pytest.raises(ValueError, match="native-decode declines .*activations are f16 \\(the C products take f32 or bf16\\)"):
-        CPU.callable("moe_ffn", half, {"limit": 2.0}, name="native-decode", phase="decode")
+    double = [a.double() if isinstance(a, torch.Tensor) and a.dtype == dtype else a for a in args]
+    with pytest.raises(ValueError, match="native-decode declines .*activations are f64 \\(the C products take f32, bf16, f16\\)"):
+        CPU.callable("moe_ffn", double, {"limit": 2.0}, name="native-decode", phase="decode")
     mixed = list(args)
     mixed[5] = mixed[5].to(torch.bfloat16 if dtype == torch.float32 else torch.float32)
     with pytest.raises(ValueError, match="native-decode declines .*an expert weight is"):
         CPU.callable("moe_ffn", mixed, {"limit": 2.0}, name="native-decode", phase="decode")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_token_rows_in_any_leading_shape(dtype):
     """A call's ``[B, T, D]`` rows and ``[B, T, k]`` routing, as the router hands them over, give the bits of the
     flattened call in ``h``'s shape (the backend passes them unreshaped); a rank with no rows is a clear error."""

@@ -69,7 +69,7 @@ def test_hashed_rows_equal_the_reference(table_dtype):
     assert all(torch.equal(a, b) for a, b in zip((perm, offsets), _grouping(want_idx, E)))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("hashed", [False, True])
 def test_the_op_on_its_decode_path_equals_the_reference_op(dtype, hashed):
     if not native.moe_decode_available(dtype):

@@ -157,7 +157,7 @@ def test_moe_ffn_equals_reference(experts, dtype):
 
 
 @pytest.mark.parametrize("n,d", [(4, 48), (4, 44), (3, 40), (2, 16)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_mhc_rows_mixed_together_equal_each_row_alone_bit_for_bit(n, d, dtype):
     """The C mixes take the logits of 3 rows per load of fn (mhc.c, logits_rows); a row alone takes
     dots(). Both keep dot()'s lanes and order, so a call over 7 rows (two blocks and a rest) gives the
@@ -190,7 +190,7 @@ def test_mhc_rows_mixed_together_equal_each_row_alone_bit_for_bit(n, d, dtype):
     (100, "native", 4), (300, "native", 3),  # prefill sizes: the same C call, rows across threads
     (3, "small", 4), (100, "streamed", 4),  # without the C helpers (no compiler, V4C_NATIVE=0)
 ])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_mhc_mixes_equal_references(tokens, path, n, dtype):
     from v4c.graph.registry import get_op
     if path == "native" and native.library() is None:
@@ -204,7 +204,8 @@ def test_mhc_mixes_equal_references(tokens, path, n, dtype):
     fn, base = torch.randn((n + 2) * n, n * d, generator=g) * 0.1, torch.randn((n + 2) * n, generator=g)
     scale, norm_w = torch.rand(3, generator=g) + 0.5, (torch.rand(d, generator=g) + 0.5).to(dtype)
     kw = dict(n=n, eps=1e-6, hc_eps=1e-6, iters=20)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: one rounding step of the stored streams
+    # bf16 / fp16: one rounding step of the stored streams
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype]
     for got, want in zip(run("hc_post_pre", x, y, post, comb, fn, base, scale, norm_w, impl=path, **kw),
                          ref_post_pre(x, y, post, comb, fn, base, scale, norm_w, **kw)):
         assert got.dtype == want.dtype and got.shape == want.shape
@@ -333,7 +334,7 @@ def test_decode_loop_touches_no_new_memory(tiny_artifact, batch):
 
 
 @pytest.mark.parametrize("tokens", [1, 5, 130])  # decode sizes and a prefill split across threads
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("path", ["native", "torch"])
 def test_projection_epilogues_equal_references(tokens, dtype, path):
     """q_proj / kv_proj: GEMM, RMSNorm (per head for q), RoPE on the last dims, YaRN tables, padding rows."""
@@ -348,7 +349,8 @@ def test_projection_epilogues_equal_references(tokens, dtype, path):
     yarn = (4.0, 64, 32, 1)
     wq = (torch.randn(heads * d, hid, generator=g) * 0.2).to(dtype)
     wkv, norm_w = (torch.randn(d, hid, generator=g) * 0.2).to(dtype), (torch.rand(d, generator=g) + 0.5).to(dtype)
-    tol = 1e-6 if dtype == torch.float32 else 1e-2  # bf16: one rounding step of an output element
+    # bf16 / fp16: one rounding step of an output element
+    tol = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
     qa = dict(shape=(b, tokens, heads, d), eps=1e-6, rope_dim=rope_dim, theta=10000.0, yarn=yarn)
     got, want = run("q_proj", x, wq, pos, impl=path, **qa), get_op("q_proj").ref(x, wq, pos, **qa)
     assert got.dtype == want.dtype and got.shape == want.shape

@@ -42,10 +42,16 @@ def _weighted(p: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 
 def attend_native(q, kv, ring, ring_pos, sinks, pos, rows=None, idx=None, *, kind, window, ratio=0, scale,
                   kv_format=None, kv_rope_dim=0):
-    """The ``attention`` op in the C helpers (plain caches of q's dtype; the checker makes sure)."""
+    """The ``attention`` op in the C helpers (plain caches; the checker makes sure)."""
     c = _contiguous
-    return native.attention(c(q), c(kv), ring, ring_pos, sinks, c(pos), c(rows), c(idx), kind=kind, window=window,
-                            ratio=ratio, scale=scale)
+    return native.attention(c(q), c(_as_stored(kv, ring)), ring, ring_pos, sinks, c(pos), c(rows), c(idx), kind=kind,
+                            window=window, ratio=ratio, scale=scale)
+
+
+def _as_stored(kv, ring):
+    """This call's rows in the plain cache's dtype, as the cache holds them (the reference's round trip: the
+    same values but where fp16 cannot hold a bf16 row's value exactly, below 2^-14 or past 65504)."""
+    return kv if kv.dtype == ring.dtype else kv.to(ring.dtype)
 
 
 def _contiguous(t):
@@ -138,10 +144,11 @@ def _fused(attend_fn, q, kv, ring, ring_pos, sinks, pos, *extra, rope_dim, theta
     """The fused op: attention, the ring append, the output de-rotation."""
     t = pos.shape[1]
     small = pos.shape[0] * t <= few.TOKENS and t <= ring.shape[1] and bounds(pos)[0] >= 0  # no padding
-    if attend_fn is attend_native and small and attrs.get("kv_format") is None:  # the three steps in one C call
+    if attend_fn is attend_native and small:  # the three steps in one C call (a plain cache: the checker's)
         c = _contiguous
         rot = rotations(pos, rope_dim, theta, yarn, inverse=True) if rope_dim else None
-        o = native.attention_step_(c(q), c(kv), ring, ring_pos, sinks, c(pos), *map(c, extra), kind=attrs["kind"],
+        o = native.attention_step_(c(q), c(_as_stored(kv, ring)), ring, ring_pos, sinks, c(pos), *map(c, extra),
+                                   kind=attrs["kind"],
                                    window=attrs["window"], ratio=attrs.get("ratio", 0), scale=attrs["scale"], rot=rot,
                                    rope_dim=rope_dim)
         return o, ring, ring_pos
@@ -160,12 +167,12 @@ def indexer_topk_decode(q, w, keys, pos, *, topk, ratio, score_scale, weight_sca
                             weight_scale=weight_scale, key_format=key_format, hi=bounds(pos)[1])
 
 
-_C_DTYPES = (torch.float32, torch.bfloat16)  # what indexer.c reads
+_C_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what indexer.c reads
 
 
 def _topk_c(pytorch_path, doc):
     def topk_c(q, w, keys, pos, *, topk, ratio, score_scale, weight_scale, key_format=None):
-        if (key_format not in (None, "f32", "bf16") or keys.dtype not in _C_DTYPES or q.dtype not in _C_DTYPES
+        if (key_format not in (None, "f32", "bf16", "f16") or keys.dtype not in _C_DTYPES or q.dtype not in _C_DTYPES
                 or w.dtype != q.dtype):
             return pytorch_path(q, w, keys, pos, topk=topk, ratio=ratio, score_scale=score_scale,
                                 weight_scale=weight_scale, key_format=key_format)

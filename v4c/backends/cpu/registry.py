@@ -19,7 +19,8 @@ from .weight_views import WeightViews
 
 CPU = Backend("cpu", fallback=REFERENCE, context=WeightViews)
 
-_FLOATS = ("f32", "bf16")
+_FLOATS = ("f32", "bf16", "f16")  # what the plain C helpers take (fp16 widened by F16C / in C: no fp16 arithmetic)
+_QFLOATS = ("f32", "bf16")  # activations of the quantised C products (native/quant.c)
 _KINDS = ("sliding", "hca", "csa")  # what attention.c implements
 _MAX_STREAMS = 8  # mhc.c's per-thread scratch
 
@@ -48,10 +49,10 @@ def _phase(name: str):
     return check
 
 
-def _float(i: int, what: str):
+def _float(i: int, what: str, kinds: tuple = _FLOATS):
     def check(call: Call) -> str | None:
         dt = call.dtype(i)
-        return None if dt in _FLOATS else f"{what} is {dt} (the C helpers take f32 or bf16)"
+        return None if dt in kinds else f"{what} is {dt} (the C helpers take {', '.join(kinds)})"
     return check
 
 
@@ -77,16 +78,16 @@ def _dots_isa(call: Call) -> str | None:
     """The C products' kernels (native/dots.c) for the activations' dtype on this CPU."""
     dt = call.dtype(0)
     if dt not in _FLOATS:
-        return f"activations are {dt} (the C products take f32 or bf16)"
+        return f"activations are {dt} (the C products take {', '.join(_FLOATS)})"
     if native.moe_decode_available(DTYPES[dt]):
         return None
     return "this CPU (or compiler) has neither AVX2 + FMA nor AVX-512F"
 
 
 def _norm_weight(call: Call) -> str | None:
-    """The compressor's C step normalises with norm_rope.c, which reads an fp32 or bf16 weight."""
+    """The compressor's C step normalises with norm_rope.c, which reads an fp32, bf16 or fp16 weight."""
     dt = call.dtype(4)
-    return None if dt in _FLOATS else f"the norm weight is {dt} (the C norm reads f32 or bf16)"
+    return None if dt in _FLOATS else f"the norm weight is {dt} (the C norm reads {', '.join(_FLOATS)})"
 
 
 def _route_table(call: Call) -> str | None:
@@ -110,7 +111,7 @@ def _contiguous(*weights: int):
 
 
 def _gemv(*weights: int):
-    """A decode call's C product (``dense``): activations (operand 0) and ``weights`` fp32 or bf16 of
+    """A decode call's C product (``dense``): activations (operand 0) and ``weights`` fp32, bf16 or fp16 of
     one dtype, dense in memory, on a CPU with the kernels' instruction sets."""
     return _native(_phase("decode"), _same_dtype(0, *weights, what="a weight"), _contiguous(*weights), _dots_isa)
 
@@ -148,22 +149,25 @@ def _qgemv(*weights: int):
     """A C product with quantised weights (``dense.qgemv``): activations fp32 or bf16, each weight quantised
     (FP8 / MXFP4) or of the activations' dtype, dense in memory, on AVX2 + FMA. Prefill calls too: the
     PyTorch path dequantises the whole weight per call (4x slower at 64 rows here, 1.1-1.5x at 256)."""
-    return _native(_float(0, "the activations"), _qweights(*weights), _q_contiguous(*weights),
+    return _native(_float(0, "the activations' dtype", _QFLOATS), _qweights(*weights), _q_contiguous(*weights),
                    _quant_isa)
 
 
 def _wide(*weights: int):
-    """A bf16 prefill call's products widened to fp32 (``wide``): activations and ``weights`` bf16."""
-    def bf16(call: Call) -> str | None:
-        return None if call.dtype(0) == "bf16" else f"activations are {call.dtype(0)} (fp32 GEMMs already)"
+    """A bf16 / fp16 prefill call's products widened to fp32 (``wide``): activations and ``weights`` of one
+    of those dtypes."""
+    def half(call: Call) -> str | None:
+        return None if call.dtype(0) in ("bf16", "f16") else f"activations are {call.dtype(0)} (fp32 GEMMs already)"
 
-    return _all(_on_cpu, _phase("prefill"), bf16, _same_dtype(0, *weights, what="a weight"), _slow_bf16_gemm)
+    return _all(_on_cpu, _phase("prefill"), half, _same_dtype(0, *weights, what="a weight"), _slow_half_gemm)
 
 
-def _slow_bf16_gemm(call: Call) -> str | None:
-    """bf16 activations on a CPU with bf16 arithmetic: PyTorch's GEMMs, not the widened or C products."""
-    f = wide.native_bf16() if call.dtype(0) == "bf16" else None
-    return None if f is None else f"this CPU has {f}: PyTorch's bf16 GEMM is the faster one"
+def _slow_half_gemm(call: Call) -> str | None:
+    """bf16 (fp16) activations on a CPU with bf16 (fp16) arithmetic: PyTorch's GEMMs, not the widened or C
+    products."""
+    dt = call.dtype(0)
+    f = wide.native_half(DTYPES[dt]) if dt in ("bf16", "f16") else None
+    return None if f is None else f"this CPU has {f}: PyTorch's {dt} GEMM is the faster one"
 
 
 # ---- attention: q, kv, ring, ring_pos, sinks, pos, rows, idx -------------------------------
@@ -178,8 +182,24 @@ CPU.add("indexer", "native-quant", _all(_qgemv(2, 3), _phase("decode"), _same_dt
     attention.fused_indexer(attention.indexer_topk_c, lin=dense.qgemv))
 CPU.add("indexer", "native-quant-prefill", _all(_qgemv(2, 3), _phase("prefill"), _same_dtype(0, 1, what="h")))(
     attention.fused_indexer(attention.indexer_topk, lin=dense.qgemv))
-_attention_native = _native(_plain_cache("kv_format"), _kind, _float(0, "q"),
-                            _same_dtype(0, 1, 2, 6, what="a cache"))
+def _plain_keys(call: Call) -> str | None:
+    """The C attention reads plain rows (a packed fp8 row is not one): the ring and the compressed rows in the
+    cache's dtype (its plain format's, else the activations'), this call's rows in the activations' or that one
+    (they are converted to it first, as the cache will hold them); the queries may be of another float dtype
+    (an fp32 or fp16 model over a bf16 cache)."""
+    fmt = call.attrs.get("kv_format")
+    if fmt is not None and fmt not in _FLOATS:
+        return f"the cache is stored as {fmt} (the C helpers read plain rows)"
+    keys = fmt or call.dtype(0)
+    bad = [call.dtype(i) for i in (2, 6) if i < len(call.types) and call.dtype(i) != keys]
+    if bad:
+        return f"a cache is {bad[0]}, not the activations' {call.dtype(0)}" if fmt is None else \
+            f"a cache is {bad[0]}, not its format's {fmt}"
+    return None if call.dtype(1) in (call.dtype(0), keys) else \
+        f"kv is {call.dtype(1)}, neither the activations' {call.dtype(0)} nor the cache's {keys}"
+
+
+_attention_native = _native(_kind, _float(0, "q"), _plain_keys)
 CPU.add("attention", "native", _attention_native)(attention.attend_native)
 CPU.add("attention", "decode", _phase("decode"))(attention.attend_decode)
 CPU.add("attention", "blocked")(attention.attend)
@@ -268,13 +288,13 @@ def _quant_experts(call: Call) -> str | None:
 
 
 # prefill calls too: one expert at a time through weights.linear is 10-40x slower at 64-256 tokens here
-CPU.add("moe_ffn", "native-quant", _native(_float(0, "h"), _quant_experts,
+CPU.add("moe_ffn", "native-quant", _native(_float(0, "h", _QFLOATS), _quant_experts,
                                             _q_contiguous(5, 6, 7, 8, 9), _quant_isa))(moe.moe_native_q)
 CPU.add("moe_ffn", "decode", _all(_phase("decode"), _plain_weights(5, 6, 7, 8, 9)), bind=_moe(moe.moe_decode))(
     moe.moe_decode)
 
 
-_moe_c_prefill = _native(_phase("prefill"), _plain_weights(5, 6, 7, 8, 9), _dots_isa, _slow_bf16_gemm)
+_moe_c_prefill = _native(_phase("prefill"), _plain_weights(5, 6, 7, 8, 9), _dots_isa, _slow_half_gemm)
 _moe_c_wide = partial(moe.moe_prefill, mm=wide.expert_mm, lin=wide.linear)  # beyond the C kernel's share
 CPU.add("moe_ffn", "native-wide-prefill", _all(_moe_c_prefill, _wide(5, 6)), bind=_moe(_moe_c_wide))(_moe_c_wide)
 CPU.add("moe_ffn", "native-prefill", _moe_c_prefill, bind=_moe(moe.moe_prefill))(moe.moe_prefill)

@@ -407,11 +407,11 @@ def _ops() -> _Ops:
     return _state["ops"]
 
 
-_FLOATS = (torch.float32, torch.bfloat16)
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def hc_mix_supported(x: torch.Tensor, y: torch.Tensor | None, norm_w: torch.Tensor | None) -> bool:
-    """Whether the C mixes take these operands: CPU, contiguous, fp32 or bf16 streams (``y`` the same
+    """Whether the C mixes take these operands: CPU, contiguous, fp32, bf16 or fp16 streams (``y`` the same
     dtype), at most 8 streams."""
     if library() is None or x.device.type != "cpu" or x.dtype not in _FLOATS or x.shape[2] > 8:
         return False
@@ -459,7 +459,7 @@ _KINDS = ("sliding", "hca", "csa")
 
 
 def attention_supported(q, kv, ring, ring_pos, pos, rows, idx, kind, kv_format) -> bool:
-    """Whether ``attention`` takes these: plain caches (no storage format) of q's dtype, fp32 or bf16,
+    """Whether ``attention`` takes these: plain caches (no storage format) of q's dtype, fp32, bf16 or fp16,
     everything contiguous on the CPU, int64 positions."""
     if library() is None or kv_format is not None or kind not in _KINDS or q.dtype not in _FLOATS:
         return False
@@ -506,7 +506,7 @@ def moe_decode_available(dtype: torch.dtype = torch.bfloat16) -> bool:
 
 
 def moe_decode_supported(flat, w13, w2, shared) -> bool:
-    """Whether ``moe_decode`` takes these: fp32 or bf16 activations and plain contiguous CPU weights of
+    """Whether ``moe_decode`` takes these: fp32, bf16 or fp16 activations and plain contiguous CPU weights of
     the same dtype (any widths), on a CPU with one of its instruction sets."""
     if flat.dtype not in _FLOATS or flat.device.type != "cpu" or not flat.is_contiguous():
         return False
@@ -518,7 +518,7 @@ def moe_decode_supported(flat, w13, w2, shared) -> bool:
 
 
 def moe_decode(flat, w, perm, offsets, w13, w2, shared, *, k, limit, isa=None):
-    """The routed experts (and the shared one) for a few token rows ``flat [..., D]`` (fp32 or bf16,
+    """The routed experts (and the shared one) for a few token rows ``flat [..., D]`` (fp32, bf16 or fp16,
     the weights' dtype; ``w`` and ``perm`` of any shape holding ``t * k`` values), one C call (see moe.c);
     ``isa`` picks an instruction set of ``dot_isas`` (default: the first). Returns ``flat``'s shape and dtype."""
     sg, su, sd = shared if shared else (None, None, None)

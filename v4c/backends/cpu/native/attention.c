@@ -1,5 +1,5 @@
 /* Hybrid attention (sliding window + HCA's complete rows or CSA's top-k rows) one query row at a
- * time, over plain bf16 / fp32 caches.
+ * time, over plain fp32 / bf16 / fp16 caches.
  *
  * A query meets exactly its visible keys, read in place: the ring rows and the call's tokens in
  * its window, then its compressed rows. The PyTorch paths instead compute blocks of queries
@@ -12,7 +12,8 @@
  * bf16 caches on AVX512-BF16 CPUs (`pairs`) take attention_bf16.c's products instead: bf16 pairs
  * multiplied exactly, fp32 sums, scale after the product, probabilities rounded to bf16 for the
  * weighted sum (as transformers' eager attention).
- * dtype codes: 0 = float32, 1 = bfloat16 (raw uint16 bits).
+ * dtype codes: 0 = float32, 1 = bfloat16, 2 = float16 (raw uint16 bits); the queries (and the output) may
+ * have another dtype than the keys (an fp32 or fp16 model over bf16 caches).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -30,7 +31,7 @@ void v4c_attn_scores_bf16(const void *q, int H, long D, const void *const *keys,
 void v4c_attn_values_bf16(const float *p, const void *const *keys, long n, int H, long D, float *o, void *work);
 
 struct attn_job {
-    int B, T, H, D, dt, kind, window, ratio, W, N, K;
+    int B, T, H, D, qdt, kdt, kind, window, ratio, W, N, K; /* qdt: q and out; kdt: kv, ring, rows */
     int groups; /* head groups per query row: work items are (row, group) */
     int pairs;  /* bf16 products on AVX512-BF16 (attention_bf16.c) */
     const char *q, *kv, *ring, *rows;
@@ -150,12 +151,12 @@ static void attn_rows(void *p, long a, long e, int tid) {
     (void)tid;
     struct attn_job *j = (struct attn_job *)p;
     const int T = j->T, G = j->groups;
-    const long D = j->D, sz = j->dt ? 2 : 4, HD = (long)j->H * D; /* the scratch holds all heads */
+    const long D = j->D, qsz = j->qdt ? 2 : 4, sz = j->kdt ? 2 : 4, HD = (long)j->H * D; /* the scratch: all heads */
     /* bf16 keys of a row widened once, for both passes, when they fit a bounded buffer (window +
      * compressed rows always do; only a call whose positions are not consecutive can exceed it);
      * fp32 keys are read where they lie */
     const long held = j->max_keys < 8192 ? j->max_keys : 8192, most = j->max_keys > 0 ? j->max_keys : 1;
-    const int widened = j->dt && !j->pairs;
+    const int widened = j->kdt && !j->pairs;
     float *qs = malloc(sizeof(float) * (2 * HD + D + j->max_keys * j->H + 2 * j->H + (widened ? held * D : 0)));
     const char **keys = malloc(sizeof(char *) * most);
     const float **rowp = malloc(sizeof(float *) * most); /* each key's fp32 row */
@@ -198,22 +199,22 @@ static void attn_rows(void *p, long a, long e, int tid) {
         }
         const int pairs = j->pairs && n <= held;
         if (pairs)
-            v4c_attn_scores_bf16(j->q + off * sz, H, D, (const void *const *)keys, n, j->scale, s, pw);
+            v4c_attn_scores_bf16(j->q + off * qsz, H, D, (const void *const *)keys, n, j->scale, s, pw);
         else {
-            widen(j->q + off * sz, j->dt, H * D, qs);
+            widen(j->q + off * qsz, j->qdt, H * D, qs);
             for (long i = 0; i < H * D; i++) qs[i] *= j->scale;
         }
-        const int hold = !pairs && (!j->dt || n <= held) && D % 32 == 0;
+        const int hold = !pairs && (!j->kdt || n <= held) && D % 32 == 0;
         long k = pairs ? n : 0;
         if (hold) { /* keys in pairs: half the query loads per product */
             for (long i = 0; i < n; i++) {
-                if (j->dt) widen(keys[i], j->dt, D, kall + i * D);
-                rowp[i] = j->dt ? kall + i * D : (const float *)keys[i];
+                if (j->kdt) widen(keys[i], j->kdt, D, kall + i * D);
+                rowp[i] = j->kdt ? kall + i * D : (const float *)keys[i];
             }
             for (; k + 2 <= n; k += 2) dots2(qs, rowp[k], rowp[k + 1], D, H, s + k * H, s + (k + 1) * H);
         }
         for (; k < n; k++) {
-            if (!hold) widen(keys[k], j->dt, D, kf);
+            if (!hold) widen(keys[k], j->kdt, D, kf);
             dots(qs, hold ? rowp[k] : kf, D, H, s + k * H);
         }
         softmax_exp(s, n, H, j->sinks + h0, mx, den);
@@ -224,13 +225,13 @@ static void attn_rows(void *p, long a, long e, int tid) {
         } else {
             memset(o, 0, sizeof(float) * H * D);
             for (long k = 0; k < n; k++) {
-                widen(keys[k], j->dt, D, kf);
+                widen(keys[k], j->kdt, D, kf);
                 accumulate(o, s + k * H, kf, H, D);
             }
         }
         for (int h = 0; h < H; h++)
             for (long d = 0; d < D; d++) o[h * D + d] /= den[h];
-        store(j->out + off * sz, j->dt, o, H * D);
+        store(j->out + off * qsz, j->qdt, o, H * D);
     }
     free(qs);
     free(keys);
@@ -244,7 +245,7 @@ static void attn_rows(void *p, long a, long e, int tid) {
  * Rows split across up to `threads` threads; `pairs` asks for attention_bf16.c's products (taken
  * for bf16 with D % 16 == 0 on a CPU that has them). Returns 0, -1 for a bad kind or ratio, -2 when
  * scratch memory could not be allocated. */
-int v4c_attention(int threads, int B, int T, int H, int D, int dt, int kind, int window, int ratio,
+int v4c_attention(int threads, int B, int T, int H, int D, int qdt, int kdt, int kind, int window, int ratio,
                   const void *q, const void *kv, const void *ring, const int64_t *ring_pos, int W,
                   const float *sinks, const int64_t *pos, const void *rows, int N, const int64_t *idx, int K,
                   float scale, int pairs, void *out) {
@@ -272,7 +273,8 @@ int v4c_attention(int threads, int B, int T, int H, int D, int dt, int kind, int
         groups = (int)((threads + rows_all - 1) / rows_all);
         if (groups > H) groups = H;
     }
-    struct attn_job j = {B, T, H, D, dt, kind, window, ratio, W, N, K, groups, pairs && dt == 1 && v4c_attn_bf16(D),
+    struct attn_job j = {B, T, H, D, qdt, kdt, kind, window, ratio, W, N, K, groups,
+                         pairs && qdt == 1 && kdt == 1 && v4c_attn_bf16(D),
                          (const char *)q, (const char *)kv,
                          (const char *)ring, (const char *)rows, ring_pos, pos, idx, sinks, scale, (char *)out,
                          contig, W + widest + (kind == HCA ? N : kind == CSA ? K : 0), 0};

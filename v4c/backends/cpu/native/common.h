@@ -35,13 +35,58 @@ static inline uint16_t f2bf(float f) { /* round to nearest even; NaN stays a (qu
     return (uint16_t)(((u & 0x7fffffffu) > 0x7f800000u) ? ((u >> 16) | 0x40u) : rounded); /* a select: vectorises */
 }
 
-static inline float round_to(float v, int dt) { return dt ? bf2f(f2bf(v)) : v; } /* as stored in dtype dt */
+/* IEEE binary16 <-> fp32 in plain C (any x86-64: F16C is not assumed), round to nearest even;
+ * subnormals, infinities and NaNs (kept quiet) as PyTorch's conversions give them */
+static inline float h2f(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    uint32_t u;
+    if (e == 0x1fu) {
+        u = sign | 0x7f800000u | (m << 13);
+    } else if (e == 0) { /* zero or subnormal: m units of 2^-24, exact in fp32 */
+        const float v = (float)m * 5.9604644775390625e-8f;
+        memcpy(&u, &v, 4);
+        u |= sign;
+    } else {
+        u = sign | ((e + 112u) << 23) | (m << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
 
-/* n values of dtype dt (0 = float32, 1 = bfloat16 bits) at p, as fp32 */
+static inline uint16_t f2h(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    const uint32_t sign = (u >> 16) & 0x8000u;
+    uint32_t a = u & 0x7fffffffu;
+    if (a >= 0x47800000u) /* 65536 and up, infinity, NaN */
+        return (uint16_t)(sign | (a > 0x7f800000u ? 0x7e00u | ((a >> 13) & 0x3ffu) : 0x7c00u));
+    if (a < 0x38800000u) { /* below 2^-14: adding 0.5 (whose ulp is 2^-24, the subnormal unit) rounds it */
+        float v;
+        memcpy(&v, &a, 4);
+        v += 0.5f;
+        uint32_t b;
+        memcpy(&b, &v, 4);
+        return (uint16_t)(sign | (b - 0x3f000000u));
+    }
+    a += 0xc8000fffu + ((a >> 13) & 1u); /* exponent rebiased (-112), then round the 13 bits dropped */
+    return (uint16_t)(sign | (a >> 13)); /* (a carry into the exponent past 30 gives infinity: right) */
+}
+
+/* dtype codes of the C helpers: 0 float32, 1 bfloat16, 2 float16 (2-byte codes store their bits) */
+static inline float half_to_f(uint16_t h, int dt) { return dt == 2 ? h2f(h) : bf2f(h); }
+static inline uint16_t f_to_half(float f, int dt) { return dt == 2 ? f2h(f) : f2bf(f); }
+
+/* v as stored in dtype dt (three plain cases: a loop over them is unswitched per dtype, bf16's vectorised) */
+static inline float round_to(float v, int dt) { return dt == 1 ? bf2f(f2bf(v)) : dt == 2 ? h2f(f2h(v)) : v; }
+
+/* n values of dtype dt at p, as fp32 */
 V4C_CLONES V4C_UNUSED static void widen(const void *p, int dt, long n, float *out) {
-    if (dt) {
-        const uint16_t *h = (const uint16_t *)p;
+    const uint16_t *h = (const uint16_t *)p;
+    if (dt == 1) {
         for (long i = 0; i < n; i++) out[i] = bf2f(h[i]);
+    } else if (dt == 2) {
+        for (long i = 0; i < n; i++) out[i] = h2f(h[i]);
     } else {
         memcpy(out, p, n * sizeof(float));
     }
@@ -49,15 +94,31 @@ V4C_CLONES V4C_UNUSED static void widen(const void *p, int dt, long n, float *ou
 
 /* store in dtype dt; `v` is updated to the values as stored (the rounding later ops see) */
 V4C_CLONES V4C_UNUSED static void store(void *p, int dt, float *v, long n) {
-    if (dt) {
-        uint16_t *h = (uint16_t *)p;
+    uint16_t *h = (uint16_t *)p;
+    if (dt == 1) {
         for (long i = 0; i < n; i++) {
             h[i] = f2bf(v[i]);
             v[i] = bf2f(h[i]);
         }
+    } else if (dt == 2) {
+        for (long i = 0; i < n; i++) {
+            h[i] = f2h(v[i]);
+            v[i] = h2f(h[i]);
+        }
     } else {
         memcpy(p, v, n * sizeof(float));
     }
+}
+
+/* n fp32 values stored in dtype dt (out of fp32 sums: the one rounding of a product's output) */
+V4C_CLONES V4C_UNUSED static void store_from(void *p, int dt, const float *v, long n) {
+    uint16_t *h = (uint16_t *)p;
+    if (dt == 1)
+        for (long i = 0; i < n; i++) h[i] = f2bf(v[i]);
+    else if (dt == 2)
+        for (long i = 0; i < n; i++) h[i] = f2h(v[i]);
+    else
+        memcpy(p, v, n * sizeof(float));
 }
 
 V4C_CLONES V4C_UNUSED static float dot(const float *a, const float *b, long n) {
@@ -86,6 +147,15 @@ typedef uint32_t v8u __attribute__((vector_size(32))); /* the bits of 8 fp32 lan
     })
 #define V8_SEL(m, a, b) ((v8f)(((v8u)(a) & (v8u)(m)) | ((v8u)(b) & ~(v8u)(m)))) /* a where the mask m is set, else b */
 #define V8_BF16(x) ((v8f)V8_BF16_BITS(x)) /* x rounded to bf16 lane by lane, as fp32 */
+/* x rounded to dtype dt (0: as it is) lane by lane, as fp32; fp16 one lane at a time (f2h) */
+#define V8_ROUND(x, dt) __extension__({                                                                   \
+        v8f r8_ = (x);                                                                                     \
+        if ((dt) == 1)                                                                                     \
+            r8_ = V8_BF16(r8_);                                                                            \
+        else if ((dt) == 2)                                                                                \
+            for (int l_ = 0; l_ < 8; l_++) r8_[l_] = h2f(f2h(r8_[l_]));                                    \
+        r8_;                                                                                               \
+    })
 
 /* e^x lane by lane, within 1 ulp of libm's expf for -87 <= x <= 88 (measured at 1.8 million points;
  * clamped outside, so the scale 2^n stays a normal number: e^-87 ~ 1.6e-38; NaN stays NaN): a reduction

@@ -6,7 +6,7 @@
  * window (position + 1 a multiple of ratio) then pools it, per channel c < d: a softmax of the gates
  * over the window's tokens (with overlap, CSA's: the previous window's tokens on channel c, then this
  * window's on channel d + c) and the gate-weighted sum of their kv, in token order, into pooled[row];
- * RMSNorm, RoPE and the store stay with the caller (norm_rope.c). dt: 0 fp32, 1 bf16 (kv, gate). */
+ * RMSNorm, RoPE and the store stay with the caller (norm_rope.c). dt: 0 fp32, 1 bf16, 2 fp16 (kv, gate). */
 #include <math.h>
 #include <stdint.h>
 
@@ -14,7 +14,7 @@
 
 /* element i of a row of dtype dt, as fp32 */
 static inline float at(const void *p, long i, int dt) {
-    return dt ? bf2f(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+    return dt ? half_to_f(((const uint16_t *)p)[i], dt) : ((const float *)p)[i];
 }
 
 /* Returns 0, or -1 when a row's position is negative or a closing CSA window has no predecessor

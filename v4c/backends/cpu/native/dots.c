@@ -1,7 +1,7 @@
 /* The dot-product kernels of a decode step's weight streaming (the MoE's experts, moe.c; the dense
  * projections, linear.c), one per instruction set and weight dtype (dots_template.h holds their
- * loops): AVX2 + FMA and AVX-512F for fp32 and bf16 weights (bf16 widened to fp32 in registers, fp32
- * token rows), AVX512-BF16 for bf16 weights (vdpbf16ps: bf16 pairs, fp32 sums, bf16 token rows), and
+ * loops): AVX2 + FMA and AVX-512F for fp32, bf16 and fp16 weights (bf16 and fp16 widened to fp32 in
+ * registers, fp16 by F16C's conversion; fp32 token rows), AVX512-BF16 for bf16 weights (vdpbf16ps: bf16 pairs, fp32 sums, bf16 token rows), and
  * AVX-512VL: AVX2's loops on 32 registers (bigger blocks for prefill calls, the same bits as AVX2).
  *
  * Each is compiled with a function-level target attribute, not -march: the library holds all of
@@ -92,12 +92,21 @@ TARGET static inline __attribute__((always_inline)) void hsum256x8(const __m256 
 #include "dots_template.h"
 
 #undef TARGET
+#define TARGET __attribute__((target("avx2,fma,f16c")))
+#define NAME dots_avx2_f16
+#define WT uint16_t
+#define WV __m256
+#define WLOAD(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+#define WF(v) h2f(v)
+#include "dots_template.h"
+
+#undef TARGET
 
 /* ---- AVX-512VL: AVX2's 8 lanes and order (the same bits), 32 registers ------------------------ */
 /* Twice the registers hold 4 weight rows x 6 token rows of sums: a step's 10 loads feed 24 multiply-adds
  * (7 for 12 above), and the sums are reduced eight at a time. Only prefill calls (more than 3 token
  * rows) block differently; fewer rows run the loops above, as compiled here. */
-#define TARGET __attribute__((target("avx2,fma,avx512f,avx512vl")))
+#define TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512vl")))
 #define RCMAX 6
 #define HSUM8V(v, out) hsum256x8(v, out)
 
@@ -113,6 +122,13 @@ TARGET static inline __attribute__((always_inline)) void hsum256x8(const __m256 
 #define WV __m256
 #define WLOAD(p) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
 #define WF(v) bf2f(v)
+#include "dots_template.h"
+
+#define NAME dots_avx512vl_f16
+#define WT uint16_t
+#define WV __m256
+#define WLOAD(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+#define WF(v) h2f(v)
 #include "dots_template.h"
 
 #undef TARGET
@@ -149,6 +165,13 @@ TARGET static inline __attribute__((always_inline)) void hsum256x8(const __m256 
 #define WLOAD(p)                                                                                        \
     _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
 #define WF(v) bf2f(v)
+#include "dots_template.h"
+
+#define NAME dots_avx512_f16
+#define WT uint16_t
+#define WV __m512
+#define WLOAD(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
+#define WF(v) h2f(v)
 #include "dots_template.h"
 
 #undef TARGET
@@ -190,7 +213,7 @@ TARGET static inline __attribute__((always_inline)) void hsum256x8(const __m256 
 static int prefers_8_lanes(int wdt) {
 #if V4C_X86
     __builtin_cpu_init();
-    return wdt == 0 && __builtin_cpu_is("amdfam19h");
+    return wdt != 1 && __builtin_cpu_is("amdfam19h"); /* fp16 weights too: fp32 multiply-adds after widening */
 #else
     (void)wdt;
     return 0;
@@ -213,8 +236,8 @@ static int pick_isa(int wdt) {
 int v4c_best_isa(int wdt) {
     /* asked on every decode call: the CPU's answer once per weight dtype (threads racing here all
      * store the same value) */
-    static int best[2] = {-1, -1};
-    const int w = wdt ? 1 : 0;
+    static int best[3] = {-1, -1, -1};
+    const int w = wdt == 1 || wdt == 2 ? wdt : 0;
     if (best[w] < 0) best[w] = pick_isa(w);
     return best[w];
 }
@@ -222,13 +245,23 @@ int v4c_best_isa(int wdt) {
 v4c_dots_fn v4c_dots_kernel(int isa, int wdt, int *x_bf16) {
     *x_bf16 = 0;
 #if V4C_X86
+    if (wdt == 2) { /* fp16 weights: F16C's conversions (every AVX2 CPU has them; checked all the same) */
+        __builtin_cpu_init();
+        if (!__builtin_cpu_supports("f16c")) return 0;
+        switch (isa) {
+        case V4C_ISA_AVX2: return dots_avx2_f16;
+        case V4C_ISA_AVX512F: return dots_avx512_f16;
+        case V4C_ISA_AVX512VL: return dots_avx512vl_f16;
+        default: return 0;
+        }
+    }
     switch (isa) {
     case V4C_ISA_AVX2: return wdt ? dots_avx2_bf16 : dots_avx2_f32;
     case V4C_ISA_AVX512F: return wdt ? dots_avx512_bf16 : dots_avx512_f32;
     case V4C_ISA_AVX512VL: return wdt ? dots_avx512vl_bf16 : dots_avx512vl_f32;
 #if V4C_BF16DOT
     case V4C_ISA_AVX512BF16:
-        if (!wdt) return 0;
+        if (wdt != 1) return 0;
         *x_bf16 = 1;
         return dots_avx512bf16_bf16;
 #endif

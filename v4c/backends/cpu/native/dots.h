@@ -25,8 +25,9 @@ typedef void (*v4c_dots_fn)(const void *W, long N, long K, const void *const *x,
 /* Whether this CPU runs code of instruction set `isa` (the OS saves its registers too). */
 int v4c_isa_supported(int isa);
 
-/* The kernel for weights of dtype wdt (0 fp32, 1 bf16) in instruction set `isa`, or NULL when none is
- * built (AVX512-BF16 takes only bf16 weights); *x_bf16 says whether it wants bf16 token rows. */
+/* The kernel for weights of dtype wdt (0 fp32, 1 bf16, 2 fp16) in instruction set `isa`, or NULL when none
+ * is built (AVX512-BF16 takes only bf16 weights; fp16 needs F16C); *x_bf16 says whether it wants bf16 token
+ * rows (else fp32). */
 v4c_dots_fn v4c_dots_kernel(int isa, int wdt, int *x_bf16);
 
 /* The best instruction set this CPU has a kernel for, for weights of dtype wdt; V4C_ISA_NONE if none. */

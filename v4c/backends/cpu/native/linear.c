@@ -1,4 +1,4 @@
-/* Dense projections of a decode step's few token rows, fp32 or bf16, any widths:
+/* Dense projections of a decode step's few token rows, fp32, bf16 or fp16, any widths:
  * y [t, G, R] = x [t, G, K] . W [G * R, K]^T group by group (G > 1: the output projection's
  * block-diagonal GEMM; G = 1: a plain linear).
  *
@@ -21,7 +21,7 @@ struct lin_job {
     const char *w;
     const void **xrows; /* [G, t]: group g's token rows */
     v4c_dots_fn dots;
-    float *y;   /* [t, N] fp32: the output itself (fp32) or its sums before rounding (bf16) */
+    float *y;   /* [t, N] fp32: the output itself (fp32) or its sums before rounding (bf16, fp16) */
     void *out;
 };
 
@@ -35,7 +35,7 @@ static void lin_rows(void *p, long a, long e, int tid) {
         j->dots(j->w + o0 * j->K * esz, o1 - o0, j->K, j->xrows + g * j->t, j->t, j->y + o0, j->N);
         if (j->dt)
             for (int r = 0; r < j->t; r++)
-                for (long o = o0; o < o1; o++) ((uint16_t *)j->out)[r * j->N + o] = f2bf(j->y[r * j->N + o]);
+                store_from((uint16_t *)j->out + r * j->N + o0, j->dt, j->y + r * j->N + o0, o1 - o0);
     }
 }
 
@@ -45,7 +45,7 @@ long v4c_linear_work(int t, int G, long K, long N) {
 }
 
 /* out [t, G * R] = per group g: x[:, g, :] [t, K] . W[g * R : (g + 1) * R] [R, K]^T; x, W and out of
- * dtype dt (0 fp32, 1 bf16), x rows contiguous ([t, G, K]). `isa`: V4C_ISA_*, or -1 for the best
+ * dtype dt (0 fp32, 1 bf16, 2 fp16), x rows contiguous ([t, G, K]). `isa`: V4C_ISA_*, or -1 for the best
  * this CPU has. Returns 0, -1 for bad sizes, -3 when this CPU has no kernel for `isa` and dt. */
 int v4c_linear(int threads, int isa, int dt, int t, int G, long R, long K, const void *x, const void *W, void *out,
                void *work) {
@@ -59,8 +59,8 @@ int v4c_linear(int threads, int isa, int dt, int t, int G, long R, long K, const
     float *x32 = (float *)(xrows + (long)t * G), *y = x32 + (long)t * G * K;
     const char *xin = (const char *)x;
     long xesz = esz;
-    if (dt && !x_bf16) { /* bf16 token rows widened once, for kernels that read fp32 */
-        widen(x, 1, (long)t * G * K, x32);
+    if (dt && !x_bf16) { /* bf16 / fp16 token rows widened once, for kernels that read fp32 */
+        widen(x, dt, (long)t * G * K, x32);
         xin = (const char *)x32;
         xesz = 4;
     }

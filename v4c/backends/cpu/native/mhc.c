@@ -12,7 +12,7 @@
  * earlier prefill path ran the logits as a PyTorch GEMM between two C passes: three hand-offs
  * between PyTorch's threads and ours per chunk, and an fp32 copy of the streams, cost more than
  * the GEMM saved.)
- * dtype codes: 0 = float32, 1 = bfloat16 (raw uint16 bits).
+ * dtype codes: 0 = float32, 1 = bfloat16, 2 = float16 (raw uint16 bits).
  */
 #include <math.h>
 #include <stdint.h>
@@ -178,7 +178,7 @@ static inline __attribute__((always_inline)) void finish_row_n(
     if (norm_w) {
         if (wdt) {
             const uint16_t *w = (const uint16_t *)norm_w;
-            for (long d = 0; d < D; d++) u[d] *= bf2f(w[d]);
+            for (long d = 0; d < D; d++) u[d] *= half_to_f(w[d], wdt);
         } else {
             const float *w = (const float *)norm_w;
             for (long d = 0; d < D; d++) u[d] *= w[d];
@@ -190,10 +190,14 @@ static inline __attribute__((always_inline)) void finish_row_n(
 V4C_CLONES static void finish_row(int n, long D, int mode, int xdt, int wdt, const float *xf, const float *mraw,
                                   const float *base, const float *scale, const void *norm_w, float eps, float hc_eps,
                                   int iters, void *h_out, float *po, float *cb, float *u) {
+    /* n and the streams' dtype constants after inlining (V4's 4 streams; each dtype's rounding loop its own) */
+#define V4C_FINISH(N, XDT) finish_row_n(N, D, mode, XDT, wdt, xf, mraw, base, scale, norm_w, eps, hc_eps, iters, h_out, \
+                                        po, cb, u)
     if (n == 4)
-        finish_row_n(4, D, mode, xdt, wdt, xf, mraw, base, scale, norm_w, eps, hc_eps, iters, h_out, po, cb, u);
+        xdt == 1 ? V4C_FINISH(4, 1) : xdt == 2 ? V4C_FINISH(4, 2) : V4C_FINISH(4, 0);
     else
-        finish_row_n(n, D, mode, xdt, wdt, xf, mraw, base, scale, norm_w, eps, hc_eps, iters, h_out, po, cb, u);
+        xdt == 1 ? V4C_FINISH(n, 1) : xdt == 2 ? V4C_FINISH(n, 2) : V4C_FINISH(n, 0);
+#undef V4C_FINISH
 }
 
 /* The rows [0, rows) of one range (streams X [n, D] per row):
@@ -224,11 +228,11 @@ static void mix_range(long rows, int n, int D, int mode, int xdt, int wdt,
                            comb_in + r * n * n, (float *)x1_out + r * nd);
             }
             xfs = (mode & MIX) ? (float *)x1_out + r0 * nd : (float *)x + r0 * nd;
-        } else { /* bf16 streams: widened into scratch */
+        } else { /* bf16 / fp16 streams: widened into scratch */
             for (int b = 0; b < nb; b++) {
                 const long r = r0 + b;
                 float *xf = xfs + b * nd;
-                if ((mode & MIX) && D % 8 == 0) {
+                if ((mode & MIX) && D % 8 == 0 && xdt == 1) {
                     expand_bf16(n, D, (const uint16_t *)x + r * nd, (const uint16_t *)y + r * D, post_in + r * n,
                                 comb_in + r * n * n, (uint16_t *)x1_out + r * nd, xf);
                 } else if (mode & MIX) {

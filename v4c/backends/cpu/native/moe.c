@@ -1,5 +1,5 @@
-/* Routed experts (and the shared expert) for a decode step's few tokens, in one call: fp32 or bf16
- * weights, any widths, any expert count and top-k.
+/* Routed experts (and the shared expert) for a decode step's few tokens, in one call: fp32, bf16 or
+ * fp16 weights, any widths, any expert count and top-k.
  *
  * At decode the MoE is weight streaming: each expert hit is read once for one to a few token rows.
  * Through PyTorch that is two small products per expert plus the joins, activation and scatter
@@ -14,8 +14,8 @@
  *   2. the down rows, split by output row, weighted by each expert's inner width;
  *   3. the weighted sum per token, split by columns, adding the assignments in their order, so the
  *      result does not depend on the thread count.
- * Roundings follow the reference's ops: fp32 throughout for fp32; for bf16 each product's output and
- * each activation step rounded to bf16, the weighted sum in fp32, rounded once at the end.
+ * Roundings follow the reference's ops: fp32 throughout for fp32; for bf16 (fp16) each product's output
+ * and each activation step rounded to bf16 (fp16), the weighted sum in fp32, rounded once at the end.
  */
 #include <stdint.h>
 #include <string.h>
@@ -83,9 +83,12 @@ static void down_rows(void *p, long a, long e, int tid) {
         if (o0 >= o1) continue;
         float *Y = j->Y + m->row * D;
         j->dots(m->down + o0 * in * esz, o1 - o0, in, j->arows + m->row, m->c, Y + o0, D);
-        if (j->dt)
+        if (j->dt == 1) /* (a constant dtype per loop: bf16's rounding vectorises) */
             for (int r = 0; r < m->c; r++)
                 for (long o = o0; o < o1; o++) Y[r * D + o] = round_to(Y[r * D + o], 1);
+        else if (j->dt == 2)
+            for (int r = 0; r < m->c; r++)
+                for (long o = o0; o < o1; o++) Y[r * D + o] = round_to(Y[r * D + o], 2);
     }
 }
 
@@ -108,7 +111,7 @@ long v4c_moe_decode_work(int t, int D, int I, int Is, int k, int E) {
 
 /* out [t, D] = sum over the assignments a in [offsets[0], offsets[E]) of w[perm[a]] *
  * expert_e(x[perm[a] / k]) for the expert e whose range holds a, plus the shared expert's output
- * when sg is given. x, the weights and out of dtype dt (0 fp32, 1 bf16); offsets (E + 1,
+ * when sg is given. x, the weights and out of dtype dt (0 fp32, 1 bf16, 2 fp16); offsets (E + 1,
  * non-decreasing) and perm int64, w fp32. `isa`: the instruction set (V4C_ISA_*), or -1 for the
  * best this CPU has. `work`: v4c_moe_decode_work(...) bytes. Returns 0, -1 for
  * bad sizes or unsorted offsets, -3 when this CPU has no kernel for `isa` and dt. */
@@ -131,11 +134,11 @@ int v4c_moe_decode(int threads, int isa, int dt, int t, int D, int I, int Is, in
     float *G = take(&p, sizeof(float) * rows * Imax), *U = take(&p, sizeof(float) * rows * Imax);
     float *A = take(&p, sizeof(float) * rows * Imax), *Y = take(&p, sizeof(float) * rows * D);
     float *acc = take(&p, sizeof(float) * (long)t * D), *x32 = take(&p, sizeof(float) * (long)t * D);
-    /* the token rows in the form the kernel reads: fp32 (bf16 widened once here), or bf16 as given */
+    /* the token rows in the form the kernel reads: fp32 (bf16 / fp16 widened once here), or bf16 as given */
     const char *xin = (const char *)x;
     long xesz = esz;
     if (dt && !x_bf16) {
-        widen(x, 1, (long)t * D, x32);
+        widen(x, dt, (long)t * D, x32);
         xin = (const char *)x32;
         xesz = 4;
     }

@@ -28,8 +28,8 @@ static inline long first_item(const long *start, int nitems, long a) { /* the it
 
 static inline long clampl(long v, long lo, long hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
-/* the clamped SwiGLU of n gate and up values (G, U) as the reference rounds it: for bf16 (dt) each
- * step's result rounded to bf16; activations as fp32 into a32, or as bf16 bits into a16. Eight values
+/* the clamped SwiGLU of n gate and up values (G, U) as the reference rounds it: for bf16 / fp16 (dt) each
+ * step's result rounded to that dtype; activations as fp32 into a32, or as bf16 bits into a16. Eight values
  * a step, the last few through the same vector code (a value's bits do not depend on its place). */
 V4C_CLONES V4C_UNUSED static void moe_swiglu(const float *G, const float *U, long n, float lim, int dt, float *a32,
                                             uint16_t *a16) {
@@ -44,19 +44,19 @@ V4C_CLONES V4C_UNUSED static void moe_swiglu(const float *G, const float *U, lon
             memcpy(&u, U + i, m * sizeof(float));
         }
         if (dt) {
-            g = V8_BF16(g);
-            u = V8_BF16(u);
+            g = V8_ROUND(g, dt);
+            u = V8_ROUND(u, dt);
         }
         g = V8_SEL(g > lim, (v8f){0} + lim, g); /* (a NaN stays NaN, as PyTorch's clamp keeps it) */
         u = V8_SEL(u < -lim, (v8f){0} - lim, V8_SEL(u > lim, (v8f){0} + lim, u));
         v8f s = g / (1.0f + V8_EXP(-g)), v;
-        if (dt) s = V8_BF16(s);
+        if (dt) s = V8_ROUND(s, dt);
         v = s * u;
         if (a16) {
             const v8u h = V8_BF16_BITS(v) >> 16;
             for (long k = 0; k < m; k++) a16[i + k] = (uint16_t)h[k];
         } else {
-            if (dt) v = V8_BF16(v);
+            if (dt) v = V8_ROUND(v, dt);
             if (m == 8)
                 memcpy(a32 + i, &v, sizeof v);
             else
@@ -68,7 +68,7 @@ V4C_CLONES V4C_UNUSED static void moe_swiglu(const float *G, const float *U, lon
 /* the last pass of both: columns [d0, d1) of every token's weighted sum of its experts' rows of Y
  * ([n + t, D]: one row per assignment, then the shared expert's t rows when `shared`), adding the
  * assignments in their order (perm[lo ..], token = slot / k), so the result does not depend on the
- * thread count; fp32 sums in acc [t, D], written to out as fp32 or rounded once to bf16 (dt) */
+ * thread count; fp32 sums in acc [t, D], written to out as fp32 or rounded once to bf16 / fp16 (dt) */
 static inline void moe_weighted_sum(int t, long D, int shared, long n, long lo, long k, const int64_t *perm,
                                     const float *w, const float *Y, float *acc, int dt, void *out, long d0,
                                     long d1) {
@@ -88,10 +88,7 @@ static inline void moe_weighted_sum(int t, long D, int shared, long n, long lo, 
     }
     for (int r = 0; r < t; r++) {
         const float *o = acc + r * D + d0;
-        if (dt)
-            for (long d = 0; d < cols; d++) ((uint16_t *)out)[r * D + d0 + d] = f2bf(o[d]);
-        else
-            memcpy((float *)out + r * D + d0, o, cols * sizeof(float));
+        store_from((char *)out + (r * D + d0) * (dt ? 2 : 4), dt, o, cols);
     }
 }
 

@@ -43,7 +43,7 @@ int v4c_norm_rope(int threads, int norm, long rows, int heads, int d, int xdt, v
                   float eps, int rope_dim, const float *rot, float *work);
 int v4c_ring_append(long B, long T, long W, long D, int size, const void *kv, void *ring, int64_t *ring_pos,
                     const int64_t *pos);
-int v4c_attention(int threads, int B, int T, int H, int D, int dt, int kind, int window, int ratio, const void *q,
+int v4c_attention(int threads, int B, int T, int H, int D, int qdt, int kdt, int kind, int window, int ratio, const void *q,
                   const void *kv, const void *ring, const int64_t *ring_pos, int W, const float *sinks,
                   const int64_t *pos, const void *rows, int N, const int64_t *idx, int K, float scale, int pairs, void *out);
 int v4c_best_isa(int wdt);
@@ -135,7 +135,8 @@ std::tuple<OptTensor, Tensor, OptTensor, OptTensor> hc_mix(const Tensor &x, cons
     OptTensor w;
     int wdt = 0;
     if (norm_w.has_value()) {
-        w = norm_w->scalar_type() == at::kBFloat16 ? norm_w->contiguous() : as_f32(*norm_w, op, "norm_w");
+        const auto wt = norm_w->scalar_type();  // the C mixes read fp32, bf16 and fp16 weights as they are
+        w = wt == at::kBFloat16 || wt == at::kHalf ? norm_w->contiguous() : as_f32(*norm_w, op, "norm_w");
         check_plain(*w, op, "norm_w");
         check_numel(*w, D, op, "norm_w", "[D]");
         wdt = float_code(*w, op, "norm_w");
@@ -208,20 +209,22 @@ Tensor attention(const Tensor &q, const Tensor &kv, const Tensor &ring, const Te
     TORCH_CHECK_VALUE(k != 1 || ratio >= 1, "attention: kind '", kind, "' with ratio ", ratio,
                       " is not one the C helpers take");
     TORCH_CHECK_VALUE(q.dim() == 4, "v4c_native.attention: q must be [B, T, H, D], got shape ", q.sizes());
-    const int dt = float_code(q, op, "q");
+    // the queries (and the output) in the model's dtype; the keys (kv, ring, rows) in one dtype of their own: the
+    // cache's (an fp32 or fp16 model over a bf16 cache)
+    const int qdt = float_code(q, op, "q"), kdt = float_code(kv, op, "kv");
     const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
     for (int64_t v : {B, T, H, D}) check_fits_int(v, op, "size");
     check_plain(q, op, "q");
     auto same_dtype = [&](const Tensor &t, const char *name) {
-        TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), "v4c_native.attention: ", name, " must have q's dtype ",
-                         q.scalar_type(), ", got ", t.scalar_type());
+        TORCH_CHECK_TYPE(t.scalar_type() == kv.scalar_type(), "v4c_native.attention: ", name,
+                         " must have kv's dtype ", kv.scalar_type(), ", got ", t.scalar_type());
         check_plain(t, op, name);
     };
     auto int64s = [&](const Tensor &t, const char *name) {
         check_dtype(t, at::kLong, op, name);
         check_plain(t, op, name);
     };
-    same_dtype(kv, "kv");
+    check_plain(kv, op, "kv");
     check_numel(kv, B * T * D, op, "kv", "[B, T, D]");
     same_dtype(ring, "ring");
     TORCH_CHECK_VALUE(ring.dim() == 3 && ring.size(0) == B && ring.size(2) == D,
@@ -256,9 +259,9 @@ Tensor attention(const Tensor &q, const Tensor &kv, const Tensor &ring, const Te
     check_fits_int(window, op, "window");
     // bf16 pairs (attention_bf16.c) where the products' kernels would take them; another named set: fp32 products
     const int named = isa_arg.has_value() ? pick_isa(isa_arg, q.scalar_type(), op) : -1;
-    const int pairs = dt == 1 && (named > 0 ? named : v4c_best_isa(1)) == 3;
+    const int pairs = qdt == 1 && kdt == 1 && (named > 0 ? named : v4c_best_isa(1)) == 3;
     Tensor out = at::empty_like(q);
-    const int rc = v4c_attention(threads(), int(B), int(T), int(H), int(D), dt, k, int(window), int(ratio),
+    const int rc = v4c_attention(threads(), int(B), int(T), int(H), int(D), qdt, kdt, k, int(window), int(ratio),
                                  q.data_ptr(), kv.data_ptr(), ring.data_ptr(), ring_pos.data_ptr<int64_t>(), int(W),
                                  s.data_ptr<float>(), pos.data_ptr<int64_t>(), N ? rows->data_ptr() : nullptr, int(N),
                                  K ? idx->data_ptr<int64_t>() : nullptr, int(K), float(scale), pairs, out.data_ptr());

@@ -16,6 +16,8 @@
 extern "C" {
 int v4c_isa_supported(int isa);
 int v4c_best_isa(int wdt);
+typedef void (*v4c_dots_fn)(const void *W, long N, long K, const void *const *x, int c, float *Y, long ldy);
+v4c_dots_fn v4c_dots_kernel(int isa, int wdt, int *x_bf16);
 long v4c_moe_decode_work(int t, int D, int I, int Is, int k, int E);
 int v4c_moe_decode(int threads, int isa, int dt, int t, int D, int I, int Is, int k, int E, const void *x,
                    const int64_t *offsets, const int64_t *perm, const float *w, const void *w13, const void *w2,
@@ -48,12 +50,13 @@ constexpr int ISA_ORDER[] = {3, 2, 4, 1}; // avx512bf16, avx512f, avx512vl, avx2
 
 std::vector<std::string> dot_isas(at::ScalarType dtype) {
     std::vector<std::string> out;
-    if (dtype != at::kFloat && dtype != at::kBFloat16) return out;
-    const int dt = dtype == at::kBFloat16;
+    if (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf) return out;
+    const int dt = dtype == at::kBFloat16 ? 1 : dtype == at::kHalf ? 2 : 0;
     const int best = v4c_best_isa(dt); // (the kernels' own pick, first: not always the widest, see dots.c)
     if (best > 0) out.push_back(ISA_NAMES[best]);
+    int x_bf16;
     for (int isa : ISA_ORDER)
-        if (isa != best && v4c_isa_supported(isa) && (dt || isa != 3)) out.push_back(ISA_NAMES[isa]);
+        if (isa != best && v4c_isa_supported(isa) && v4c_dots_kernel(isa, dt, &x_bf16)) out.push_back(ISA_NAMES[isa]);
     return out;
 }
 
@@ -333,7 +336,7 @@ bool quant_supported() { return v4c_quant_supported() != 0; }
 
 Tensor qlinear(const Tensor &x, const Tensor &data, const Tensor &scale, c10::string_view fmt_arg, int64_t groups) {
     const char *op = "qlinear";
-    const int dt = float_code(x, op, "x");
+    const int dt = float_code(x, op, "x", false);
     check_plain(x, op, "x");
     const int fmt = quant_code(fmt_arg, op, "w");
     TORCH_CHECK_VALUE(data.dim() == 2, "v4c_native.qlinear: w must be 2-D, got data of shape ", data.sizes());
@@ -369,7 +372,7 @@ Tensor moe_decode_q(const Tensor &x, const Tensor &w, const Tensor &perm, const 
                     const OptTensor &shared_up_scale, const OptTensor &shared_down,
                     const OptTensor &shared_down_scale, int64_t k, double limit) {
     const char *op = "moe_decode_q";
-    const int dt = float_code(x, op, "x");
+    const int dt = float_code(x, op, "x", false);
     check_plain(x, op, "x");
     // (token rows in any leading shape: [t, D] or a call's [B, T, D]; the result has x's shape)
     TORCH_CHECK_VALUE(x.dim() >= 2 && x.size(-1) >= 1, "v4c_native.moe_decode_q: x must be [..., D] token rows, got shape ",
