@@ -11,11 +11,11 @@ powers of two), so the paths differ only in the order of the fp32 sums (~1e-7 re
 a few hundred terms). The one place an order difference could grow is the MoE's re-quantisation of
 the SwiGLU output to e4m3, which moves a value by one e4m3 step (~6%) only when it lies within a few
 fp32 ulps of a rounding midpoint (a chance of ~1e-5 per value; these seeded cases do not hit one, and
-a hit would show as an error near 1e-2, far outside the bound). bf16: as test_native_moe's: at least
-as close to an fp32 evaluation of the same inputs (``truth``) as the reference itself is, plus 2^-9
-(both round every product and activation step to bf16; the C path sums the weighted experts in fp32
-and rounds once, the reference rounds after each expert); the dense products, whose outputs are the
-fp32 sums rounded once in both, within one bf16 rounding step.
+a hit would show as an error near 1e-2, far outside the bound). bf16 and fp16: as test_native_moe's: at
+least as close to an fp32 evaluation of the same inputs (``truth``) as the reference itself is, plus a
+quarter of the dtype's step (both round every product and activation step to the dtype; the C path sums
+the weighted experts in fp32 and rounds once, the reference rounds after each expert); the dense products,
+whose outputs are the fp32 sums rounded once in both, within one rounding step of the dtype.
 """
 import pytest
 import torch
@@ -30,7 +30,8 @@ from v4c.graph.registry import get_op
 from v4c.graph.weight_formats import quantize_fp8_block, quantize_mxfp4
 from v4c.graph.weights import QuantizedWeight, grouped_linear, linear
 
-DTYPES = (torch.float32, torch.bfloat16)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPE_IDS = ["f32", "bf16", "f16"]
 needs_q = pytest.mark.skipif(not native.quant_available(), reason="the quantised C products need AVX2 + FMA")
 
 
@@ -77,7 +78,8 @@ def _moe_close(got, args, limit=2.0):
     truth = ref_ffn(*_up(args), limit=limit)
     scale = truth.abs().max()
     err_got, err_want = [float((x.float() - truth).abs().max() / scale) for x in (got, want)]
-    assert err_got <= err_want + 2 ** -9, f"bf16 error {err_got:.2e} vs the reference's {err_want:.2e}"
+    slack = torch.finfo(want.dtype).eps / 4  # bf16 2^-9, fp16 2^-12
+    assert err_got <= err_want + slack, f"{want.dtype} error {err_got:.2e} vs the reference's {err_want:.2e}"
 
 
 def _moe(args, limit=2.0):
@@ -97,14 +99,14 @@ MOE_SHAPES = [
 @needs_q
 @pytest.mark.parametrize("shared_fmt", ["f8e4m3", "mxfp4", None], ids=["shared-fp8", "shared-mxfp4", "shared-plain"])
 @pytest.mark.parametrize("shape", MOE_SHAPES, ids=lambda s: "t{}-D{}-I{}-S{}-E{}-k{}".format(*s))
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_moe_with_mxfp4_experts_equals_reference(dtype, shape, shared_fmt):
     args = _moe_case(shape, dtype, shared_fmt=shared_fmt, seed=sum(shape))
     _moe_close(_moe(args), args)
 
 
 @needs_q
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_moe_with_fp8_experts_equals_reference(dtype):
     """FP8 routed experts too (the same driver; widths off the 128-blocks, up rows sharing a block with gate rows)."""
     for shape in [(2, 100, 72, 40, 5, 2), (6, 160, 200, 0, 3, 2)]:
@@ -113,7 +115,7 @@ def test_moe_with_fp8_experts_equals_reference(dtype):
 
 
 @needs_q
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_moe_expert_parallel_share_idle_rank_repeated_experts_and_clamp(dtype):
     """A rank's share of the experts (offsets not from 0, assignments past its last expert), a rank no
     token routes to (the shared expert alone, or zeros), a rank with no tokens at all, experts hit by
@@ -173,7 +175,7 @@ def test_moe_names_bad_operands():
 
 @needs_q
 @pytest.mark.parametrize("fmt", ["f8e4m3", "mxfp4"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("t,n,k,groups", [(1, 37, 64, 1), (3, 300, 160, 1), (16, 130, 96, 1), (2, 1, 32, 1),
                                           (4, 66, 256, 3), (1, 256, 64, 4)])
 def test_qlinear_equals_weights_linear(fmt, dtype, t, n, k, groups):
@@ -190,12 +192,12 @@ def test_qlinear_equals_weights_linear(fmt, dtype, t, n, k, groups):
     scale = float(want.float().abs().max())
     if dtype == torch.float32:
         assert float((got - want).abs().max()) <= 1e-5 * scale
-    else:  # one bf16 rounding step of the (nearly) equal fp32 sums
-        torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -8, atol=1e-5 * scale)
+    else:  # one rounding step (bf16, fp16) of the (nearly) equal fp32 sums
+        torch.testing.assert_close(got.float(), want.float(), rtol=torch.finfo(dtype).eps / 2, atol=1e-5 * scale)
 
 
 @needs_q
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_qlinear_fp8_odd_widths(dtype):
     """FP8 widths that end inside a 128-block and inside a vector step (the kernels' tails)."""
     g = torch.Generator().manual_seed(5)
@@ -204,8 +206,8 @@ def test_qlinear_fp8_odd_widths(dtype):
         x = torch.randn(3, 1, k, generator=g).to(dtype)
         want, got = linear(x, w), native.qlinear(x, w)
         scale = float(want.float().abs().max())
-        torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -8 if dtype == torch.bfloat16 else 0,
-                                   atol=1e-5 * scale)
+        torch.testing.assert_close(got.float(), want.float(), rtol=0 if dtype == torch.float32 else
+                                   torch.finfo(dtype).eps / 2, atol=1e-5 * scale)
 
 
 @needs_q
@@ -266,7 +268,7 @@ def _op_cases(dtype, b, fmt):
 @needs_q
 @pytest.mark.parametrize("fmt", ["f8e4m3", "mxfp4"])
 @pytest.mark.parametrize("b", [1, 8])
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_decode_ops_with_quantised_weights_equal_references(dtype, b, fmt):
     for op, args, attrs in _op_cases(dtype, b, fmt):
         assert chosen(op, *args, phase="decode", **attrs) == "native-quant", op
@@ -279,8 +281,8 @@ def test_decode_ops_with_quantised_weights_equal_references(dtype, b, fmt):
         scale = float(want.float().abs().max())
         if dtype == torch.float32:
             assert float((got - want).abs().max()) <= 1e-5 * scale, op
-        else:  # the product rounded once to bf16 in both, then (norm, RoPE) the same bf16 steps
-            assert float((got.float() - want.float()).abs().max()) <= 2 ** -7 * scale, op
+        else:  # the product rounded once to bf16 / fp16 in both, then (norm, RoPE) the same steps
+            assert float((got.float() - want.float()).abs().max()) <= torch.finfo(dtype).eps * scale, op
 
 
 # ---- the registry ------------------------------------------------------------------------------
@@ -302,9 +304,9 @@ def test_registry_binds_the_quantised_paths_for_decode_and_prefill_calls():
     strided[5] = QuantizedWeight("mxfp4", w13.data.transpose(0, 1).contiguous().transpose(0, 1), w13.scale)
     with pytest.raises(ValueError, match="native-quant declines .*operand 5 is a strided view"):
         CPU.callable("moe_ffn", strided, {"limit": 2.0}, name="native-quant", phase="decode")
-    half = [a.half() if isinstance(a, torch.Tensor) and a.dtype == torch.float32 else a for a in args]
-    with pytest.raises(ValueError, match="native-quant declines .*h is f16"):
-        CPU.callable("moe_ffn", half, {"limit": 2.0}, name="native-quant", phase="decode")
+    double = [a.double() if isinstance(a, torch.Tensor) and a.dtype == torch.float32 else a for a in args]
+    with pytest.raises(ValueError, match="native-quant declines .*h is f64"):
+        CPU.callable("moe_ffn", double, {"limit": 2.0}, name="native-quant", phase="decode")
     # the dense products
     (_, (x, w), _), *_ = _op_cases(torch.float32, 2, "f8e4m3")
     assert chosen("linear", x, w, phase="decode") == "native-quant"

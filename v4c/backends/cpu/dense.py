@@ -6,7 +6,7 @@ as their ``lin`` argument.
 A decode call's projection is one to sixteen token rows against a weight read once: the C kernel
 streams each weight row once for every row of the call, where PyTorch's small-M GEMM (bf16
 especially, on CPUs without AVX512-BF16) runs far below the memory's rate. The registry binds these
-only for decode calls whose activations and weights are fp32 or bf16 of one dtype, on a CPU with one
+only for decode calls whose activations and weights are fp32, bf16 or fp16 of one dtype, on a CPU with one
 of the kernels' instruction sets; results equal the GEMM's up to the order of the fp32 sums.
 
 ``qgemv`` and the ``q_*`` variants take the release's quantised weights (FP8 128x128 blocks, MXFP4) as

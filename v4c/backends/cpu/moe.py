@@ -28,7 +28,7 @@ def _swiglu_(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor
 
 
 # Five implementations, chosen per node and phase by the cpu backend (``registry``): a decode
-# step's C path (fp32 or bf16 on AVX2 + FMA / AVX-512; offsets checked there), its C path for quantised
+# step's C path (fp32, bf16 or fp16 on AVX2 + FMA / AVX-512; offsets checked there), its C path for quantised
 # experts (MXFP4 / FP8, AVX2 + FMA), a decode step's PyTorch path (only the experts hit), a
 # prefill's grouped GEMMs (plain weights), and one expert at a time through ``weights.linear``
 # (quantised weights otherwise). ``views`` holds the model's re-layouts of its weights (``WeightViews``).
@@ -47,7 +47,7 @@ def _c_moe(kernel: str, doc: str):
     return run
 
 
-moe_native = _c_moe("moe_decode", "fp32 or bf16 experts: native/moe.c.")
+moe_native = _c_moe("moe_decode", "fp32, bf16 or fp16 experts: native/moe.c.")
 moe_native_q = _c_moe("moe_decode_q", """Quantised routed experts (MXFP4 as released, or FP8), the shared expert
     quantised or plain in the activations' dtype: native/quant.c, the weights read as stored.""")
 

@@ -19,8 +19,7 @@ from .weight_views import WeightViews
 
 CPU = Backend("cpu", fallback=REFERENCE, context=WeightViews)
 
-_FLOATS = ("f32", "bf16", "f16")  # what the plain C helpers take (fp16 widened by F16C / in C: no fp16 arithmetic)
-_QFLOATS = ("f32", "bf16")  # activations of the quantised C products (native/quant.c)
+_FLOATS = ("f32", "bf16", "f16")  # what the C helpers take (fp16 widened by F16C / in C: no fp16 arithmetic)
 _KINDS = ("sliding", "hca", "csa")  # what attention.c implements
 _MAX_STREAMS = 8  # mhc.c's per-thread scratch
 
@@ -49,10 +48,10 @@ def _phase(name: str):
     return check
 
 
-def _float(i: int, what: str, kinds: tuple = _FLOATS):
+def _float(i: int, what: str):
     def check(call: Call) -> str | None:
         dt = call.dtype(i)
-        return None if dt in kinds else f"{what} is {dt} (the C helpers take {', '.join(kinds)})"
+        return None if dt in _FLOATS else f"{what} is {dt} (the C helpers take {', '.join(_FLOATS)})"
     return check
 
 
@@ -146,10 +145,10 @@ def _q_contiguous(*weights: int):
 
 
 def _qgemv(*weights: int):
-    """A C product with quantised weights (``dense.qgemv``): activations fp32 or bf16, each weight quantised
+    """A C product with quantised weights (``dense.qgemv``): activations fp32, bf16 or fp16, each weight quantised
     (FP8 / MXFP4) or of the activations' dtype, dense in memory, on AVX2 + FMA. Prefill calls too: the
     PyTorch path dequantises the whole weight per call (4x slower at 64 rows here, 1.1-1.5x at 256)."""
-    return _native(_float(0, "the activations' dtype", _QFLOATS), _qweights(*weights), _q_contiguous(*weights),
+    return _native(_float(0, "the activations' dtype"), _qweights(*weights), _q_contiguous(*weights),
                    _quant_isa)
 
 
@@ -288,7 +287,7 @@ def _quant_experts(call: Call) -> str | None:
 
 
 # prefill calls too: one expert at a time through weights.linear is 10-40x slower at 64-256 tokens here
-CPU.add("moe_ffn", "native-quant", _native(_float(0, "h", _QFLOATS), _quant_experts,
+CPU.add("moe_ffn", "native-quant", _native(_float(0, "h"), _quant_experts,
                                             _q_contiguous(5, 6, 7, 8, 9), _quant_isa))(moe.moe_native_q)
 CPU.add("moe_ffn", "decode", _all(_phase("decode"), _plain_weights(5, 6, 7, 8, 9)), bind=_moe(moe.moe_decode))(
     moe.moe_decode)

@@ -21,12 +21,11 @@ using OptTensor = std::optional<Tensor>;
 
 // ---- operand checks -----------------------------------------------------------------------------------
 
-// dtype code of the C helpers: 0 float32, 1 bfloat16, 2 float16 (not for the quantised products: `half` false)
-inline int float_code(const Tensor &t, const char *op, const char *name, bool half = true) {
+// dtype code of the C helpers: 0 float32, 1 bfloat16, 2 float16
+inline int float_code(const Tensor &t, const char *op, const char *name) {
     const auto st = t.scalar_type();
-    TORCH_CHECK_TYPE(st == at::kFloat || st == at::kBFloat16 || (half && st == at::kHalf), "v4c_native.", op, ": ",
-                     name, half ? " must be float32, bfloat16 or float16, got " : " must be float32 or bfloat16, got ",
-                     st);
+    TORCH_CHECK_TYPE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, "v4c_native.", op, ": ", name,
+                     " must be float32, bfloat16 or float16, got ", st);
     return st == at::kBFloat16 ? 1 : st == at::kHalf ? 2 : 0;
 }
 

@@ -336,7 +336,7 @@ bool quant_supported() { return v4c_quant_supported() != 0; }
 
 Tensor qlinear(const Tensor &x, const Tensor &data, const Tensor &scale, c10::string_view fmt_arg, int64_t groups) {
     const char *op = "qlinear";
-    const int dt = float_code(x, op, "x", false);
+    const int dt = float_code(x, op, "x");
     check_plain(x, op, "x");
     const int fmt = quant_code(fmt_arg, op, "w");
     TORCH_CHECK_VALUE(data.dim() == 2, "v4c_native.qlinear: w must be 2-D, got data of shape ", data.sizes());
@@ -372,7 +372,7 @@ Tensor moe_decode_q(const Tensor &x, const Tensor &w, const Tensor &perm, const 
                     const OptTensor &shared_up_scale, const OptTensor &shared_down,
                     const OptTensor &shared_down_scale, int64_t k, double limit) {
     const char *op = "moe_decode_q";
-    const int dt = float_code(x, op, "x", false);
+    const int dt = float_code(x, op, "x");
     check_plain(x, op, "x");
     // (token rows in any leading shape: [t, D] or a call's [B, T, D]; the result has x's shape)
     TORCH_CHECK_VALUE(x.dim() >= 2 && x.size(-1) >= 1, "v4c_native.moe_decode_q: x must be [..., D] token rows, got shape ",
@@ -393,7 +393,7 @@ Tensor moe_decode_q(const Tensor &x, const Tensor &w, const Tensor &perm, const 
     const bool shared = shared_gate.has_value();
     TORCH_CHECK_VALUE(shared == shared_up.has_value() && shared == shared_down.has_value(), "v4c_native.", op,
                       ": the shared expert needs all of gate, up and down, or none");
-    int sfmt = dt;
+    int sfmt = dt == 2 ? 4 : dt; // a plain shared expert: the activations' dtype (quant.c's QF_F32 / QF_BF16 / QF_F16)
     int64_t Is = 0;
     if (shared) {
         Is = shared_gate->dim() >= 1 ? shared_gate->size(0) : 0;

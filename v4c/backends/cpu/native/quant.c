@@ -24,9 +24,9 @@
  *
  * `v4c_qlinear` is a dense product (`linear`, the fused projections' and the output projection's
  * grouped one); `v4c_moe_decode_q` the routed experts (and the shared expert, quantised or plain fp32 /
- * bf16) of a decode step, in the three passes of moe.c over PyTorch's OpenMP team, plus one between
+ * bf16 / fp16, the activations' dtype) of a decode step, in the three passes of moe.c over PyTorch's OpenMP team, plus one between
  * the first two that quantises the activations of every quantised down projection.
- * Roundings for bf16 activations follow moe.c (each product and activation step rounded to bf16 as
+ * Roundings for bf16 (fp16) activations follow moe.c (each product and activation step rounded to bf16 as
  * the reference's ops round them; the weighted sum in fp32, rounded once).
  */
 #include <math.h>
@@ -45,7 +45,11 @@
 #endif
 
 /* weight formats (the `fmt` codes of the entry points) */
-enum { QF_F32 = 0, QF_BF16 = 1, QF_FP8 = 2, QF_MXFP4 = 3 };
+enum { QF_F32 = 0, QF_BF16 = 1, QF_FP8 = 2, QF_MXFP4 = 3, QF_F16 = 4 };
+
+/* the plain format of activations of dtype dt (0 fp32, 1 bf16, 2 fp16), and a plain format's weight dtype */
+static int plain_fmt(int dt) { return dt == 2 ? QF_F16 : dt == 1 ? QF_BF16 : QF_F32; }
+static int is_plain(int fmt) { return fmt == QF_F32 || fmt == QF_BF16 || fmt == QF_F16; }
 
 /* ---- scales ------------------------------------------------------------------------------- */
 
@@ -298,8 +302,9 @@ struct qmat {
     long K, row0;          /* input width; this view's first row within the matrix */
 };
 
-/* the fp32-row kernels for plain fp32 / bf16 weights (AVX-512F where there is one, else AVX2) */
-static v4c_dots_fn plain_kernel(int wdt) {
+/* the fp32-row kernels for plain fp32 / bf16 / fp16 weights (AVX-512F where there is one, else AVX2) */
+static v4c_dots_fn plain_kernel(int fmt) {
+    const int wdt = fmt == QF_F16 ? 2 : fmt == QF_BF16 ? 1 : 0;
     int xb;
     v4c_dots_fn f = v4c_isa_supported(V4C_ISA_AVX512F) ? v4c_dots_kernel(V4C_ISA_AVX512F, wdt, &xb) : 0;
     return f ? f : v4c_dots_kernel(V4C_ISA_AVX2, wdt, &xb);
@@ -315,7 +320,8 @@ static void qmat_rows(const struct qmat *m, long i0, long i1, const float *const
     switch (m->fmt) {
     case QF_F32:
     case QF_BF16:
-        plain_kernel(m->fmt)(m->data + a0 * K * (m->fmt == QF_BF16 ? 2 : 4), i1 - i0, K, (const void *const *)x, c,
+    case QF_F16:
+        plain_kernel(m->fmt)(m->data + a0 * K * (m->fmt == QF_F32 ? 4 : 2), i1 - i0, K, (const void *const *)x, c,
                              Y + i0, ldy);
         break;
     case QF_MXFP4:
@@ -371,10 +377,7 @@ static void qlin_rows(void *p, long a, long e, int tid) {
         qmat_rows(&m, o0, o1, j->xrows + g * j->t, j->t, j->y, j->N, xs, xp);
         for (int r = 0; r < j->t; r++) {
             const float *y = j->y + r * j->N;
-            if (j->dt)
-                for (long o = o0; o < o1; o++) ((uint16_t *)j->out)[r * j->N + o] = f2bf(y[o]);
-            else
-                memcpy((float *)j->out + r * j->N + o0, y + o0, (o1 - o0) * sizeof(float));
+            store_from((char *)j->out + (r * j->N + o0) * (j->dt ? 2 : 4), j->dt, y + o0, o1 - o0);
         }
     }
 }
@@ -392,7 +395,7 @@ long v4c_qlinear_work(int threads, int t, int G, long K, long N) {
 
 /* out [t, G * R] = per group g: quant(x[:, g, :]) [t, K] . W[g * R : (g + 1) * R] [R, K]^T, W of format
  * `fmt` (QF_FP8: data e4m3 [G * R, K], scale [ceil(G R / 128), ceil(K / 128)]; QF_MXFP4: data [G * R, K/2],
- * scale [G * R, K / 32], K a multiple of 32); x and out of dtype dt (0 fp32, 1 bf16), x [t, G, K].
+ * scale [G * R, K / 32], K a multiple of 32); x and out of dtype dt (0 fp32, 1 bf16, 2 fp16), x [t, G, K].
  * Returns 0, -1 for bad sizes or format, -3 when this CPU has no kernel. */
 int v4c_qlinear(int threads, int fmt, int dt, int t, int G, long R, long K, const void *x, const void *W,
                 const uint8_t *S, void *out, void *work) {
@@ -407,7 +410,7 @@ int v4c_qlinear(int threads, int fmt, int dt, int t, int G, long R, long K, cons
     float *y = take(&p, sizeof(float) * (long)t * N), *xs = (float *)p;
     const float *xin = (const float *)x;
     if (dt) {
-        widen(x, 1, rows * K, x32);
+        widen(x, dt, rows * K, x32);
         xin = x32;
     }
     for (long r = 0; r < rows; r++) act_quant(xin + r * K, K, xq + r * K, fmt == QF_MXFP4);
@@ -497,9 +500,12 @@ static void q_down_rows(void *p, long a, long e, int tid) {
         if (o0 >= o1) continue;
         float *Y = j->Y + m->row * D;
         qmat_rows(&m->down, o0, o1, j->ar + m->row, m->c, Y, D, xs, xp);
-        if (j->dt)
+        if (j->dt == 1) /* (a constant dtype per loop: bf16's rounding vectorises) */
             for (int r = 0; r < m->c; r++)
                 for (long o = o0; o < o1; o++) Y[r * D + o] = round_to(Y[r * D + o], 1);
+        else if (j->dt == 2)
+            for (int r = 0; r < m->c; r++)
+                for (long o = o0; o < o1; o++) Y[r * D + o] = round_to(Y[r * D + o], 2);
     }
 }
 
@@ -523,14 +529,14 @@ long v4c_moe_decode_q_work(int threads, int t, int D, int I, int Is, int k, int 
            (long)(threads < 1 ? 1 : threads) * qmoe_thread_floats(t, Kmax) * 4;
 }
 
-static long fmt_bytes_x2(int fmt) { return fmt == QF_MXFP4 ? 1 : (fmt == QF_FP8 ? 2 : (fmt == QF_BF16 ? 4 : 8)); }
+static long fmt_bytes_x2(int fmt) { return fmt == QF_MXFP4 ? 1 : (fmt == QF_FP8 ? 2 : (fmt == QF_F32 ? 8 : 4)); }
 
 /* out [t, D] = sum over the assignments a in [offsets[0], offsets[E]) of w[perm[a]] *
  * expert_e(x[perm[a] / k]) for the expert e whose range holds a, plus the shared expert's output
  * when sg is given (as moe.c's v4c_moe_decode). Routed weights of format `fmt` (QF_MXFP4: w13 data
  * [E, 2I, D/2], scale [E, 2I, D/32]; w2 [E, D, I/2], [E, D, I/32]; QF_FP8: w13 [E, 2I, D], scale
  * [E, ceil(2I/128), ceil(D/128)]; w2 [E, D, I], [E, ceil(D/128), ceil(I/128)]); the shared expert's
- * of format `sfmt` (plain: QF_F32 / QF_BF16, the activations' dtype; or quantised, scales as above
+ * of format `sfmt` (plain: QF_F32 / QF_BF16 / QF_F16, the activations' dtype; or quantised, scales as above
  * for one matrix). x and out of dtype dt. Returns 0, -1 for bad sizes or formats, -3 when this CPU
  * has no kernel. */
 int v4c_moe_decode_q(int threads, int dt, int t, int D, int I, int Is, int k, int E, const void *x,
@@ -541,7 +547,7 @@ int v4c_moe_decode_q(int threads, int dt, int t, int D, int I, int Is, int k, in
     if (t < 1 || D < 1 || I < 1 || (sg && Is < 1) || k < 1 || E < 1) return -1;
     if (fmt != QF_FP8 && fmt != QF_MXFP4) return -1;
     if (fmt == QF_MXFP4 && (D % 32 || I % 32)) return -1;
-    if (sg && (sfmt < 0 || sfmt > QF_MXFP4 || (sfmt < QF_FP8 && sfmt != dt) ||
+    if (sg && (sfmt < 0 || sfmt > QF_F16 || (is_plain(sfmt) && sfmt != plain_fmt(dt)) ||
                (sfmt == QF_MXFP4 && (D % 32 || Is % 32))))
         return -1;
     for (int e = 0; e < E; e++)
@@ -565,7 +571,7 @@ int v4c_moe_decode_q(int threads, int dt, int t, int D, int I, int Is, int k, in
     /* the token rows in each form a matrix reads: fp32, quantised, quantised and permuted (MXFP4) */
     const float *xin = (const float *)x;
     if (dt) {
-        widen(x, 1, (long)t * D, x32);
+        widen(x, dt, (long)t * D, x32);
         xin = x32;
     }
     const int any_mx = fmt == QF_MXFP4 || (sg && sfmt == QF_MXFP4), any_fp8 = fmt == QF_FP8 || (sg && sfmt == QF_FP8);
