@@ -253,7 +253,11 @@ def _build() -> bool:
             _state["py_why"] = py
         else:  # the Python module compiles alongside; its failure leaves the library as it is
             py_log = tempfile.TemporaryFile(mode="w+", dir=tmp)
-            py_job = (subprocess.Popen(py[0], stdout=py_log, stderr=subprocess.STDOUT, text=True), py_log)
+            try:
+                py_job = (subprocess.Popen(py[0], stdout=py_log, stderr=subprocess.STDOUT, text=True), py_log)
+            except OSError:
+                py_log.close()
+                raise
         # one compiler per source, all at once, then one link
         for cmd in compiles:  # (output to files: a pipe nobody reads could fill up and stall a compiler)
             log = tempfile.TemporaryFile(mode="w+", dir=tmp)
