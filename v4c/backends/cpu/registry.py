@@ -181,6 +181,8 @@ CPU.add("indexer", "native-quant", _all(_qgemv(2, 3), _phase("decode"), _same_dt
     attention.fused_indexer(attention.indexer_topk_c, lin=dense.qgemv))
 CPU.add("indexer", "native-quant-prefill", _all(_qgemv(2, 3), _phase("prefill"), _same_dtype(0, 1, what="h")))(
     attention.fused_indexer(attention.indexer_topk, lin=dense.qgemv))
+
+
 def _plain_keys(call: Call) -> str | None:
     """The C attention reads plain rows (a packed fp8 row is not one): the ring and the compressed rows in the
     cache's dtype (its plain format's, else the activations'), this call's rows in the activations' or that one
