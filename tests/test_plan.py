@@ -300,7 +300,7 @@ def test_json_keys(tiny, capsys):
     assert set(r["bounds"]) == set(metrics) and set(r["bounds"].values()) <= {*TERMS, "queueing"}
     assert set(r["memory_per_gpu"]) >= {"weight_bytes", "kv_bytes", "mtp_bytes", "activation_bytes", "total_bytes",
                                         "usable_bytes", "fits"}
-    assert r["layout"]["world_size"] == 2 and r["concurrency"] == 4 and r["max_concurrency"] > 4
+    assert r["layout"]["world_size"] * r["layout"]["replicas"] == 2 and r["concurrency"] == 4 and r["max_concurrency"] > 4
     assert r["gpu"]["key"] == "h100" and r["kv_cache_format"] == "bf16" and set(r["tpot_terms_ms"]) == set(TERMS)
     assert r["efficiency"]["source"].startswith("published kernel measurements") or r["efficiency"]["measured"]
     assert r["tokens_per_s_per_user"] == pytest.approx(1e3 / r["tpot_ms"])
@@ -355,12 +355,37 @@ def test_experts_that_do_not_split_over_the_gpus_are_replicated(tmp_path):
     d.mkdir()
     (d / "config.json").write_text(json.dumps(tiny_config_dict(n_routed_experts=4)))
     r = plan(d, tmp_path, gpus=8, profile="max-throughput", speculative="none")
-    assert r["layout"]["parallel"] == "ep=1,attn=dp"
+    # experts whole on every GPU: one 8-GPU instance with ep=1, or instances of fewer GPUs that each hold them all
+    assert r["layout"]["ep"] == 1 and r["layout"]["world_size"] * r["layout"]["replicas"] == 8
     refused = {c["option"]: c["refused"] for c in r["considered"] if "refused" in c}
     assert "ep=8: a layer has only 4 routed experts" in refused["8 GPUs, ep=8,attn=dp"]
     assert r["tpot_terms_ms"]["collectives"] == 0
     one = plan(d, tmp_path, gpus=1, speculative="none", concurrency=1)
     assert r["memory_per_gpu"]["weight_bytes"] == one["memory_per_gpu"]["weight_bytes"]
+
+
+def test_replicas_are_instances_that_share_the_requests(tiny):
+    """2 instances of 2 GPUs at concurrency 2c are one 2-GPU instance at c, twice: the same latency, memory per
+    GPU and tokens/s per GPU, twice the requests and the sequences that fit. The chooser tries every divisor of
+    the GPUs, and refuses by name a concurrency the instances cannot share equally."""
+    from v4c.plan.choose import choose
+    d, _, results = tiny
+    src, eff, w, specs = load_model(d, SMALL), Efficiency(), Workload(IN, OUT), [Speculation()]
+    two = choose("max-throughput", src, SMALL, eff, w, gpus=4, replicas=2, parallel="ep=2,attn=dp", specs=specs).best
+    one = choose("max-throughput", src, SMALL, eff, w, gpus=2, parallel="ep=2,attn=dp", specs=specs).best
+    assert two.replicas == 2 and two.describe() == "2 x 2 GPUs, ep=2,attn=dp" and one.replicas == 1
+    assert (two.concurrency, two.max_concurrency) == (2 * one.concurrency, 2 * one.max_concurrency)
+    a, b = two.state, one.state
+    assert (a.ttft_s, a.tpot.seconds, a.gpus) == (b.ttft_s, b.tpot.seconds, 4) and two.memory == one.memory
+    assert a.tokens_per_s_per_gpu == pytest.approx(b.tokens_per_s_per_gpu)
+    assert a.requests_per_s == pytest.approx(2 * b.requests_per_s)
+    r = plan(d, results, gpu=SMALL, gpus=4, profile="balanced", speculative="none")
+    assert {c["option"].split(", ")[0] for c in r["considered"]} >= {"4 x 1 GPU", "2 x 2 GPUs", "4 GPUs"}
+    assert r["layout"]["replicas"] * r["layout"]["world_size"] == 4
+    r = plan(d, results, gpu=SMALL, gpus=4, concurrency=3, speculative="none")
+    assert any("--concurrency 3 does not split into 2 instances" in c.get("refused", "") for c in r["considered"])
+    with pytest.raises(ValueError, match="replicas 3 must divide --gpus 4"):
+        choose("balanced", src, SMALL, eff, w, gpus=4, replicas=3, specs=specs)
 
 
 def test_gpu_check_results_override_the_defaults_for_that_gpu(tmp_path):

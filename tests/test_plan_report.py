@@ -43,9 +43,11 @@ def test_the_sweep_covers_each_profile_up_to_what_fits(swept):
                                                     key=["low-latency", "balanced", "max-throughput"].index)
     for profile in ("low-latency", "balanced", "max-throughput"):
         mine = [p for p in points if p["profile"] == profile]
-        assert len({(p["parallel"], p["draft_tokens"]) for p in mine}) == 1  # one recipe per profile
-        concs = [p["concurrency"] for p in mine]
-        assert concs[0] == 1 and concs == sorted(concs) and all(c & (c - 1) == 0 for c in concs[:-1])
+        assert len({(p["parallel"], p["replicas"], p["draft_tokens"]) for p in mine}) == 1  # one recipe per profile
+        concs, each = [p["concurrency"] for p in mine], mine[0]["replicas"]
+        # from one request per instance, powers of two (that the instances share equally) up to what fits
+        assert concs[0] == each and concs == sorted(concs) and all(c & (c - 1) == 0 for c in concs[:-1])
+        assert all(c % each == 0 for c in concs)
     # more requests in flight: no faster per user, and (up to saturation) more per GPU
     ll = [p for p in points if p["profile"] == "low-latency"]
     assert all(a["tokens_per_s_per_user"] >= b["tokens_per_s_per_user"] * 0.999 for a, b in zip(ll, ll[1:]))

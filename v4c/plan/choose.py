@@ -1,8 +1,9 @@
 """Serving profiles and how a plan picks its layout, MTP depth and concurrency for one.
 
-Each candidate (attention tensor- or data-parallel over the GPUs, the experts split over all of them or
-whole on each; MTP off or 1-3 draft tokens) is costed by the step and queue models at the profile's concurrency, and the
-profile's objective picks one:
+Each candidate (attention tensor- or data-parallel over the GPUs of an instance, the experts split over all of
+them or whole on each; the GPUs as one instance or as identical replicas of fewer, each serving its share of
+the requests; MTP off or 1-3 draft tokens) is costed by the step and queue models at the profile's
+concurrency, and the profile's objective picks one:
 
 * ``low-latency``: one request at a time (unless given), the shortest time per output token;
 * ``balanced``: the knee of the Pareto curve, the concurrency (powers of two up to what fits) and
@@ -11,7 +12,7 @@ profile's objective picks one:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..errors import ConfigError
 from .memory import max_concurrency, memory_per_gpu
@@ -53,6 +54,10 @@ class Option:
     memory: dict
     max_concurrency: int
     prefill: dict | None = None  # disaggregated: {"gpus", "layout"}
+    replicas: int = 1  # identical instances of ``layout``, each serving concurrency / replicas requests
+
+    def describe(self) -> str:
+        return (f"{self.replicas} x " if self.replicas > 1 else "") + self.layout.describe()
 
     def score(self, profile: str) -> float:
         s = self.state
@@ -94,6 +99,31 @@ def candidate_specs(speculative: str | None, draft_tokens: int | None, accept: f
     if draft_tokens is not None or accept is not None:
         raise ValueError("--draft-tokens and --accept-length need --speculative mtp")
     return [Speculation(k, default_accept(k)) for k in range(MAX_DRAFT + 1)]
+
+
+def replica_counts(gpus: int, parallel: str | None, disagg: bool, given: int | None = None) -> list[int]:
+    """How many identical instances the GPUs may form: every divisor of ``gpus`` (``given``: that one, which must
+    divide it); one instance where a layout is given for all of them (``--parallel`` without ``replicas``) or
+    prefill runs apart (``--disagg``)."""
+    if given is not None:
+        if given < 1 or gpus % given:
+            raise ValueError(f"replicas {given} must divide --gpus {gpus}")
+        return [given]
+    if parallel or disagg:
+        return [1]
+    return [r for r in range(1, gpus + 1) if gpus % r == 0]
+
+
+def replicated(opt: Option, replicas: int) -> Option:
+    """``opt`` (one instance at its share of the requests) as ``replicas`` identical instances: the same latency
+    and tokens/s per GPU, ``replicas`` times the requests, GPUs and sequences that fit."""
+    if replicas == 1:
+        return opt
+    s = opt.state
+    state = replace(s, concurrency=s.concurrency * replicas, decoding=s.decoding * replicas,
+                    requests_per_s=s.requests_per_s * replicas, gpus=s.gpus * replicas)
+    return replace(opt, concurrency=opt.concurrency * replicas, state=state,
+                   max_concurrency=opt.max_concurrency * replicas, replicas=replicas)
 
 
 def _concurrencies(profile: str, given: int | None, most: int) -> list[int]:
@@ -175,39 +205,46 @@ def _prefill_sizes(ppool: Pool, decode_gpus: int, given: int | None, max_gpus: i
 
 def choose(profile: str, src, gpu, eff, w: Workload, *, gpus: int, parallel: str | None = None,
            concurrency: int | None = None, specs: list[Speculation], disagg: bool = False,
-           prefill_gpus: int | None = None, max_gpus: int | None = None) -> Choice:
+           prefill_gpus: int | None = None, max_gpus: int | None = None, replicas: int | None = None) -> Choice:
+    """The best option for ``profile``; ``replicas`` (with ``parallel`` for one instance's GPUs) fixes the
+    instances, else every count that divides ``gpus`` is tried (see ``replica_counts``)."""
     if profile not in PROFILES:
         raise ValueError(f"--profile must be one of {', '.join(PROFILES)}, got {profile!r}")
     if concurrency is not None and concurrency < 1:
         raise ValueError(f"--concurrency must be >= 1, got {concurrency}")
     ppool = prefill_layout(src, gpu, eff, w) if disagg else None
     considered, best = [], None
-    for pool, refused in pools(src, gpu, eff, gpus, parallel):
-        if refused:
-            considered.append((pool.describe(), refused))
-            continue
-        for spec in specs:
-            name = f"{pool.layout.describe()}, " + (f"MTP {spec.draft_tokens}" if spec.draft_tokens else "no MTP")
-            most = max_concurrency(pool, w.max_context, chunk=w.prefill_chunk, tokens=spec.draft_tokens + 1,
-                                   mtp=spec.draft_tokens > 0)
-            if most == 0:
-                need = memory_per_gpu(pool, 1, w.max_context, chunk=w.prefill_chunk, tokens=spec.draft_tokens + 1,
-                                      mtp=spec.draft_tokens > 0)
-                considered.append((name, f"one sequence of {w.max_context} tokens does not fit: "
-                                         f"{need['total_bytes'] / 1e9:.1f} GB per GPU of "
-                                         f"{need['usable_bytes'] / 1e9:.1f} GB usable"))
+    for r in replica_counts(gpus, parallel if replicas is None else None, disagg, replicas):
+        each = f"{r} x " if r > 1 else ""
+        for pool, refused in pools(src, gpu, eff, gpus // r, parallel):
+            if refused:
+                considered.append((each + pool.describe(), refused))
                 continue
-            if concurrency is not None and w.running(concurrency) > most:
-                considered.append((name, f"--concurrency {concurrency} does not fit: at most {most} sequences of "
-                                         f"{w.max_context} tokens"))
-                continue
-            for c in _concurrencies(profile, concurrency, most):
-                for p in _prefill_sizes(ppool, gpus, prefill_gpus, max_gpus) if disagg else [None]:
-                    opt = evaluate(pool, w, spec, c, most, (ppool, p) if disagg else None)
-                    considered.append((f"{name}, concurrency {c}" + (f", {p} prefill GPUs" if p else ""),
-                                       opt.score(profile)))
-                    if best is None or opt.score(profile) > best.score(profile):
-                        best = opt
+            for spec in specs:
+                name = each + f"{pool.layout.describe()}, " + (f"MTP {spec.draft_tokens}" if spec.draft_tokens
+                                                                 else "no MTP")
+                most = max_concurrency(pool, w.max_context, chunk=w.prefill_chunk, tokens=spec.draft_tokens + 1,
+                                       mtp=spec.draft_tokens > 0)
+                if most == 0:
+                    need = memory_per_gpu(pool, 1, w.max_context, chunk=w.prefill_chunk,
+                                          tokens=spec.draft_tokens + 1, mtp=spec.draft_tokens > 0)
+                    considered.append((name, f"one sequence of {w.max_context} tokens does not fit: "
+                                             f"{need['total_bytes'] / 1e9:.1f} GB per GPU of "
+                                             f"{need['usable_bytes'] / 1e9:.1f} GB usable"))
+                    continue
+                if concurrency is not None and (concurrency % r or w.running(concurrency // r) > most):
+                    considered.append((name, f"--concurrency {concurrency} does not split into {r} instances"
+                                       if concurrency % r else f"--concurrency {concurrency} does not fit: at most "
+                                       f"{most * r} sequences of {w.max_context} tokens"))
+                    continue
+                # each instance serves an equal share: the deployment's concurrencies are multiples of r
+                for c in (c for c in _concurrencies(profile, concurrency, most * r) if c % r == 0):
+                    for p in _prefill_sizes(ppool, gpus, prefill_gpus, max_gpus) if disagg else [None]:
+                        opt = replicated(evaluate(pool, w, spec, c // r, most, (ppool, p) if disagg else None), r)
+                        considered.append((f"{name}, concurrency {c}" + (f", {p} prefill GPUs" if p else ""),
+                                           opt.score(profile)))
+                        if best is None or opt.score(profile) > best.score(profile):
+                            best = opt
     if best is None:
         raise ValueError("no layout fits: " + "; ".join(f"{n}: {why}" for n, why in considered))
     return Choice(best, considered)

@@ -12,7 +12,10 @@ def _num(x: float | None, fmt: str = ",.0f") -> str:
 
 def format_plan(r: dict) -> str:
     m, w, spec, b = r["memory_per_gpu"], r["workload"], r["speculative"], r["bounds"]
-    pool = f"{r['gpus']} x {r['gpu']['name']}, " + (r["layout"]["parallel"] or "one GPU")
+    lay = r["layout"]
+    each = f"{lay['replicas']} instances of {lay['world_size']} GPU{'s' if lay['world_size'] > 1 else ''}" + \
+        (f" ({lay['parallel']})" if lay["parallel"] else "") if lay.get("replicas", 1) > 1 else None
+    pool = f"{r['gpus']} x {r['gpu']['name']}, " + (each or lay["parallel"] or "one GPU")
     if r["disaggregated"]:
         pool += f"; prefill on {r['prefill']['gpus']} more GPUs ({r['prefill']['layout']})"
     mtp = (f"MTP {spec['draft_tokens']} draft tokens, {spec['accept_length']:.2f} accepted per step"
@@ -46,7 +49,8 @@ def format_plan(r: dict) -> str:
         lines += ["", f"{'profile':<16}{'conc':>6}{'layout':>16}{'MTP':>5}{'tok/s/user':>12}{'tok/s/GPU':>12}"
                       f"{'TTFT ms':>10}{'TPOT ms':>9}  pareto"]
         for p in r["sweep"]:
-            lines.append(f"{p['profile']:<16}{p['concurrency']:>6}{p['parallel'] or '1 GPU':>16}{p['draft_tokens']:>5}"
+            lay = (f"{p['replicas']} x " if p.get("replicas", 1) > 1 else "") + (p["parallel"] or "1 GPU")
+            lines.append(f"{p['profile']:<16}{p['concurrency']:>6}{lay:>16}{p['draft_tokens']:>5}"
                          f"{p['tokens_per_s_per_user']:>12.1f}{p['tokens_per_s_per_gpu']:>12,.0f}{p['ttft_ms']:>10.0f}"
                          f"{p['tpot_ms']:>9.2f}  {'*' if p['pareto'] else ''}")
     return "\n".join(lines)

@@ -63,8 +63,9 @@ def make_plan(model, *, gpu, gpus: int, input_len: int, output_len: int, concurr
         "profile": profile,
         "workload": {"input_len": input_len, "output_len": output_len, "chunk_tokens": w.prefill_chunk,
                      "max_running": max_running},
+        # one instance's layout; ``replicas`` identical instances share the requests
         "layout": {"parallel": best.layout.parallel, "world_size": best.layout.world, "attn": best.layout.attn,
-                   "ep": best.layout.experts_split},
+                   "ep": best.layout.experts_split, "replicas": best.replicas},
         "kv_cache_format": src.kv_cache,
         "indexer_cache_format": src.indexer_cache,
         "formats_from": src.formats_from,

@@ -110,7 +110,8 @@ def _recipe_row(row: Row, model: Path) -> dict:
                     concurrency=row.concurrency, profile=row.profile, **engine)
     predicted = {k: given[k] for k in row.measured}
     return {"predicted": predicted, "recipe": f"{r['parallel']}, MTP {r['draft_tokens']}",
-            "plan_choice": f"{own['layout']['parallel']}, MTP {own['speculative']['draft_tokens']}"}
+            "plan_choice": (f"{own['layout']['replicas']} x " if own["layout"]["replicas"] > 1 else "")
+                           + f"{own['layout']['parallel'] or '1 GPU'}, MTP {own['speculative']['draft_tokens']}"}
 
 
 def _frontier_row(row: Row, model: Path) -> dict:

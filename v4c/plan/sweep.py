@@ -17,6 +17,7 @@ def pareto(points: list[dict]) -> list[dict]:
 def point(profile: str, opt) -> dict:
     s = opt.state
     return {"profile": profile, "concurrency": opt.concurrency, "parallel": opt.layout.parallel,
+            "replicas": opt.replicas,
             "draft_tokens": opt.spec.draft_tokens, "accept_length": opt.spec.accept_length,
             "prefill_gpus": opt.prefill["gpus"] if opt.prefill else None, "gpus": s.gpus,
             "tokens_per_s_per_user": s.tokens_per_s_per_user, "tokens_per_s_per_gpu": s.tokens_per_s_per_gpu,
@@ -29,8 +30,9 @@ def sweep(src, gpu, eff, w, *, gpus: int, parallel, specs, disagg: bool = False,
     pools = dict(disagg=disagg, prefill_gpus=prefill_gpus, max_gpus=max_gpus)
     for profile in profiles:
         chosen = choose(profile, src, gpu, eff, w, gpus=gpus, parallel=parallel, specs=specs, **pools).best
-        fixed = dict(parallel=chosen.layout.parallel, specs=[chosen.spec])
-        for c in _concurrencies("balanced", None, chosen.max_concurrency):  # every power of two up to the limit
+        fixed = dict(parallel=chosen.layout.parallel, specs=[chosen.spec], replicas=chosen.replicas)
+        # every power of two up to the limit (that the instances share equally)
+        for c in (c for c in _concurrencies("balanced", None, chosen.max_concurrency) if c % chosen.replicas == 0):
             opt = choose(profile, src, gpu, eff, w, gpus=gpus, concurrency=c, **pools, **fixed).best
             points.append(point(profile, opt))
     return pareto(points)

@@ -80,7 +80,8 @@ def pareto_section(plan: dict | None, plots: dict) -> str:
     if not plan:
         return ""
     from .page import _img, _table
-    rows = [(p["profile"], p["concurrency"], p["parallel"] or "1 GPU", p["draft_tokens"],
+    rows = [(p["profile"], p["concurrency"], (f"{p['replicas']} x " if p.get("replicas", 1) > 1 else "")
+             + (p["parallel"] or "1 GPU"), p["draft_tokens"],
              f"{p['tokens_per_s_per_user']:.1f}", f"{p['tokens_per_s_per_gpu']:,.0f}", f"{p['ttft_ms']:.0f}",
              f"{p['tpot_ms']:.2f}", "yes" if p["pareto"] else "")
             for p in plan["sweep"]]
