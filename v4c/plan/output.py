@@ -13,9 +13,12 @@ def _num(x: float | None, fmt: str = ",.0f") -> str:
 def format_plan(r: dict) -> str:
     m, w, spec, b = r["memory_per_gpu"], r["workload"], r["speculative"], r["bounds"]
     lay = r["layout"]
-    each = f"{lay['replicas']} instances of {lay['world_size']} GPU{'s' if lay['world_size'] > 1 else ''}" + \
-        (f" ({lay['parallel']})" if lay["parallel"] else "") if lay.get("replicas", 1) > 1 else None
-    pool = f"{r['gpus']} x {r['gpu']['name']}, " + (each or lay["parallel"] or "one GPU")
+    pool = f"{r['gpus']} x {r['gpu']['name']}, "
+    if lay["replicas"] > 1:
+        pool += f"{lay['replicas']} instances of {lay['world_size']} GPU{'s' if lay['world_size'] > 1 else ''}"
+        pool += f" ({lay['parallel']})" if lay["parallel"] else ""
+    else:
+        pool += lay["parallel"] or "one GPU"
     if r["disaggregated"]:
         pool += f"; prefill on {r['prefill']['gpus']} more GPUs ({r['prefill']['layout']})"
     mtp = (f"MTP {spec['draft_tokens']} draft tokens, {spec['accept_length']:.2f} accepted per step"

@@ -459,22 +459,6 @@ def ring_append_(ring: torch.Tensor, ring_pos: torch.Tensor, kv: torch.Tensor, p
     _ops().ring_append_(ring, ring_pos, kv, pos)
 
 
-_KINDS = ("sliding", "hca", "csa")
-
-
-def attention_supported(q, kv, ring, ring_pos, pos, rows, idx, kind, kv_format) -> bool:
-    """Whether ``attention`` takes these: plain caches (no storage format) of q's dtype, fp32, bf16 or fp16,
-    everything contiguous on the CPU, int64 positions."""
-    if library() is None or kv_format is not None or kind not in _KINDS or q.dtype not in _FLOATS:
-        return False
-    ts = [q, kv, ring] + ([rows] if kind != "sliding" else [])
-    if any(t is None or t.device.type != "cpu" or t.dtype != q.dtype or not t.is_contiguous() for t in ts):
-        return False
-    ints = [ring_pos, pos] + ([idx] if kind == "csa" else [])
-    return all(t is not None and t.dtype == torch.int64 and t.device.type == "cpu" and t.is_contiguous()
-               for t in ints)
-
-
 def attention(q, kv, ring, ring_pos, sinks, pos, rows=None, idx=None, *, kind, window, ratio=0, scale, isa=None):
     """The ``attention`` op in C (see attention.c): every query row against exactly its visible
     keys, rows split across threads. Returns [B, T, H, D] in q's dtype. bf16 on a CPU with

@@ -1,7 +1,8 @@
 /* The dot-product kernels of a decode step's weight streaming (the MoE's experts, moe.c; the dense
  * projections, linear.c), one per instruction set and weight dtype (dots_template.h holds their
  * loops): AVX2 + FMA and AVX-512F for fp32, bf16 and fp16 weights (bf16 and fp16 widened to fp32 in
- * registers, fp16 by F16C's conversion; fp32 token rows), AVX512-BF16 for bf16 weights (vdpbf16ps: bf16 pairs, fp32 sums, bf16 token rows), and
+ * registers, fp16 by F16C's conversion; fp32 token rows), AVX512-BF16 for bf16 weights (vdpbf16ps:
+ * bf16 pairs, fp32 sums, bf16 token rows), and
  * AVX-512VL: AVX2's loops on 32 registers (bigger blocks for prefill calls, the same bits as AVX2).
  *
  * Each is compiled with a function-level target attribute, not -march: the library holds all of

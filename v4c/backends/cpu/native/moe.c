@@ -83,12 +83,7 @@ static void down_rows(void *p, long a, long e, int tid) {
         if (o0 >= o1) continue;
         float *Y = j->Y + m->row * D;
         j->dots(m->down + o0 * in * esz, o1 - o0, in, j->arows + m->row, m->c, Y + o0, D);
-        if (j->dt == 1) /* (a constant dtype per loop: bf16's rounding vectorises) */
-            for (int r = 0; r < m->c; r++)
-                for (long o = o0; o < o1; o++) Y[r * D + o] = round_to(Y[r * D + o], 1);
-        else if (j->dt == 2)
-            for (int r = 0; r < m->c; r++)
-                for (long o = o0; o < o1; o++) Y[r * D + o] = round_to(Y[r * D + o], 2);
+        moe_round_cols(Y, m->c, D, o0, o1, j->dt);
     }
 }
 

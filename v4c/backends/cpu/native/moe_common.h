@@ -65,6 +65,17 @@ V4C_CLONES V4C_UNUSED static void moe_swiglu(const float *G, const float *U, lon
     }
 }
 
+/* columns [o0, o1) of c rows of Y (stride D), a down projection's fp32 sums, as stored in dtype dt (as the
+ * reference's product rounds them); a loop per dtype, so bf16's rounding vectorises */
+static inline void moe_round_cols(float *Y, int c, long D, long o0, long o1, int dt) {
+    if (dt == 1)
+        for (int r = 0; r < c; r++)
+            for (long o = o0; o < o1; o++) Y[r * D + o] = round_to(Y[r * D + o], 1);
+    else if (dt == 2)
+        for (int r = 0; r < c; r++)
+            for (long o = o0; o < o1; o++) Y[r * D + o] = round_to(Y[r * D + o], 2);
+}
+
 /* the last pass of both: columns [d0, d1) of every token's weighted sum of its experts' rows of Y
  * ([n + t, D]: one row per assignment, then the shared expert's t rows when `shared`), adding the
  * assignments in their order (perm[lo ..], token = slot / k), so the result does not depend on the

@@ -289,8 +289,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> router_step(const Tensor &x, const Te
 
 // ---- quantised weights (quant.c) --------------------------------------------------------------
 
-// the C code's format codes: 0 float32, 1 bfloat16 (plain weights), 2 FP8 e4m3 128x128, 3 MXFP4
-constexpr int QF_FP8 = 2, QF_MXFP4 = 3;
+// the C code's format codes (quant.c): plain weights 0 float32, 1 bfloat16, 4 float16; 2 FP8 e4m3 128x128, 3 MXFP4
+constexpr int QF_FP8 = 2, QF_MXFP4 = 3, QF_F16 = 4;
 
 int quant_code(c10::string_view fmt_arg, const char *op, const char *name) {
     const std::string fmt(fmt_arg.data(), fmt_arg.size());
@@ -393,7 +393,7 @@ Tensor moe_decode_q(const Tensor &x, const Tensor &w, const Tensor &perm, const 
     const bool shared = shared_gate.has_value();
     TORCH_CHECK_VALUE(shared == shared_up.has_value() && shared == shared_down.has_value(), "v4c_native.", op,
                       ": the shared expert needs all of gate, up and down, or none");
-    int sfmt = dt == 2 ? 4 : dt; // a plain shared expert: the activations' dtype (quant.c's QF_F32 / QF_BF16 / QF_F16)
+    int sfmt = dt == 2 ? QF_F16 : dt; // a plain shared expert: the activations' dtype (its plain format's code)
     int64_t Is = 0;
     if (shared) {
         Is = shared_gate->dim() >= 1 ? shared_gate->size(0) : 0;

@@ -24,8 +24,9 @@
  *
  * `v4c_qlinear` is a dense product (`linear`, the fused projections' and the output projection's
  * grouped one); `v4c_moe_decode_q` the routed experts (and the shared expert, quantised or plain fp32 /
- * bf16 / fp16, the activations' dtype) of a decode step, in the three passes of moe.c over PyTorch's OpenMP team, plus one between
- * the first two that quantises the activations of every quantised down projection.
+ * bf16 / fp16, the activations' dtype) of a decode step, in the three passes of moe.c over PyTorch's
+ * OpenMP team, plus one between the first two that quantises the activations of every quantised down
+ * projection.
  * Roundings for bf16 (fp16) activations follow moe.c (each product and activation step rounded to bf16 as
  * the reference's ops round them; the weighted sum in fp32, rounded once).
  */
@@ -47,7 +48,7 @@
 /* weight formats (the `fmt` codes of the entry points) */
 enum { QF_F32 = 0, QF_BF16 = 1, QF_FP8 = 2, QF_MXFP4 = 3, QF_F16 = 4 };
 
-/* the plain format of activations of dtype dt (0 fp32, 1 bf16, 2 fp16), and a plain format's weight dtype */
+/* the plain format of activations of dtype dt (0 fp32, 1 bf16, 2 fp16); whether a format is a plain one */
 static int plain_fmt(int dt) { return dt == 2 ? QF_F16 : dt == 1 ? QF_BF16 : QF_F32; }
 static int is_plain(int fmt) { return fmt == QF_F32 || fmt == QF_BF16 || fmt == QF_F16; }
 
@@ -500,12 +501,7 @@ static void q_down_rows(void *p, long a, long e, int tid) {
         if (o0 >= o1) continue;
         float *Y = j->Y + m->row * D;
         qmat_rows(&m->down, o0, o1, j->ar + m->row, m->c, Y, D, xs, xp);
-        if (j->dt == 1) /* (a constant dtype per loop: bf16's rounding vectorises) */
-            for (int r = 0; r < m->c; r++)
-                for (long o = o0; o < o1; o++) Y[r * D + o] = round_to(Y[r * D + o], 1);
-        else if (j->dt == 2)
-            for (int r = 0; r < m->c; r++)
-                for (long o = o0; o < o1; o++) Y[r * D + o] = round_to(Y[r * D + o], 2);
+        moe_round_cols(Y, m->c, D, o0, o1, j->dt);
     }
 }
 
