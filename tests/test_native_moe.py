@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from impls import CPU, chosen
-from v4c.backends.cpu import native, wide
+from v4c.backends.cpu import moe, native, wide
+from v4c.backends.cpu.weight_views import WeightViews
 from v4c.graph.ops.collective import ep_select
 from v4c.graph.ops.fused import moe_ffn as ref_ffn
 from v4c.graph.ops.fused import moe_router as ref_router
@@ -226,6 +227,8 @@ def test_backend_binds_the_c_path_for_decode_calls_of_any_width(dtype):
     c = native.moe_decode_available(dtype) and (dtype == torch.float32 or plain_half)
     want = ("native-wide-prefill" if plain_half else "native-prefill") if c else \
         ("wide-prefill" if plain_half else "grouped")
+    if dtype == torch.bfloat16 and native.moe_decode_available(dtype) and wide.native_bf16() == "avx512_bf16":
+        want = "native-bf16-prefill"  # its small calls (below)
     assert chosen("moe_ffn", *args, limit=2.0, phase="prefill") == want
     double = [a.double() if isinstance(a, torch.Tensor) and a.dtype == dtype else a for a in args]
     with pytest.raises(ValueError, match="native-decode declines .*activations are f64 \\(the C products take f32, bf16, f16\\)"):
@@ -234,6 +237,31 @@ def test_backend_binds_the_c_path_for_decode_calls_of_any_width(dtype):
     mixed[5] = mixed[5].to(torch.bfloat16 if dtype == torch.float32 else torch.float32)
     with pytest.raises(ValueError, match="native-decode declines .*an expert weight is"):
         CPU.callable("moe_ffn", mixed, {"limit": 2.0}, name="native-decode", phase="decode")
+
+
+@pytest.mark.skipif(not native.moe_decode_available(torch.bfloat16), reason="no C MoE on this CPU")
+def test_bf16_prefill_on_avx512_bf16_takes_the_c_kernel_for_small_calls(monkeypatch):
+    """Where the CPU's bf16 arithmetic is AVX512-BF16, PyTorch's bf16 GEMMs lead only on long calls: a bf16
+    prefill's calls of up to NATIVE_BF16_PREFILL_TOKENS take the C kernel (a token's bits as in a decode step),
+    longer ones the grouped GEMMs. AMX, or no bf16 arithmetic, keeps the paths it had."""
+    args = _case((96, 48, 17, 9, 32, 6), torch.bfloat16, seed=9)
+    monkeypatch.setattr(wide, "native_bf16", lambda: "avx512_bf16")
+    assert chosen("moe_ffn", *args, limit=2.0, phase="prefill") == "native-bf16-prefill"
+    fn = CPU.callable("moe_ffn", args, {"limit": 2.0}, name="native-bf16-prefill", phase="prefill",
+                      ctx=WeightViews())
+    assert torch.equal(fn(*args, limit=2.0), _run(args))  # 96 tokens: the C kernel
+    _close(fn(*args, limit=2.0), args)
+    monkeypatch.setattr(moe, "NATIVE_BF16_PREFILL_TOKENS", 95)  # one token past it: the grouped GEMMs
+    want = moe.moe_grouped(*args, limit=2.0, views=WeightViews())
+    assert torch.equal(fn(*args, limit=2.0), want) and not torch.equal(want, _run(args))
+    monkeypatch.setattr(wide, "native_bf16", lambda: "amx_bf16")
+    assert chosen("moe_ffn", *args, limit=2.0, phase="prefill") == "grouped"
+    with pytest.raises(ValueError, match="native-bf16-prefill declines .*this CPU's bf16 arithmetic is amx_bf16, "
+                                         "not avx512_bf16"):
+        CPU.callable("moe_ffn", args, {"limit": 2.0}, name="native-bf16-prefill", phase="prefill")
+    f32 = [a.float() if isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 else a for a in args]
+    monkeypatch.setattr(wide, "native_bf16", lambda: "avx512_bf16")
+    assert chosen("moe_ffn", *f32, limit=2.0, phase="prefill") == "native-prefill"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

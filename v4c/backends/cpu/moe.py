@@ -56,13 +56,25 @@ moe_native_q = _c_moe("moe_decode_q", """Quantised routed experts (MXFP4 as rele
 # all of the call's rows, 2.5x the widened grouped GEMMs on a 256-token bf16 chunk here (1.7x in fp32),
 # still ahead at 1,024 tokens in bf16, even in fp32 there; the grouped GEMMs beyond.
 NATIVE_PREFILL_TOKENS = 1024
+# The same for bf16 on a CPU with AVX512-BF16, where PyTorch's bf16 GEMMs run at the machine's bf16 rate: the C
+# kernel still leads up to about this many tokens (a Zen 4, the MoE call alone, hidden 512 / 32 experts and
+# hidden 1,024 / 64 experts, top-6, bf16: 8-10x at 4-16 tokens, 1.5-2x at 128, 1.1-1.4x at 512, even at 768-1,024,
+# behind at 2,048-4,096).
+NATIVE_BF16_PREFILL_TOKENS = 512
 
 
 def moe_prefill(h, idx, w, perm, offsets, w13, w2, sg=None, su=None, sd=None, *, limit, views, mm=None,
-                lin=linear):
-    if h.numel() // h.shape[-1] <= NATIVE_PREFILL_TOKENS:
+                lin=linear, native_tokens=None):
+    if h.numel() // h.shape[-1] <= (NATIVE_PREFILL_TOKENS if native_tokens is None else native_tokens):
         return moe_native(h, idx, w, perm, offsets, w13, w2, sg, su, sd, limit=limit)
     return moe_grouped(h, idx, w, perm, offsets, w13, w2, sg, su, sd, limit=limit, views=views, mm=mm, lin=lin)
+
+
+def moe_prefill_bf16(h, idx, w, perm, offsets, w13, w2, sg=None, su=None, sd=None, *, limit, views):
+    """``moe_prefill`` on a CPU with bf16 arithmetic: the C kernel for calls of up to NATIVE_BF16_PREFILL_TOKENS,
+    PyTorch's bf16 grouped GEMMs beyond."""
+    return moe_prefill(h, idx, w, perm, offsets, w13, w2, sg, su, sd, limit=limit, views=views,
+                       native_tokens=NATIVE_BF16_PREFILL_TOKENS)
 
 
 def moe_decode(h, idx, w, perm, offsets, w13, w2, sg=None, su=None, sd=None, *, limit, views):

@@ -295,7 +295,19 @@ CPU.add("moe_ffn", "decode", _all(_phase("decode"), _plain_weights(5, 6, 7, 8, 9
     moe.moe_decode)
 
 
+def _avx512_bf16(call: Call) -> str | None:
+    """bf16 activations on a CPU whose bf16 arithmetic is AVX512-BF16 (measured there); AMX's tiles, which
+    PyTorch's GEMMs use where a CPU has them, are several times its multiply-adds a cycle and not measured."""
+    if call.dtype(0) != "bf16":
+        return f"activations are {call.dtype(0)} (this path is bf16's)"
+    have = wide.native_bf16()
+    return None if have == "avx512_bf16" else f"this CPU's bf16 arithmetic is {have or 'none'}, not avx512_bf16"
+
+
 _moe_c_prefill = _native(_phase("prefill"), _plain_weights(5, 6, 7, 8, 9), _dots_isa, _slow_half_gemm)
+# a bf16 prefill on AVX512-BF16: the C kernel for its small calls, PyTorch's bf16 GEMMs for the long ones
+CPU.add("moe_ffn", "native-bf16-prefill", _native(_phase("prefill"), _plain_weights(5, 6, 7, 8, 9), _dots_isa,
+                                                   _avx512_bf16), bind=_moe(moe.moe_prefill_bf16))(moe.moe_prefill_bf16)
 _moe_c_wide = partial(moe.moe_prefill, mm=wide.expert_mm, lin=wide.linear)  # beyond the C kernel's share
 CPU.add("moe_ffn", "native-wide-prefill", _all(_moe_c_prefill, _wide(5, 6)), bind=_moe(_moe_c_wide))(_moe_c_wide)
 CPU.add("moe_ffn", "native-prefill", _moe_c_prefill, bind=_moe(moe.moe_prefill))(moe.moe_prefill)
