@@ -114,7 +114,7 @@ def test_compressor_prefill(ratio, overlap):
     states = lambda: [torch.zeros(B, 40, d), torch.zeros(B, c * ratio, c * d), torch.zeros(B, c * ratio, c * d)]  # noqa: E731
     attrs = dict(ratio=ratio, overlap=overlap, eps=1e-6, rope_dim=8, theta=10000.0)
     args = (h, wkv, wgate, ape, norm_w, *states(), pos)
-    assert chosen("compressor", *args, phase="prefill", **attrs) == "wide-prefill"
+    assert chosen("compressor", *args, phase="prefill", **attrs) == "native-wide-prefill"  # (the pooling in C)
     got = run("compressor", h, wkv, wgate, ape, norm_w, *states(), pos, **attrs)
     for i in range(3):  # the rows written, and both pending rings
         _as_close_as_reference("compressor", (h, wkv, wgate, ape, norm_w, *states(), pos), attrs, got=got,

@@ -360,6 +360,10 @@ CPU.add("compressor", "native-decode", _all(_gemv(1, 2), _fp32_pending, _norm_we
 CPU.add("compressor", "native-quant", _all(_qgemv(1, 2), _phase("decode"), _fp32_pending, _norm_weight))(
     partial(compressor.compressor_c, lin=dense.qgemv))
 CPU.add("compressor", "native-quant-prefill", _all(_qgemv(1, 2), _fp32_pending))(
-    partial(compressor.compressor, lin=dense.qgemv))
+    partial(compressor.compressor_prefill, lin=dense.qgemv))
 CPU.add("compressor", "decode", _all(_phase("decode"), _fp32_pending))(compressor.compressor)
+CPU.add("compressor", "native-wide-prefill", _all(_wide(1, 2), _library, _fp32_pending))(
+    partial(compressor.compressor_prefill, lin=wide.linear))
 CPU.add("compressor", "wide-prefill", _wide(1, 2))(partial(compressor.compressor, lin=wide.linear))
+CPU.add("compressor", "native-prefill", _native(_phase("prefill"), _float(0, "h"), _fp32_pending))(
+    compressor.compressor_prefill)

@@ -367,6 +367,7 @@ class _Ops:
         self.moe_route = ns.moe_route.default
         self.sqrt_softplus_ = ns.sqrt_softplus_.default
         self.compress_step_ = ns.compress_step_.default
+        self.compress_prefill_ = ns.compress_prefill_.default
         self.indexer_topk = ns.indexer_topk.default
         self.ring_append_ = ns.ring_append_.default
         self.attention_step_ = ns.attention_step_.default
@@ -518,6 +519,13 @@ def compress_step_(kv, gate, ape, pend_kv, pend_gate, pos, ratio: int, overlap: 
     slot (in place), and for the rows whose token closes a window the pooled row [B, d] fp32 (before
     RMSNorm and RoPE; the other rows' are undefined)."""
     return _ops().compress_step_(kv, gate, ape, pend_kv, pend_gate, pos, ratio, overlap)
+
+
+def compress_prefill_(kv, gate, ape, pend_kv, pend_gate, pos, ratio: int, overlap: bool):
+    """``compress_step_`` for a prefill call's ``[B, T, C]`` rows (positions consecutive from each row's first,
+    padding -1 after them), token after token through the pending ring (in place): the windows each row closes,
+    pooled ``[B, W, d]`` fp32 and their indices ``win [B, W]`` (-1 past a row's last; W = T // ratio + 1)."""
+    return _ops().compress_prefill_(kv, gate, ape, pend_kv, pend_gate, pos, ratio, overlap)
 
 
 def compress_decode_(h, wkv, wgate, ape, pend_kv, pend_gate, pos, ratio: int, overlap: bool):

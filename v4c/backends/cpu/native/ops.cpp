@@ -50,6 +50,9 @@ int v4c_best_isa(int wdt);
 int v4c_use_openmp(void *parallel, void *thread_num, void *num_threads);
 int v4c_compress_step(long B, int C, int ratio, int overlap, int dt, const void *kv, const void *gate,
                       const float *ape, float *pend_kv, float *pend_gate, const int64_t *pos, float *pooled);
+int v4c_compress_prefill(int threads, long B, long T, int C, int ratio, int overlap, int dt, const void *kv,
+                         const void *gate, const float *ape, float *pend_kv, float *pend_gate, const int64_t *pos,
+                         float *pooled, int64_t *win, long W);
 long v4c_indexer_work(int threads, int H, int D, long n);
 int v4c_indexer_topk(int threads, long B, long T, int H, int D, int qdt, const void *q, const void *w, int kdt,
                      const void *keys, long N, const int64_t *pos, int ratio, float scale, int topk, int64_t *out,
@@ -270,12 +273,10 @@ Tensor attention(const Tensor &q, const Tensor &kv, const Tensor &ring, const Te
     return out;
 }
 
-// the compressor's decode step after its products (compress.c): kv, gate [B, 1, C] (fp32 / bf16), ape
-// [ratio, C] fp32, pend_kv / pend_gate [B, slots, C] fp32 (updated in place), pos [B, 1]; returns pooled
-// [B, C / (1 + overlap)] fp32, written for the rows whose token closes a window (the others: undefined)
-Tensor compress_step_(const Tensor &kv, const Tensor &gate, const Tensor &ape, Tensor &pend_kv, Tensor &pend_gate,
-                      const Tensor &pos, int64_t ratio, bool overlap) {
-    const char *op = "compress_step_";
+// the operands of the compressor's C steps after their products: kv, gate [B, T, C] (fp32 / bf16 / fp16), ape
+// [ratio, C] fp32, pend_kv / pend_gate [B, slots, C] fp32, pos [B, T]; returns kv's dtype code
+static int check_compress(const char *op, const Tensor &kv, const Tensor &gate, const Tensor &ape, const Tensor &pend_kv,
+                          const Tensor &pend_gate, const Tensor &pos, int64_t ratio, bool overlap) {
     const int dt = float_code(kv, op, "kv");
     check_plain(kv, op, "kv");
     check_plain(gate, op, "gate");
@@ -284,23 +285,34 @@ Tensor compress_step_(const Tensor &kv, const Tensor &gate, const Tensor &ape, T
     check_plain(pend_gate, op, "pend_gate");
     check_plain(pos, op, "pos");
     check_dtype(gate, kv.scalar_type(), op, "gate");
-    TORCH_CHECK_VALUE(ratio >= 1, "v4c_native.compress_step_: ratio must be >= 1, got ", ratio);
-    TORCH_CHECK_VALUE(kv.dim() == 3 && kv.size(1) == 1, "v4c_native.compress_step_: kv must be [B, 1, C], got shape ",
-                      kv.sizes());
-    const int64_t B = kv.size(0), C = kv.size(2), slots = (overlap ? 2 : 1) * ratio;
-    TORCH_CHECK_VALUE(!overlap || C % 2 == 0, "v4c_native.compress_step_: with overlap C must be even, got ", C);
+    TORCH_CHECK_VALUE(ratio >= 1, "v4c_native.", op, ": ratio must be >= 1, got ", ratio);
+    TORCH_CHECK_VALUE(kv.dim() == 3, "v4c_native.", op, ": kv must be [B, T, C], got shape ", kv.sizes());
+    const int64_t B = kv.size(0), T = kv.size(1), C = kv.size(2), slots = (overlap ? 2 : 1) * ratio;
+    TORCH_CHECK_VALUE(!overlap || C % 2 == 0, "v4c_native.", op, ": with overlap C must be even, got ", C);
     check_fits_int(C, op, "width C");
-    check_numel(gate, B * C, op, "gate", "[B, 1, C]");
+    check_numel(gate, B * T * C, op, "gate", "[B, T, C]");
     check_dtype(ape, at::kFloat, op, "ape");
     check_numel(ape, ratio * C, op, "ape", "[ratio, C]");
-    for (const Tensor *t : {static_cast<const Tensor *>(&pend_kv), static_cast<const Tensor *>(&pend_gate)}) {
+    for (const Tensor *t : {&pend_kv, &pend_gate}) {
         check_dtype(*t, at::kFloat, op, "the pending slots");
-        TORCH_CHECK_VALUE(t->dim() == 3 && t->size(0) == B && t->size(1) == slots && t->size(2) == C,
-                          "v4c_native.compress_step_: the pending slots must be [B, ", slots, ", C] = [", B, ", ", slots,
-                          ", ", C, "], got shape ", t->sizes());
+        TORCH_CHECK_VALUE(t->dim() == 3 && t->size(0) == B && t->size(1) == slots && t->size(2) == C, "v4c_native.", op,
+                          ": the pending slots must be [B, ", slots, ", C] = [", B, ", ", slots, ", ", C,
+                          "], got shape ", t->sizes());
     }
     check_dtype(pos, at::kLong, op, "pos");
-    check_numel(pos, B, op, "pos", "[B, 1]");
+    check_numel(pos, B * T, op, "pos", "[B, T]");
+    return dt;
+}
+
+// the compressor's decode step after its products (compress.c): kv, gate [B, 1, C] (fp32 / bf16 / fp16), ape
+// [ratio, C] fp32, pend_kv / pend_gate [B, slots, C] fp32 (updated in place), pos [B, 1]; returns pooled
+// [B, C / (1 + overlap)] fp32, written for the rows whose token closes a window (the others: undefined)
+Tensor compress_step_(const Tensor &kv, const Tensor &gate, const Tensor &ape, Tensor &pend_kv, Tensor &pend_gate,
+                      const Tensor &pos, int64_t ratio, bool overlap) {
+    const char *op = "compress_step_";
+    const int dt = check_compress(op, kv, gate, ape, pend_kv, pend_gate, pos, ratio, overlap);
+    TORCH_CHECK_VALUE(kv.size(1) == 1, "v4c_native.compress_step_: kv must be [B, 1, C], got shape ", kv.sizes());
+    const int64_t B = kv.size(0), C = kv.size(2);
     Tensor pooled = at::empty({B, C / (overlap ? 2 : 1)}, kv.options().dtype(at::kFloat));
     const int rc = v4c_compress_step(B, int(C), int(ratio), overlap, dt, kv.data_ptr(), gate.data_ptr(),
                                      ape.data_ptr<float>(), pend_kv.data_ptr<float>(), pend_gate.data_ptr<float>(),
@@ -308,6 +320,26 @@ Tensor compress_step_(const Tensor &kv, const Tensor &gate, const Tensor &ape, T
     TORCH_CHECK_VALUE(rc == 0, "v4c_native.compress_step_: a position is negative, or closes a CSA window that has "
                       "no predecessor (the general path takes those)");
     return pooled;
+}
+
+// a prefill call's compressor after its products (compress.c): the operands of compress_step_ with T tokens a
+// row (positions consecutive from the row's first, padding -1 after them); returns the windows each row closes,
+// pooled [B, W, C / (1 + overlap)] fp32 and their indices win [B, W] (-1 past a row's last), W = T / ratio + 1
+std::tuple<Tensor, Tensor> compress_prefill_(const Tensor &kv, const Tensor &gate, const Tensor &ape, Tensor &pend_kv,
+                                             Tensor &pend_gate, const Tensor &pos, int64_t ratio, bool overlap) {
+    const char *op = "compress_prefill_";
+    const int dt = check_compress(op, kv, gate, ape, pend_kv, pend_gate, pos, ratio, overlap);
+    const int64_t B = kv.size(0), T = kv.size(1), C = kv.size(2), W = T / ratio + 1;
+    Tensor pooled = at::empty({B, W, C / (overlap ? 2 : 1)}, kv.options().dtype(at::kFloat));
+    Tensor win = at::empty({B, W}, pos.options());
+    const int rc = v4c_compress_prefill(threads(), B, T, int(C), int(ratio), overlap, dt, kv.data_ptr(),
+                                        gate.data_ptr(), ape.data_ptr<float>(), pend_kv.data_ptr<float>(),
+                                        pend_gate.data_ptr<float>(), pos.data_ptr<int64_t>(), pooled.data_ptr<float>(),
+                                        win.data_ptr<int64_t>(), W);
+    TORCH_CHECK_WITH(OutOfMemoryError, rc != -2, "v4c_native.compress_prefill_: could not allocate its row tables");
+    TORCH_CHECK_VALUE(rc == 0, "v4c_native.compress_prefill_: a row's positions must run on from its first, "
+                      "padding (negative) after them");
+    return {pooled, win};
 }
 
 // y [..., N] viewed as [..., heads, N / heads]
@@ -483,6 +515,8 @@ TORCH_LIBRARY(v4c_native, m) {
     m.def("openmp_entries() -> int[]", &openmp_entries);
     m.def("compress_step_(Tensor kv, Tensor gate, Tensor ape, Tensor(a!) pend_kv, Tensor(b!) pend_gate, Tensor pos, "
           "int ratio, bool overlap) -> Tensor");
+    m.def("compress_prefill_(Tensor kv, Tensor gate, Tensor ape, Tensor(a!) pend_kv, Tensor(b!) pend_gate, Tensor pos, "
+          "int ratio, bool overlap) -> (Tensor, Tensor)");
     m.def("indexer_topk(Tensor q, Tensor w, Tensor keys, Tensor pos, int topk, int ratio, float scale, "
           "str? isa=None) -> Tensor");
     m.def("linear_norm_rope(Tensor x, Tensor w, int heads, Tensor? norm_w, float eps, int rope_dim, Tensor? rot) "
@@ -503,6 +537,7 @@ TORCH_LIBRARY_IMPL(v4c_native, CPU, m) {
     m.impl("ring_append_", &ring_append_);
     m.impl("attention", &attention);
     m.impl("compress_step_", &compress_step_);
+    m.impl("compress_prefill_", &compress_prefill_);
     m.impl("indexer_topk", &indexer_topk);
     m.impl("attention_step_", &attention_step_);
     m.impl("compress_decode_", &compress_decode_);
