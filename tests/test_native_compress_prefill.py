@@ -121,6 +121,26 @@ def test_a_window_pools_the_same_bits_in_one_call_in_chunks_or_step_by_step():
     assert torch.equal(steps[0], rings[0]) and torch.equal(steps[1], rings[1])
 
 
+def test_pooling_does_not_depend_on_the_thread_count():
+    g = torch.Generator().manual_seed(9)
+    ratio, overlap, d = 4, True, 40
+    kv, gate, ape, norm_w = _inputs(g, 2, 300, ratio, overlap, d, torch.bfloat16)
+    pos = _positions([0, 13], [300, 250], 300)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            rings = [torch.zeros(2, 2 * ratio, 2 * d) for _ in range(2)]
+            outs.append((*native.compress_prefill_(kv, gate, ape, *rings, pos, ratio, overlap), *rings))
+    finally:
+        torch.set_num_threads(before)
+    valid = outs[0][1] >= 0  # (pooled past a row's last window is not written)
+    for pooled, win, ring_kv, ring_gate in outs[1:]:
+        assert torch.equal(win, outs[0][1]) and torch.equal(pooled[valid], outs[0][0][valid])
+        assert torch.equal(ring_kv, outs[0][2]) and torch.equal(ring_gate, outs[0][3])
+
+
 def test_backend_binds_the_c_prefill():
     g = torch.Generator().manual_seed(2)
     d, ratio = 16, 4
