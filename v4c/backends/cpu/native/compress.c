@@ -6,7 +6,9 @@
  * window (position + 1 a multiple of ratio) then pools it, per channel c < d: a softmax of the gates
  * over the window's tokens (with overlap, CSA's: the previous window's tokens on channel c, then this
  * window's on channel d + c) and the gate-weighted sum of their kv, in token order, into pooled[row];
- * RMSNorm, RoPE and the store stay with the caller (norm_rope.c). dt: 0 fp32, 1 bf16, 2 fp16 (kv, gate). */
+ * RMSNorm, RoPE and the store stay with the caller (norm_rope.c). dt: 0 fp32, 1 bf16, 2 fp16 (kv, gate).
+ * A prefill call's windows (v4c_compress_prefill) pool through the same function, its tokens read from the
+ * call's rows, so decode steps and prefill calls pool the same bits. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
