@@ -143,16 +143,6 @@ int v4c_compress_prefill(int threads, long B, long T, int C, int ratio, int over
                          const void *gate, const float *ape, float *pend_kv, float *pend_gate, const int64_t *pos,
                          float *pooled, int64_t *win, long W) {
     const int m = ratio, slots = overlap ? 2 * ratio : ratio, d = overlap ? C / 2 : C;
-    for (long b = 0; b < B; b++) { /* (checked before anything is written) */
-        const int64_t *pr = pos + b * T;
-        long t = 0;
-        while (t < T && pr[t] >= 0) {
-            if (pr[t] != pr[0] + t) return -1;
-            t++;
-        }
-        for (; t < T; t++)
-            if (pr[t] >= 0) return -1;
-    }
     int64_t *p0 = (int64_t *)malloc(sizeof(int64_t) * (B + 1));
     long *start = (long *)malloc(sizeof(long) * (B + 1)), *n = (long *)malloc(sizeof(long) * (B + 1));
     if (!p0 || !start || !n) {
@@ -160,12 +150,18 @@ int v4c_compress_prefill(int threads, long B, long T, int C, int ratio, int over
         return -2;
     }
     start[0] = 0;
-    for (long b = 0; b < B; b++) {
-        long c = 0;
-        while (c < T && pos[b * T + c] >= 0) c++;
-        n[b] = c;
-        p0[b] = c ? pos[b * T] : 0;
-        start[b + 1] = start[b] + (c ? (long)((p0[b] + c) / m - p0[b] / m) : 0);
+    for (long b = 0; b < B; b++) { /* each row's valid tokens and windows, checked before anything is written */
+        const int64_t *pr = pos + b * T;
+        long t = 0;
+        while (t < T && pr[t] >= 0 && pr[t] == pr[0] + t) t++;
+        for (long u = t; u < T; u++)
+            if (pr[u] >= 0) {
+                free(p0), free(start), free(n);
+                return -1;
+            }
+        n[b] = t;
+        p0[b] = t ? pr[0] : 0;
+        start[b + 1] = start[b] + (t ? (long)((p0[b] + t) / m - p0[b] / m) : 0);
     }
     for (long i = 0; i < B * W; i++) win[i] = -1;
     struct prefill_job J = {{T, C, m, slots, d, overlap ? 2 * m : m, overlap, dt, kv, gate, ape, pend_kv, pend_gate},
