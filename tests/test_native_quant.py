@@ -33,6 +33,13 @@ from v4c.graph.weights import QuantizedWeight, grouped_linear, linear
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DTYPE_IDS = ["f32", "bf16", "f16"]
 needs_q = pytest.mark.skipif(not native.quant_available(), reason="the quantised C products need AVX2 + FMA")
+ISAS = ("avx2", "avx512bf16")  # the quantised products' instruction sets (avx512bf16: quant_bf16.c's MXFP4 kernel)
+
+
+def _isa(isa):
+    if isa not in native.quant_isas():
+        pytest.skip(f"this CPU (or compiler) has no {isa} kernel for the quantised products")
+    return isa
 
 
 def _quant(w: torch.Tensor, fmt: str | None, dtype=torch.float32):
@@ -106,6 +113,22 @@ def test_moe_with_mxfp4_experts_equals_reference(dtype, shape, shared_fmt):
 
 
 @needs_q
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("shape", MOE_SHAPES, ids=lambda s: "t{}-D{}-I{}-S{}-E{}-k{}".format(*s))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_moe_with_mxfp4_experts_in_each_instruction_set(dtype, shape, isa):
+    """The kernel call itself with each instruction set named: the reference's result (as above), and fp32
+    sums of the two kernels within their order's rounding of each other."""
+    isa = _isa(isa)
+    args = _moe_case(shape, dtype, shared_fmt="mxfp4", seed=sum(shape) + 1)
+    h, idx, w, perm, offsets, w13, w2, *shared = args
+    d = h.shape[-1]
+    got = native.moe_decode_q(h.reshape(-1, d), w.reshape(-1), perm.reshape(-1), offsets, w13, w2, shared,
+                              k=idx.shape[-1], limit=2.0, isa=isa).view(h.shape)
+    _moe_close(got, args)
+
+
+@needs_q
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_moe_with_fp8_experts_equals_reference(dtype):
     """FP8 routed experts too (the same driver; widths off the 128-blocks, up rows sharing a block with gate rows)."""
@@ -158,6 +181,29 @@ def test_moe_result_does_not_depend_on_the_thread_count():
 
 
 @needs_q
+@pytest.mark.parametrize("isa", ISAS)
+def test_moe_token_rows_get_the_same_bits_alone_or_together(isa):
+    """A token's output is the same whether its experts see it alone (a decode step) or with the call's
+    other rows (a prefill chunk): a chunked prompt and one call agree to the bit."""
+    isa = _isa(isa)
+    h, idx, w, perm, offsets, w13, w2, *shared = _moe_case((11, 128, 64, 64, 4, 2), torch.bfloat16, seed=6,
+                                                          shared_fmt="mxfp4")
+
+    def call(rows):
+        sub = h[rows]
+        ridx, rw = idx[rows], w[rows]
+        order = torch.argsort(ridx.reshape(-1), stable=True)
+        offs = torch.cat([torch.zeros(1, dtype=torch.int64),
+                          torch.bincount(ridx.reshape(-1), minlength=4).cumsum(0)])
+        return native.moe_decode_q(sub.reshape(-1, 128), rw.reshape(-1), order, offs, w13, w2, shared, k=2,
+                                   limit=2.0, isa=isa)
+
+    whole = call(slice(0, 11))
+    for rows in (slice(0, 1), slice(4, 6), slice(2, 9)):
+        assert torch.equal(call(rows), whole[rows]), rows
+
+
+@needs_q
 def test_moe_names_bad_operands():
     h, idx, w, perm, offsets, w13, w2, *shared = _moe_case((2, 64, 32, 32, 4, 2), torch.float32)
     flat = h.reshape(-1, 64)
@@ -174,11 +220,13 @@ def test_moe_names_bad_operands():
 # ---- dense products ------------------------------------------------------------------------------
 
 @needs_q
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", ["f8e4m3", "mxfp4"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("t,n,k,groups", [(1, 37, 64, 1), (3, 300, 160, 1), (16, 130, 96, 1), (2, 1, 32, 1),
-                                          (4, 66, 256, 3), (1, 256, 64, 4)])
-def test_qlinear_equals_weights_linear(fmt, dtype, t, n, k, groups):
+                                          (4, 66, 256, 3), (1, 256, 64, 4), (7, 13, 96, 1), (2, 9, 64, 1)])
+def test_qlinear_equals_weights_linear(fmt, dtype, t, n, k, groups, isa):
+    isa = _isa(isa)
     g = torch.Generator().manual_seed(t * n + k)
     w = _quant(torch.randn(groups * n, k, generator=g) * 0.1, fmt)
     if groups == 1:
@@ -187,7 +235,7 @@ def test_qlinear_equals_weights_linear(fmt, dtype, t, n, k, groups):
     else:
         x = torch.randn(1, t, groups, k, generator=g).to(dtype)
         want = grouped_linear(x, w, groups)
-    got = native.qlinear(x, w, groups)
+    got = native.qlinear(x, w, groups, isa=isa)
     assert got.shape == want.shape and got.dtype == want.dtype
     scale = float(want.float().abs().max())
     if dtype == torch.float32:
@@ -224,22 +272,78 @@ def test_qlinear_activation_rounding_matches_the_reference_bit_for_bit():
 
 
 @needs_q
-def test_qlinear_result_does_not_depend_on_the_thread_count_or_the_other_rows():
+@pytest.mark.parametrize("isa", ISAS)
+def test_qlinear_result_does_not_depend_on_the_thread_count_or_the_other_rows(isa):
+    """Each kernel blocks rows differently by call size (one token row, two, a few, more than a block
+    holds; weight rows in fours and the rest): a row's bits stay the same."""
+    isa = _isa(isa)
     g = torch.Generator().manual_seed(9)
     x = torch.randn(9, 1, 512, generator=g)
-    for fmt in ("f8e4m3", "mxfp4"):
-        w = _quant(torch.randn(1000, 512, generator=g) * 0.1, fmt)
+    for fmt, n in (("f8e4m3", 1000), ("mxfp4", 1000), ("mxfp4", 1003)):
+        w = _quant(torch.randn(n, 512, generator=g) * 0.1, fmt)
         before = torch.get_num_threads()
         try:
             torch.set_num_threads(1)
-            one = native.qlinear(x, w)
+            one = native.qlinear(x, w, isa=isa)
             for threads in (2, 3):
                 torch.set_num_threads(threads)
-                assert torch.equal(native.qlinear(x, w), one), (fmt, threads)
+                assert torch.equal(native.qlinear(x, w, isa=isa), one), (fmt, threads)
         finally:
             torch.set_num_threads(before)
-        for rows in (slice(0, 1), slice(3, 5), slice(2, 5)):
-            assert torch.equal(native.qlinear(x[rows].contiguous(), w), one[rows]), fmt
+        for rows in (slice(0, 1), slice(3, 5), slice(2, 5), slice(1, 8)):
+            assert torch.equal(native.qlinear(x[rows].contiguous(), w, isa=isa), one[rows]), (fmt, n, rows)
+
+
+def _mxfp4_with_scales(n, k, exps, g, codes=16):
+    """An MXFP4 weight [n, k] with random codes (the first ``codes`` of each sign) and block scale bytes drawn
+    from ``exps`` (one per row when it holds n values and k == 32 * ... is not asked: per block, cycling)."""
+    nib = torch.randint(0, codes, (n, k), generator=g) % 8 + 8 * torch.randint(0, 2, (n, k), generator=g)
+    nib = nib.clamp(max=15)
+    packed = (nib[:, 0::2] | (nib[:, 1::2] << 4)).to(torch.uint8).view(torch.int8)
+    e = torch.tensor(exps, dtype=torch.uint8)
+    scale = e[torch.arange(n * (k // 32)) % len(exps)].view(n, k // 32)
+    return QuantizedWeight("mxfp4", packed, scale.view(torch.float8_e8m0fnu))
+
+
+@needs_q
+@pytest.mark.parametrize("isa", ISAS)
+def test_qlinear_mxfp4_scales_at_the_ends_of_the_range(isa):
+    """The bf16 kernel folds a block's scale into its decoded values only for e8m0 bytes 33-252 (no
+    subnormal product or sum, which vdpbf16ps would flush); other blocks take a second sum. Rows of one
+    scale each (the smallest, the fold's edges, the largest that does not overflow), rows mixing folded
+    and unfolded blocks, and a NaN scale, against the reference at each row's own magnitude."""
+    isa = _isa(isa)
+    g = torch.Generator().manual_seed(4)
+    k = 128
+    x = torch.randn(5, k, generator=g)
+    for exps in ([1], [2], [20], [32], [33], [127], [252], [253], [32, 33, 100, 2], [253, 200, 33, 5]):
+        big = max(exps) >= 200  # codes up to 1.0 (6.0 x 2^126 overflows fp32) and small activations: finite sums
+        w = _mxfp4_with_scales(6, k, exps, g, 3 if big else 8)
+        xs = x * 1e-3 if big else x
+        want, got = linear(xs, w), native.qlinear(xs, w, isa=isa)
+        scale = want.abs().amax(dim=-1, keepdim=True)
+        assert bool((scale > 0).all()) and bool(torch.isfinite(want).all()), exps
+        err = ((got - want).abs() / scale).max()
+        assert float(err) <= 1e-5 if min(exps) >= 20 else float(err) <= 1e-3, (exps, float(err))
+    w = _mxfp4_with_scales(4, k, [127, 255, 127, 127], g)  # a NaN scale in rows 0 and 3's second block
+    want, got = linear(x, w), native.qlinear(x, w, isa=isa)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and bool(torch.isnan(got[:, 0]).all())
+    finite = ~torch.isnan(want)
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-5)
+
+
+@needs_q
+def test_quantised_products_name_a_bad_instruction_set():
+    x = torch.randn(2, 64)
+    w = _quant(torch.randn(8, 64), "mxfp4")
+    with pytest.raises(ValueError, match="qlinear: unknown instruction set 'avx9' for the quantised products"):
+        native.qlinear(x, w, isa="avx9")
+    assert native.quant_isas()[-1] == "avx2" and set(native.quant_isas()) <= set(ISAS)
+    args = _moe_case((2, 64, 32, 32, 4, 2), torch.float32)
+    h, idx, w, perm, offsets, w13, w2, *shared = args
+    with pytest.raises(ValueError, match="moe_decode_q: unknown instruction set 'avx512f'"):
+        native.moe_decode_q(h.reshape(-1, 64), w.reshape(-1), perm.reshape(-1), offsets, w13, w2, shared, k=2,
+                            limit=2.0, isa="avx512f")
 
 
 def _op_cases(dtype, b, fmt):

@@ -3,8 +3,8 @@
 What it holds: the mHC mixes (``mhc.c``), the projections' RMSNorm + RoPE epilogue (``norm_rope.c``),
 attention over plain caches (``attention.c``) and, on CPUs with AVX2 + FMA or AVX-512, a decode step's
 MoE (``moe.c``) and dense products (``linear.c``) on dot-product kernels per instruction set (``dots.c``),
-all plain C, and (``quant.c``, AVX2 + FMA) the same decode products with the release's quantised weights
-(MXFP4 experts, FP8 block-scaled matrices) read as stored. ``ops.cpp`` and ``ops_products.cpp`` (the
+all plain C, and (``quant.c``, AVX2 + FMA; ``quant_bf16.c``, the MXFP4 products on AVX512-BF16) the same
+decode products with the release's quantised weights (MXFP4 experts, FP8 block-scaled matrices) read as stored. ``ops.cpp`` and ``ops_products.cpp`` (the
 dot-product kernels' operators) declare the operators with typed schemas
 (``TORCH_LIBRARY(v4c_native)`` and a fragment of it: tensors, optional tensors, ints, floats, bools; ``norm_rope_`` marks its
 in-place argument ``Tensor(a!)``) and registers CPU kernels that check every operand's dtype, shape,
@@ -60,7 +60,7 @@ from ....settings import cache_dir, native_enabled
 
 _HERE = Path(__file__).parent
 _C_SOURCES = ("mhc.c", "norm_rope.c", "attention.c", "attention_bf16.c", "moe.c", "linear.c", "dots.c", "quant.c",
-              "route.c", "compress.c", "indexer.c", "parallel.c")
+              "quant_bf16.c", "route.c", "compress.c", "indexer.c", "parallel.c")
 _CXX_SOURCES = ("ops.cpp", "ops_products.cpp")  # the operators (ops.h: what they share)
 _LIB = "libv4c_native.so"
 # the operators as Python functions (ops_py.cpp): optional, built only where Python's headers are
@@ -608,17 +608,27 @@ def _parts(w):
     return (w, None, None) if fmt is None else (w.data, w.scale, fmt)
 
 
-def qlinear(x, w, groups: int = 1):
+def quant_isas() -> tuple:
+    """The instruction sets the quantised products run in here, the default first: ``avx512bf16`` (the
+    MXFP4 products in bf16 pairs, quant_bf16.c; FP8 as ``avx2``), ``avx2`` (with FMA); empty when none."""
+    if "quant_isas" not in _state:
+        _state["quant_isas"] = tuple(torch.ops.v4c_native.quant_isas()) if quant_available() else ()
+    return _state["quant_isas"]
+
+
+def qlinear(x, w, groups: int = 1, isa=None):
     """``x @ w.T`` for a few token rows and a quantised weight ``w`` (a ``QuantizedWeight`` of format
     f8e4m3 or mxfp4, logical shape [N, K]), as ``weights.linear`` computes it: x quantised to e4m3 per
     1x128 block, the weight's exact values, fp32 sums, the result in x's dtype (see quant.c). With
-    ``groups`` G > 1, ``x [..., G, K]`` gives ``[..., G, N / G]`` (``weights.grouped_linear``)."""
-    return _ops().qlinear(x, w.data, w.scale, w.fmt, groups)
+    ``groups`` G > 1, ``x [..., G, K]`` gives ``[..., G, N / G]`` (``weights.grouped_linear``). ``isa``
+    names one of ``quant_isas`` (default: the first)."""
+    return _ops().qlinear(x, w.data, w.scale, w.fmt, groups, isa)
 
 
-def moe_decode_q(flat, w, perm, offsets, w13, w2, shared, *, k, limit):
+def moe_decode_q(flat, w, perm, offsets, w13, w2, shared, *, k, limit, isa=None):
     """``moe_decode`` with quantised routed experts (``w13`` / ``w2``: QuantizedWeights of one format),
-    the shared expert quantised (any format) or plain in ``flat``'s dtype (see quant.c)."""
+    the shared expert quantised (any format) or plain in ``flat``'s dtype (see quant.c); ``isa`` as
+    ``qlinear``'s."""
     d13, s13, fmt = _parts(w13)
     d2, s2, fmt2 = _parts(w2)
     if fmt2 != fmt:
@@ -629,4 +639,4 @@ def moe_decode_q(flat, w, perm, offsets, w13, w2, shared, *, k, limit):
         raise ValueError(f"moe_decode_q: the shared expert's matrices differ in format ({sorted(map(str, sfmt))})")
     (sg, sgs, _), (su, sus, _), (sd, sds, _) = parts
     return _ops().moe_decode_q(flat, w, perm, offsets, fmt, d13, s13, d2, s2, sfmt.pop(), sg, sgs, su, sus, sd, sds,
-                               k, limit)
+                               k, limit, isa)

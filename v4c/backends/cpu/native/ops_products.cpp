@@ -30,11 +30,12 @@ int v4c_moe_route(long t, int E, int k, const float *scores, const float *bias, 
                   long V, const int64_t *ids, float scaling, int64_t *idx, float *wts, int64_t *perm,
                   int64_t *offsets, long *bad);
 int v4c_quant_supported(void);
+int v4c_quant_isa_supported(int isa);
 long v4c_qlinear_work(int threads, int t, int G, long K, long N);
-int v4c_qlinear(int threads, int fmt, int dt, int t, int G, long R, long K, const void *x, const void *W,
+int v4c_qlinear(int threads, int isa, int fmt, int dt, int t, int G, long R, long K, const void *x, const void *W,
                 const uint8_t *S, void *out, void *work);
 long v4c_moe_decode_q_work(int threads, int t, int D, int I, int Is, int k, int E);
-int v4c_moe_decode_q(int threads, int dt, int t, int D, int I, int Is, int k, int E, const void *x,
+int v4c_moe_decode_q(int threads, int isa, int dt, int t, int D, int I, int Is, int k, int E, const void *x,
                      const int64_t *offsets, const int64_t *perm, const float *w, int fmt, const void *w13,
                      const uint8_t *w13s, const void *w2, const uint8_t *w2s, int sfmt, const void *sg,
                      const uint8_t *sgs, const void *su, const uint8_t *sus, const void *sd, const uint8_t *sds,
@@ -334,7 +335,29 @@ const uint8_t *bytes(const Tensor &t) { return static_cast<const uint8_t *>(t.da
 
 bool quant_supported() { return v4c_quant_supported() != 0; }
 
-Tensor qlinear(const Tensor &x, const Tensor &data, const Tensor &scale, c10::string_view fmt_arg, int64_t groups) {
+// the quantised products' instruction sets this CPU runs, the default (the best) first: avx512bf16 (its MXFP4
+// kernel, quant_bf16.c), avx2
+std::vector<std::string> quant_isas() {
+    std::vector<std::string> out;
+    for (int isa : {3, 1})
+        if (v4c_quant_isa_supported(isa)) out.push_back(ISA_NAMES[isa]);
+    return out;
+}
+
+// the code of the instruction set named by isa_arg (0 when none is named: the best), checked against quant_isas
+int pick_quant_isa(const std::optional<c10::string_view> &isa_arg, const char *op) {
+    if (!isa_arg.has_value()) return 0;
+    const std::string want(isa_arg->data(), isa_arg->size());
+    const int isa = want == "avx2" ? 1 : want == "avx512bf16" ? 3 : -1;
+    TORCH_CHECK_VALUE(isa > 0, "v4c_native.", op, ": unknown instruction set '", want,
+                      "' for the quantised products (avx2, avx512bf16)");
+    TORCH_CHECK(v4c_quant_isa_supported(isa), "v4c_native.", op, ": this CPU (or compiler) has no ", want,
+                " kernel for the quantised products");
+    return isa;
+}
+
+Tensor qlinear(const Tensor &x, const Tensor &data, const Tensor &scale, c10::string_view fmt_arg, int64_t groups,
+               std::optional<c10::string_view> isa_arg) {
     const char *op = "qlinear";
     const int dt = float_code(x, op, "x");
     check_plain(x, op, "x");
@@ -353,12 +376,13 @@ Tensor qlinear(const Tensor &x, const Tensor &data, const Tensor &scale, c10::st
     TORCH_CHECK_VALUE(t >= 1, "v4c_native.qlinear: x holds no rows (shape ", x.sizes(), ")");
     for (int64_t v : {t, groups}) check_fits_int(v, op, "size");
     TORCH_CHECK(quant_supported(), "v4c_native.qlinear: this CPU (or compiler) has no AVX2 + FMA");
+    const int isa = pick_quant_isa(isa_arg, op);
     auto shape = x.sizes().vec();
     shape.back() = groups > 1 ? R : N;
     Tensor out = at::empty(shape, x.options());
     const int nt = threads();
     const int64_t work = v4c_qlinear_work(nt, int(t), int(groups), K, N);
-    const int rc = v4c_qlinear(nt, fmt, dt, int(t), int(groups), R, K, x.data_ptr(), data.data_ptr(), bytes(scale),
+    const int rc = v4c_qlinear(nt, isa, fmt, dt, int(t), int(groups), R, K, x.data_ptr(), data.data_ptr(), bytes(scale),
                                out.data_ptr(), scratch(work / int64_t(sizeof(float)) + 16));
     TORCH_CHECK(rc != -3, "v4c_native.qlinear: this CPU (or compiler) has no AVX2 + FMA");
     TORCH_CHECK_VALUE(rc == 0, "v4c_native.qlinear: bad sizes");
@@ -370,7 +394,8 @@ Tensor moe_decode_q(const Tensor &x, const Tensor &w, const Tensor &perm, const 
                     const Tensor &w2_scale, std::optional<c10::string_view> shared_fmt_arg,
                     const OptTensor &shared_gate, const OptTensor &shared_gate_scale, const OptTensor &shared_up,
                     const OptTensor &shared_up_scale, const OptTensor &shared_down,
-                    const OptTensor &shared_down_scale, int64_t k, double limit) {
+                    const OptTensor &shared_down_scale, int64_t k, double limit,
+                    std::optional<c10::string_view> isa_arg) {
     const char *op = "moe_decode_q";
     const int dt = float_code(x, op, "x");
     check_plain(x, op, "x");
@@ -423,12 +448,13 @@ Tensor moe_decode_q(const Tensor &x, const Tensor &w, const Tensor &perm, const 
     }
     check_indices(perm, offsets, t, k, E, op);
     TORCH_CHECK(quant_supported(), "v4c_native.moe_decode_q: this CPU (or compiler) has no AVX2 + FMA");
+    const int isa = pick_quant_isa(isa_arg, op);
     Tensor out = at::empty_like(x);
     const int nt = threads();
     const int64_t work = v4c_moe_decode_q_work(nt, int(t), int(D), int(I), int(shared ? Is : 0), int(k), int(E));
     auto sp = [](const OptTensor &s) { return s.has_value() ? bytes(*s) : nullptr; };
     const int rc = v4c_moe_decode_q(
-        nt, dt, int(t), int(D), int(I), int(shared ? Is : 0), int(k), int(E), x.data_ptr(),
+        nt, isa, dt, int(t), int(D), int(I), int(shared ? Is : 0), int(k), int(E), x.data_ptr(),
         offsets.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), w32.data_ptr<float>(), fmt, w13.data_ptr(),
         bytes(w13_scale), w2.data_ptr(), bytes(w2_scale), sfmt,
         ptr(shared_gate), shared_fmt_arg ? sp(shared_gate_scale) : nullptr, ptr(shared_up),
@@ -457,11 +483,12 @@ TORCH_LIBRARY_FRAGMENT(v4c_native, m) {
     m.def("router_step(Tensor x, Tensor w, Tensor? bias, Tensor? table, Tensor? ids, int k, float scaling) -> "
           "(Tensor, Tensor, Tensor, Tensor)");
     m.def("quant_supported() -> bool", &quant_supported);
-    m.def("qlinear(Tensor x, Tensor data, Tensor scale, str fmt, int groups=1) -> Tensor");
+    m.def("quant_isas() -> str[]", &quant_isas);
+    m.def("qlinear(Tensor x, Tensor data, Tensor scale, str fmt, int groups=1, str? isa=None) -> Tensor");
     m.def("moe_decode_q(Tensor x, Tensor w, Tensor perm, Tensor offsets, str fmt, Tensor w13, Tensor w13_scale, "
           "Tensor w2, Tensor w2_scale, str? shared_fmt, Tensor? shared_gate, Tensor? shared_gate_scale, "
           "Tensor? shared_up, Tensor? shared_up_scale, Tensor? shared_down, Tensor? shared_down_scale, "
-          "int k, float limit) -> Tensor");
+          "int k, float limit, str? isa=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(v4c_native, CPU, m) {

@@ -203,27 +203,28 @@ PYBIND11_MODULE(_v4c_native_py, m) {
              int64_t k, double scaling) { return router_step.call(x, w, bias, table, ids, k, scaling); },
           release());
 
-    using QLinear = Tensor(const Tensor &, const Tensor &, const Tensor &, c10::string_view, int64_t);
+    using QLinear = Tensor(const Tensor &, const Tensor &, const Tensor &, c10::string_view, int64_t,
+                           std::optional<c10::string_view>);
     static const auto qlinear = typed<QLinear>("v4c_native::qlinear");
     m.def("qlinear",
-          [](const Tensor &x, const Tensor &data, const Tensor &scale, const std::string &fmt, int64_t groups) {
-              return qlinear.call(x, data, scale, fmt, groups);
-          },
+          [](const Tensor &x, const Tensor &data, const Tensor &scale, const std::string &fmt, int64_t groups,
+             const OptStr &isa) { return qlinear.call(x, data, scale, fmt, groups, view(isa)); },
           release());
 
     using MoeDecodeQ = Tensor(const Tensor &, const Tensor &, const Tensor &, const Tensor &, c10::string_view,
                               const Tensor &, const Tensor &, const Tensor &, const Tensor &,
                               std::optional<c10::string_view>, const OptTensor &, const OptTensor &,
                               const OptTensor &, const OptTensor &, const OptTensor &, const OptTensor &, int64_t,
-                              double);
+                              double, std::optional<c10::string_view>);
     static const auto moe_decode_q = typed<MoeDecodeQ>("v4c_native::moe_decode_q");
     m.def("moe_decode_q",
           [](const Tensor &x, const Tensor &w, const Tensor &perm, const Tensor &offsets, const std::string &fmt,
              const Tensor &w13, const Tensor &w13_scale, const Tensor &w2, const Tensor &w2_scale,
              const OptStr &shared_fmt, const OptTensor &sg, const OptTensor &sgs, const OptTensor &su,
-             const OptTensor &sus, const OptTensor &sd, const OptTensor &sds, int64_t k, double limit) {
+             const OptTensor &sus, const OptTensor &sd, const OptTensor &sds, int64_t k, double limit,
+             const OptStr &isa) {
               return moe_decode_q.call(x, w, perm, offsets, fmt, w13, w13_scale, w2, w2_scale, view(shared_fmt), sg,
-                                       sgs, su, sus, sd, sds, k, limit);
+                                       sgs, su, sus, sd, sds, k, limit, view(isa));
           },
           release());
 }

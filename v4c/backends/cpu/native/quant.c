@@ -12,7 +12,8 @@
  * from the reference's only by the order of the fp32 sums.
  *
  * MXFP4 (`mx_dots`): 16 bytes hold a 32-value block, element 2j in byte j's low nibble and 2j + 1 in
- * its high one. The token rows are permuted once per call to match (each 32-block's even elements,
+ * its high one. On AVX512-BF16 CPUs quant_bf16.c's kernel takes these products (bf16 token rows in the
+ * natural order, each block decoded to bf16 and multiplied in pairs); below, the AVX2 one. The token rows are permuted once per call to match (each 32-block's even elements,
  * then its odd ones), so a block decodes with two table lookups (pshufb: a nibble to twice its e2m1
  * value, a small integer), four widenings to fp32, four multiply-adds per token row into a block sum,
  * and one multiply-add of that sum by the block's scale (halved: the table holds twice the value).
@@ -44,6 +45,11 @@
 #else
 #define V4C_QX86 0
 #endif
+
+/* quant_bf16.c: the MXFP4 product on AVX512-BF16 (bf16 token rows, natural order), and whether this CPU runs it */
+void v4c_mx_dots_bf16(const uint8_t *W, const uint8_t *Sc, long N, long K, const uint16_t *const *x, int c, float *Y,
+                      long ldy);
+int v4c_mx_bf16_supported(void);
 
 /* weight formats (the `fmt` codes of the entry points) */
 enum { QF_F32 = 0, QF_BF16 = 1, QF_FP8 = 2, QF_MXFP4 = 3, QF_F16 = 4 };
@@ -112,9 +118,13 @@ static inline float e4m3_rne(float v) {
 /* where element k of a row goes in the MXFP4 kernels' order (each 32-block: evens, then odds) */
 static inline long mx_pos(long k) { return (k & ~31L) + ((k & 1) << 4) + ((k & 31) >> 1); }
 
-/* out = the e4m3 values times their block scales (fp32, exact) of row x [K]; in the MXFP4 order when
- * `perm` (K a multiple of 32 then) */
-V4C_CLONES static void act_quant(const float *x, long K, float *out, int perm) {
+/* The token-row forms the kernels read (`act_quant`'s `form`): the e4m3 values times their block scales as
+ * fp32 (plain), the same in the AVX2 MXFP4 kernel's order (K a multiple of 32), or as bf16 bits in the
+ * natural order (the AVX512-BF16 MXFP4 kernel; exact: 4 significant bits). */
+enum { ROW_F32 = 0, ROW_MX_F32 = 1, ROW_BF16 = 2 };
+
+/* out = row x [K] quantised, in form `form` (ROW_BF16: out holds K uint16) */
+V4C_CLONES static void act_quant(const float *x, long K, float *out, int form) {
     float q[ACT_BLOCK];
     for (long k0 = 0; k0 < K; k0 += ACT_BLOCK) {
         const long n = K - k0 < ACT_BLOCK ? K - k0 : ACT_BLOCK;
@@ -125,8 +135,10 @@ V4C_CLONES static void act_quant(const float *x, long K, float *out, int perm) {
         }
         const float s = act_scale(amax), inv = 1.0f / s;
         for (long i = 0; i < n; i++) q[i] = e4m3_rne(x[k0 + i] * inv) * s;
-        if (perm)
+        if (form == ROW_MX_F32)
             for (long i = 0; i < n; i++) out[mx_pos(k0 + i)] = q[i];
+        else if (form == ROW_BF16)
+            for (long i = 0; i < n; i++) ((uint16_t *)out)[k0 + i] = f2bf(q[i]);
         else
             memcpy(out + k0, q, n * sizeof(float));
     }
@@ -294,6 +306,19 @@ static int q_available(void) { return 0; }
 /* whether this CPU runs the quantised kernels (AVX2 + FMA) */
 int v4c_quant_supported(void) { return q_available(); }
 
+/* whether this CPU runs the quantised products in instruction set `isa` (dots.h's codes): AVX2 (+ FMA), or
+ * AVX512-BF16 (its MXFP4 kernel; FP8 keeps AVX2's) */
+int v4c_quant_isa_supported(int isa) {
+    if (isa == V4C_ISA_AVX2) return q_available();
+    if (isa == V4C_ISA_AVX512BF16) return q_available() && v4c_mx_bf16_supported();
+    return 0;
+}
+
+/* whether the MXFP4 products of a call asking for `isa` (<= 0: the best this CPU has) take the bf16 kernel */
+static int mx_bf16_for(int isa) {
+    return isa == V4C_ISA_AVX512BF16 || (isa <= 0 && v4c_quant_isa_supported(V4C_ISA_AVX512BF16));
+}
+
 /* ---- one matrix, any format --------------------------------------------------------------- */
 
 struct qmat {
@@ -311,11 +336,11 @@ static v4c_dots_fn plain_kernel(int fmt) {
     return f ? f : v4c_dots_kernel(V4C_ISA_AVX2, wdt, &xb);
 }
 
-/* Y[r * ldy + i] for rows i in [i0, i1) of view m against token rows x[0 .. c): fp32 rows as the format
- * wants them (plain: as given; FP8: quantised; MXFP4: quantised and permuted). `xs` (c * K floats)
- * and `xp` (c pointers): the FP8 rows' scaled copies. */
+/* Y[r * ldy + i] for rows i in [i0, i1) of view m against token rows x[0 .. c): rows as the format
+ * wants them (plain: as given; FP8: quantised; MXFP4: quantised, and permuted or, with `mxb`, bf16 for
+ * quant_bf16.c's kernel). `xs` (c * K floats) and `xp` (c pointers): the FP8 rows' scaled copies. */
 static void qmat_rows(const struct qmat *m, long i0, long i1, const float *const *x, int c, float *Y, long ldy,
-                      float *xs, const float **xp) {
+                      float *xs, const float **xp, int mxb) {
     if (i0 >= i1) return;
     const long K = m->K, a0 = m->row0 + i0, a1 = m->row0 + i1;
     switch (m->fmt) {
@@ -326,7 +351,11 @@ static void qmat_rows(const struct qmat *m, long i0, long i1, const float *const
                              Y + i0, ldy);
         break;
     case QF_MXFP4:
-        mx_dots((const uint8_t *)m->data + a0 * (K / 2), m->scale + a0 * (K / 32), i1 - i0, K, x, c, Y + i0, ldy);
+        if (mxb)
+            v4c_mx_dots_bf16((const uint8_t *)m->data + a0 * (K / 2), m->scale + a0 * (K / 32), i1 - i0, K,
+                             (const uint16_t *const *)x, c, Y + i0, ldy);
+        else
+            mx_dots((const uint8_t *)m->data + a0 * (K / 2), m->scale + a0 * (K / 32), i1 - i0, K, x, c, Y + i0, ldy);
         break;
     case QF_FP8: {
         const long kb = (K + 127) / 128;
@@ -357,7 +386,7 @@ static int xform(int fmt) { return fmt == QF_FP8 ? 1 : (fmt == QF_MXFP4 ? 2 : 0)
 /* ---- dense products ----------------------------------------------------------------------- */
 
 struct qlin_job {
-    int t, dt, fmt;
+    int t, dt, fmt, mxb;
     long R, K, N;
     const char *w;
     const uint8_t *scale;
@@ -375,7 +404,7 @@ static void qlin_rows(void *p, long a, long e, int tid) {
     const struct qmat m = {j->fmt, j->w, j->scale, j->K, 0};
     for (long g = a / j->R; g * j->R < e; g++) {
         const long o0 = a > g * j->R ? a : g * j->R, o1 = e < (g + 1) * j->R ? e : (g + 1) * j->R;
-        qmat_rows(&m, o0, o1, j->xrows + g * j->t, j->t, j->y, j->N, xs, xp);
+        qmat_rows(&m, o0, o1, j->xrows + g * j->t, j->t, j->y, j->N, xs, xp, j->mxb);
         for (int r = 0; r < j->t; r++) {
             const float *y = j->y + r * j->N;
             store_from((char *)j->out + (r * j->N + o0) * (j->dt ? 2 : 4), j->dt, y + o0, o1 - o0);
@@ -396,13 +425,15 @@ long v4c_qlinear_work(int threads, int t, int G, long K, long N) {
 
 /* out [t, G * R] = per group g: quant(x[:, g, :]) [t, K] . W[g * R : (g + 1) * R] [R, K]^T, W of format
  * `fmt` (QF_FP8: data e4m3 [G * R, K], scale [ceil(G R / 128), ceil(K / 128)]; QF_MXFP4: data [G * R, K/2],
- * scale [G * R, K / 32], K a multiple of 32); x and out of dtype dt (0 fp32, 1 bf16, 2 fp16), x [t, G, K].
+ * scale [G * R, K / 32], K a multiple of 32); x and out of dtype dt (0 fp32, 1 bf16, 2 fp16), x [t, G, K];
+ * `isa`: the kernels' instruction set (v4c_quant_isa_supported; <= 0: the best).
  * Returns 0, -1 for bad sizes or format, -3 when this CPU has no kernel. */
-int v4c_qlinear(int threads, int fmt, int dt, int t, int G, long R, long K, const void *x, const void *W,
+int v4c_qlinear(int threads, int isa, int fmt, int dt, int t, int G, long R, long K, const void *x, const void *W,
                 const uint8_t *S, void *out, void *work) {
     if (t < 1 || G < 1 || R < 1 || K < 1 || (fmt != QF_FP8 && fmt != QF_MXFP4) || (fmt == QF_MXFP4 && K % 32))
         return -1;
-    if (!q_available()) return -3;
+    if (!q_available() || (isa > 0 && !v4c_quant_isa_supported(isa))) return -3;
+    const int mxb = fmt == QF_MXFP4 && mx_bf16_for(isa);
     if (threads < 1) threads = 1;
     const long rows = (long)t * G, N = (long)G * R;
     char *p = (char *)(((uintptr_t)work + 63) & ~(uintptr_t)63);
@@ -414,10 +445,11 @@ int v4c_qlinear(int threads, int fmt, int dt, int t, int G, long R, long K, cons
         widen(x, dt, rows * K, x32);
         xin = x32;
     }
-    for (long r = 0; r < rows; r++) act_quant(xin + r * K, K, xq + r * K, fmt == QF_MXFP4);
+    for (long r = 0; r < rows; r++)
+        act_quant(xin + r * K, K, xq + r * K, fmt != QF_MXFP4 ? ROW_F32 : mxb ? ROW_BF16 : ROW_MX_F32);
     for (int g = 0; g < G; g++)
         for (int r = 0; r < t; r++) xrows[(long)g * t + r] = xq + ((long)r * G + g) * K;
-    struct qlin_job j = {t, dt, fmt, R, K, N, (const char *)W, S, xrows, y, out, xs, qlin_thread_floats(t, K)};
+    struct qlin_job j = {t, dt, fmt, mxb, R, K, N, (const char *)W, S, xrows, y, out, xs, qlin_thread_floats(t, K)};
     const long bpr = fmt == QF_FP8 ? K : K / 2 + K / 32; /* bytes per weight row */
     v4c_parallel_rows(N, threads, (65536 + bpr - 1) / bpr, qlin_rows, &j);
     return 0;
@@ -433,7 +465,7 @@ struct qitem {   /* one expert hit (or the shared expert) and its token rows */
 };
 
 struct qmoe_job {
-    int t, D, dt, nitems, Imax, shared;
+    int t, D, dt, nitems, Imax, shared, mxb;
     long n, lo, k;
     const int64_t *perm;
     const float *w;
@@ -441,7 +473,7 @@ struct qmoe_job {
     const struct qitem **ritem;  /* per row: its item */
     const long *start1, *start2;
     float limit;
-    const float **xr[3];         /* per row: its token's input as plain fp32, quantised, quantised + permuted */
+    const float **xr[3];         /* per row: its token's input as plain fp32, quantised, the MXFP4 kernel's form */
     const float **ar;            /* per row: its activations as its down projection reads them */
     float *G, *U, *A, *Aq, *Y, *acc;
     void *out;
@@ -469,8 +501,8 @@ static void q_up_rows(void *p, long a, long e, int tid) {
         if (i0 >= i1) continue;
         float *G = j->G + m->row * ld, *U = j->U + m->row * ld;
         const float *const *x = j->xr[xform(m->gate.fmt)] + m->row;
-        qmat_rows(&m->gate, i0, i1, x, m->c, G, ld, xs, xp);
-        qmat_rows(&m->up, i0, i1, x, m->c, U, ld, xs, xp);
+        qmat_rows(&m->gate, i0, i1, x, m->c, G, ld, xs, xp, j->mxb);
+        qmat_rows(&m->up, i0, i1, x, m->c, U, ld, xs, xp, j->mxb);
         for (int r = 0; r < m->c; r++)
             moe_swiglu(G + r * ld + i0, U + r * ld + i0, i1 - i0, j->limit, j->dt, j->A + (m->row + r) * ld + i0, 0);
     }
@@ -483,7 +515,8 @@ static void q_act_rows(void *p, long a, long e, int tid) {
     for (long r = a; r < e; r++) {
         const struct qitem *m = j->ritem[r];
         if (m->down.fmt == QF_FP8 || m->down.fmt == QF_MXFP4)
-            act_quant(j->A + r * j->Imax, m->inner, j->Aq + r * j->Imax, m->down.fmt == QF_MXFP4);
+            act_quant(j->A + r * j->Imax, m->inner, j->Aq + r * j->Imax,
+                      m->down.fmt != QF_MXFP4 ? ROW_F32 : j->mxb ? ROW_BF16 : ROW_MX_F32);
     }
 }
 
@@ -500,7 +533,7 @@ static void q_down_rows(void *p, long a, long e, int tid) {
         const long o0 = clampl((a - s + in - 1) / in, 0, D), o1 = clampl((e - s + in - 1) / in, 0, D);
         if (o0 >= o1) continue;
         float *Y = j->Y + m->row * D;
-        qmat_rows(&m->down, o0, o1, j->ar + m->row, m->c, Y, D, xs, xp);
+        qmat_rows(&m->down, o0, o1, j->ar + m->row, m->c, Y, D, xs, xp, j->mxb);
         moe_round_cols(Y, m->c, D, o0, o1, j->dt);
     }
 }
@@ -533,9 +566,9 @@ static long fmt_bytes_x2(int fmt) { return fmt == QF_MXFP4 ? 1 : (fmt == QF_FP8 
  * [E, 2I, D/2], scale [E, 2I, D/32]; w2 [E, D, I/2], [E, D, I/32]; QF_FP8: w13 [E, 2I, D], scale
  * [E, ceil(2I/128), ceil(D/128)]; w2 [E, D, I], [E, ceil(D/128), ceil(I/128)]); the shared expert's
  * of format `sfmt` (plain: QF_F32 / QF_BF16 / QF_F16, the activations' dtype; or quantised, scales as above
- * for one matrix). x and out of dtype dt. Returns 0, -1 for bad sizes or formats, -3 when this CPU
- * has no kernel. */
-int v4c_moe_decode_q(int threads, int dt, int t, int D, int I, int Is, int k, int E, const void *x,
+ * for one matrix). x and out of dtype dt; `isa` as v4c_qlinear's. Returns 0, -1 for bad sizes or formats, -3
+ * when this CPU has no kernel. */
+int v4c_moe_decode_q(int threads, int isa, int dt, int t, int D, int I, int Is, int k, int E, const void *x,
                      const int64_t *offsets, const int64_t *perm, const float *w, int fmt, const void *w13,
                      const uint8_t *w13s, const void *w2, const uint8_t *w2s, int sfmt, const void *sg,
                      const uint8_t *sgs, const void *su, const uint8_t *sus, const void *sd, const uint8_t *sds,
@@ -548,8 +581,9 @@ int v4c_moe_decode_q(int threads, int dt, int t, int D, int I, int Is, int k, in
         return -1;
     for (int e = 0; e < E; e++)
         if (offsets[e + 1] < offsets[e]) return -1;
-    if (!q_available()) return -3;
+    if (!q_available() || (isa > 0 && !v4c_quant_isa_supported(isa))) return -3;
     if (threads < 1) threads = 1;
+    const int mxb = mx_bf16_for(isa);
     const long lo = offsets[0], n = offsets[E] - lo, rows = n + (sg ? t : 0);
     const int Imax = I > Is ? I : Is;
     const long Kmax = D > Imax ? D : Imax;
@@ -572,8 +606,8 @@ int v4c_moe_decode_q(int threads, int dt, int t, int D, int I, int Is, int k, in
     }
     const int any_mx = fmt == QF_MXFP4 || (sg && sfmt == QF_MXFP4), any_fp8 = fmt == QF_FP8 || (sg && sfmt == QF_FP8);
     for (int r = 0; r < t; r++) {
-        if (any_fp8) act_quant(xin + (long)r * D, D, xq + (long)r * D, 0);
-        if (any_mx) act_quant(xin + (long)r * D, D, xqp + (long)r * D, 1);
+        if (any_fp8) act_quant(xin + (long)r * D, D, xq + (long)r * D, ROW_F32);
+        if (any_mx) act_quant(xin + (long)r * D, D, xqp + (long)r * D, mxb ? ROW_BF16 : ROW_MX_F32);
     }
     int nitems = 0;
     if (sg) {
@@ -615,7 +649,7 @@ int v4c_moe_decode_q(int threads, int dt, int t, int D, int I, int Is, int k, in
         start1[i + 1] = start1[i] + items[i].inner;
         start2[i + 1] = start2[i] + (long)D * items[i].inner;
     }
-    struct qmoe_job j = {t, D, dt, nitems, Imax, sg != 0, n, lo, k, perm, w, items, ritem, start1, start2, limit,
+    struct qmoe_job j = {t, D, dt, nitems, Imax, sg != 0, mxb, n, lo, k, perm, w, items, ritem, start1, start2, limit,
                          {xr0, xr1, xr2}, ar, G, U, A, Aq, Y, acc, out, xs, qmoe_thread_floats(t, Kmax), Kmax};
     /* each thread's share at least 32 KiB of weights in pass 1 (units: a gate and an up row), 64 KiB in
      * pass 2 (units: one weight), rows x widths of 8K values in the activations' quantisation, 16K
