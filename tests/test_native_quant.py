@@ -332,6 +332,37 @@ def test_qlinear_mxfp4_scales_at_the_ends_of_the_range(isa):
     torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-5)
 
 
+def _fp8_with_scales(n, k, exps, g):
+    """An FP8 weight [n, k] of random e4m3 codes (every code but the NaN ones) and row-block scale bytes ``exps``
+    (one per 128-row block, the same across its column blocks)."""
+    codes = torch.randint(0, 254, (n, k), generator=g, dtype=torch.int32)
+    codes = codes + (codes >= 0x7F).int()  # skip 0x7F (e4m3fn's NaN; 0xFF lies beyond the draw)
+    data = codes.to(torch.uint8).view(torch.float8_e4m3fn)
+    rb, cb = -(-n // 128), -(-k // 128)
+    scale = torch.tensor(exps, dtype=torch.uint8)[:, None].expand(rb, cb).contiguous()
+    return QuantizedWeight("f8e4m3", data, scale.view(torch.float8_e8m0fnu))
+
+
+@needs_q
+@pytest.mark.parametrize("isa", ISAS)
+def test_qlinear_fp8_every_code_and_small_scales(isa):
+    """Every e4m3 code (subnormals, the largest, negative zero) and row blocks whose scales would make
+    products subnormal in bf16 arithmetic (quant.c keeps those blocks on the fp32 kernel: scale bytes below
+    41), with ordinary and tiny activations, against the reference at each row's own magnitude."""
+    isa = _isa(isa)
+    g = torch.Generator().manual_seed(8)
+    n, k = 384, 200
+    w = _fp8_with_scales(n, k, [5, 41, 127], g)
+    for xs in (torch.randn(3, k, generator=g), torch.randn(3, k, generator=g) * 1e-4):
+        want, got = linear(xs, w), native.qlinear(xs, w, isa=isa)
+        for b in range(3):  # each row block at its own magnitude (2^-122, 2^-86, 1)
+            blk = slice(128 * b, 128 * (b + 1))
+            scale = want[:, blk].abs().amax(dim=-1, keepdim=True)
+            assert bool((scale > 0).all())
+            err = float(((got[:, blk] - want[:, blk]).abs() / scale).max())
+            assert err <= 1e-5, (b, err)
+
+
 @needs_q
 def test_quantised_products_name_a_bad_instruction_set():
     x = torch.randn(2, 64)

@@ -609,8 +609,8 @@ def _parts(w):
 
 
 def quant_isas() -> tuple:
-    """The instruction sets the quantised products run in here, the default first: ``avx512bf16`` (the
-    MXFP4 products in bf16 pairs, quant_bf16.c; FP8 as ``avx2``), ``avx2`` (with FMA); empty when none."""
+    """The instruction sets the quantised products run in here, the default first: ``avx512bf16`` (weights
+    decoded to bf16 and multiplied in pairs, quant_bf16.c), ``avx2`` (with FMA); empty when none."""
     if "quant_isas" not in _state:
         _state["quant_isas"] = tuple(torch.ops.v4c_native.quant_isas()) if quant_available() else ()
     return _state["quant_isas"]

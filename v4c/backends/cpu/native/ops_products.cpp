@@ -335,8 +335,8 @@ const uint8_t *bytes(const Tensor &t) { return static_cast<const uint8_t *>(t.da
 
 bool quant_supported() { return v4c_quant_supported() != 0; }
 
-// the quantised products' instruction sets this CPU runs, the default (the best) first: avx512bf16 (its MXFP4
-// kernel, quant_bf16.c), avx2
+// the quantised products' instruction sets this CPU runs, the default (the best) first: avx512bf16 (quant_bf16.c),
+// avx2
 std::vector<std::string> quant_isas() {
     std::vector<std::string> out;
     for (int isa : {3, 1})

@@ -11,9 +11,11 @@
  * fp32, and a block's partial sum times its power-of-two scale is exact too, so the results differ
  * from the reference's only by the order of the fp32 sums.
  *
+ * On AVX512-BF16 CPUs quant_bf16.c's kernels take both formats' products (weights decoded to bf16,
+ * multiplied in pairs); below, the AVX2 ones.
+ *
  * MXFP4 (`mx_dots`): 16 bytes hold a 32-value block, element 2j in byte j's low nibble and 2j + 1 in
- * its high one. On AVX512-BF16 CPUs quant_bf16.c's kernel takes these products (bf16 token rows in the
- * natural order, each block decoded to bf16 and multiplied in pairs); below, the AVX2 one. The token rows are permuted once per call to match (each 32-block's even elements,
+ * its high one. The token rows are permuted once per call to match (each 32-block's even elements,
  * then its odd ones), so a block decodes with two table lookups (pshufb: a nibble to twice its e2m1
  * value, a small integer), four widenings to fp32, four multiply-adds per token row into a block sum,
  * and one multiply-add of that sum by the block's scale (halved: the table holds twice the value).
@@ -46,10 +48,15 @@
 #define V4C_QX86 0
 #endif
 
-/* quant_bf16.c: the MXFP4 product on AVX512-BF16 (bf16 token rows, natural order), and whether this CPU runs it */
+/* quant_bf16.c: the MXFP4 product and the FP8 rows' on AVX512-BF16 (bf16 token rows: the MXFP4 kernel's in the
+ * natural order, the FP8 kernel's scaled as here), and whether this CPU runs them */
 void v4c_mx_dots_bf16(const uint8_t *W, const uint8_t *Sc, long N, long K, const uint16_t *const *x, int c, float *Y,
                       long ldy);
-int v4c_mx_bf16_supported(void);
+void v4c_dots_bf16_e4m3(const void *W, long N, long K, const void *const *x, int c, float *Y, long ldy);
+int v4c_quant_bf16_supported(void);
+
+/* the smallest e8m0 block scale of an FP8 row block that quant_bf16.c's kernel takes (see there) */
+#define FP8_BF16_MIN_SCALE 41
 
 /* weight formats (the `fmt` codes of the entry points) */
 enum { QF_F32 = 0, QF_BF16 = 1, QF_FP8 = 2, QF_MXFP4 = 3, QF_F16 = 4 };
@@ -307,15 +314,15 @@ static int q_available(void) { return 0; }
 int v4c_quant_supported(void) { return q_available(); }
 
 /* whether this CPU runs the quantised products in instruction set `isa` (dots.h's codes): AVX2 (+ FMA), or
- * AVX512-BF16 (its MXFP4 kernel; FP8 keeps AVX2's) */
+ * AVX512-BF16 (quant_bf16.c's kernels, for MXFP4 and for FP8 row blocks of ordinary scales) */
 int v4c_quant_isa_supported(int isa) {
     if (isa == V4C_ISA_AVX2) return q_available();
-    if (isa == V4C_ISA_AVX512BF16) return q_available() && v4c_mx_bf16_supported();
+    if (isa == V4C_ISA_AVX512BF16) return q_available() && v4c_quant_bf16_supported();
     return 0;
 }
 
-/* whether the MXFP4 products of a call asking for `isa` (<= 0: the best this CPU has) take the bf16 kernel */
-static int mx_bf16_for(int isa) {
+/* whether a call asking for `isa` (<= 0: the best this CPU has) takes quant_bf16.c's kernels */
+static int bf16_for(int isa) {
     return isa == V4C_ISA_AVX512BF16 || (isa <= 0 && v4c_quant_isa_supported(V4C_ISA_AVX512BF16));
 }
 
@@ -337,10 +344,11 @@ static v4c_dots_fn plain_kernel(int fmt) {
 }
 
 /* Y[r * ldy + i] for rows i in [i0, i1) of view m against token rows x[0 .. c): rows as the format
- * wants them (plain: as given; FP8: quantised; MXFP4: quantised, and permuted or, with `mxb`, bf16 for
- * quant_bf16.c's kernel). `xs` (c * K floats) and `xp` (c pointers): the FP8 rows' scaled copies. */
+ * wants them (plain: as given; FP8: quantised; MXFP4: quantised, and permuted or, with `bf`, bf16 for
+ * quant_bf16.c's kernel). `xs` (c * K floats) and `xp` (c pointers): the FP8 rows' scaled copies (bf16 for
+ * quant_bf16.c's FP8 kernel, which `bf` allows). */
 static void qmat_rows(const struct qmat *m, long i0, long i1, const float *const *x, int c, float *Y, long ldy,
-                      float *xs, const float **xp, int mxb) {
+                      float *xs, const float **xp, int bf) {
     if (i0 >= i1) return;
     const long K = m->K, a0 = m->row0 + i0, a1 = m->row0 + i1;
     switch (m->fmt) {
@@ -351,7 +359,7 @@ static void qmat_rows(const struct qmat *m, long i0, long i1, const float *const
                              Y + i0, ldy);
         break;
     case QF_MXFP4:
-        if (mxb)
+        if (bf)
             v4c_mx_dots_bf16((const uint8_t *)m->data + a0 * (K / 2), m->scale + a0 * (K / 32), i1 - i0, K,
                              (const uint16_t *const *)x, c, Y + i0, ldy);
         else
@@ -362,16 +370,22 @@ static void qmat_rows(const struct qmat *m, long i0, long i1, const float *const
         for (long a = a0; a < a1;) {
             const long rb = a / 128, e = a1 < (rb + 1) * 128 ? a1 : (rb + 1) * 128;
             const uint8_t *s = m->scale + rb * kb;
+            int b16 = bf; /* this row block through quant_bf16.c's kernel: bf16 scaled rows */
+            for (long b = 0; b < kb && b16; b++) b16 = s[b] >= FP8_BF16_MIN_SCALE;
             for (int r = 0; r < c; r++) {
                 float *o = xs + (long)r * K;
                 for (long b = 0; b < kb; b++) {
                     const float f = e8m0f(s[b]);
                     const long k1 = (b + 1) * 128 < K ? (b + 1) * 128 : K;
-                    for (long k = b * 128; k < k1; k++) o[k] = x[r][k] * f;
+                    if (b16)
+                        for (long k = b * 128; k < k1; k++) ((uint16_t *)o)[k] = f2bf(x[r][k] * f);
+                    else
+                        for (long k = b * 128; k < k1; k++) o[k] = x[r][k] * f;
                 }
                 xp[r] = o;
             }
-            dots_avx2_e4m3(m->data + a * K, e - a, K, (const void *const *)xp, c, Y + (a - m->row0), ldy);
+            (b16 ? v4c_dots_bf16_e4m3 : dots_avx2_e4m3)(m->data + a * K, e - a, K, (const void *const *)xp, c,
+                                                        Y + (a - m->row0), ldy);
             a = e;
         }
         break;
@@ -386,7 +400,7 @@ static int xform(int fmt) { return fmt == QF_FP8 ? 1 : (fmt == QF_MXFP4 ? 2 : 0)
 /* ---- dense products ----------------------------------------------------------------------- */
 
 struct qlin_job {
-    int t, dt, fmt, mxb;
+    int t, dt, fmt, bf;
     long R, K, N;
     const char *w;
     const uint8_t *scale;
@@ -404,7 +418,7 @@ static void qlin_rows(void *p, long a, long e, int tid) {
     const struct qmat m = {j->fmt, j->w, j->scale, j->K, 0};
     for (long g = a / j->R; g * j->R < e; g++) {
         const long o0 = a > g * j->R ? a : g * j->R, o1 = e < (g + 1) * j->R ? e : (g + 1) * j->R;
-        qmat_rows(&m, o0, o1, j->xrows + g * j->t, j->t, j->y, j->N, xs, xp, j->mxb);
+        qmat_rows(&m, o0, o1, j->xrows + g * j->t, j->t, j->y, j->N, xs, xp, j->bf);
         for (int r = 0; r < j->t; r++) {
             const float *y = j->y + r * j->N;
             store_from((char *)j->out + (r * j->N + o0) * (j->dt ? 2 : 4), j->dt, y + o0, o1 - o0);
@@ -433,7 +447,7 @@ int v4c_qlinear(int threads, int isa, int fmt, int dt, int t, int G, long R, lon
     if (t < 1 || G < 1 || R < 1 || K < 1 || (fmt != QF_FP8 && fmt != QF_MXFP4) || (fmt == QF_MXFP4 && K % 32))
         return -1;
     if (!q_available() || (isa > 0 && !v4c_quant_isa_supported(isa))) return -3;
-    const int mxb = fmt == QF_MXFP4 && mx_bf16_for(isa);
+    const int bf = bf16_for(isa);
     if (threads < 1) threads = 1;
     const long rows = (long)t * G, N = (long)G * R;
     char *p = (char *)(((uintptr_t)work + 63) & ~(uintptr_t)63);
@@ -446,10 +460,10 @@ int v4c_qlinear(int threads, int isa, int fmt, int dt, int t, int G, long R, lon
         xin = x32;
     }
     for (long r = 0; r < rows; r++)
-        act_quant(xin + r * K, K, xq + r * K, fmt != QF_MXFP4 ? ROW_F32 : mxb ? ROW_BF16 : ROW_MX_F32);
+        act_quant(xin + r * K, K, xq + r * K, fmt != QF_MXFP4 ? ROW_F32 : bf ? ROW_BF16 : ROW_MX_F32);
     for (int g = 0; g < G; g++)
         for (int r = 0; r < t; r++) xrows[(long)g * t + r] = xq + ((long)r * G + g) * K;
-    struct qlin_job j = {t, dt, fmt, mxb, R, K, N, (const char *)W, S, xrows, y, out, xs, qlin_thread_floats(t, K)};
+    struct qlin_job j = {t, dt, fmt, bf, R, K, N, (const char *)W, S, xrows, y, out, xs, qlin_thread_floats(t, K)};
     const long bpr = fmt == QF_FP8 ? K : K / 2 + K / 32; /* bytes per weight row */
     v4c_parallel_rows(N, threads, (65536 + bpr - 1) / bpr, qlin_rows, &j);
     return 0;
@@ -465,7 +479,7 @@ struct qitem {   /* one expert hit (or the shared expert) and its token rows */
 };
 
 struct qmoe_job {
-    int t, D, dt, nitems, Imax, shared, mxb;
+    int t, D, dt, nitems, Imax, shared, bf;
     long n, lo, k;
     const int64_t *perm;
     const float *w;
@@ -501,8 +515,8 @@ static void q_up_rows(void *p, long a, long e, int tid) {
         if (i0 >= i1) continue;
         float *G = j->G + m->row * ld, *U = j->U + m->row * ld;
         const float *const *x = j->xr[xform(m->gate.fmt)] + m->row;
-        qmat_rows(&m->gate, i0, i1, x, m->c, G, ld, xs, xp, j->mxb);
-        qmat_rows(&m->up, i0, i1, x, m->c, U, ld, xs, xp, j->mxb);
+        qmat_rows(&m->gate, i0, i1, x, m->c, G, ld, xs, xp, j->bf);
+        qmat_rows(&m->up, i0, i1, x, m->c, U, ld, xs, xp, j->bf);
         for (int r = 0; r < m->c; r++)
             moe_swiglu(G + r * ld + i0, U + r * ld + i0, i1 - i0, j->limit, j->dt, j->A + (m->row + r) * ld + i0, 0);
     }
@@ -516,7 +530,7 @@ static void q_act_rows(void *p, long a, long e, int tid) {
         const struct qitem *m = j->ritem[r];
         if (m->down.fmt == QF_FP8 || m->down.fmt == QF_MXFP4)
             act_quant(j->A + r * j->Imax, m->inner, j->Aq + r * j->Imax,
-                      m->down.fmt != QF_MXFP4 ? ROW_F32 : j->mxb ? ROW_BF16 : ROW_MX_F32);
+                      m->down.fmt != QF_MXFP4 ? ROW_F32 : j->bf ? ROW_BF16 : ROW_MX_F32);
     }
 }
 
@@ -533,7 +547,7 @@ static void q_down_rows(void *p, long a, long e, int tid) {
         const long o0 = clampl((a - s + in - 1) / in, 0, D), o1 = clampl((e - s + in - 1) / in, 0, D);
         if (o0 >= o1) continue;
         float *Y = j->Y + m->row * D;
-        qmat_rows(&m->down, o0, o1, j->ar + m->row, m->c, Y, D, xs, xp, j->mxb);
+        qmat_rows(&m->down, o0, o1, j->ar + m->row, m->c, Y, D, xs, xp, j->bf);
         moe_round_cols(Y, m->c, D, o0, o1, j->dt);
     }
 }
@@ -583,7 +597,7 @@ int v4c_moe_decode_q(int threads, int isa, int dt, int t, int D, int I, int Is, 
         if (offsets[e + 1] < offsets[e]) return -1;
     if (!q_available() || (isa > 0 && !v4c_quant_isa_supported(isa))) return -3;
     if (threads < 1) threads = 1;
-    const int mxb = mx_bf16_for(isa);
+    const int bf = bf16_for(isa);
     const long lo = offsets[0], n = offsets[E] - lo, rows = n + (sg ? t : 0);
     const int Imax = I > Is ? I : Is;
     const long Kmax = D > Imax ? D : Imax;
@@ -607,7 +621,7 @@ int v4c_moe_decode_q(int threads, int isa, int dt, int t, int D, int I, int Is, 
     const int any_mx = fmt == QF_MXFP4 || (sg && sfmt == QF_MXFP4), any_fp8 = fmt == QF_FP8 || (sg && sfmt == QF_FP8);
     for (int r = 0; r < t; r++) {
         if (any_fp8) act_quant(xin + (long)r * D, D, xq + (long)r * D, ROW_F32);
-        if (any_mx) act_quant(xin + (long)r * D, D, xqp + (long)r * D, mxb ? ROW_BF16 : ROW_MX_F32);
+        if (any_mx) act_quant(xin + (long)r * D, D, xqp + (long)r * D, bf ? ROW_BF16 : ROW_MX_F32);
     }
     int nitems = 0;
     if (sg) {
@@ -649,7 +663,7 @@ int v4c_moe_decode_q(int threads, int isa, int dt, int t, int D, int I, int Is, 
         start1[i + 1] = start1[i] + items[i].inner;
         start2[i + 1] = start2[i] + (long)D * items[i].inner;
     }
-    struct qmoe_job j = {t, D, dt, nitems, Imax, sg != 0, mxb, n, lo, k, perm, w, items, ritem, start1, start2, limit,
+    struct qmoe_job j = {t, D, dt, nitems, Imax, sg != 0, bf, n, lo, k, perm, w, items, ritem, start1, start2, limit,
                          {xr0, xr1, xr2}, ar, G, U, A, Aq, Y, acc, out, xs, qmoe_thread_floats(t, Kmax), Kmax};
     /* each thread's share at least 32 KiB of weights in pass 1 (units: a gate and an up row), 64 KiB in
      * pass 2 (units: one weight), rows x widths of 8K values in the activations' quantisation, 16K

@@ -1,22 +1,22 @@
-/* The MXFP4 product of quant.c on AVX512-BF16 CPUs: each 32-value block decoded in registers straight
- * to bf16 and multiplied with vdpbf16ps (32 products a token row in one instruction, where the AVX2
- * kernel widens the block to fp32 and spends four multiply-adds and a scaling one).
+/* quant.c's products on AVX512-BF16 CPUs: weights decoded in registers straight to bf16 and multiplied
+ * with vdpbf16ps, 32 products a token row in one instruction, where the AVX2 kernels widen each weight
+ * to fp32 and spend a multiply-add per 8. MXFP4 first, FP8 at the end of the file.
  *
- * Why bf16 loses nothing: a quantised activation (an e4m3 value times a power of two, 4 significant
- * bits) and a decoded weight (twice an e2m1 value, 2 bits, times a power of two) are exact in bf16,
- * and their product (6 bits) is exact in fp32; vdpbf16ps then sums in fp32 like the AVX2 kernel, in
- * another order. So the results differ from the reference's only by the order of fp32 sums, as
- * quant.c's do.
+ * MXFP4. Why bf16 loses nothing: a quantised activation (an e4m3 value times a power of two, 4
+ * significant bits) and a decoded weight (twice an e2m1 value, 2 bits, times a power of two) are exact
+ * in bf16, and their product (6 bits) is exact in fp32; vdpbf16ps then sums in fp32 like the AVX2
+ * kernel, in another order. So the results differ from the reference's only by the order of fp32 sums,
+ * as quant.c's do.
  *
- * The block's scale is folded into the decoded values: a table row per e8m0 byte holds the 16
- * codes' values already times 2^(e - 128) (an exponent added to each bf16), so a block costs a table
- * row and one permute, and a token row one vdpbf16ps straight into its sum. vdpbf16ps flushes
- * subnormal results to zero, where the reference keeps them: every nonzero product here is at least
+ * The block's scale is folded into the decoded values: a table row per e8m0 byte holds the 16 codes'
+ * values already times 2^(e - 128) (an exponent added to each bf16), so a block costs a table row and
+ * one permute, and a token row one vdpbf16ps straight into its sum. vdpbf16ps flushes subnormal
+ * results (and inputs) to zero, where the reference keeps them: every nonzero product here is at least
  * 2^(e - 159) (activations are multiples of 2^-31: e4m3's 2^-9 step times a scale of at least 2^-22),
  * so the folding is taken only for e in [33, 252] (no product or sum below 2^-126, no decoded value
- * past bf16's range); a block with another scale (none in a real checkpoint) keeps the unscaled
- * values and adds its own fp32 partial sum times the scale, as the AVX2 kernel does, to a second sum
- * (vdpbf16ps would also flush a subnormal sum it adds to), added to the first at the end.
+ * past bf16's range). A weight row with a block of another scale (none in a real checkpoint) takes a
+ * loop of its own: such a block's values unscaled, its partial sum times the scale in fp32 as the AVX2
+ * kernel does, into a second sum added to the first at the end.
  *
  * Token rows: bf16, in the natural order (element 2j and 2j + 1 of a block in pair j, as the bytes
  * hold them: low nibble, high nibble). A (weight row, token row) sum runs over the blocks in order
@@ -191,15 +191,65 @@ TARGET void v4c_mx_dots_bf16(const uint8_t *W, const uint8_t *Sc, long N, long K
 }
 #undef MXB_ROWS
 
-int v4c_mx_bf16_supported(void) {
+/* ---- FP8 e4m3: dots_template.h with weights decoded to bf16 ---------------------------------------
+ * quant.c multiplies the token rows by a 128-row block's column-block scales first (exact: powers of
+ * two), then runs this kernel over the block's rows. An e4m3 value is exact in bf16 (subnormals
+ * included: 2^-9 is a normal bf16), so is a scaled token value (4 significant bits), and their product
+ * (8 bits) in fp32. A nonzero scaled token value is at least 2^(e - 158) and a product 2^(e - 167) for a
+ * scale byte e (activations are multiples of 2^-31), so quant.c takes this kernel only for row blocks
+ * whose scales are all >= FP8_BF16_MIN_SCALE (41), where nothing is subnormal for vdpbf16ps to flush;
+ * others keep the AVX2 kernel. */
+
+/* the bf16 bits of e4m3 codes 0-7 (the subnormals M x 2^-9); the other codes are normals, whose bits are
+ * the code's shifted under an exponent rebiased by 120 */
+static const uint16_t e4m3_sub_bf16[32] = {0, 0x3B00, 0x3B80, 0x3BC0, 0x3C00, 0x3C20, 0x3C40, 0x3C60};
+
+/* 32 e4m3 bytes as 32 bf16 values, in order */
+TARGET static inline __attribute__((always_inline)) __m512bh e4m3_bf16x32(const uint8_t *p) {
+    const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
+    const __m512i m = _mm512_and_si512(w, _mm512_set1_epi16(0x7F));
+    const __m512i nrm = _mm512_add_epi16(_mm512_slli_epi16(m, 4), _mm512_set1_epi16(0x3C00));
+    const __m512i v = _mm512_mask_permutexvar_epi16(nrm, _mm512_cmplt_epu16_mask(m, _mm512_set1_epi16(8)), m,
+                                                    _mm512_loadu_si512(e4m3_sub_bf16));
+    /* v | the sign: (a | (b & c)) */
+    return (__m512bh)_mm512_ternarylogic_epi32(v, _mm512_slli_epi16(w, 8), _mm512_set1_epi16((short)0x8000), 0xF8);
+}
+
+static inline float e4m3_float(uint8_t b) { /* the tail's scalar decode, as quant.c's e4m3f */
+    const uint32_t bits = ((uint32_t)(b & 0x80u) << 24) | ((uint32_t)(b & 0x7Fu) << 20);
+    float f;
+    memcpy(&f, &bits, 4);
+    return f * 0x1p120f;
+}
+
+#define LANES 32
+#define VEC __m512
+#define ZERO() _mm512_setzero_ps()
+#define HSUM(v) mx_hsum(v)
+#define XT uint16_t
+#define XV __m512bh
+#define XLOAD(p) ((__m512bh)_mm512_loadu_si512((const void *)(p)))
+#define XF(v) bf2f(v)
+#define MAC(acc, w, x) _mm512_dpbf16_ps(acc, w, x)
+#define NAME v4c_dots_bf16_e4m3
+#define WT uint8_t
+#define WV __m512bh
+#define WLOAD(p) e4m3_bf16x32(p)
+#define WF(v) e4m3_float(v)
+#include "dots_template.h"
+
+int v4c_quant_bf16_supported(void) {
     __builtin_cpu_init();
     return v4c_isa_supported(V4C_ISA_AVX512BF16) && __builtin_cpu_supports("avx512bw");
 }
 
-#else /* the compiler knows no AVX512-BF16: no kernel (quant.c keeps its AVX2 one) */
+#else /* the compiler knows no AVX512-BF16: no kernels (quant.c keeps its AVX2 ones) */
 void v4c_mx_dots_bf16(const uint8_t *W, const uint8_t *Sc, long N, long K, const uint16_t *const *x, int c, float *Y,
                       long ldy) {
     (void)W, (void)Sc, (void)N, (void)K, (void)x, (void)c, (void)Y, (void)ldy;
 }
-int v4c_mx_bf16_supported(void) { return 0; }
+void v4c_dots_bf16_e4m3(const void *W, long N, long K, const void *const *x, int c, float *Y, long ldy) {
+    (void)W, (void)N, (void)K, (void)x, (void)c, (void)Y, (void)ldy;
+}
+int v4c_quant_bf16_supported(void) { return 0; }
 #endif
