@@ -49,6 +49,22 @@ def test_linear_equals_the_product(isa, dtype, t, n, k, groups):
     _close(native.linear(x, w, groups, isa=isa), want)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("isa", ISAS)
+def test_a_rows_bits_do_not_depend_on_how_many_rows_the_call_holds(isa, dtype):
+    """A block of 4 weight rows x RC token rows ends in 4 x RC lane sums, some reduced eight at once and the
+    rest one by one (reduce512.h for the 16-lane kernels, dots.c's 8-lane one for AVX-512VL): the same
+    additions in the same order, so each call size (1 to 13 rows: every remainder of the blocks) gives
+    every row the bits it has alone."""
+    if isa not in native.dot_isas(dtype):
+        pytest.skip(f"this CPU has no {isa} kernel for {dtype} (it has {native.dot_isas(dtype) or 'none'})")
+    g = torch.Generator().manual_seed(11)
+    x, w = torch.randn(13, 1, 200, generator=g).to(dtype), torch.randn(203, 200, generator=g).to(dtype)
+    alone = torch.cat([native.linear(x[r:r + 1], w, isa=isa) for r in range(13)])
+    for t in range(2, 14):
+        assert torch.equal(native.linear(x[:t], w, isa=isa), alone[:t]), t
+
+
 @needs_c
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_linear_does_not_depend_on_the_thread_count_or_the_other_rows(dtype):

@@ -16,6 +16,8 @@
 
 #if V4C_X86
 #include <immintrin.h>
+
+#include "reduce512.h"
 #endif
 
 int v4c_isa_supported(int isa) {
@@ -148,7 +150,8 @@ TARGET static inline __attribute__((always_inline)) void hsum256x8(const __m256 
 #define LANES 16
 #define VEC __m512
 #define ZERO() _mm512_setzero_ps()
-#define HSUM(v) _mm512_reduce_add_ps(v)
+#define HSUM(v) v4c_hsum512(v)
+#define HSUM8V(v, out) v4c_hsum512x8(v, out)
 #define XV __m512
 #define XLOAD(p) _mm512_loadu_ps(p)
 #define MAC(acc, w, x) _mm512_fmadd_ps(w, x, acc)

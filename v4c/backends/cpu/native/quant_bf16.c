@@ -20,8 +20,8 @@
  *
  * Token rows: bf16, in the natural order (element 2j and 2j + 1 of a block in pair j, as the bytes
  * hold them: low nibble, high nibble). A (weight row, token row) sum runs over the blocks in order
- * and ends in one fixed 16-lane reduction, whatever the blocking: every call shape gives the same
- * bits per row. */
+ * and ends in one fixed 16-lane reduction (reduce512.h), whatever the blocking: every call shape gives
+ * the same bits per row. */
 #include <stdint.h>
 #include <string.h>
 
@@ -30,6 +30,8 @@
 
 #if V4C_BF16DOT
 #include <immintrin.h>
+
+#include "reduce512.h"
 
 #define TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
 
@@ -57,15 +59,6 @@ static float mx_half(int e) {
     float f;
     memcpy(&f, &bits, 4);
     return f;
-}
-
-/* the 16 lanes' sum, in one order for every caller */
-TARGET static inline __attribute__((always_inline)) float mx_hsum(__m512 v) {
-    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v),
-                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
 /* block p's 32 codes as word indices, in pair order: dword j = (low nibble of byte j, high nibble) */
@@ -102,8 +95,15 @@ TARGET static inline __attribute__((always_inline)) void mxb_block(const uint8_t
             for (int i = 0; i < RW; i++) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], wv[i], xv);
         }
     }
+    __m512 v[4 * RCMAX];
+    float sum[4 * RCMAX];
     for (int i = 0; i < RW; i++)
-        for (int r = 0; r < RC; r++) y[r * ldy + i * S] = mx_hsum(acc[i][r]);
+        for (int r = 0; r < RC; r++) v[i * RC + r] = acc[i][r];
+    int n = 0;
+    for (; n + 8 <= RW * RC; n += 8) v4c_hsum512x8(v + n, sum + n); /* eight at once, the same additions */
+    for (; n < RW * RC; n++) sum[n] = v4c_hsum512(v[n]);
+    for (int i = 0; i < RW; i++)
+        for (int r = 0; r < RC; r++) y[r * ldy + i * S] = sum[i * RC + r];
 }
 
 /* one weight row with some block unfolded, against token rows x[0 .. c): y[r * ldy]. Folded blocks as
@@ -122,7 +122,7 @@ TARGET static void mxb_row_unfolded(const uint8_t *w, const uint8_t *sc, long K,
             else
                 low = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), wv, xv), _mm512_set1_ps(mx_half(e)), low);
         }
-        y[r * ldy] = mx_hsum(acc) + mx_hsum(low);
+        y[r * ldy] = v4c_hsum512(acc) + v4c_hsum512(low);
     }
 }
 
@@ -225,7 +225,8 @@ static inline float e4m3_float(uint8_t b) { /* the tail's scalar decode, as quan
 #define LANES 32
 #define VEC __m512
 #define ZERO() _mm512_setzero_ps()
-#define HSUM(v) mx_hsum(v)
+#define HSUM(v) v4c_hsum512(v)
+#define HSUM8V(v, out) v4c_hsum512x8(v, out)
 #define XT uint16_t
 #define XV __m512bh
 #define XLOAD(p) ((__m512bh)_mm512_loadu_si512((const void *)(p)))
