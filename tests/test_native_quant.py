@@ -295,10 +295,9 @@ def test_qlinear_result_does_not_depend_on_the_thread_count_or_the_other_rows(is
 
 
 def _mxfp4_with_scales(n, k, exps, g, codes=16):
-    """An MXFP4 weight [n, k] with random codes (the first ``codes`` of each sign) and block scale bytes drawn
-    from ``exps`` (one per row when it holds n values and k == 32 * ... is not asked: per block, cycling)."""
+    """An MXFP4 weight [n, k] with random codes (the first ``codes`` magnitudes of each sign, at most 8) and
+    the block scale bytes ``exps`` cycled over the blocks in row-major order."""
     nib = torch.randint(0, codes, (n, k), generator=g) % 8 + 8 * torch.randint(0, 2, (n, k), generator=g)
-    nib = nib.clamp(max=15)
     packed = (nib[:, 0::2] | (nib[:, 1::2] << 4)).to(torch.uint8).view(torch.int8)
     e = torch.tensor(exps, dtype=torch.uint8)
     scale = e[torch.arange(n * (k // 32)) % len(exps)].view(n, k // 32)

@@ -161,6 +161,10 @@ V4C_CLONES static void logits_block(const float *fn, const float *x, long nd, in
 
 enum { MIX = 1, HEAD = 2 };
 
+/* whether mix_range runs Sinkhorn on its rows' matrices together (V4's four streams: sinkhorn4_rows) rather
+ * than finish_row one matrix at a time */
+static inline int sinkhorn_batched(int n, int mode) { return n == 4 && !(mode & HEAD); }
+
 /* scratch floats per thread: LOGIT_ROWS rows' streams, one row's inputs widened, y, the collapse */
 #define V4C_HC_WORK(n, D) ((LOGIT_ROWS * (long)(n) + (n) + 2) * (long)(D))
 
@@ -191,8 +195,7 @@ static inline __attribute__((always_inline)) void finish_row_n(
             for (int j = 0; j < n; j++) s += (row[j] = expf(row[j] - mx));
             for (int j = 0; j < n; j++) row[j] = row[j] / s + hc_eps;
         }
-        if (n != 4) /* (V4's four streams: the caller runs sinkhorn4_rows on the range's matrices) */
-            sinkhorn(cb, n, iters, hc_eps);
+        if (!sinkhorn_batched(n, mode)) sinkhorn(cb, n, iters, hc_eps);
     }
     /* the collapse, rounded to the streams' dtype as the reference's hc_collapse returns it */
     for (long d = 0; d < D; d++) {
@@ -283,7 +286,7 @@ static void mix_range(long rows, int n, int D, int mode, int xdt, int wdt,
                        (mode & HEAD) ? 0 : post_out + r * n, (mode & HEAD) ? 0 : comb_out + r * n * n, u);
         }
     }
-    if (n == 4 && !(mode & HEAD)) sinkhorn4_rows(comb_out, rows, iters, hc_eps);
+    if (sinkhorn_batched(n, mode)) sinkhorn4_rows(comb_out, rows, iters, hc_eps);
 }
 
 struct mix_job {

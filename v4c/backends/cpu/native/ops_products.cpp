@@ -337,9 +337,11 @@ bool quant_supported() { return v4c_quant_supported() != 0; }
 
 // the quantised products' instruction sets this CPU runs, the default (the best) first: avx512bf16 (quant_bf16.c),
 // avx2
+constexpr int QUANT_ISAS[] = {3, 1};
+
 std::vector<std::string> quant_isas() {
     std::vector<std::string> out;
-    for (int isa : {3, 1})
+    for (int isa : QUANT_ISAS)
         if (v4c_quant_isa_supported(isa)) out.push_back(ISA_NAMES[isa]);
     return out;
 }
@@ -348,7 +350,9 @@ std::vector<std::string> quant_isas() {
 int pick_quant_isa(const std::optional<c10::string_view> &isa_arg, const char *op) {
     if (!isa_arg.has_value()) return 0;
     const std::string want(isa_arg->data(), isa_arg->size());
-    const int isa = want == "avx2" ? 1 : want == "avx512bf16" ? 3 : -1;
+    int isa = -1;
+    for (int i : QUANT_ISAS)
+        if (want == ISA_NAMES[i]) isa = i;
     TORCH_CHECK_VALUE(isa > 0, "v4c_native.", op, ": unknown instruction set '", want,
                       "' for the quantised products (avx2, avx512bf16)");
     TORCH_CHECK(v4c_quant_isa_supported(isa), "v4c_native.", op, ": this CPU (or compiler) has no ", want,

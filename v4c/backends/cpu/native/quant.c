@@ -40,6 +40,7 @@
 #include "common.h"
 #include "dots.h"
 #include "moe_common.h"
+#include "quant.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #define V4C_QX86 1
@@ -48,51 +49,12 @@
 #define V4C_QX86 0
 #endif
 
-/* quant_bf16.c: the MXFP4 product and the FP8 rows' on AVX512-BF16 (bf16 token rows: the MXFP4 kernel's in the
- * natural order, the FP8 kernel's scaled as here), and whether this CPU runs them */
-void v4c_mx_dots_bf16(const uint8_t *W, const uint8_t *Sc, long N, long K, const uint16_t *const *x, int c, float *Y,
-                      long ldy);
-void v4c_dots_bf16_e4m3(const void *W, long N, long K, const void *const *x, int c, float *Y, long ldy);
-int v4c_quant_bf16_supported(void);
-
-/* the smallest e8m0 block scale of an FP8 row block that quant_bf16.c's kernel takes (see there) */
-#define FP8_BF16_MIN_SCALE 41
-
 /* weight formats (the `fmt` codes of the entry points) */
 enum { QF_F32 = 0, QF_BF16 = 1, QF_FP8 = 2, QF_MXFP4 = 3, QF_F16 = 4 };
 
 /* the plain format of activations of dtype dt (0 fp32, 1 bf16, 2 fp16); whether a format is a plain one */
 static int plain_fmt(int dt) { return dt == 2 ? QF_F16 : dt == 1 ? QF_BF16 : QF_F32; }
 static int is_plain(int fmt) { return fmt == QF_F32 || fmt == QF_BF16 || fmt == QF_F16; }
-
-/* ---- scales ------------------------------------------------------------------------------- */
-
-/* 2^(e - 128) for an e8m0 byte e: an MXFP4 block's scale halved (the decode table holds 2 x e2m1);
- * byte 255 is NaN, as the reference decodes it. A table, so the kernel's broadcast is a load. */
-#define MXS(e) ((e) == 255 ? 0x7FC00000u : (e) >= 2 ? (uint32_t)((e) - 1) << 23 : 0x00200000u << ((e) & 1))
-#define MXS4(e) MXS(e), MXS((e) + 1), MXS((e) + 2), MXS((e) + 3)
-#define MXS16(e) MXS4(e), MXS4((e) + 4), MXS4((e) + 8), MXS4((e) + 12)
-#define MXS64(e) MXS16(e), MXS16((e) + 16), MXS16((e) + 32), MXS16((e) + 48)
-static const union {
-    uint32_t u[256];
-    float f[256];
-} MX_HALF = {{MXS64(0), MXS64(64), MXS64(128), MXS64(192)}};
-
-/* 2^(e - 127) for an e8m0 byte (255: NaN) */
-static float e8m0f(uint8_t e) {
-    const uint32_t bits = e == 255 ? 0x7FC00000u : e ? (uint32_t)e << 23 : 0x00400000u;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-/* an e4m3 byte's value (no NaN: the format's one NaN code decodes as 480) */
-static inline float e4m3f(uint8_t b) {
-    const uint32_t bits = ((uint32_t)(b & 0x80u) << 24) | ((uint32_t)(b & 0x7Fu) << 20);
-    float f;
-    memcpy(&f, &bits, 4);
-    return f * 0x1p120f;
-}
 
 /* ---- activations: e4m3 per 1 x 128 block, as weights.py `_quantised_act` ------------------- */
 
@@ -129,6 +91,9 @@ static inline long mx_pos(long k) { return (k & ~31L) + ((k & 1) << 4) + ((k & 3
  * fp32 (plain), the same in the AVX2 MXFP4 kernel's order (K a multiple of 32), or as bf16 bits in the
  * natural order (the AVX512-BF16 MXFP4 kernel; exact: 4 significant bits). */
 enum { ROW_F32 = 0, ROW_MX_F32 = 1, ROW_BF16 = 2 };
+
+/* the form a matrix of format fmt reads its quantised token rows in (bf: quant_bf16.c's kernels) */
+static int row_form(int fmt, int bf) { return fmt != QF_MXFP4 ? ROW_F32 : bf ? ROW_BF16 : ROW_MX_F32; }
 
 /* out = row x [K] quantised, in form `form` (ROW_BF16: out holds K uint16) */
 V4C_CLONES static void act_quant(const float *x, long K, float *out, int form) {
@@ -460,7 +425,7 @@ int v4c_qlinear(int threads, int isa, int fmt, int dt, int t, int G, long R, lon
         xin = x32;
     }
     for (long r = 0; r < rows; r++)
-        act_quant(xin + r * K, K, xq + r * K, fmt != QF_MXFP4 ? ROW_F32 : bf ? ROW_BF16 : ROW_MX_F32);
+        act_quant(xin + r * K, K, xq + r * K, row_form(fmt, bf));
     for (int g = 0; g < G; g++)
         for (int r = 0; r < t; r++) xrows[(long)g * t + r] = xq + ((long)r * G + g) * K;
     struct qlin_job j = {t, dt, fmt, bf, R, K, N, (const char *)W, S, xrows, y, out, xs, qlin_thread_floats(t, K)};
@@ -529,8 +494,7 @@ static void q_act_rows(void *p, long a, long e, int tid) {
     for (long r = a; r < e; r++) {
         const struct qitem *m = j->ritem[r];
         if (m->down.fmt == QF_FP8 || m->down.fmt == QF_MXFP4)
-            act_quant(j->A + r * j->Imax, m->inner, j->Aq + r * j->Imax,
-                      m->down.fmt != QF_MXFP4 ? ROW_F32 : j->bf ? ROW_BF16 : ROW_MX_F32);
+            act_quant(j->A + r * j->Imax, m->inner, j->Aq + r * j->Imax, row_form(m->down.fmt, j->bf));
     }
 }
 
@@ -621,7 +585,7 @@ int v4c_moe_decode_q(int threads, int isa, int dt, int t, int D, int I, int Is, 
     const int any_mx = fmt == QF_MXFP4 || (sg && sfmt == QF_MXFP4), any_fp8 = fmt == QF_FP8 || (sg && sfmt == QF_FP8);
     for (int r = 0; r < t; r++) {
         if (any_fp8) act_quant(xin + (long)r * D, D, xq + (long)r * D, ROW_F32);
-        if (any_mx) act_quant(xin + (long)r * D, D, xqp + (long)r * D, bf ? ROW_BF16 : ROW_MX_F32);
+        if (any_mx) act_quant(xin + (long)r * D, D, xqp + (long)r * D, row_form(QF_MXFP4, bf));
     }
     int nitems = 0;
     if (sg) {

@@ -27,6 +27,7 @@
 
 #include "common.h"
 #include "dots.h"
+#include "quant.h"
 
 #if V4C_BF16DOT
 #include <immintrin.h>
@@ -51,14 +52,6 @@ __attribute__((constructor)) static void mx_tables_init(void) {
             const int fold = e >= MX_FOLD_LO && e <= MX_FOLD_HI && twice[c];
             mx_tables[e][c] = (uint16_t)(twice[c] + (fold ? (e - 128) * 128 : 0));
         }
-}
-
-/* 2^(e - 128) (the scale halved: the values hold twice e2m1), NaN for 255: the unfolded blocks' factor */
-static float mx_half(int e) {
-    const uint32_t bits = e == 255 ? 0x7FC00000u : e >= 2 ? (uint32_t)(e - 1) << 23 : 0x00200000u << (e & 1);
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
 }
 
 /* block p's 32 codes as word indices, in pair order: dword j = (low nibble of byte j, high nibble) */
@@ -120,7 +113,7 @@ TARGET static void mxb_row_unfolded(const uint8_t *w, const uint8_t *sc, long K,
             if (e >= MX_FOLD_LO && e <= MX_FOLD_HI)
                 acc = _mm512_dpbf16_ps(acc, wv, xv);
             else
-                low = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), wv, xv), _mm512_set1_ps(mx_half(e)), low);
+                low = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), wv, xv), _mm512_set1_ps(MX_HALF.f[e]), low);
         }
         y[r * ldy] = v4c_hsum512(acc) + v4c_hsum512(low);
     }
@@ -215,13 +208,6 @@ TARGET static inline __attribute__((always_inline)) __m512bh e4m3_bf16x32(const 
     return (__m512bh)_mm512_ternarylogic_epi32(v, _mm512_slli_epi16(w, 8), _mm512_set1_epi16((short)0x8000), 0xF8);
 }
 
-static inline float e4m3_float(uint8_t b) { /* the tail's scalar decode, as quant.c's e4m3f */
-    const uint32_t bits = ((uint32_t)(b & 0x80u) << 24) | ((uint32_t)(b & 0x7Fu) << 20);
-    float f;
-    memcpy(&f, &bits, 4);
-    return f * 0x1p120f;
-}
-
 #define LANES 32
 #define VEC __m512
 #define ZERO() _mm512_setzero_ps()
@@ -236,12 +222,16 @@ static inline float e4m3_float(uint8_t b) { /* the tail's scalar decode, as quan
 #define WT uint8_t
 #define WV __m512bh
 #define WLOAD(p) e4m3_bf16x32(p)
-#define WF(v) e4m3_float(v)
+#define WF(v) e4m3f(v)
 #include "dots_template.h"
 
 int v4c_quant_bf16_supported(void) {
-    __builtin_cpu_init();
-    return v4c_isa_supported(V4C_ISA_AVX512BF16) && __builtin_cpu_supports("avx512bw");
+    static int ok = -1; /* asked on every call: the CPU's answer once (threads racing here store the same value) */
+    if (ok < 0) {
+        __builtin_cpu_init();
+        ok = v4c_isa_supported(V4C_ISA_AVX512BF16) && __builtin_cpu_supports("avx512bw");
+    }
+    return ok;
 }
 
 #else /* the compiler knows no AVX512-BF16: no kernels (quant.c keeps its AVX2 ones) */
